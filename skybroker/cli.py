@@ -22,6 +22,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Serve an LLM across clouds at the lowest cost that meets your latency targets."""
+
+
 @app.command()
 def version() -> None:
     """Print skybroker's version and the Python it runs on."""
