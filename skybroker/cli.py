@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from skybroker import __version__
+from skybroker import __version__, catalog_cli
 
 app = typer.Typer(
     name="skybroker",
@@ -20,6 +20,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(catalog_cli.app, name="catalog")
 
 
 @app.callback()
