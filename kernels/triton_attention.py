@@ -19,11 +19,12 @@ Under TRITON_INTERPRET=1 bf16 `tl.dot` is wrong, so there the dots run in fp32 (
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.triton_ops import INTERPRET, check_runnable
 
 _LOG2E = 1.4426950408889634
 
@@ -321,13 +322,9 @@ def _prefill_kernel(
         tl.store(o_ptrs + offs_d[None, :], o.to(out.dtype.element_ty), mask=io_mask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _dot_flags(dtype: torch.dtype) -> tuple[bool, bool]:
     """(DOT_F32, IEEE): fp32 dots in the interpreter for bf16; exact fp32 (no TF32) for fp32."""
-    dot_f32 = dtype == torch.bfloat16 and _interpreting()
+    dot_f32 = dtype == torch.bfloat16 and INTERPRET
     return dot_f32, dtype == torch.float32 or dot_f32
 
 
@@ -364,6 +361,7 @@ def paged_attention_decode(
     num_stages: int = 2,
 ) -> torch.Tensor:
     """Decode attention, q `[B, H, D]` -> `[B, H, D]` (see `kernels.reference`)."""
+    check_runnable(q)
     _check_cache_layout(k_cache, v_cache)
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -455,6 +453,7 @@ def paged_attention_prefill(
 
     A program holds `block_rows` rows: block_rows / group query tokens times the group's heads.
     """
+    check_runnable(q)
     _check_cache_layout(k_cache, v_cache)
     if q.stride(-1) != 1:
         q = q.contiguous()

@@ -5,9 +5,23 @@ Same signatures as `kernels.reference`. One program per token; the math runs in 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+# Triton decides at decoration time whether kernels are interpreted: record it the same way.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_runnable(t: torch.Tensor) -> None:
+    """Fail clearly when a Triton kernel is asked to run on CPU tensors without the interpreter."""
+    if not t.is_cuda and not INTERPRET:
+        raise RuntimeError(
+            f"Triton kernels need CUDA tensors (got {t.device}); on CPU set TRITON_INTERPRET=1 "
+            "before kernels.triton_* is first imported, or use SKYBROKER_KERNELS=torch"
+        )
 
 
 @triton.jit
@@ -54,6 +68,7 @@ def store_kvcache(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Write key/value `[N, Hkv, D]` into the caches at `slot_mapping[N]`; slot -1 skips a token."""
+    check_runnable(key)
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache need equal strides and a contiguous head_dim")
     key = key if key.stride(-1) == 1 else key.contiguous()
@@ -120,6 +135,7 @@ def rms_norm(
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dim; with `residual` returns (normed(x + residual), x + residual)."""
+    check_runnable(x)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
@@ -215,6 +231,7 @@ def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q `[T, H, D]` and k `[T, Hkv, D]` at `positions[T]` (rotate-half, as HF Llama)."""
+    check_runnable(q)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     cache = cache if cache.stride(-1) == 1 else cache.contiguous()
