@@ -98,6 +98,7 @@ def test_rms_norm_with_and_without_residual() -> None:
     ],
 )
 def test_rotary_matches_hf_llama(scaling: dict | None) -> None:
+    pytest.importorskip("transformers")
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
