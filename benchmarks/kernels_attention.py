@@ -117,7 +117,7 @@ def decode_figures(device: str, peak_gbs: float | None, quick: bool) -> list[dic
         t_ref = bench(lambda a=args: reference.paged_attention_decode(*a), device, reps=5)
         row.update(ref_ms=t_ref * 1e3, ref_gbs=kv_bytes / t_ref / 1e9)
         line = f"decode B={batch:4d} ctx={ctx:6d}: torch ref {t_ref * 1e3:8.3f} ms "
-        line += f"({row["ref_gbs"]:8.3f} GB/s)"
+        line += f"({row['ref_gbs']:8.3f} GB/s)"
         if device == "cuda":
             from kernels import triton_attention
 
