@@ -271,3 +271,80 @@ def info(
             ", ".join(c["gpu_kinds"]), c["as_of"] or "-", age_txt,
         )  # fmt: skip
     console.print(table)
+
+
+@app.command()
+def refresh(
+    cloud: Annotated[str, typer.Option(help="Cloud to refresh: aws, gcp or azure.")],
+    out: Annotated[
+        Path, typer.Option(help="Directory to write offerings.csv and sources.csv into.")
+    ] = Path("~/.skybroker/catalog"),
+    region: Annotated[
+        list[str] | None,
+        typer.Option(help="Region to read (repeatable; default: a set of big ones)."),
+    ] = None,
+    project: Annotated[
+        str | None,
+        typer.Option(help="GCP project ($GOOGLE_CLOUD_PROJECT).", envvar="GOOGLE_CLOUD_PROJECT"),
+    ] = None,
+    subscription: Annotated[
+        str | None,
+        typer.Option(
+            help="Azure subscription id ($AZURE_SUBSCRIPTION_ID).", envvar="AZURE_SUBSCRIPTION_ID"
+        ),
+    ] = None,
+) -> None:
+    """Fetch GPU offerings and prices from a cloud's own APIs into a catalog directory.
+
+    Use the result with `--catalog DIR` or by adding DIR to $SKYBROKER_CATALOG_DIRS.
+    """
+    from skybroker.catalog.refresh import CLOUDS, RefreshError, write_catalog
+
+    cloud = cloud.lower()
+    if cloud not in CLOUDS:
+        raise typer.BadParameter(
+            f"{cloud!r} is not one of {', '.join(CLOUDS)}", param_hint="--cloud"
+        )
+    regions = list(region or [])
+    try:
+        if cloud == "aws":
+            from skybroker.catalog.refresh.aws import DEFAULT_REGIONS, fetch_aws
+
+            rows, stats = fetch_aws(regions or DEFAULT_REGIONS)
+            source = "AWS EC2 DescribeInstanceTypes/DescribeSpotPriceHistory + Pricing GetProducts"
+        elif cloud == "gcp":
+            if not project:
+                raise typer.BadParameter("a GCP project is required", param_hint="--project")
+            from skybroker.catalog.refresh.gcp import fetch_gcp
+
+            rows, stats = fetch_gcp(project, regions or None)
+            source = f"GCP compute machineTypes/acceleratorTypes (project {project}) + Cloud Billing SKUs"
+        else:
+            if not subscription:
+                raise typer.BadParameter(
+                    "an Azure subscription id is required", param_hint="--subscription"
+                )
+            from skybroker.catalog.refresh.azure import DEFAULT_REGIONS as AZ_REGIONS
+            from skybroker.catalog.refresh.azure import fetch_azure
+
+            rows, stats = fetch_azure(subscription, regions or AZ_REGIONS)
+            source = "Azure resource SKUs (azure-mgmt-compute) + Azure Retail Prices API"
+    except ImportError as err:
+        typer.secho(
+            f"{cloud} refresh needs the cloud SDKs: pip install 'skybroker[cloud]' ({err})",
+            fg=typer.colors.RED, err=True,
+        )  # fmt: skip
+        raise typer.Exit(1) from None
+    except RefreshError as err:
+        typer.secho(f"{cloud} refresh failed: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    if not rows:
+        typer.secho(f"{cloud}: no GPU offering with a price was found; nothing written", err=True)
+        raise typer.Exit(1)
+    path = write_catalog(out.expanduser(), cloud, rows, source)
+    typer.echo(
+        f"{cloud}: wrote {len(rows)} offerings to {path} ({stats.pages} API pages, "
+        f"{stats.retries} throttling retries; dropped {len(stats.dropped_no_price)} without a price, "
+        f"{len(stats.dropped_spot_above_on_demand)} spot prices above on-demand)"
+    )
+    typer.echo(f"use it with: --catalog {out}  (or add it to $SKYBROKER_CATALOG_DIRS)")

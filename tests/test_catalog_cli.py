@@ -106,3 +106,34 @@ def test_help_stays_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_refresh_writes_a_loadable_catalog(tmp_path: Path, monkeypatch) -> None:
+    from skybroker.catalog.refresh import aws
+    from skybroker.catalog.refresh.common import FetchStats
+    from skybroker.catalog.schema import Offering
+
+    row = Offering("aws", "us-east-1", "g6.xlarge", "L4", 1, 22.35, 4, 16, 0.8048, 0.3)
+    seen = {}
+
+    def fake_fetch(regions):
+        seen["regions"] = list(regions)
+        return [row], FetchStats(pages=3, kept=1, dropped_no_price=["aws/us-east-1/x"])
+
+    monkeypatch.setattr(aws, "fetch_aws", fake_fetch)
+    out = run("refresh", "--cloud", "aws", "--out", str(tmp_path), "--region", "us-east-1")
+    assert seen["regions"] == ["us-east-1"]
+    assert "wrote 1 offerings" in out and "dropped 1 without a price" in out
+    rows = json.loads(run("offerings", "--catalog", str(tmp_path), "--cloud", "aws",
+                          "--gpu", "L4", "--region", "us-east-1", "--json", "--limit", "0"))  # fmt: skip
+    g6 = [r for r in rows if r["instance_type"] == "g6.xlarge"]
+    assert g6 and g6[0]["spot_price"] == 0.3
+
+
+def test_refresh_bad_input() -> None:
+    result = runner.invoke(app, ["catalog", "refresh", "--cloud", "oracle"])
+    assert result.exit_code == 2 and "is not one of aws, gcp, azure" in result.output
+    result = runner.invoke(
+        app, ["catalog", "refresh", "--cloud", "gcp"], env={"GOOGLE_CLOUD_PROJECT": ""}
+    )
+    assert result.exit_code == 2 and "GCP project is required" in result.output
