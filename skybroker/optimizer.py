@@ -43,6 +43,7 @@ class OfferingClass:
     spot: bool
     mu: tuple[float, ...]  # max req/s per replica for each request class (0: cannot serve)
     egress: tuple[float, ...] = ()  # $/h per (req/s) of each class served here
+    max_count: int | None = None  # at most this many replicas (e.g. the one local machine)
 
 
 @dataclass(slots=True)
@@ -197,6 +198,8 @@ def _solve_component(p: Problem, users: list[str], idx: list[int], total: float,
         if p.budget is not None:
             ub = min(ub, int(p.budget // o.price) if o.price > 0 else ub)
         ub = max(ub, p.min_replicas)
+        if o.max_count is not None:
+            ub = min(ub, o.max_count)
         n[i] = pulp.LpVariable(f"n_{i}", 0, ub, cat="Integer")
         for b in range(nb):
             if o.mu[b] > 0 and reach_dem[i][b] > 0:

@@ -15,6 +15,7 @@ import json
 import os
 import threading
 from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -41,7 +42,7 @@ _memo: dict[str, CapacityResult] = {}
 _lock = threading.Lock()
 
 
-def _cache_path():
+def _cache_path() -> Path:
     return skybroker_home() / "perf_cache.json"
 
 
