@@ -222,7 +222,8 @@ def gpu_replica(arch: ModelArch, spec: DeploymentSpec, catalog: Catalog, gpu: st
 
 
 def replica_perf(arch: ModelArch, hw: Hardware, kv_tokens: int, spec: DeploymentSpec,
-                 classes: list[RequestClass], model=None) -> ReplicaPerf:  # fmt: skip
+                 classes: list[RequestClass],
+                 model: RooflineModel | None = None) -> ReplicaPerf:  # fmt: skip
     e, s = spec.engine, spec.slo
     prof = find_profile(arch, hw, e.profiles)
     step = prof or model or RooflineModel(arch, hw)
@@ -318,6 +319,8 @@ def make_plan(spec: DeploymentSpec, catalog: Catalog | None = None,
     """The cheapest placement of `spec` that meets its SLO, or InfeasibleError."""
     t0 = time.perf_counter()
     arch = resolve_arch(spec.model, spec.infra)
+    if spec.infra == "local":  # the engine runs fp32 on CPU
+        arch = replace(arch, dtype="float32")
     ins, outs = workload_samples(spec.workload)
     classes = request_classes(ins, outs)
     need_len = required_len(spec, arch, classes)

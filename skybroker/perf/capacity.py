@@ -120,7 +120,8 @@ def max_rate(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass, slo:
     return res
 
 
-def _max_rate(model, cfg, cls, slo, n, seed, rel_tol) -> CapacityResult:
+def _max_rate(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass, slo: SLOTarget,
+              n: int, seed: int, rel_tol: float) -> CapacityResult:  # fmt: skip
     arr, ins, outs = _requests(cls, n, seed)
 
     def ok(rate: float) -> tuple[bool, float, float]:
