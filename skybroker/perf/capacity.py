@@ -107,6 +107,21 @@ def idle_latency(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass,
     return float(np.percentile(ttft, percentile)), float(np.percentile(tpot, percentile))
 
 
+def saturated_throughput(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass,
+                         n: int, seed: int) -> float:  # fmt: skip
+    """Steady-state completions/s with an always-full queue: enough requests to keep the batch
+    at max_num_seqs for a while, counted between 25% and 75% of completions (no ramp, no drain).
+    No rate above it is sustainable, however loose the SLO."""
+    n_sat = min(max(n, 3 * cfg.max_num_seqs), 1024)
+    _, ins, outs = _requests(cls, n_sat, seed + 1)
+    fin = np.sort(simulate(model, cfg, np.zeros(n_sat), ins, outs).finish)
+    fin = fin[np.isfinite(fin)]
+    if len(fin) < 4:
+        return 0.0
+    a, b = fin[len(fin) // 4], fin[3 * len(fin) // 4]
+    return (3 * len(fin) // 4 - len(fin) // 4) / (b - a) if b > a else len(fin) / fin[-1]
+
+
 def max_rate(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass, slo: SLOTarget, *,
              num_requests: int = 200, seed: int = 0, rel_tol: float = 0.04) -> CapacityResult:  # fmt: skip
     """Bisection for the highest rate whose TTFT and TPOT percentiles meet the SLO."""
@@ -131,23 +146,20 @@ def _max_rate(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass, slo
     idle_ttft, idle_tpot = idle_latency(model, cfg, cls, slo.percentile)
     if idle_ttft > slo.ttft_s or idle_tpot > slo.tpot_s:  # misses the SLO even unloaded
         return CapacityResult(0.0, idle_ttft, idle_tpot)
-    sat = simulate(model, cfg, np.zeros(n), ins, outs)
-    done = np.isfinite(sat.finish)
-    if not done.any():
+    hi = saturated_throughput(model, cfg, cls, n, seed)
+    if hi <= 0:
         return CapacityResult(0.0, float("inf"), float("inf"))
-    hi = done.sum() / sat.finish[done].max()  # saturated throughput bounds any sustainable rate
-    good, ttft, tpot = ok(hi)
-    if good:
-        return CapacityResult(hi, ttft, tpot)
-    lo, best = 0.0, None
-    for frac in (0.5, 0.15, 0.04, 0.001):  # coarse bracket from above, then bisection
-        good, ttft, tpot = ok(frac * hi)
+    lo, best, top = 0.0, None, hi
+    for frac in (1.0, 0.5, 0.15, 0.04, 0.001):  # coarse bracket from above, then bisection
+        good, ttft, tpot = ok(frac * top)
         if good:
-            lo, best = frac * hi, (frac * hi, ttft, tpot)
+            lo, best = frac * top, (frac * top, ttft, tpot)
             break
-        hi = frac * hi
+        hi = frac * top
     if best is None:  # even a nearly idle replica misses the SLO
         return CapacityResult(0.0, ttft, tpot)
+    if lo == hi:  # sustained throughput itself meets the SLO
+        return CapacityResult(*best)
     while hi - lo > rel_tol * lo:
         mid = (lo * hi) ** 0.5 if hi > 4 * lo else (lo + hi) / 2
         good, ttft, tpot = ok(mid)
