@@ -342,7 +342,7 @@ def make_plan(spec: DeploymentSpec, catalog: Catalog | None = None,
     flush_disk_cache()
     perf_s = time.perf_counter() - t0
     problem, meta = build_problem(spec, catalog, classes, rows, perf)
-    if not problem.offerings:
+    if not problem.offerings:  # no replica fits in memory
         raise InfeasibleError(_no_fit_reason(arch, need_len, rows, spec))
     sol = solve(problem, time_limit=time_limit)
     if sol.status == "infeasible":
@@ -397,9 +397,7 @@ def build_problem(spec: DeploymentSpec, catalog: Catalog, classes: list[RequestC
         if rp is None or (o.gpu_count and o.gpu_count < rp.tp):
             continue
         dp = o.gpu_count // rp.tp if o.gpu_count else 1
-        mu = tuple(dp * cap.rate for cap in rp.caps)
-        if not any(mu):
-            continue
+        mu = tuple(dp * cap.rate for cap in rp.caps)  # all 0: kept so the reason can name the SLO
         eg = catalog.egress.get(o.cloud)
         per_gb = eg.internet_per_gb if eg else 0.0
         egress = tuple(
@@ -522,8 +520,7 @@ def _no_fit_reason(arch: ModelArch, need_len: int, rows: list, spec: DeploymentS
             f"KV cache for {need_len} tokens; the largest allowed is {biggest.instance_type} "
             f"({biggest.gpu_count} x {biggest.gpu} {biggest.gpu_memory_gib:g} GiB)"
             + (" (tensor_parallel fixed at "
-               f"{spec.engine.tensor_parallel})" if spec.engine.tensor_parallel != "auto" else "")
-            + " — or its SLO cannot be met on any of them")  # fmt: skip
+               f"{spec.engine.tensor_parallel})" if spec.engine.tensor_parallel != "auto" else ""))  # fmt: skip
 
 
 def explain_infeasible(spec: DeploymentSpec, arch: ModelArch, p: Problem,

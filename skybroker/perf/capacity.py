@@ -112,7 +112,7 @@ def saturated_throughput(model: StepTimeModel, cfg: SchedulerConfig, cls: Reques
     """Steady-state completions/s with an always-full queue: enough requests to keep the batch
     at max_num_seqs for a while, counted between 25% and 75% of completions (no ramp, no drain).
     No rate above it is sustainable, however loose the SLO."""
-    n_sat = min(max(n, 3 * cfg.max_num_seqs), 1024)
+    n_sat = min(max(n, 2 * cfg.max_num_seqs), 512)
     _, ins, outs = _requests(cls, n_sat, seed + 1)
     fin = np.sort(simulate(model, cfg, np.zeros(n_sat), ins, outs).finish)
     fin = fin[np.isfinite(fin)]
