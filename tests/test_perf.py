@@ -165,7 +165,7 @@ def test_capacity_meets_slo_and_is_tight() -> None:
     ttft, tpot = evaluate(model, cfg, cls, cap.rate, slo, num_requests=60)
     assert ttft <= slo.ttft_s and tpot <= slo.tpot_s
     # tight: either the replica is saturated, or a bit more load breaks the SLO
-    sat = saturated_throughput(model, cfg, cls, 60, 0)
+    sat = saturated_throughput(model, cfg, cls)
     assert cap.rate <= sat * 1.0001
     if cap.rate < 0.95 * sat:
         ttft, tpot = evaluate(model, cfg, cls, cap.rate * 1.1, slo, num_requests=60)

@@ -107,23 +107,29 @@ def idle_latency(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass,
     return float(np.percentile(ttft, percentile)), float(np.percentile(tpot, percentile))
 
 
-def saturated_throughput(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass,
-                         n: int, seed: int) -> float:  # fmt: skip
-    """Steady-state completions/s with an always-full queue: enough requests to keep the batch
-    at max_num_seqs for a while, counted between 25% and 75% of completions (no ramp, no drain).
-    No rate above it is sustainable, however loose the SLO."""
-    n_sat = min(max(n, 2 * cfg.max_num_seqs), 512)
-    _, ins, outs = _requests(cls, n_sat, seed + 1)
-    fin = np.sort(simulate(model, cfg, np.zeros(n_sat), ins, outs).finish)
-    fin = fin[np.isfinite(fin)]
-    if len(fin) < 4:
+def saturated_throughput(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass) -> float:
+    """Steady-state completions/s of a replica whose queue never empties (Little's law).
+
+    With B sequences running, each step decodes B tokens and prefills the prompts of the
+    requests that replace finished ones: B * E[in] / E[out] tokens per step on average. B is
+    the largest batch that max_num_seqs, the token budget and the KV blocks allow. Then
+    throughput = B / (E[out] * step_time). No rate above it is sustainable, however loose the
+    SLO; the bisection searches below it."""
+    e_in = float(np.mean(cls.input_lens))
+    e_out = float(np.mean(cls.output_lens))
+    ratio = e_in / e_out
+    kv_per_seq = (e_in + e_out / 2) / cfg.block_size + 1  # blocks held on average
+    b = min(
+        cfg.max_num_seqs, cfg.max_num_batched_tokens / (1 + ratio), cfg.num_kv_blocks / kv_per_seq
+    )
+    if b <= 0:
         return 0.0
-    a, b = fin[len(fin) // 4], fin[3 * len(fin) // 4]
-    return (3 * len(fin) // 4 - len(fin) // 4) / (b - a) if b > a else len(fin) / fin[-1]
+    t = model.step_time(b * ratio, b, b * (e_in + e_out / 2), b * ratio * e_in / 2)
+    return float(b / (e_out * t))
 
 
 def max_rate(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass, slo: SLOTarget, *,
-             num_requests: int = 200, seed: int = 0, rel_tol: float = 0.04) -> CapacityResult:  # fmt: skip
+             num_requests: int = 200, seed: int = 0, rel_tol: float = 0.05) -> CapacityResult:  # fmt: skip
     """Bisection for the highest rate whose TTFT and TPOT percentiles meet the SLO."""
     key = _key(model, cfg, cls, slo, num_requests, seed, rel_tol)
     with _lock:
@@ -146,7 +152,7 @@ def _max_rate(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass, slo
     idle_ttft, idle_tpot = idle_latency(model, cfg, cls, slo.percentile)
     if idle_ttft > slo.ttft_s or idle_tpot > slo.tpot_s:  # misses the SLO even unloaded
         return CapacityResult(0.0, idle_ttft, idle_tpot)
-    hi = saturated_throughput(model, cfg, cls, n, seed)
+    hi = saturated_throughput(model, cfg, cls)
     if hi <= 0:
         return CapacityResult(0.0, float("inf"), float("inf"))
     lo, best, top = 0.0, None, hi
