@@ -157,3 +157,23 @@ def test_local_infra_plans_this_machine(monkeypatch: pytest.MonkeyPatch) -> None
     )
     with pytest.raises(InfeasibleError, match="this machine sustains about"):
         make_plan(too_much)
+
+
+def test_measured_profile_overrides_roofline(tmp_path: Path) -> None:
+    from skybroker.models import lookup
+    from skybroker.perf import profile as prof
+
+    arch = lookup("llama-3.1-8b")
+    assert arch is not None
+    pts = [{"num_prefill_tokens": p, "num_decode_seqs": d, "total_context_tokens": c,
+            "seconds": 0.002 + 3e-5 * p + 2e-4 * d + 1e-8 * c}
+           for p, d, c in [(512, 0, 512), (0, 8, 4000), (0, 32, 20000), (256, 16, 9000), (1024, 4, 6000)]]  # fmt: skip
+    path = tmp_path / "h100.json"
+    prof.save(prof.validate({"schema": prof.SCHEMA, "hardware": {"kind": "gpu", "name": "H100", "count": 1},
+                             "model": {"name": "Llama-3.1-8B", "arch_hash": arch.arch_hash},
+                             "points": pts}), path)  # fmt: skip
+    spec = load_spec(
+        SPEC.replace("engine: {", f"constraints: {{gpus: [H100]}}\nengine: {{profiles: [{path}], ")
+    )
+    plan = make_plan(spec, _catalog())
+    assert plan.placements and all(p.perf_source == f"profile:{path}" for p in plan.placements)
