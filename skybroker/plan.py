@@ -55,7 +55,7 @@ USER_AREAS: dict[str, tuple[float, float]] = {
     "asia-southeast": (1.35, 103.8), "asia-south": (19.1, 72.9), "oceania": (-33.9, 151.2),
     "sa-east": (-23.5, -46.6), "me": (25.2, 55.3), "africa": (-26.2, 28.0),
 }  # fmt: skip
-SIM_REQUESTS = int(os.environ.get("SKYBROKER_SIM_REQUESTS", "120"))
+SIM_REQUESTS = int(os.environ.get("SKYBROKER_SIM_REQUESTS", "80"))
 
 
 class InfeasibleError(Exception):
@@ -376,6 +376,7 @@ def _perf_per_gpu(arch: ModelArch, spec: DeploymentSpec, catalog: Catalog,
     for gpu, count in sorted(max_count.items()):
         fit = gpu_replica(arch, spec, catalog, gpu, count, need_len)
         perf[gpu] = replica_perf(arch, fit[0], fit[1], spec, classes) if fit else None
+        flush_disk_cache()  # keep what is done if the run is interrupted
     return perf
 
 
