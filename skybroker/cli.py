@@ -12,6 +12,7 @@ import sys
 import typer
 
 from skybroker import __version__, catalog_cli
+from skybroker.plan_cli import plan_command, spec_app
 
 app = typer.Typer(
     name="skybroker",
@@ -26,6 +27,10 @@ app.add_typer(catalog_cli.app, name="catalog")
 @app.callback()
 def _root() -> None:
     """Serve an LLM across clouds at the lowest cost that meets your latency targets."""
+
+
+app.command("plan")(plan_command)
+app.add_typer(spec_app, name="spec")
 
 
 @app.command()
