@@ -393,6 +393,7 @@ def build_problem(spec: DeploymentSpec, catalog: Catalog, classes: list[RequestC
                   rows: list, perf: dict[str, ReplicaPerf | None]) -> tuple[Problem, _Meta]:  # fmt: skip
     c, w = spec.constraints, spec.workload
     offs, meta_rows, meta_perf, dps = [], [], [], []
+    mean_out = [cl.mean_output for cl in classes]
     for o, spot, price in rows:
         rp = perf.get(o.gpu)
         if rp is None or (o.gpu_count and o.gpu_count < rp.tp):
@@ -401,9 +402,7 @@ def build_problem(spec: DeploymentSpec, catalog: Catalog, classes: list[RequestC
         mu = tuple(dp * cap.rate for cap in rp.caps)  # all 0: kept so the reason can name the SLO
         eg = catalog.egress.get(o.cloud)
         per_gb = eg.internet_per_gb if eg else 0.0
-        egress = tuple(
-            3600 * cl.mean_output * w.response_bytes_per_token / 1e9 * per_gb for cl in classes
-        )
+        egress = tuple(3600 * m * w.response_bytes_per_token / 1e9 * per_gb for m in mean_out)
         offs.append(OfferingClass((o.cloud, o.region, o.instance_type, spot), o.cloud,
                                   f"{o.cloud}/{o.region}", price, spot, mu, egress,
                                   max_count=1 if o.cloud == "local" else None))  # fmt: skip

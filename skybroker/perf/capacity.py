@@ -10,6 +10,7 @@ everything that decides them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -39,6 +40,7 @@ class CapacityResult:
 
 
 _memo: dict[str, CapacityResult] = {}
+_dirty: set[str] = set()  # computed here, not yet on disk
 _lock = threading.Lock()
 
 
@@ -72,13 +74,17 @@ def _save_disk(entries: dict[str, CapacityResult]) -> None:
     tmp.replace(p)
 
 
+@functools.lru_cache(maxsize=1024)
+def _digest(obj: object) -> str:
+    """Stable digest of a frozen dataclass (model, config, class), computed once per object."""
+    ident = getattr(obj, "cache_key", None) or (asdict(obj) if is_dataclass(obj) else repr(obj))
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _key(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass, slo: SLOTarget,
          num_requests: int, seed: int, rel_tol: float) -> str:  # fmt: skip
-    ident = getattr(model, "cache_key", None) or (
-        asdict(model) if is_dataclass(model) else repr(model)
-    )
-    blob = json.dumps([ident, asdict(cfg), cls.input_lens, cls.output_lens, asdict(slo),
-                       num_requests, seed, rel_tol], sort_keys=True, default=str)  # fmt: skip
+    blob = json.dumps([_digest(model), _digest(cfg), _digest(cls), asdict(slo), num_requests,
+                       seed, rel_tol])  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -138,6 +144,7 @@ def max_rate(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass, slo:
     res = _max_rate(model, cfg, cls, slo, num_requests, seed, rel_tol)
     with _lock:
         _memo[key] = res
+        _dirty.add(key)
     return res
 
 
@@ -185,6 +192,8 @@ def prefetch_disk_cache() -> None:
 
 
 def flush_disk_cache() -> None:
+    """Write the results computed since the last flush (none: no disk access)."""
     with _lock:
-        entries = dict(_memo)
+        entries = {k: _memo[k] for k in _dirty}
+        _dirty.clear()
     _save_disk(entries)
