@@ -176,6 +176,25 @@ def bench_model(name: str, path: Path, args) -> None:
     print(
         f"params {cfg.num_params / 1e6:.1f}M, layers {cfg.num_hidden_layers}, hidden {cfg.hidden_size}"
     )
+    if not args.skip_throughput:
+        bench_throughput(llm, path, args)
+    if not args.skip_flops:
+        peak_flops = matmul_flops()
+        step, flops = decode_flops(llm, args.decode_batch, args.decode_context, args.decode_steps)
+        print(f"fp32 matmul peak (1024^3 mm): {peak_flops / 1e9:.1f} GFLOP/s; decode batch "
+              f"{args.decode_batch} @ ctx {args.decode_context}: step {step * 1e3:.1f} ms = "
+              f"{flops / 1e9:.1f} GFLOP/s = {flops / peak_flops * 100:.0f}% of matmul peak (goal >= 50%)")  # fmt: skip
+    llm.shutdown()
+    if args.skip_ttft:
+        return
+    for on in (False, True):
+        mean, med, hit = ttft(str(path), on, cfg.vocab_size, args.ttft_requests)
+        print(f"TTFT {args.ttft_requests} req x 512-token shared system prompt, prefix caching {'on ' if on else 'off'}: "
+              f"mean {mean:.2f}s median {med:.2f}s (hit rate {hit * 100:.0f}%)")  # fmt: skip
+
+
+def bench_throughput(llm: LLM, path: Path, args) -> None:
+    cfg = llm.llm_engine.model_config
     prompts, outs = sharegpt_like(
         args.num_requests, args.max_input, args.max_output, cfg.vocab_size, args.seed
     )
@@ -197,20 +216,6 @@ def bench_model(name: str, path: Path, args) -> None:
         print(f"hf static batch {b}: {hprod} tokens in {hsecs:.1f}s = {tps:.1f} tok/s")
     print(f"throughput ratio engine / best hf static batch: {eng_tps / best:.2f}x (goal >= 5x)")
     del hf
-    if args.skip_flops:
-        return
-    peak_flops = matmul_flops()
-    step, flops = decode_flops(llm, args.decode_batch, args.decode_context, args.decode_steps)
-    print(f"fp32 matmul peak (1024^3 mm): {peak_flops / 1e9:.1f} GFLOP/s; decode batch "
-          f"{args.decode_batch} @ ctx {args.decode_context}: step {step * 1e3:.1f} ms = "
-          f"{flops / 1e9:.1f} GFLOP/s = {flops / peak_flops * 100:.0f}% of matmul peak (goal >= 50%)")  # fmt: skip
-    llm.shutdown()
-    if args.skip_ttft:
-        return
-    for on in (False, True):
-        mean, med, hit = ttft(str(path), on, cfg.vocab_size, args.ttft_requests)
-        print(f"TTFT {args.ttft_requests} req x 512-token shared system prompt, prefix caching {'on ' if on else 'off'}: "
-              f"mean {mean:.2f}s median {med:.2f}s (hit rate {hit * 100:.0f}%)")  # fmt: skip
 
 
 def main() -> None:
@@ -228,6 +233,7 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=5)
     ap.add_argument("--ttft-requests", type=int, default=64)
     ap.add_argument("--skip-flops", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-ttft", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
