@@ -6,9 +6,10 @@ TTFT, TPOT (per request, after the first token), ITL (between streamed chunks) a
 latency, plus goodput under a TTFT/TPOT SLO. The server is started as a subprocess
 (`python -m engine.serve`) unless --base-url points at a running one.
 
---compare-offline then runs the same workload through the offline engine (LLMEngine in this
-process, after the server has exited, so the two never share the CPU) and prints the ratio of
-output-token throughputs. Run with OMP_NUM_THREADS=1, e.g.
+--compare-offline also runs the same workload through the offline engine (an LLMEngine in
+this process, all requests added at once) while the server sits idle, alternating server and
+offline runs --repeats times, and prints the ratio of median output-token throughputs.
+Run with OMP_NUM_THREADS=1, e.g.
 
     OMP_NUM_THREADS=1 python benchmarks/serve.py --model PATH --num-prompts 64 --compare-offline
 """
@@ -191,7 +192,9 @@ def report(
     print(line.format("Total generated tokens:", out_tokens))
     print(line.format("Request throughput (req/s):", f"{figures['request_throughput']:.2f}"))
     print(line.format("Output token throughput (tok/s):", f"{figures['output_throughput']:.2f}"))
-    print(line.format("Total Token throughput (tok/s):", f"{figures['total_token_throughput']:.2f}"))
+    print(
+        line.format("Total Token throughput (tok/s):", f"{figures['total_token_throughput']:.2f}")
+    )
     print(line.format(f"Request goodput (req/s) [TTFT<={slo_ttft_ms:g}ms, TPOT<={slo_tpot_ms:g}ms]:",
                       f"{figures['goodput']:.2f}"))  # fmt: skip
     sections = [
@@ -215,30 +218,34 @@ def report(
     return figures
 
 
-def run_offline(args: argparse.Namespace, items: list[WorkItem]) -> float:
-    """Output tokens/s of the offline engine on the same workload (all requests at once)."""
-    from engine import SamplingParams
+def load_offline(args: argparse.Namespace):  # -> LLMEngine (imported lazily)
     from engine.config import EngineArgs
     from engine.llm_engine import LLMEngine
 
-    engine = LLMEngine.from_args(EngineArgs(
-        model=args.model, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        kv_cache_gib=args.kv_cache_gib,
-    ))  # fmt: skip
+    return LLMEngine.from_args(
+        EngineArgs(
+            model=args.model,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            kv_cache_gib=args.kv_cache_gib,
+        )
+    )
+
+
+def run_offline(engine, items: list[WorkItem], tag: str) -> float:
+    """Output tokens/s of the offline engine on the workload (all requests added at once)."""
+    from engine import SamplingParams
+
     start = time.perf_counter()
     for i, item in enumerate(items):
         params = SamplingParams(temperature=0.0, max_tokens=item.output_len, ignore_eos=True)
-        engine.add_request(f"offline-{i}", item.prompt_token_ids, params)
+        engine.add_request(f"{tag}-{i}", item.prompt_token_ids, params)
     tokens = 0
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 tokens += len(out.outputs[0].token_ids)
-    duration = time.perf_counter() - start
-    engine.shutdown()
-    print(f"offline engine: {len(items)} requests, {tokens} output tokens in {duration:.2f} s "
-          f"= {tokens / duration:.2f} tok/s")  # fmt: skip
-    return tokens / duration
+    return tokens / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -258,6 +265,7 @@ def main() -> None:
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=200.0)
     p.add_argument("--compare-offline", action="store_true")
+    p.add_argument("--repeats", type=int, default=1, help="alternating server/offline runs")
     args = p.parse_args()
     if not args.model and not args.base_url:
         p.error("give --model (start a server) or --base-url (use a running one)")
@@ -276,23 +284,38 @@ def main() -> None:
     if url is None:
         proc, url = start_server(args)
         model = "bench"
+    offline = load_offline(args) if args.compare_offline else None
+    print(
+        f"workload: {len(items)} requests, rate {args.request_rate} req/s, seed {args.seed}, "
+        f"mean input {args.mean_input_len}, mean output {args.mean_output_len} (lognormal); "
+        f"{args.repeats} run(s), server and offline alternating"
+    )
+    server_tps: list[float] = []
+    offline_tps: list[float] = []
     try:
-        # One warm-up request so neither side pays first-call costs inside the timing.
+        # One warm-up request each, so neither side pays first-call costs inside the timing.
         asyncio.run(run_load(url, model, items[:1], float("inf"), args.seed))
-        results, duration = asyncio.run(
-            run_load(url, model, items, args.request_rate, args.seed)
-        )
+        if offline is not None:
+            run_offline(offline, items[:1], "warmup")
+        for rep in range(args.repeats):
+            results, duration = asyncio.run(
+                run_load(url, model, items, args.request_rate, args.seed)
+            )
+            figures = report(results, duration, args.slo_ttft_ms, args.slo_tpot_ms)
+            server_tps.append(figures["output_throughput"])
+            if offline is not None:
+                offline_tps.append(run_offline(offline, items, f"offline{rep}"))
+                print(f"offline engine, same workload: {offline_tps[-1]:.2f} output tok/s")
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(60)
-    print(f"workload: {len(items)} requests, rate {args.request_rate} req/s, seed {args.seed}, "
-          f"mean input {args.mean_input_len}, mean output {args.mean_output_len} (lognormal)")  # fmt: skip
-    figures = report(results, duration, args.slo_ttft_ms, args.slo_tpot_ms)
-    if args.compare_offline:
-        offline = run_offline(args, items)
-        ratio = figures["output_throughput"] / offline
-        print(f"server / offline output throughput: {ratio:.3f} (goal >= 0.90)")
+    if offline_tps:
+        s, o = float(np.median(server_tps)), float(np.median(offline_tps))
+        print(
+            f"median output tok/s: server {s:.2f}, offline {o:.2f}; "
+            f"server / offline = {s / o:.3f} (goal >= 0.90)"
+        )
 
 
 if __name__ == "__main__":

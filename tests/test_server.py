@@ -116,9 +116,7 @@ def test_chat_matches_offline(client: openai.OpenAI, offline: LLM) -> None:
         {"role": "system", "content": "you answer"},
         {"role": "user", "content": "what is the capital of france"},
     ]
-    r = client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=10, temperature=0
-    )
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
     ref = offline.chat(messages, SamplingParams(temperature=0, max_tokens=10))[0]
     assert r.object == "chat.completion"
     assert r.choices[0].message.role == "assistant"
@@ -204,7 +202,9 @@ def test_batched_prompts(client: openai.OpenAI, offline: LLM) -> None:
 
 
 def test_logprobs(client: openai.OpenAI) -> None:
-    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=3)
+    r = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=3
+    )
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
     # A token may be part of a UTF-8 character: it prints as U+FFFD alone.
@@ -259,7 +259,9 @@ def test_metrics_record_requests(server: ServerThread, client: openai.OpenAI) ->
     before = _metric(server, 'engine:requests_total{model_name="tiny",outcome="length"}')
     ttft_before = _metric(server, "engine:time_to_first_token_seconds_count")
     client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0)
-    assert _metric(server, 'engine:requests_total{model_name="tiny",outcome="length"}') == before + 1
+    assert (
+        _metric(server, 'engine:requests_total{model_name="tiny",outcome="length"}') == before + 1
+    )
     assert _metric(server, "engine:time_to_first_token_seconds_count") == ttft_before + 1
     text = httpx.get(f"{server.url}/metrics").text
     for name in ("engine:time_per_output_token_seconds_bucket", "engine:e2e_request_latency_seconds",
@@ -355,7 +357,9 @@ def test_stream_disconnect_aborts_and_frees_blocks(server: ServerThread) -> None
         if _metric(server, 'engine:requests_total{model_name="tiny",outcome="abort"}') > aborted:
             break
         time.sleep(0.05)
-    assert _metric(server, 'engine:requests_total{model_name="tiny",outcome="abort"}') == aborted + 1
+    assert (
+        _metric(server, 'engine:requests_total{model_name="tiny",outcome="abort"}') == aborted + 1
+    )
 
 
 def test_non_stream_disconnect_aborts(server: ServerThread) -> None:

@@ -33,11 +33,12 @@ def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[st
     )  # fmt: skip
 
 
-def test_bad_flag_fails_before_serving(tmp_path: Path) -> None:
-    proc = _serve("--model", str(tmp_path / "missing"))
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 2
-    assert "model must be" in out and "does not exist" in out
+def test_bad_flag_fails_before_serving(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from engine.serve import main
+
+    assert main(["--model", str(tmp_path / "missing"), "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "model must be" in err and "does not exist" in err
 
 
 @pytest.mark.slow

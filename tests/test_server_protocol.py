@@ -43,7 +43,9 @@ def test_chat_logprobs_and_max_completion_tokens() -> None:
     )  # fmt: skip
     assert req.engine_logprobs() == 3 and req.requested_max_tokens() == 7
     assert req.message_dicts() == [{"role": "user", "content": "ab"}]
-    assert ChatCompletionRequest(messages=[{"role": "user", "content": "a"}]).engine_logprobs() is None
+    assert (
+        ChatCompletionRequest(messages=[{"role": "user", "content": "a"}]).engine_logprobs() is None
+    )
 
 
 @pytest.mark.parametrize(
@@ -67,7 +69,12 @@ def test_param_errors_name_the_parameter(kwargs: dict, param: str) -> None:
 def test_stream_deltas_hold_back_possible_stop_prefix() -> None:
     class C:  # a CompletionOutput's cumulative fields
         def __init__(self, text: str, n: int, finish: str | None = None) -> None:
-            self.text, self.token_ids, self.logprobs, self.finish_reason = text, [0] * n, None, finish
+            self.text, self.token_ids, self.logprobs, self.finish_reason = (
+                text,
+                [0] * n,
+                None,
+                finish,
+            )
 
     sent = _Sent()
     assert _new_part(C("hello wo", 3), sent, hold=2)[0] == "hello "
