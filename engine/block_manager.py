@@ -198,4 +198,3 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
-        seq.num_cached_tokens = 0

@@ -5,6 +5,7 @@ Both yield weights under HF's LlamaForCausalLM names so the model has one loadin
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,9 +44,15 @@ def is_gguf(path: str | Path) -> bool:
 
 
 def gguf_reader(path: str | Path):
+    """Parsing a GGUF header is slow (Python loops over the token arrays): parse once."""
+    return _gguf_reader(str(Path(path).resolve()))
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_reader(path: str):
     import gguf
 
-    return gguf.GGUFReader(str(path))
+    return gguf.GGUFReader(path)
 
 
 def gguf_metadata(reader) -> dict[str, Any]:
@@ -61,7 +68,8 @@ def gguf_metadata(reader) -> dict[str, Any]:
 def load_model_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     if is_gguf(path):
-        return _gguf_config(gguf_metadata(gguf_reader(path)), gguf_reader(path))
+        reader = gguf_reader(path)
+        return _gguf_config(gguf_metadata(reader), reader)
     if not (path / "config.json").exists():
         raise ValueError(f"model must be an HF directory with config.json or a .gguf file: {path}")
     return ModelConfig.from_hf_dir(path)

