@@ -171,7 +171,7 @@ def _wait(cond, timeout: float = 30, c: Controller | None = None) -> None:
 
 
 def test_create_launch_ready_route_and_down(env) -> None:
-    controller, cloud, store = env
+    controller, _cloud, store = env
     c = controller()
     spec = _spec()
     dep = c.create(spec, c.planner(spec))
@@ -195,7 +195,7 @@ def test_create_launch_ready_route_and_down(env) -> None:
 
 
 def test_cloud_replicas_get_an_api_key_that_is_never_stored(env) -> None:
-    controller, cloud, store = env
+    controller, _cloud, store = env
     c = controller()
     spec = _spec()
     c.create(spec, c.planner(spec))
@@ -208,7 +208,7 @@ def test_cloud_replicas_get_an_api_key_that_is_never_stored(env) -> None:
 
 
 def test_sigkilled_replica_is_replaced(env) -> None:
-    controller, cloud, store = env
+    controller, _cloud, store = env
     c = controller()
     spec = _spec()
     c.create(spec, c.planner(spec))
@@ -229,7 +229,7 @@ def test_sigkilled_replica_is_replaced(env) -> None:
 
 
 def test_capacity_error_fails_over_to_next_cheapest(env) -> None:
-    controller, cloud, store = env
+    controller, cloud, _store = env
     c = controller([A, B, C])
     cloud.no_capacity.add(("gcp", "us-central1", "g2-standard-4", False))
     spec = _spec()
@@ -246,7 +246,7 @@ def test_capacity_error_fails_over_to_next_cheapest(env) -> None:
 
 
 def test_no_feasible_plan_left_fails_the_deployment(env) -> None:
-    controller, cloud, store = env
+    controller, cloud, _store = env
     c = controller([B])
     cloud.no_capacity.add(("gcp", "us-central1", "g2-standard-4", False))
     spec = _spec()
@@ -276,7 +276,7 @@ def test_half_way_failed_launch_leaves_nothing_unknown(env) -> None:
 
 
 def test_restarted_controller_adopts_live_and_cleans_dead(env) -> None:
-    controller, cloud, store = env
+    controller, _cloud, _store = env
     c1 = controller()
     spec = _spec()
     dep = c1.create(spec, c1.planner(spec))
