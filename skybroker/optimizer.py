@@ -26,8 +26,11 @@ a time limit stopped the solver). CBC is the fallback when highspy is missing.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +46,7 @@ class OfferingClass:
     spot: bool
     mu: tuple[float, ...]  # max req/s per replica for each request class (0: cannot serve)
     egress: tuple[float, ...] = ()  # $/h per (req/s) of each class served here
+    max_count: int | None = None  # at most this many replicas (e.g. the one local machine)
 
 
 @dataclass(slots=True)
@@ -172,8 +176,39 @@ def _coupled(p: Problem, comps: list) -> bool:
 # --- the integer program ------------------------------------------------------------------
 
 
-def _solver(name: str, time_limit: float, gap_rel: float):
+_banner_silenced = False
+
+
+def _silence_highs_banner() -> None:
+    """HiGHS prints a banner to fd 1 when the first Highs() of a process is made; make that
+    one with stdout pointed at /dev/null so `--json` output stays clean."""
+    global _banner_silenced
+    if _banner_silenced:
+        return
+    _banner_silenced = True
+    try:
+        import highspy
+    except ImportError:
+        return
+    import ctypes
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        highspy.Highs()
+        ctypes.CDLL(None).fflush(None)  # the banner sits in C stdio's buffer until flushed
+    finally:
+        os.dup2(saved, 1)
+        os.close(devnull)
+        os.close(saved)
+
+
+def _solver(name: str, time_limit: float, gap_rel: float) -> Any:
     import pulp
+
+    _silence_highs_banner()
 
     if name == "highs" and pulp.HiGHS().available():
         return pulp.HiGHS(msg=False, timeLimit=time_limit, gapRel=gap_rel, threads=1)
@@ -197,6 +232,8 @@ def _solve_component(p: Problem, users: list[str], idx: list[int], total: float,
         if p.budget is not None:
             ub = min(ub, int(p.budget // o.price) if o.price > 0 else ub)
         ub = max(ub, p.min_replicas)
+        if o.max_count is not None:
+            ub = min(ub, o.max_count)
         n[i] = pulp.LpVariable(f"n_{i}", 0, ub, cat="Integer")
         for b in range(nb):
             if o.mu[b] > 0 and reach_dem[i][b] > 0:
@@ -264,7 +301,7 @@ def _solve_component(p: Problem, users: list[str], idx: list[int], total: float,
     return sol
 
 
-def _read_status(lp, s) -> tuple[str, float | None, float]:
+def _read_status(lp: Any, s: Any) -> tuple[str, float | None, float]:
     """The solver's own verdict: (optimal | feasible | infeasible, gap, dual bound)."""
     import pulp
 
