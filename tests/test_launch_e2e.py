@@ -91,9 +91,7 @@ def _wait(cond, timeout: float, what: str) -> None:
 
 
 def _all_pids(store: Store, name: str) -> list[int]:
-    return [
-        r.handle["info"]["pid"] for r in store.list_replicas(name, live_only=False) if r.handle
-    ]
+    return [r.handle["info"]["pid"] for r in store.list_replicas(name, live_only=False) if r.handle]
 
 
 def two_local_replicas(spec: Any) -> Any:
@@ -150,8 +148,10 @@ def test_local_two_replicas_kill_one_restart_down(tiny_llama_dir: Path, home: Pa
         )
         unready_at = time.time()
         _wait(
-            lambda: c1.get("e2e").status == DeploymentStatus.READY
-            and victim.name not in {r.name for r in c1.replicas("e2e")},
+            lambda: (
+                c1.get("e2e").status == DeploymentStatus.READY
+                and victim.name not in {r.name for r in c1.replicas("e2e")}
+            ),
             300,
             "a replacement replica",
         )
@@ -242,7 +242,10 @@ def test_capacity_failover_to_next_cheapest_with_real_planner(tiny_llama_dir, ho
         assert dep.blocklist == [first]
         assert dep.plan["cost_per_hour"] == pytest.approx(expected.cost_per_hour, abs=1e-3)
         events = {e.kind: e for e in c.events("e2e-cloud")}
-        assert "capacity_error" in events and "InsufficientInstanceCapacity" in events["capacity_error"].message
+        assert (
+            "capacity_error" in events
+            and "InsufficientInstanceCapacity" in events["capacity_error"].message
+        )
         assert "re-planned without" in events["failover"].message
     finally:
         c.delete("e2e-cloud")
@@ -257,7 +260,9 @@ def test_half_way_failure_leaves_nothing_unknown_and_down_cleans(tiny_llama_dir,
     cloud.fail_after_start = True
     plan = two_local_replicas(local_spec(tiny_llama_dir, name="e2e-half"))
     store = Store()
-    c = Controller(store, {"skypilot": cloud}, probe=ProbeConfig(timeout_s=2, max_launch_failures=2))
+    c = Controller(
+        store, {"skypilot": cloud}, probe=ProbeConfig(timeout_s=2, max_launch_failures=2)
+    )
     try:
         c.create(spec, plan)
         with pytest.raises(ProvisionError, match="launches failed in a row"):
