@@ -1,0 +1,332 @@
+"""CLI commands for deployments and the broker server: launch, status, down, logs, server.
+
+They all go through the broker's REST API (skybroker.client): to `--api-url` /
+$SKYBROKER_API_URL when given, else to the local broker server, started in the background
+when it is not running. Errors print one clear line (no traceback) and exit 1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from skybroker.server import DEFAULT_HOST, DEFAULT_PORT
+
+if TYPE_CHECKING:
+    from skybroker.client import BrokerClient
+
+console = Console()
+err_console = Console(stderr=True)
+
+ApiUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--api-url",
+        envvar="SKYBROKER_API_URL",
+        help="URL of a remote broker server (default: the local one, started on demand).",
+    ),
+]
+TERMINAL = ("READY", "FAILED")
+
+server_app = typer.Typer(help="Run the broker server (REST API + controller) in the background.")
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn the broker's errors into one red line and exit code 1."""
+    from skybroker.client import ApiError, BrokerUnavailable
+    from skybroker.server import ServerError
+
+    try:
+        yield
+    except ApiError as e:
+        where = f" (field: {e.field})" if e.field and e.field not in e.message else ""
+        err_console.print(f"[red]error:[/red] {e.message}{where}", highlight=False)
+        raise typer.Exit(1) from None
+    except (BrokerUnavailable, ServerError) as e:
+        err_console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _client(api_url: str | None) -> BrokerClient:
+    from skybroker.client import BrokerClient
+
+    if api_url is None:
+        with err_console.status("starting the local broker server ..."):
+            return BrokerClient()
+    return BrokerClient(api_url)
+
+
+def _money(x: Any) -> str:
+    return f"${x:,.2f}/h" if isinstance(x, int | float) else "-"
+
+
+# ---------------------------------------------------------------- plan display
+
+
+def show_plan(answer: dict[str, Any]) -> None:
+    """Print a plan answer of POST /v1/plans: placements, $/h, baselines."""
+    plan = answer["plan"]
+    table = Table(title=f"plan for {answer['name']} ({answer['infra']})", title_justify="left")
+    for col in ("cloud", "region", "instance", "GPUs", "market", "replicas", "$/h each"):
+        table.add_column(col, justify="right" if col in ("replicas", "$/h each") else "left")
+    for p in plan.get("placements", []):
+        o = p.get("offering", {})
+        spot = p.get("spot", False)
+        price = o.get("spot_price") if spot else o.get("price")
+        table.add_row(
+            str(o.get("cloud", "?")),
+            str(o.get("region", "?")),
+            str(o.get("instance_type", "?")),
+            f"{o.get('gpu_count', '?')}x {o.get('gpu', '?')}",
+            "spot" if spot else "on-demand",
+            str(p.get("replicas", "?")),
+            _money(price),
+        )
+    console.print(table)
+    console.print(f"total: [bold]{_money(plan.get('cost_per_hour'))}[/bold]", highlight=False)
+    baselines = plan.get("baselines") or {}
+    if baselines:
+        parts = [f"{name} {_money(cost) if cost is not None else 'infeasible'}"
+                 for name, cost in baselines.items()]  # fmt: skip
+        console.print("baselines: " + ", ".join(parts), highlight=False)
+
+
+# ---------------------------------------------------------------- launch
+
+
+def _watch(
+    client: BrokerClient, name: str, timeout: float, poll: float = 1.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:  # fmt: skip
+    """Poll the deployment until READY or FAILED (or timeout), printing new events."""
+    seen = 0.0
+    deadline = time.monotonic() + timeout
+    with err_console.status(f"launching {name} ...") as spinner:
+        while True:
+            dep = client.get(name)
+            for ev in dep["events"]:
+                if ev["time"] > seen:
+                    console.print(f"  [dim]{ev['kind']}[/dim] {ev['message']}", highlight=False)
+                    seen = ev["time"]
+            spinner.update(
+                f"{name}: {dep['status']} · {dep['replicas_ready']}/{dep['replicas_desired']} "
+                "replicas ready"
+            )
+            if dep["status"] in TERMINAL or time.monotonic() > deadline:
+                return dep
+            sleep(poll)
+
+
+def launch(
+    spec: Annotated[Path, typer.Argument(help="deployment spec (YAML)")],
+    infra: Annotated[
+        str | None, typer.Option(help="override the spec's infra: local or skypilot")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="launch without asking")] = False,
+    detach: Annotated[
+        bool, typer.Option("--detach", "-d", help="return once launched, do not wait for ready")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for ready")] = 1800.0,
+    api_url: ApiUrl = None,
+) -> None:
+    """Plan a deployment, show the plan, ask, launch it and wait until its endpoint serves."""
+    if infra is not None and infra not in ("local", "skypilot"):
+        err_console.print(f"[red]error:[/red] --infra must be local or skypilot, not {infra!r}")
+        raise typer.Exit(1)
+    try:
+        text = spec.read_text()
+    except OSError as e:
+        err_console.print(f"[red]error:[/red] cannot read spec {spec}: {e.strerror}")
+        raise typer.Exit(1) from None
+    with _errors():
+        client = _client(api_url)
+        with err_console.status("planning ..."):
+            answer = client.plan(text, infra)
+        show_plan(answer)
+        if not yes and not typer.confirm("Launch this plan?", default=False):
+            console.print("not launched")
+            raise typer.Exit(0)
+        dep = client.launch(text, infra)
+        console.print(f"deployment [bold]{dep['name']}[/bold]: {dep['status']}")
+        if detach:
+            console.print(f"follow it with: skybroker status {dep['name']}")
+            return
+        dep = _watch(client, dep["name"], timeout)
+        if dep["status"] != "READY":
+            err_console.print(
+                f"[red]error:[/red] {dep['name']} is {dep['status']}: {dep['message'] or 'see events above'}",
+                highlight=False,
+            )
+            raise typer.Exit(1)
+        console.print(
+            f"[green]ready[/green]: {dep['replicas_ready']} replicas, {_money(dep['cost_per_hour'])}"
+        )
+        console.print(f"endpoint: [bold]{dep['endpoint']}[/bold]  (OpenAI-compatible)")
+
+
+# ---------------------------------------------------------------- status / down / logs
+
+
+def _status_table(deps: list[dict[str, Any]]) -> Table:
+    table = Table(title="deployments", title_justify="left")
+    for col in ("name", "infra", "status", "ready", "$/h", "endpoint"):
+        table.add_column(col)
+    for d in deps:
+        table.add_row(
+            d["name"],
+            d["infra"],
+            d["status"],
+            f"{d['replicas_ready']}/{d['replicas_desired']}",
+            _money(d["cost_per_hour"]),
+            d["endpoint"] or "-",
+        )
+    return table
+
+
+def _show_deployment(d: dict[str, Any]) -> None:
+    console.print(
+        f"[bold]{d['name']}[/bold] ({d['infra']}): {d['status']}  "
+        f"{d['replicas_ready']}/{d['replicas_desired']} ready  {_money(d['cost_per_hour'])}",
+        highlight=False,
+    )
+    if d["message"]:
+        console.print(f"  {d['message']}", highlight=False)
+    console.print(f"endpoint: {d['endpoint'] or '-'}")
+    table = Table(title="replicas", title_justify="left")
+    for col in ("#", "replica", "status", "healthy", "where", "market", "url"):
+        table.add_column(col)
+    for i, r in enumerate(d["replicas"]):
+        table.add_row(
+            str(i),
+            r["name"],
+            r["status"],
+            "yes" if r["healthy"] else "no",
+            f"{r['cloud']}/{r['region']}/{r['instance_type']}",
+            "spot" if r["spot"] else "on-demand",
+            r["url"] or "-",
+        )
+    console.print(table)
+    if d["events"]:
+        console.print("events:")
+        for ev in d["events"][-10:]:
+            stamp = time.strftime("%H:%M:%S", time.localtime(ev["time"]))
+            console.print(f"  {stamp} [dim]{ev['kind']}[/dim] {ev['message']}", highlight=False)
+
+
+def status(
+    name: Annotated[str | None, typer.Argument(help="one deployment (default: all)")] = None,
+    api_url: ApiUrl = None,
+) -> None:
+    """Deployments: status, replicas and their health, $/h, endpoint."""
+    with _errors():
+        client = _client(api_url)
+        if name is None:
+            deps = client.list()
+            if not deps:
+                console.print("no deployments")
+                return
+            console.print(_status_table(deps))
+        else:
+            _show_deployment(client.get(name))
+
+
+def down(
+    name: Annotated[str, typer.Argument(help="the deployment to tear down")],
+    api_url: ApiUrl = None,
+) -> None:
+    """Tear a deployment down: replicas, router, state. Running it twice is fine."""
+    from skybroker.client import ApiError
+
+    with _errors():
+        client = _client(api_url)
+        try:
+            with err_console.status(f"tearing down {name} ..."):
+                client.delete(name)
+        except ApiError as e:
+            if e.status != 404:
+                raise
+            console.print(f"no deployment named {name!r}: nothing to tear down")
+            return
+        console.print(f"{name}: torn down")
+
+
+def logs(
+    name: Annotated[str, typer.Argument(help="the deployment")],
+    replica: Annotated[int | None, typer.Option(help="replica index (see `status NAME`)")] = None,
+    tail: Annotated[int, typer.Option(help="number of lines")] = 200,
+    api_url: ApiUrl = None,
+) -> None:
+    """Print the log of one replica of a deployment."""
+    with _errors():
+        text = _client(api_url).logs(name, replica, tail)
+    typer.echo(text, nl=not text.endswith("\n"))
+
+
+# ---------------------------------------------------------------- server
+
+
+@server_app.command("start")
+def server_start(
+    host: Annotated[
+        str, typer.Option(help="address to bind (non-loopback needs a token)")
+    ] = DEFAULT_HOST,
+    port: Annotated[int, typer.Option(help="port to bind")] = DEFAULT_PORT,
+    token_file: Annotated[
+        Path | None, typer.Option(help="file holding the API token (or $SKYBROKER_API_TOKEN)")
+    ] = None,
+    state_url: Annotated[
+        str | None,
+        typer.Option(envvar="SKYBROKER_STATE_URL", help="SQLAlchemy URL of the state store"),
+    ] = None,
+) -> None:
+    """Start the broker server in the background (no-op if it runs)."""
+    from skybroker import server
+
+    with _errors(), err_console.status("starting the broker server ..."):
+        info, started = server.start(host, port, token_file=token_file, state_url=state_url)
+    what = "started" if started else "already running"
+    console.print(f"broker server {what}: {info.url} (pid {info.pid}); log: {server.log_path()}")
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the broker server (deployments keep running and are found again on start)."""
+    from skybroker import server
+
+    with _errors():
+        st = server.stop()
+    if st.info is None:
+        note = " (removed a stale pid file)" if st.stale_removed else ""
+        console.print(f"broker server is not running{note}")
+    else:
+        console.print(f"broker server stopped (pid {st.info.pid})")
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Whether the broker server runs, where, and whether it answers."""
+    from skybroker import server
+
+    st = server.status()
+    if not st.running or st.info is None:
+        note = " (removed a stale pid file)" if st.stale_removed else ""
+        console.print(f"broker server is not running{note}")
+        raise typer.Exit(1)
+    health = "healthy" if st.healthy else "[red]not answering /health[/red]"
+    console.print(f"broker server running: {st.info.url} (pid {st.info.pid}), {health}")
+    console.print(f"log: {server.log_path()}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add launch/status/down/logs and the `server` group to the main CLI."""
+    for fn in (launch, status, down, logs):
+        app.command()(fn)
+    app.add_typer(server_app, name="server")
