@@ -76,3 +76,60 @@ class Catalog:
     regions: dict[tuple[str, str], Region] = field(default_factory=dict)  # (cloud, region)
     egress: dict[str, Egress] = field(default_factory=dict)  # by cloud
     sources: list[str] = field(default_factory=list)  # files or APIs the figures came from
+    as_of: dict[str, str] = field(default_factory=dict)  # cloud -> date its prices were read
+
+    def query(
+        self,
+        gpu: str | None = None,
+        cloud: str | None = None,
+        region: str | None = None,
+        spot: bool | None = None,
+        max_price: float | None = None,
+        min_gpu_memory_gib: float | None = None,
+        min_gpu_count: int | None = None,
+    ) -> list[Offering]:
+        """Offerings matching every filter given, cheapest first.
+
+        `gpu`, `cloud` and `region` compare case-insensitively and may list several values
+        separated by commas. `spot=True` keeps offerings sold as spot, `False` those sold on
+        demand, `None` either; `max_price` applies to that market's $/h (either market when
+        `spot` is None). `min_gpu_memory_gib` is the memory of the whole instance (all GPUs).
+        """
+        gpus, clouds, regions = _choices(gpu), _choices(cloud), _choices(region)
+        out: list[Offering] = []
+        for o in self.offerings:
+            if gpus and o.gpu.lower() not in gpus:
+                continue
+            if clouds and o.cloud.lower() not in clouds:
+                continue
+            if regions and o.region.lower() not in regions:
+                continue
+            if (
+                min_gpu_memory_gib is not None
+                and o.gpu_memory_gib * o.gpu_count < min_gpu_memory_gib
+            ):
+                continue
+            if min_gpu_count is not None and o.gpu_count < min_gpu_count:
+                continue
+            price = _market_price(o, spot)
+            if price is None or (max_price is not None and price > max_price):
+                continue
+            out.append(o)
+        out.sort(key=lambda o: (_market_price(o, spot) or 0.0, o.cloud, o.region, o.instance_type))
+        return out
+
+    def region_of(self, cloud: str, region: str) -> Region | None:
+        """Where (cloud, region) is, or None when the catalog has no location for it."""
+        return self.regions.get((cloud.lower(), region))
+
+
+def _choices(value: str | None) -> set[str]:
+    return {v.strip().lower() for v in value.split(",") if v.strip()} if value else set()
+
+
+def _market_price(o: Offering, spot: bool | None) -> float | None:
+    """$/h on the given market; with spot None, the cheaper market that sells it."""
+    if spot is None:
+        prices = [p for p in (o.price, o.spot_price) if p is not None]
+        return min(prices) if prices else None
+    return o.hourly(spot)
