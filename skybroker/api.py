@@ -9,8 +9,6 @@ one. With a token every /v1 route needs `Authorization: Bearer <token>` (compare
 time); /health and the OpenAPI docs stay open.
 """
 
-from __future__ import annotations
-
 import hmac
 import json
 import logging
@@ -531,12 +529,19 @@ def create_app(controller: Any, token: str | None = None) -> FastAPI:
 
     @app.get("/v1/catalog/offerings", tags=["catalog"], dependencies=auth)
     def offerings(
-        gpu: Annotated[str | None, Query(description="GPU kind, e.g. H100")] = None,
-        cloud: Annotated[str | None, Query()] = None,
-        region: Annotated[str | None, Query()] = None,
-        spot: Annotated[bool | None, Query(description="only offerings sold as spot")] = None,
-        max_price: Annotated[float | None, Query(ge=0, description="$/h at most")] = None,
-        min_gpu_memory_gib: Annotated[float | None, Query(ge=0)] = None,
+        gpu: Annotated[str | None, Query(description="GPU kind(s), e.g. H100 or L4,A10G")] = None,
+        cloud: Annotated[str | None, Query(description="cloud(s), comma-separated")] = None,
+        region: Annotated[str | None, Query(description="region(s), comma-separated")] = None,
+        spot: Annotated[
+            bool | None, Query(description="true: sold as spot; false: sold on demand")
+        ] = None,
+        max_price: Annotated[
+            float | None, Query(ge=0, description="$/h at most (on the chosen market)")
+        ] = None,
+        min_gpu_memory_gib: Annotated[
+            float | None, Query(ge=0, description="GPU memory of the whole instance")
+        ] = None,
+        min_gpu_count: Annotated[int | None, Query(ge=1)] = None,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> OfferingList:
@@ -549,6 +554,7 @@ def create_app(controller: Any, token: str | None = None) -> FastAPI:
                 spot=spot,
                 max_price=max_price,
                 min_gpu_memory_gib=min_gpu_memory_gib,
+                min_gpu_count=min_gpu_count,
             )
         except ValueError as e:
             raise ApiError(400, "invalid_request", str(e)) from None
