@@ -232,9 +232,11 @@ def read_offerings(path: Path) -> list[Offering]:
     return out
 
 
-def offering_key(o: Offering) -> tuple[str, str, str | None, str]:
-    """What makes an offering row unique: (cloud, region, zone, instance_type)."""
-    return (o.cloud, o.region, o.zone, o.instance_type)
+def offering_key(o: Offering) -> tuple[str, str, str | None, str, str, int]:
+    """What makes an offering row unique: (cloud, region, zone, instance_type, gpu, count).
+
+    GPU and count are part of it because a GCP n1 host can carry different accelerators."""
+    return (o.cloud, o.region, o.zone, o.instance_type, o.gpu, o.gpu_count)
 
 
 def _read(path: Path, columns: tuple[str, ...], parse: Callable[[_Row], Any]) -> list[Any]:

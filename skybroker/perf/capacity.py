@@ -1,0 +1,170 @@
+"""The highest request rate one replica sustains within the SLO, by simulation + bisection.
+
+For a step-time model, a scheduler config and one request class, `max_rate` simulates
+`num_requests` Poisson arrivals at a rate and checks the TTFT and TPOT percentiles against the
+SLO. The saturated throughput (all requests at t=0) bounds the search from above; bisection
+narrows the rate to `rel_tol`. Results are cached in memory and on disk
+($SKYBROKER_HOME/perf_cache.json; SKYBROKER_PERF_CACHE=0 turns the disk cache off), keyed by
+everything that decides them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass, is_dataclass
+
+import numpy as np
+
+from skybroker.perf.roofline import skybroker_home
+from skybroker.perf.simulator import SchedulerConfig, StepTimeModel, simulate
+from skybroker.perf.workload import RequestClass
+
+
+@dataclass(frozen=True, slots=True)
+class SLOTarget:
+    ttft_s: float
+    tpot_s: float
+    percentile: float = 99.0
+
+
+@dataclass(frozen=True, slots=True)
+class CapacityResult:
+    rate: float  # requests/s one replica sustains within the SLO (0 if none)
+    ttft_s: float  # at that rate, at the SLO percentile
+    tpot_s: float
+
+
+_memo: dict[str, CapacityResult] = {}
+_lock = threading.Lock()
+
+
+def _cache_path():
+    return skybroker_home() / "perf_cache.json"
+
+
+def _disk_enabled() -> bool:
+    return os.environ.get("SKYBROKER_PERF_CACHE", "1") != "0"
+
+
+def _load_disk() -> dict[str, list[float]]:
+    p = _cache_path()
+    if not _disk_enabled() or not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_disk(entries: dict[str, CapacityResult]) -> None:
+    if not _disk_enabled() or not entries:
+        return
+    data = _load_disk()
+    data.update({k: [r.rate, r.ttft_s, r.tpot_s] for k, r in entries.items()})
+    p = _cache_path()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(p)
+
+
+def _key(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass, slo: SLOTarget,
+         num_requests: int, seed: int, rel_tol: float) -> str:  # fmt: skip
+    ident = getattr(model, "cache_key", None) or (
+        asdict(model) if is_dataclass(model) else repr(model)
+    )
+    blob = json.dumps([ident, asdict(cfg), cls.input_lens, cls.output_lens, asdict(slo),
+                       num_requests, seed, rel_tol], sort_keys=True, default=str)  # fmt: skip
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _requests(cls: RequestClass, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(cls.input_lens), n)
+    gaps = rng.exponential(1.0, n)  # unit-rate Poisson, scaled per rate
+    return np.cumsum(gaps), np.array(cls.input_lens)[pick], np.array(cls.output_lens)[pick]
+
+
+def evaluate(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass, rate: float,
+             slo: SLOTarget, num_requests: int = 200, seed: int = 0) -> tuple[float, float]:  # fmt: skip
+    """(TTFT, TPOT) at the SLO percentile when the replica gets `rate` requests/s of `cls`."""
+    arr, ins, outs = _requests(cls, num_requests, seed)
+    return simulate(model, cfg, arr / rate, ins, outs).percentile(slo.percentile)
+
+
+def idle_latency(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass,
+                 percentile: float) -> tuple[float, float]:  # fmt: skip
+    """(TTFT, TPOT) percentiles of the class's requests each alone on the replica."""
+    ins = np.array(cls.input_lens, dtype=float)
+    outs = np.array(cls.output_lens, dtype=float)
+    chunks = np.ceil(ins / cfg.max_num_batched_tokens)
+    ttft = chunks * model.step_time(ins / chunks, 0 * ins, ins, ins * ins / 2 / chunks)
+    tpot = model.step_time(0 * ins, 1 + 0 * ins, ins + outs / 2)
+    return float(np.percentile(ttft, percentile)), float(np.percentile(tpot, percentile))
+
+
+def max_rate(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass, slo: SLOTarget, *,
+             num_requests: int = 200, seed: int = 0, rel_tol: float = 0.04) -> CapacityResult:  # fmt: skip
+    """Bisection for the highest rate whose TTFT and TPOT percentiles meet the SLO."""
+    key = _key(model, cfg, cls, slo, num_requests, seed, rel_tol)
+    with _lock:
+        if key in _memo:
+            return _memo[key]
+    res = _max_rate(model, cfg, cls, slo, num_requests, seed, rel_tol)
+    with _lock:
+        _memo[key] = res
+    return res
+
+
+def _max_rate(model, cfg, cls, slo, n, seed, rel_tol) -> CapacityResult:
+    arr, ins, outs = _requests(cls, n, seed)
+
+    def ok(rate: float) -> tuple[bool, float, float]:
+        ttft, tpot = simulate(model, cfg, arr / rate, ins, outs).percentile(slo.percentile)
+        return ttft <= slo.ttft_s and tpot <= slo.tpot_s, ttft, tpot
+
+    idle_ttft, idle_tpot = idle_latency(model, cfg, cls, slo.percentile)
+    if idle_ttft > slo.ttft_s or idle_tpot > slo.tpot_s:  # misses the SLO even unloaded
+        return CapacityResult(0.0, idle_ttft, idle_tpot)
+    sat = simulate(model, cfg, np.zeros(n), ins, outs)
+    done = np.isfinite(sat.finish)
+    if not done.any():
+        return CapacityResult(0.0, float("inf"), float("inf"))
+    hi = done.sum() / sat.finish[done].max()  # saturated throughput bounds any sustainable rate
+    good, ttft, tpot = ok(hi)
+    if good:
+        return CapacityResult(hi, ttft, tpot)
+    lo, best = 0.0, None
+    for frac in (0.5, 0.15, 0.04, 0.001):  # coarse bracket from above, then bisection
+        good, ttft, tpot = ok(frac * hi)
+        if good:
+            lo, best = frac * hi, (frac * hi, ttft, tpot)
+            break
+        hi = frac * hi
+    if best is None:  # even a nearly idle replica misses the SLO
+        return CapacityResult(0.0, ttft, tpot)
+    while hi - lo > rel_tol * lo:
+        mid = (lo * hi) ** 0.5 if hi > 4 * lo else (lo + hi) / 2
+        good, ttft, tpot = ok(mid)
+        if good:
+            lo, best = mid, (mid, ttft, tpot)
+        else:
+            hi = mid
+    return CapacityResult(*best)
+
+
+def prefetch_disk_cache() -> None:
+    """Load the disk cache into memory (once per process)."""
+    disk = _load_disk()
+    with _lock:
+        for k, v in disk.items():
+            _memo.setdefault(k, CapacityResult(*v))
+
+
+def flush_disk_cache() -> None:
+    with _lock:
+        entries = dict(_memo)
+    _save_disk(entries)

@@ -1,0 +1,185 @@
+"""Roofline step times and memory fit for one engine replica on some hardware.
+
+A step of the engine runs a batch of `num_prefill_tokens` prompt tokens and `num_decode_seqs`
+decode tokens over `total_context_tokens` KV-cache tokens. Its time is the larger of compute
+time (FLOPs / (peak x compute efficiency)) and memory time (weights + KV bytes / (bandwidth x
+memory efficiency)), plus tensor-parallel all-reduces and a fixed per-step overhead (the
+engine's Python scheduler and kernel launches). The efficiency factors are the usual
+calibrated values of serving engines on GPUs (~50-60% MFU in prefill, ~80% of HBM bandwidth
+in decode); a measured profile (`skybroker.perf.profile`) replaces all of this.
+
+CPU replicas (infra "local") run the engine in fp32 on this machine: their peak FLOP/s and
+memory bandwidth are measured once with numpy (`cpu_hardware()`) and cached.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from skybroker.models import DTYPE_BYTES, ModelArch
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True, slots=True)
+class Hardware:
+    """The devices of one replica: `count` GPUs (tensor parallel) or `count` CPU cores."""
+
+    kind: str  # "gpu" | "cpu"
+    name: str  # GPU kind ("H100") or CPU model
+    count: int
+    memory_gib: float  # per GPU; for a CPU the RAM given to the replica
+    bandwidth_gbs: float  # per GPU; for a CPU the whole socket's measured copy bandwidth
+    tflops: float  # per GPU at bf16 (CPU: measured fp32, all cores given)
+    interconnect_gbs: float = 0.0
+
+    @property
+    def tag(self) -> str:
+        """Profile-matching tag: `gpu:H100x2`, `cpu:AMD EPYC:2`."""
+        return (
+            f"gpu:{self.name}x{self.count}"
+            if self.kind == "gpu"
+            else f"cpu:{self.name}:{self.count}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RooflineModel:
+    """Step time of one replica from the roofline. Frozen: its fields are its cache key."""
+
+    arch: ModelArch
+    hw: Hardware
+    compute_eff: float = 0.55
+    memory_eff: float = 0.80
+    overhead_s: float = 0.004
+    allreduce_latency_s: float = 10e-6
+
+    @property
+    def source(self) -> str:
+        return "roofline"
+
+    def step_time(self, num_prefill_tokens: float, num_decode_seqs: float,
+                  total_context_tokens: float, prefill_attn_pairs: float = 0.0) -> float:  # fmt: skip
+        """Seconds for one engine step; `prefill_attn_pairs` = (query, key) pairs of the
+        prompt tokens (decode tokens attend to their whole context, counted in the third).
+        Works elementwise on numpy arrays too."""
+        a, hw = self.arch, self.hw
+        tokens = num_prefill_tokens + num_decode_seqs
+        tp = hw.count if hw.kind == "gpu" else 1
+        decode_pairs = np.maximum(total_context_tokens - num_prefill_tokens, 0.0)
+        flops = 2.0 * a.num_matmul_params * tokens + a.attention_flops(
+            prefill_attn_pairs + decode_pairs
+        )
+        mem = a.weight_bytes + a.kv_bytes_per_token(self.kv_dtype_bytes) * total_context_tokens
+        t_compute = flops / (tp * hw.tflops * 1e12 * self.compute_eff)
+        t_memory = mem / (tp * hw.bandwidth_gbs * 1e9 * self.memory_eff)
+        t = np.maximum(t_compute, t_memory) + self.overhead_s
+        if tp > 1:  # two ring all-reduces of the activations per layer
+            nbytes = tokens * a.hidden_size * DTYPE_BYTES[a.dtype]
+            per = (
+                2 * (tp - 1) / tp * nbytes / (hw.interconnect_gbs * 1e9) + self.allreduce_latency_s
+            )
+            t = t + 2 * a.num_layers * per
+        return t
+
+    @property
+    def kv_dtype_bytes(self) -> float:
+        return min(DTYPE_BYTES[self.arch.dtype], 2.0) if self.hw.kind == "gpu" else 4.0
+
+
+def activation_reserve_bytes(arch: ModelArch, max_num_batched_tokens: int) -> float:
+    """Peak activations of the largest step, as vLLM's memory profiling would reserve."""
+    width = 4 * arch.hidden_size + 2 * arch.intermediate_size
+    return 0.5 * GIB + max_num_batched_tokens * width * DTYPE_BYTES[arch.dtype]
+
+
+def kv_capacity_tokens(arch: ModelArch, hw: Hardware, *, gpu_memory_utilization: float = 0.9,
+                       max_num_batched_tokens: int = 8192, kv_cache_gib: float | None = None,
+                       kv_dtype_bytes: float | None = None) -> int:  # fmt: skip
+    """KV-cache tokens one replica holds after weights and activations; <= 0 if it does not fit."""
+    if kv_dtype_bytes is None:
+        kv_dtype_bytes = min(DTYPE_BYTES[arch.dtype], 2.0) if hw.kind == "gpu" else 4.0
+    per_token = arch.kv_bytes_per_token(kv_dtype_bytes)
+    if hw.kind == "cpu":
+        free = hw.memory_gib * GIB - arch.weight_bytes - activation_reserve_bytes(arch, 2048)
+        kv = kv_cache_gib * GIB if kv_cache_gib else min(free, 4 * GIB)
+        return int(min(kv, free) // per_token)
+    usable = hw.count * hw.memory_gib * GIB * gpu_memory_utilization
+    free = (
+        usable
+        - arch.weight_bytes
+        - hw.count * activation_reserve_bytes(arch, max_num_batched_tokens)
+    )
+    return int(free // per_token)
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _measure_cpu() -> tuple[float, float]:
+    """(fp32 TFLOP/s, copy GB/s) of this machine with numpy, best of a few short runs."""
+    import numpy as np
+
+    a = np.random.default_rng(0).random((512, 512), dtype=np.float32)
+    best_mm = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ a
+        best_mm = min(best_mm, time.perf_counter() - t0)
+    src = np.ones(16 * 1024 * 1024, dtype=np.float32)  # 64 MiB
+    dst = np.empty_like(src)
+    best_cp = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best_cp = min(best_cp, time.perf_counter() - t0)
+    return 2 * 512**3 / best_mm / 1e12, 2 * src.nbytes / best_cp / 1e9
+
+
+def skybroker_home() -> Path:
+    return Path(os.environ.get("SKYBROKER_HOME", Path.home() / ".skybroker"))
+
+
+def cpu_hardware(cores: int | None = None, memory_gib: float | None = None) -> Hardware:
+    """This machine as a replica's hardware; FLOP/s and bandwidth measured once and cached."""
+    cores = cores or os.cpu_count() or 1
+    if memory_gib is None:
+        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    name = cpu_model_name()
+    cache = skybroker_home() / "cpu_roofline.json"
+    key = f"{name}:{cores}"
+    data: dict = {}
+    if cache.is_file():
+        data = json.loads(cache.read_text())
+    if key not in data:
+        tflops, gbs = _measure_cpu()
+        data[key] = {"tflops_per_core": tflops, "bandwidth_gbs": gbs}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(data, indent=1))
+    m = data[key]
+    return Hardware(
+        "cpu", name, cores, memory_gib, m["bandwidth_gbs"], m["tflops_per_core"] * cores
+    )
+
+
+def cpu_roofline(arch: ModelArch, hw: Hardware) -> RooflineModel:
+    """The roofline of our engine on CPU: torch fp32 reaches a fraction of numpy's matmul peak
+    and pays per-layer Python overhead in every step."""
+    fp32 = ModelArch(**{**asdict(arch), "dtype": "float32", "weight_bytes_override": None})
+    return RooflineModel(fp32, hw, compute_eff=0.5, memory_eff=0.6,
+                         overhead_s=0.002 + 0.0003 * arch.num_layers)  # fmt: skip

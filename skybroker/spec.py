@@ -1,0 +1,266 @@
+"""The deployment spec: one YAML file that says what to serve, to whom, how fast, within what.
+
+    name: chat-8b
+    infra: skypilot                  # or "local" (this machine only)
+    model: meta-llama/Llama-3.1-8B-Instruct   # or {name:, path:, dtype:, architecture: {...}}
+    workload:
+      rate: 20                       # requests/s, all users together
+      input_tokens: {mean: 600, p50: 400, p99: 3000}    # or an int, or {histogram: [[tokens, weight], ...]}
+      output_tokens: {mean: 250, p99: 800}
+      trace: null                    # or a JSONL file of {"input_tokens": .., "output_tokens": ..}
+      users: {us-east: 0.6, eu-west: 0.4}   # where users are, share of the rate
+    slo: {ttft_ms: 1000, tpot_ms: 50, percentile: 99, max_rtt_ms: 80}
+    constraints: {clouds: [aws, gcp], spot: allowed, max_spot_share: 0.5, min_replicas: 2,
+                  max_region_share: 1.0, max_cloud_share: 1.0, budget_per_hour: 40}
+    engine: {max_model_len: 8192, tensor_parallel: auto, max_num_seqs: 256}
+
+`load_spec(path_or_text)` validates it (pydantic) and raises `SpecError` whose message names
+the field, the bad value and what is allowed; `spec_json_schema()` is the JSON schema.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+KNOWN_CLOUDS = (
+    "aws", "gcp", "azure", "lambda", "runpod", "oci", "nebius", "fluidstack", "paperspace",
+    "cudo", "vast", "ibm", "do", "scp", "kubernetes", "local",
+)  # fmt: skip
+
+
+class SpecError(ValueError):
+    """A spec a person must fix; `str()` is the message to show them (no traceback)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Architecture(_Strict):
+    """A model's shape, for models the planner cannot read or look up."""
+
+    num_layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int | None = Field(default=None, gt=0)
+    head_dim: int | None = Field(default=None, gt=0)
+    intermediate_size: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = Field(default=8192, gt=0)
+
+
+class ModelSpec(_Strict):
+    """What to serve: a well-known name / hub id, a local HF dir or GGUF file, or numbers."""
+
+    name: str | None = None
+    path: str | None = None
+    dtype: Literal["bfloat16", "float16", "float32", "fp8", "int8", "int4"] | None = None
+    architecture: Architecture | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if not (self.name or self.path):
+            raise ValueError("give a model name (e.g. meta-llama/Llama-3.1-8B-Instruct) or a path")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path or "model").name
+
+
+class LengthDist(_Strict):
+    """Token lengths: a mean with optional percentiles (fitted as a log-normal), or a histogram."""
+
+    mean: float | None = Field(default=None, gt=0)
+    p50: float | None = Field(default=None, gt=0)
+    p90: float | None = Field(default=None, gt=0)
+    p99: float | None = Field(default=None, gt=0)
+    max: int | None = Field(default=None, gt=0)
+    histogram: list[tuple[Annotated[int, Field(gt=0)], Annotated[float, Field(ge=0)]]] | None = None
+
+    @model_validator(mode="after")
+    def _has_shape(self) -> LengthDist:
+        if self.histogram is None and self.mean is None and self.p50 is None:
+            raise ValueError(
+                "give mean (optionally p50/p90/p99/max) or histogram: [[tokens, weight], ...]"
+            )
+        if self.histogram is not None and not any(w > 0 for _, w in self.histogram):
+            raise ValueError("histogram needs at least one positive weight")
+        qs = [q for q in (self.p50, self.p90, self.p99, self.max) if q is not None]
+        if qs != sorted(qs):
+            raise ValueError("percentiles must not decrease: p50 <= p90 <= p99 <= max")
+        return self
+
+
+def _length(v: Any) -> Any:
+    return {"mean": v} if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+
+class UserRegion(_Strict):
+    share: float = Field(gt=0)
+    lat: float | None = Field(default=None, ge=-90, le=90)
+    lon: float | None = Field(default=None, ge=-180, le=180)
+
+
+class Workload(_Strict):
+    rate: float = Field(gt=0, description="requests per second, all user regions together")
+    input_tokens: LengthDist = Field(default_factory=lambda: LengthDist(mean=512))
+    output_tokens: LengthDist = Field(default_factory=lambda: LengthDist(mean=256))
+    trace: str | None = Field(default=None, description="JSONL of {input_tokens, output_tokens}")
+    users: dict[str, UserRegion] = Field(default_factory=dict)
+    response_bytes_per_token: float = Field(
+        default=200.0, ge=0, description="egress bytes per output token (streamed SSE chunks)"
+    )
+
+    @field_validator("input_tokens", "output_tokens", mode="before")
+    @classmethod
+    def _length_shorthand(cls, v: Any) -> Any:
+        return _length(v)
+
+    @field_validator("users", mode="before")
+    @classmethod
+    def _shares(cls, v: Any) -> Any:
+        if isinstance(v, list):  # [us-east, eu-west] -> equal shares
+            return {str(name): {"share": 1.0} for name in v}
+        if isinstance(v, dict):
+            return {k: ({"share": s} if isinstance(s, int | float) else s) for k, s in v.items()}
+        return v
+
+    def user_shares(self) -> dict[str, float]:
+        """Users' shares of the rate, normalised to sum to 1 (one anywhere-user if none)."""
+        if not self.users:
+            return {"any": 1.0}
+        total = sum(u.share for u in self.users.values())
+        return {k: u.share / total for k, u in self.users.items()}
+
+
+class SLO(_Strict):
+    ttft_ms: float = Field(default=2000.0, gt=0, description="time to first token (server side)")
+    tpot_ms: float = Field(default=100.0, gt=0, description="time per output token")
+    percentile: float = Field(default=99.0, gt=0, lt=100, description="e.g. 99 for p99")
+    max_rtt_ms: float | None = Field(default=None, gt=0, description="user <-> replica RTT")
+
+
+class Constraints(_Strict):
+    clouds: list[str] | None = None
+    regions: list[str] | None = None
+    exclude_regions: list[str] = Field(default_factory=list)
+    gpus: list[str] | None = None
+    exclude_gpus: list[str] = Field(default_factory=list)
+    spot: Literal["never", "allowed", "prefer"] = "never"
+    max_spot_share: float | None = Field(default=None, ge=0, le=1)
+    min_replicas: int = Field(default=1, ge=0)
+    max_region_share: float = Field(default=1.0, gt=0, le=1)
+    max_cloud_share: float = Field(default=1.0, gt=0, le=1)
+    budget_per_hour: float | None = Field(default=None, gt=0)
+
+    @field_validator("clouds")
+    @classmethod
+    def _known_clouds(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        bad = [c for c in v if c.lower() not in KNOWN_CLOUDS]
+        if bad:
+            raise ValueError(f"unknown cloud {bad[0]!r}; allowed: {', '.join(KNOWN_CLOUDS)}")
+        return [c.lower() for c in v]
+
+    def spot_share_limit(self) -> float:
+        """Share of the rate spot replicas may serve: 0 for never; default 0.5 for allowed
+        (on-demand keeps half, SpotHedge-style); default 1.0 for prefer."""
+        if self.spot == "never":
+            return 0.0
+        if self.max_spot_share is not None:
+            return self.max_spot_share
+        return 0.5 if self.spot == "allowed" else 1.0
+
+
+class EngineSpec(_Strict):
+    max_model_len: int | None = Field(default=None, gt=0)
+    tensor_parallel: Literal["auto"] | Annotated[int, Field(gt=0)] = "auto"
+    max_num_seqs: int = Field(default=256, gt=0)
+    max_num_batched_tokens: int = Field(default=8192, gt=0)
+    block_size: int = Field(default=16, gt=0)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    kv_cache_gib: float | None = Field(default=None, gt=0, description="CPU replicas")
+    profiles: list[str] = Field(default_factory=list, description="measured engine profiles")
+
+    @field_validator("tensor_parallel")
+    @classmethod
+    def _pow2(cls, v: Any) -> Any:
+        if isinstance(v, int) and v & (v - 1):
+            raise ValueError(f"tensor_parallel must be auto or a power of two, not {v}")
+        return v
+
+
+class DeploymentSpec(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    infra: Literal["local", "skypilot"] = "local"
+    model: ModelSpec
+    workload: Workload
+    slo: SLO = Field(default_factory=SLO)
+    constraints: Constraints = Field(default_factory=Constraints)
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid deployment spec {source}:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "missing":
+            lines.append(f"  {where}: required field is missing")
+        elif e["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown field (check its spelling)")
+        else:
+            lines.append(f"  {where}: {e.get('input')!r} is not allowed: {msg}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: Any, source: str = "") -> DeploymentSpec:
+    if data is None:
+        raise SpecError(f"deployment spec {source} is empty".replace("  ", " "))
+    if not isinstance(data, dict):
+        raise SpecError(f"deployment spec {source} must be a YAML mapping (name:, model:, ...), "
+                        f"not a {type(data).__name__}")  # fmt: skip
+    try:
+        return DeploymentSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_errors(e, source)) from None
+
+
+def load_spec(path_or_text: str | Path) -> DeploymentSpec:
+    """A validated spec from a YAML file path or YAML text. Raises SpecError."""
+    text, source = str(path_or_text), "(text)"
+    if isinstance(path_or_text, Path) or ("\n" not in text and text.endswith((".yaml", ".yml"))):
+        path = Path(path_or_text)
+        if not path.is_file():
+            raise SpecError(f"spec file {path} does not exist")
+        text, source = path.read_text(), str(path)
+    if not text.strip():
+        raise SpecError(f"deployment spec {source} is empty")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"deployment spec {source} is not valid YAML{at}: "
+                        f"{getattr(e, 'problem', e)}") from None  # fmt: skip
+    return parse_spec(data, source)
+
+
+def spec_json_schema() -> str:
+    """The JSON schema of a deployment spec, for editors."""
+    schema = DeploymentSpec.model_json_schema()
+    schema["title"] = "skybroker deployment spec"
+    return json.dumps(schema, indent=2)
