@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 from fastapi.testclient import TestClient
 
 from skybroker.api import create_app
@@ -218,3 +219,36 @@ def test_right_token_passes_and_health_stays_open(secured: TestClient) -> None:
 def test_openapi_declares_bearer_auth(secured: TestClient) -> None:
     schema = secured.get("/openapi.json").json()
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+# ---------------------------------------------------------------- specs that parse but are invalid
+
+GOOD = {
+    "name": "chat",
+    "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "workload": {"rate": 1, "input_tokens": 64, "output_tokens": 16},
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        ({"slo": {"ttft_ms": -5}}, "slo.ttft_ms", "greater than 0"),
+        ({"modle": "x"}, "modle", "unknown field"),
+        ({"workload": None}, "workload", ""),
+        ({"name": "Bad Name"}, "name", "pattern"),
+        ({"constraints": {"clouds": ["moon"]}}, "constraints.clouds", "unknown cloud 'moon'"),
+        ({"infra": "moon"}, "infra", "local"),
+    ],
+)
+@pytest.mark.parametrize("path", ["/v1/plans", "/v1/deployments"])
+def test_invalid_specs_are_422_naming_the_field(
+    client: TestClient, path: str, change: dict, field: str, words: str
+) -> None:
+    spec = {k: v for k, v in {**GOOD, **change}.items() if v is not None}
+    err = _error(client.post(path, json=spec), 422, "invalid_spec", field)
+    assert words in err["message"]
+    assert field in err["message"]  # the person-facing message names it too
+    yaml_body = yaml.safe_dump(spec).encode()
+    r = client.post(path, content=yaml_body, headers={"Content-Type": "application/yaml"})
+    _error(r, 422, "invalid_spec", field)
