@@ -17,10 +17,10 @@ from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
 import yaml
-from fastapi import Depends, FastAPI, Path, Query, Request, Response
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -212,6 +212,12 @@ class DeploymentList(BaseModel):
     deployments: list[DeploymentView]
 
 
+class LogsView(BaseModel):
+    deployment: str
+    replica: str
+    text: str = Field(description="the last lines of the replica's engine log")
+
+
 class DeleteResponse(BaseModel):
     name: str
     status: str
@@ -376,6 +382,19 @@ def _deployment_view(dep: Any, replicas: list[Any]) -> dict[str, Any]:
     }
 
 
+def _replica_logs(controller: Any, replica: Any, tail: int) -> str:
+    """The engine log of a replica, read by the provisioner that launched it."""
+    from skybroker.provision import ProvisionError, ReplicaHandle
+
+    if replica.handle is None:
+        return f"(replica {replica.name} is {replica.status}: not launched yet, no log)\n"
+    handle = ReplicaHandle.from_dict(replica.handle)
+    try:
+        return controller.provisioners[handle.provider].logs(handle, tail=tail)
+    except ProvisionError as e:
+        raise ApiError(502, "provisioner_error", f"cannot read the log: {e}") from None
+
+
 # ---------------------------------------------------------------- the app
 
 
@@ -503,15 +522,14 @@ def create_app(controller: Any, token: str | None = None) -> FastAPI:
         "/v1/deployments/{name}/logs",
         tags=["deployments"],
         dependencies=auth,
-        response_class=PlainTextResponse,
-        responses={404: {"model": ErrorResponse}},
+        responses={404: {"model": ErrorResponse}, 502: {"model": ErrorResponse}},
     )
     def deployment_logs(
         name: Annotated[str, Path()],
         replica: Annotated[int | None, Query(ge=0, description="replica index")] = None,
         tail: Annotated[int, Query(ge=1, le=100_000)] = 200,
-    ) -> Response:
-        """The last `tail` log lines of one replica (default: the first live one)."""
+    ) -> LogsView:
+        """The last `tail` log lines of one live replica (default: the first)."""
         get_deployment(name)
         replicas = store.list_replicas(name)
         if not replicas:
@@ -524,8 +542,8 @@ def create_app(controller: Any, token: str | None = None) -> FastAPI:
                 f"deployment {name!r} has {len(replicas)} replicas (0..{len(replicas) - 1})",
                 "replica",
             )
-        text = controller.logs(replicas[index].name, tail=tail)
-        return PlainTextResponse(text)
+        text = _replica_logs(controller, replicas[index], tail)
+        return LogsView(deployment=name, replica=replicas[index].name, text=text)
 
     @app.get("/v1/catalog/offerings", tags=["catalog"], dependencies=auth)
     def offerings(

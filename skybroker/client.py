@@ -127,7 +127,9 @@ class BrokerClient:
         params: dict[str, Any] = {"tail": tail}
         if replica is not None:
             params["replica"] = replica
-        return self._call("GET", f"/v1/deployments/{quote(name, safe='')}/logs", params=params).text
+        return self._call(
+            "GET", f"/v1/deployments/{quote(name, safe='')}/logs", params=params
+        ).json()["text"]
 
     def offerings(self, **filters: Any) -> dict[str, Any]:
         params = {k: v for k, v in filters.items() if v is not None}
