@@ -12,6 +12,7 @@ import sys
 import typer
 
 from skybroker import __version__
+from skybroker.plan_cli import plan_command, spec_app
 
 app = typer.Typer(
     name="skybroker",
@@ -20,6 +21,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+app.command("plan")(plan_command)
+app.add_typer(spec_app, name="spec")
 
 
 @app.command()

@@ -15,6 +15,7 @@ import json
 import os
 import threading
 from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -41,7 +42,7 @@ _memo: dict[str, CapacityResult] = {}
 _lock = threading.Lock()
 
 
-def _cache_path():
+def _cache_path() -> Path:
     return skybroker_home() / "perf_cache.json"
 
 
@@ -119,7 +120,8 @@ def max_rate(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass, slo:
     return res
 
 
-def _max_rate(model, cfg, cls, slo, n, seed, rel_tol) -> CapacityResult:
+def _max_rate(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass, slo: SLOTarget,
+              n: int, seed: int, rel_tol: float) -> CapacityResult:  # fmt: skip
     arr, ins, outs = _requests(cls, n, seed)
 
     def ok(rate: float) -> tuple[bool, float, float]:

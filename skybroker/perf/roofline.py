@@ -181,5 +181,5 @@ def cpu_roofline(arch: ModelArch, hw: Hardware) -> RooflineModel:
     """The roofline of our engine on CPU: torch fp32 reaches a fraction of numpy's matmul peak
     and pays per-layer Python overhead in every step."""
     fp32 = ModelArch(**{**asdict(arch), "dtype": "float32", "weight_bytes_override": None})
-    return RooflineModel(fp32, hw, compute_eff=0.5, memory_eff=0.6,
+    return RooflineModel(fp32, hw, compute_eff=0.8, memory_eff=0.8,
                          overhead_s=0.002 + 0.0003 * arch.num_layers)  # fmt: skip

@@ -1,0 +1,183 @@
+"""Measured engine profiles: step times of the real engine that override the roofline.
+
+The engine's benchmark writes one JSON file per (hardware, model); the planner reads every
+file named in the spec's `engine.profiles` and in `$SKYBROKER_HOME/profiles/*.json`, and uses
+the one whose hardware and model match a replica instead of the roofline.
+
+Schema (version "skybroker-engine-profile/1"):
+
+    {
+      "schema": "skybroker-engine-profile/1",
+      "hardware": {"kind": "gpu", "name": "H100", "count": 1},        # GPU kind x GPUs (TP)
+                  # or {"kind": "cpu", "name": "AMD EPYC", "count": 2}   (CPU model, cores)
+      "model": {"name": "SmolLM2-135M", "arch_hash": "34fcb9936f2ba9a1", "dtype": "float32"},
+                  # arch_hash: skybroker.models.ModelArch.arch_hash; without it the
+                  # normalized name must match (skybroker.models.normalize_name)
+      "engine": {"block_size": 16, "max_num_seqs": 64, "max_num_batched_tokens": 2048,
+                 "num_kv_blocks": 4096},                               # optional: as measured
+      "points": [                                                      # >= 4 measured steps
+        {"num_prefill_tokens": 512, "num_decode_seqs": 0, "total_context_tokens": 512,
+         "seconds": 0.081},
+        ...
+      ],
+      "fit": {"intercept": 0.01, "per_prefill_token": 1.4e-4, "per_decode_seq": 9e-4,
+              "per_context_token": 2e-7},                              # optional; fitted on load
+      "created": "2026-11-26T01:00:00Z", "source": "benchmarks/engine_profile.py"
+    }
+
+A step runs `num_prefill_tokens` prompt tokens and `num_decode_seqs` decode tokens over
+`total_context_tokens` tokens of KV cache (all sequences of the batch, after the step). The
+step-time model is the linear fit t = intercept + a*prefill + b*decode + c*context (least
+squares on the points, coefficients clipped at 0), which `validate` checks against the points.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from skybroker.models import ModelArch, normalize_name
+from skybroker.perf.roofline import Hardware, skybroker_home
+
+SCHEMA = "skybroker-engine-profile/1"
+POINT_KEYS = ("num_prefill_tokens", "num_decode_seqs", "total_context_tokens", "seconds")
+FIT_KEYS = ("intercept", "per_prefill_token", "per_decode_seq", "per_context_token")
+
+
+class ProfileError(ValueError):
+    """A profile file that does not follow the schema; the message names the field."""
+
+
+@dataclass(frozen=True)
+class EngineProfile:
+    hardware: dict[str, Any]
+    model: dict[str, Any]
+    points: list[dict[str, float]]
+    fit: dict[str, float] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    source: str = ""
+    path: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "hardware": self.hardware, "model": self.model,
+                "engine": self.engine, "points": self.points, "fit": self.fit,
+                "created": self.created, "source": self.source}  # fmt: skip
+
+    def matches(self, arch: ModelArch, hw: Hardware) -> bool:
+        h = self.hardware
+        if (h["kind"], int(h["count"])) != (hw.kind, hw.count):
+            return False
+        if h["kind"] == "gpu" and h["name"] != hw.name:
+            return False
+        if h["kind"] == "cpu" and h["name"] != hw.name:
+            return False
+        if self.model.get("arch_hash"):
+            return self.model["arch_hash"] == arch.arch_hash
+        return normalize_name(self.model["name"]) == normalize_name(arch.name)
+
+
+def fit_points(points: list[dict[str, float]]) -> dict[str, float]:
+    """Least-squares linear step-time model; negative coefficients are dropped and refitted."""
+    x = np.array([[1.0, p["num_prefill_tokens"], p["num_decode_seqs"], p["total_context_tokens"]]
+                  for p in points])  # fmt: skip
+    t = np.array([p["seconds"] for p in points])
+    active = np.ones(4, dtype=bool)
+    for _ in range(4):
+        coef = np.zeros(4)
+        coef[active] = np.linalg.lstsq(x[:, active], t, rcond=None)[0]
+        if (coef >= 0).all():
+            break
+        active &= coef > 0
+        active[0] = True
+    coef = np.maximum(coef, 0.0)
+    return dict(zip(FIT_KEYS, (float(c) for c in coef), strict=True))
+
+
+def validate(data: Any, where: str = "profile") -> EngineProfile:
+    """An EngineProfile from parsed JSON, or ProfileError naming what is wrong."""
+    if not isinstance(data, dict):
+        raise ProfileError(f"{where}: must be a JSON object")
+    if data.get("schema") != SCHEMA:
+        raise ProfileError(f"{where}: schema must be {SCHEMA!r}, got {data.get('schema')!r}")
+    hw = data.get("hardware")
+    if not isinstance(hw, dict) or hw.get("kind") not in ("gpu", "cpu") or not hw.get("name"):
+        raise ProfileError(f"{where}: hardware needs kind (gpu|cpu), name and count")
+    if not isinstance(hw.get("count"), int) or hw["count"] < 1:
+        raise ProfileError(f"{where}: hardware.count must be an int >= 1, got {hw.get('count')!r}")
+    model = data.get("model")
+    if not isinstance(model, dict) or not (model.get("name") or model.get("arch_hash")):
+        raise ProfileError(f"{where}: model needs name (and preferably arch_hash)")
+    points = data.get("points")
+    if not isinstance(points, list) or len(points) < 4:
+        raise ProfileError(f"{where}: points must list at least 4 measured steps")
+    for i, p in enumerate(points):
+        for k in POINT_KEYS:
+            v = p.get(k) if isinstance(p, dict) else None
+            if not isinstance(v, int | float) or v < 0 or (k == "seconds" and v <= 0):
+                raise ProfileError(
+                    f"{where}: points[{i}].{k} must be a number >= 0 (seconds > 0), got {v!r}"
+                )
+    fit = data.get("fit") or fit_points(points)
+    if set(fit) != set(FIT_KEYS) or any(
+        not isinstance(v, int | float) or v < 0 for v in fit.values()
+    ):
+        raise ProfileError(f"{where}: fit must have {', '.join(FIT_KEYS)} (numbers >= 0)")
+    return EngineProfile(hw, model, points, dict(fit), data.get("engine") or {},
+                         data.get("created", ""), data.get("source", ""), where)  # fmt: skip
+
+
+def load(path: str | Path) -> EngineProfile:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ProfileError(f"{path}: cannot read profile JSON ({e})") from None
+    return validate(data, str(path))
+
+
+def save(profile: EngineProfile, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(profile.to_dict(), indent=1) + "\n")
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileModel:
+    """Step-time model from a measured profile (same interface as RooflineModel)."""
+
+    profile: EngineProfile
+    cache_key: str
+
+    @property
+    def source(self) -> str:
+        return f"profile:{self.profile.path}"
+
+    def step_time(self, num_prefill_tokens: float, num_decode_seqs: float,
+                  total_context_tokens: float, prefill_attn_pairs: float = 0.0) -> float:  # fmt: skip
+        f = self.profile.fit
+        return (f["intercept"] + f["per_prefill_token"] * num_prefill_tokens
+                + f["per_decode_seq"] * num_decode_seqs
+                + f["per_context_token"] * total_context_tokens)  # fmt: skip
+
+    @classmethod
+    def of(cls, profile: EngineProfile) -> ProfileModel:
+        blob = json.dumps(profile.to_dict(), sort_keys=True).encode()
+        return cls(profile, "profile:" + hashlib.sha256(blob).hexdigest()[:16])
+
+
+def find_profile(
+    arch: ModelArch, hw: Hardware, paths: list[str] | None = None
+) -> ProfileModel | None:
+    """The first profile (spec's paths, then $SKYBROKER_HOME/profiles) matching arch + hw."""
+    files = [Path(p) for p in paths or []]
+    home = skybroker_home() / "profiles"
+    if home.is_dir():
+        files += sorted(home.glob("*.json"))
+    for f in files:
+        prof = load(f)
+        if prof.matches(arch, hw):
+            return ProfileModel.of(prof)
+    return None

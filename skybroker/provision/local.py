@@ -1,0 +1,216 @@
+"""The local provisioner: each replica is a `python -m engine.serve` process on this machine.
+
+Each replica gets a free port, a run directory `$SKYBROKER_HOME/replicas/<name>/` with its log
+(`engine.log`) and a record (`replica.json`: pid, start time, port), and its own process group
+(start_new_session), so terminating it kills the engine and anything it spawned. The record
+is written the moment the process exists, so a broker that dies mid-launch leaves nothing a
+later `terminate(name)` cannot find.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from skybroker.provision import (
+    ProvisionError,
+    ReplicaHandle,
+    ReplicaSpec,
+    ReplicaState,
+    engine_command,
+)
+from skybroker.state import default_home
+
+_RECORD = "replica.json"
+_LOG = "engine.log"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start time of a live process (clock ticks since boot), None if gone.
+
+    Comparing it to the recorded one tells a live replica from a reused pid. Zombies count as
+    gone. Off Linux (no /proc) it returns 0 for any live pid.
+    """
+    stat = Path(f"/proc/{pid}/stat")
+    if not Path("/proc/self/stat").exists():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return 0
+        return 0
+    try:
+        text = stat.read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])  # field 22 of stat: starttime
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any live (non-zombie) process is in process group `pgid`."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        if fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
+class LocalProvisioner:
+    """Engine replicas as local processes (the embedded default: no cloud account needed)."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        home: Path | None = None,
+        python: str = sys.executable,
+        host: str = "127.0.0.1",
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+        stop_timeout_s: float = 10.0,
+    ) -> None:
+        self.home = Path(home) if home else default_home()
+        self.python = python
+        self.host = host
+        self.cwd = cwd
+        self.env = env or {}
+        self.stop_timeout_s = stop_timeout_s
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def run_dir(self, name: str) -> Path:
+        return self.home / "replicas" / name
+
+    def launch(self, spec: ReplicaSpec) -> ReplicaHandle:
+        if spec.cloud != "local":
+            raise ProvisionError(
+                f"the local provisioner runs replicas on this machine only; replica {spec.name} "
+                f"is planned on cloud {spec.cloud!r} (use infra: skypilot)"
+            )
+        self.terminate(ReplicaHandle(provider=self.name, name=spec.name))  # stale leftovers
+        port = spec.port or free_port(self.host)
+        run_dir = self.run_dir(spec.name)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log_path = run_dir / _LOG
+        cmd = engine_command(spec, self.host, port, python=self.python)
+        env = {**os.environ, **self.env, **spec.envs, **spec.secrets}
+        with open(log_path, "ab") as log:
+            log.write(f"$ {' '.join(cmd)}\n".encode())
+            log.flush()
+            try:
+                proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=self.cwd,
+                    start_new_session=True,
+                )
+            except OSError as e:
+                raise ProvisionError(f"cannot start replica {spec.name}: {e}") from e
+        self._procs[spec.name] = proc
+        info: dict[str, Any] = {
+            "pid": proc.pid,
+            "start_time": process_start_time(proc.pid),
+            "port": port,
+            "log_path": str(log_path),
+        }
+        (run_dir / _RECORD).write_text(json.dumps(info))
+        return ReplicaHandle(
+            provider=self.name, name=spec.name, url=f"http://{self.host}:{port}", info=info
+        )
+
+    def _info(self, handle: ReplicaHandle) -> dict[str, Any] | None:
+        if handle.info.get("pid"):
+            return handle.info
+        record = self.run_dir(handle.name) / _RECORD
+        if record.exists():
+            return json.loads(record.read_text())
+        return None
+
+    def _alive(self, info: dict[str, Any], name: str) -> bool:
+        proc = self._procs.get(name)
+        if proc is not None and proc.pid == info["pid"] and proc.poll() is not None:
+            return False
+        started = process_start_time(info["pid"])
+        return started is not None and started == info.get("start_time", started)
+
+    def status(self, handle: ReplicaHandle) -> ReplicaState:
+        info = self._info(handle)
+        if info is None or not self._alive(info, handle.name):
+            return ReplicaState.DEAD
+        return ReplicaState.RUNNING
+
+    def terminate(self, handle: ReplicaHandle) -> None:
+        info = self._info(handle)
+        if info is None:
+            return
+        pgid = int(info["pid"])
+        started = process_start_time(pgid)
+        # A live leader with another start time is a reused pid: not ours, leave it alone.
+        # A dead leader cannot have had its pid reused while its group still has members.
+        if started is None or started == info.get("start_time", started):
+            self._kill_group(pgid, handle.name)
+        self._procs.pop(handle.name, None)
+        with contextlib.suppress(FileNotFoundError):
+            (self.run_dir(handle.name) / _RECORD).unlink()
+
+    def _kill_group(self, pgid: int, name: str) -> None:
+        proc = self._procs.get(name)
+        for sig, wait_s in ((signal.SIGTERM, self.stop_timeout_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                if proc is not None:
+                    proc.poll()  # reap our own child
+                if not group_alive(pgid):
+                    return
+                time.sleep(0.05)
+
+    def endpoint(self, handle: ReplicaHandle) -> str:
+        info = self._info(handle)
+        if info is None:
+            raise ProvisionError(f"replica {handle.name} has no local record (not launched?)")
+        return f"http://{self.host}:{info['port']}"
+
+    def logs(self, handle: ReplicaHandle, tail: int = 200) -> str:
+        path = self.run_dir(handle.name) / _LOG
+        if not path.exists():
+            return ""
+        lines = path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-tail:])

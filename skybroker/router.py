@@ -1,0 +1,290 @@
+"""The router: one OpenAI-compatible endpoint per deployment in front of its replicas.
+
+Requests (streaming included) go to the ready replica with the least outstanding requests
+per unit of planned capacity (requests/s). A replica the router cannot connect to (or that
+answers 503: loading, draining, overloaded) is skipped and the request retried on another;
+a connection failure also marks it unready here until the controller's next successful
+health probe. The router never sends to a replica the controller has not marked ready.
+Runs as an ASGI app (`Router.app`) or in its own thread (`RouterServer`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+_HOP_HEADERS = {
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "proxy-authorization",
+    "te",
+    "trailer",
+}
+_RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError)
+
+
+@dataclass
+class ReplicaTarget:
+    """A replica as the controller tells the router about it."""
+
+    name: str
+    url: str  # engine base URL, no /v1
+    capacity_rps: float  # planned capacity: the weight
+    ready: bool
+    probed_at: float = 0.0  # time of the last successful /health probe
+
+
+@dataclass
+class _Upstream:
+    target: ReplicaTarget
+    outstanding: int = 0
+    served: int = 0
+    failed_at: float | None = None  # connection failure seen by the router
+
+    @property
+    def usable(self) -> bool:
+        return self.target.ready and self.failed_at is None
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": None, "code": status}},
+        status_code=status,
+    )
+
+
+class Router:
+    """Least-outstanding-requests load balancer weighted by planned capacity, with retry."""
+
+    def __init__(
+        self,
+        name: str,
+        api_key: str | None = None,
+        upstream_api_key: str | None = None,
+        connect_timeout_s: float = 2.0,
+        read_timeout_s: float = 600.0,
+    ) -> None:
+        self.name = name
+        self.api_key = api_key
+        self.upstream_api_key = upstream_api_key
+        self.timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
+        self._lock = threading.Lock()
+        self._upstreams: dict[str, _Upstream] = {}
+        self._client: httpx.AsyncClient | None = None
+        self.app = self._build_app()
+
+    # -- replica set (called from the controller's thread) -------------------------------------
+
+    def set_replicas(self, targets: list[ReplicaTarget]) -> None:
+        """Replace the replica set; a router-seen failure clears only after a newer probe."""
+        with self._lock:
+            fresh: dict[str, _Upstream] = {}
+            for t in targets:
+                up = self._upstreams.get(t.name) or _Upstream(target=t)
+                up.target = t
+                if up.failed_at is not None and t.ready and t.probed_at > up.failed_at:
+                    up.failed_at = None
+                fresh[t.name] = up
+            self._upstreams = fresh
+
+    def mark_failed(self, name: str) -> None:
+        with self._lock:
+            up = self._upstreams.get(name)
+            if up is not None:
+                up.failed_at = time.time()
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                {
+                    "name": u.target.name,
+                    "url": u.target.url,
+                    "capacity_rps": u.target.capacity_rps,
+                    "ready": u.usable,
+                    "outstanding": u.outstanding,
+                    "served": u.served,
+                }
+                for u in self._upstreams.values()
+            ]
+
+    def ready_count(self) -> int:
+        with self._lock:
+            return sum(u.usable for u in self._upstreams.values())
+
+    def _acquire(self, exclude: set[str]) -> _Upstream | None:
+        """The usable replica with the lowest (outstanding + 1) / capacity; counts it busy."""
+        with self._lock:
+            candidates = [
+                u for u in self._upstreams.values() if u.usable and u.target.name not in exclude
+            ]
+            if not candidates:
+                return None
+            best = min(
+                candidates,
+                key=lambda u: ((u.outstanding + 1) / max(u.target.capacity_rps, 1e-9), u.served),
+            )
+            best.outstanding += 1
+            best.served += 1
+            return best
+
+    def _release(self, up: _Upstream) -> None:
+        with self._lock:
+            up.outstanding -= 1
+
+    # -- HTTP ---------------------------------------------------------------------------------
+
+    def _build_app(self) -> FastAPI:
+        @contextlib.asynccontextmanager
+        async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+            limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+            self._client = httpx.AsyncClient(timeout=self.timeout, limits=limits)
+            try:
+                yield
+            finally:
+                await self._client.aclose()
+                self._client = None
+
+        app = FastAPI(title=f"skybroker router: {self.name}", lifespan=lifespan)
+
+        @app.get("/health")
+        async def health() -> JSONResponse:
+            n = self.ready_count()
+            return JSONResponse({"deployment": self.name, "ready_replicas": n}, 200 if n else 503)
+
+        @app.get("/router/replicas")
+        async def replicas() -> JSONResponse:
+            return JSONResponse(self.snapshot())
+
+        @app.api_route("/v1/{path:path}", methods=["GET", "POST", "DELETE"])
+        async def proxy(path: str, request: Request) -> Response:
+            return await self.forward(request, f"/v1/{path}")
+
+        return app
+
+    def _authorized(self, request: Request) -> bool:
+        if self.api_key is None:
+            return True
+        return request.headers.get("authorization", "") == f"Bearer {self.api_key}"
+
+    def _upstream_headers(self, request: Request) -> dict[str, str]:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        headers.pop("authorization", None)
+        if self.upstream_api_key:
+            headers["authorization"] = f"Bearer {self.upstream_api_key}"
+        return headers
+
+    async def forward(self, request: Request, path: str) -> Response:
+        if not self._authorized(request):
+            return _error(401, "missing or wrong API key (Authorization: Bearer ...)", "auth_error")
+        assert self._client is not None, "router app not started (lifespan)"
+        body = await request.body()
+        headers = self._upstream_headers(request)
+        tried: set[str] = set()
+        last_503: tuple[bytes, dict[str, str]] | None = None
+        while True:
+            up = self._acquire(tried)
+            if up is None:
+                break
+            tried.add(up.target.name)
+            upstream_req = self._client.build_request(
+                request.method,
+                up.target.url + path,
+                params=request.query_params,
+                headers=headers,
+                content=body,
+            )
+            try:
+                resp = await self._client.send(upstream_req, stream=True)
+            except _RETRYABLE:
+                self.mark_failed(up.target.name)
+                self._release(up)
+                continue
+            if resp.status_code == 503:  # loading, draining or overloaded: try another
+                last_503 = (await resp.aread(), dict(resp.headers))
+                await resp.aclose()
+                self._release(up)
+                continue
+            return self._relay(resp, up)
+        if last_503 is not None:
+            content, hdrs = last_503
+            keep = {k: v for k, v in hdrs.items() if k.lower() not in _HOP_HEADERS}
+            return Response(content, status_code=503, headers=keep)
+        return _error(
+            503, f"deployment {self.name!r} has no ready replica right now", "service_unavailable"
+        )
+
+    def _relay(self, resp: httpx.Response, up: _Upstream) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in resp.aiter_raw():
+                    yield chunk
+            except httpx.TransportError:
+                self.mark_failed(up.target.name)  # the replica died mid-response
+                raise
+            finally:
+                await resp.aclose()
+                self._release(up)
+
+        headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
+        if "content-length" in resp.headers and "content-encoding" in resp.headers:
+            headers["content-length"] = resp.headers["content-length"]
+        return StreamingResponse(body(), status_code=resp.status_code, headers=headers)
+
+
+class RouterServer:
+    """A router served by uvicorn in a background thread (one per deployment)."""
+
+    def __init__(self, router: Router, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.router = router
+        self.host = host
+        self.port = port
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 20.0) -> None:
+        config = uvicorn.Config(
+            self.router.app,
+            host=self.host,
+            port=self.port,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, name=f"router-{self.router.name}", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"router for {self.router.name!r} did not start on {self.host}:{self.port}"
+                )
+            time.sleep(0.02)
+        if self.port == 0:
+            self.port = self._server.servers[0].sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._server = self._thread = None

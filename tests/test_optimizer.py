@@ -1,0 +1,171 @@
+"""The placement ILP against brute force, and its pruning/splitting rules."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import highspy
+import pytest
+
+from skybroker.optimizer import OfferingClass, Problem, components, prune, solve
+
+
+def _random_problem(rng: random.Random) -> Problem:
+    locs = [f"{c}/r{i}" for c in ("aws", "gcp") for i in range(rng.randint(1, 2))]
+    nb = rng.randint(1, 2)
+    offs = []
+    for k in range(rng.randint(2, 4)):
+        loc = rng.choice(locs)
+        mu = tuple(rng.choice([0.0, round(rng.uniform(0.8, 4.0), 2)]) if nb > 1 else round(rng.uniform(0.8, 4.0), 2)
+                   for _ in range(nb))  # fmt: skip
+        if not any(mu):
+            mu = (1.5,) * nb
+        spot = rng.random() < 0.4
+        offs.append(OfferingClass((loc, k, spot), loc.split("/")[0], loc, round(rng.uniform(1, 10), 2),
+                                  spot, mu, tuple(round(rng.uniform(0, 0.3), 3) for _ in range(nb))))  # fmt: skip
+    users = [f"u{i}" for i in range(rng.randint(1, 2))]
+    demand = {u: tuple(round(rng.uniform(0.2, 2.5), 2) for _ in range(nb)) for u in users}
+    reach = {u: frozenset(rng.sample(locs, rng.randint(1, len(locs)))) for u in users}
+    return Problem(
+        offs, demand, reach,
+        min_replicas=rng.choice([0, 1, 2, 3]),
+        max_spot_share=rng.choice([1.0, 1.0, 0.5]),
+        max_region_share=rng.choice([1.0, 1.0, 0.7]),
+        max_cloud_share=rng.choice([1.0, 1.0, 0.8]),
+        budget=rng.choice([None, None, round(rng.uniform(5, 30), 1)]),
+    )  # fmt: skip
+
+
+def _lp_egress(p: Problem, n: tuple[int, ...]) -> float | None:
+    """Min egress for fixed replica counts: flows straight from users to offerings (an
+    independent formulation of the continuous part), or None if infeasible."""
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    inf = highspy.kHighsInf
+    nb, total = p.num_classes, p.total_demand
+    cols: dict[tuple[str, int, int], int] = {}
+    for u in p.demand:
+        for o, off in enumerate(p.offerings):
+            for b in range(nb):
+                if off.location in p.reach[u] and off.mu[b] > 0 and n[o] > 0:
+                    cols[u, o, b] = len(cols)
+                    h.addVar(0, inf)
+                    h.changeColCost(cols[u, o, b], off.egress[b])
+
+    def row(lo: float, hi: float, terms: list[tuple[int, float]]) -> None:
+        h.addRow(lo, hi, len(terms), [c for c, _ in terms], [v for _, v in terms])
+
+    for u, d in p.demand.items():
+        for b in range(nb):
+            terms = [(c, 1.0) for (u2, _, b2), c in cols.items() if u2 == u and b2 == b]
+            if not terms:
+                return None
+            row(d[b], d[b], terms)
+    for o, off in enumerate(p.offerings):
+        terms = [(c, 1 / off.mu[b]) for (_, o2, b), c in cols.items() if o2 == o]
+        if terms:
+            row(-inf, n[o], terms)
+    groups = [(p.max_spot_share, lambda off: off.spot)]
+    groups += [
+        (p.max_region_share, lambda off, loc=loc: off.location == loc)
+        for loc in {o.location for o in p.offerings}
+    ]
+    groups += [
+        (p.max_cloud_share, lambda off, c=c: off.cloud == c) for c in {o.cloud for o in p.offerings}
+    ]
+    for share, member in groups:
+        terms = [(c, 1.0) for (_, o, _), c in cols.items() if member(p.offerings[o])]
+        if share < 1 and terms:
+            row(-inf, share * total, terms)
+    h.run()
+    if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+        return None
+    return h.getInfo().objective_function_value
+
+
+def brute_force(p: Problem) -> float | None:
+    """Every replica-count vector, cheapest first. Replicas count (also towards min_replicas)
+    only where some user can reach them."""
+    total = p.total_demand
+    bounds = []
+    for off in p.offerings:
+        need = sum(math.ceil(total / m) for m in off.mu if m > 0)
+        reachable = any(off.location in r for r in p.reach.values())
+        bounds.append(range(max(need, p.min_replicas) + 1 if reachable else 1))
+    best = None
+    for n in sorted(
+        itertools.product(*bounds),
+        key=lambda n: sum(c * o.price for c, o in zip(n, p.offerings, strict=True)),
+    ):
+        price = sum(c * o.price for c, o in zip(n, p.offerings, strict=True))
+        if best is not None and price >= best:
+            break
+        if p.budget is not None and price > p.budget + 1e-9:
+            break
+        if sum(n) < p.min_replicas or any(
+            sum(c * o.mu[b] for c, o in zip(n, p.offerings, strict=True))
+            < sum(d[b] for d in p.demand.values()) - 1e-9
+            for b in range(p.num_classes)
+        ):  # cheap necessary condition before the LP
+            continue
+        eg = _lp_egress(p, n)
+        if eg is not None and (best is None or price + eg < best):
+            best = price + eg
+    return best
+
+
+@pytest.mark.parametrize("seed", range(120))
+def test_equals_brute_force(seed: int) -> None:
+    p = _random_problem(random.Random(seed))
+    expect = brute_force(p)
+    sol = solve(p, gap_rel=1e-9)
+    if expect is None:
+        assert sol.status == "infeasible"
+        return
+    assert sol.status == "optimal", sol
+    assert sol.cost == pytest.approx(expect, rel=1e-6, abs=1e-6)
+    # the solution itself is consistent: demand met, capacity respected
+    for u, d in p.demand.items():
+        for b, rate in enumerate(d):
+            served = sum(v for (u2, _, b2), v in sol.flows.items() if u2 == u and b2 == b)
+            assert served == pytest.approx(rate, abs=1e-6)
+    for o, cnt in sol.counts.items():
+        load = sum(v / p.offerings[o].mu[b] for (o2, b), v in sol.rates.items() if o2 == o)
+        assert load <= cnt + 1e-6
+
+
+def _off(loc: str, price: float, mu: tuple[float, ...], spot: bool = False) -> OfferingClass:
+    return OfferingClass(
+        (loc, price, spot), loc.split("/")[0], loc, price, spot, mu, (0.0,) * len(mu)
+    )
+
+
+def test_prune_drops_dominated_and_useless() -> None:
+    offs = [
+        _off("aws/a", 2.0, (2.0,)),
+        _off("aws/a", 3.0, (1.0,)),  # dominated: dearer, slower, same place
+        _off("aws/a", 3.0, (5.0,)),  # kept: dearer but faster
+        _off("aws/far", 1.0, (9.0,)),  # useless: no user reaches it
+        _off("aws/a", 1.0, (0.0,)),  # useless: serves nothing
+    ]
+    p = Problem(offs, {"u": (4.0,)}, {"u": frozenset({"aws/a"})})
+    assert prune(p) == [0, 2]
+
+
+def test_split_into_geographic_components() -> None:
+    offs = [_off("aws/us", 1.0, (1.0,)), _off("aws/eu", 1.0, (1.0,)), _off("gcp/eu", 2.0, (1.0,))]
+    p = Problem(offs, {"us": (1.5,), "eu": (2.5,)},
+                {"us": frozenset({"aws/us"}), "eu": frozenset({"aws/eu", "gcp/eu"})})  # fmt: skip
+    comps = components(p, prune(p))
+    assert sorted(sorted(u) for u, _ in comps) == [["eu"], ["us"]]
+    sol = solve(p)
+    assert sol.num_components == 2
+    assert sol.cost == pytest.approx(2 + 3)
+    assert sol.status == "optimal" and sol.gap == pytest.approx(0, abs=1e-4)
+
+
+def test_infeasible_when_no_location_reachable() -> None:
+    p = Problem([_off("aws/us", 1.0, (1.0,))], {"eu": (1.0,)}, {"eu": frozenset({"aws/eu"})})
+    assert solve(p).status == "infeasible"
