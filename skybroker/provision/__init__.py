@@ -66,6 +66,7 @@ class ReplicaSpec:
     gpu: str | None = None
     gpu_count: int = 0
     tensor_parallel_size: int = 1
+    data_parallel: int = 1  # engines per instance, each on tensor_parallel_size GPUs
     port: int | None = None  # None: the provisioner chooses
     engine_args: dict[str, Any] = field(default_factory=dict)  # --max-model-len ... by name
     envs: dict[str, str] = field(default_factory=dict)

@@ -103,6 +103,22 @@ class SkyPilotProvisioner:
         remote = f"{REMOTE_MODEL_DIR}/{path.name}"
         return remote, {remote: str(path.resolve())}
 
+    def ports(self, spec: ReplicaSpec) -> list[int]:
+        return [self.port + i for i in range(max(1, spec.data_parallel))]
+
+    def run_command(self, spec: ReplicaSpec) -> str:
+        """One engine, or `data_parallel` engines each on its own GPUs and port."""
+        ports = self.ports(spec)
+        if len(ports) == 1:
+            return shell_join(engine_command(spec, "0.0.0.0", ports[0]))
+        tp = spec.tensor_parallel_size
+        lines = []
+        for i, port in enumerate(ports):
+            gpus = ",".join(str(g) for g in range(i * tp, (i + 1) * tp))
+            cmd = shell_join(engine_command(spec, "0.0.0.0", port))
+            lines.append(f"CUDA_VISIBLE_DEVICES={gpus} {cmd} &")
+        return "\n".join([*lines, "wait"])
+
     def build_resources(self, spec: ReplicaSpec) -> Any:
         sky = import_sky()
         if spec.cloud == "local":
@@ -114,7 +130,7 @@ class SkyPilotProvisioner:
             infra=f"{spec.cloud}/{spec.region}",
             instance_type=spec.instance_type,
             use_spot=spec.spot,
-            ports=[self.port],
+            ports=self.ports(spec),
         )
 
     def build_task(self, spec: ReplicaSpec) -> Any:
@@ -122,7 +138,7 @@ class SkyPilotProvisioner:
         sky = import_sky()
         model, file_mounts = self.model_mount(spec.model)
         remote = dataclasses.replace(spec, model=model)
-        run = shell_join(engine_command(remote, "0.0.0.0", self.port))
+        run = self.run_command(remote)
         task = sky.Task(
             name=cluster_name(spec.name),
             setup=self.setup_command(),
@@ -157,6 +173,9 @@ class SkyPilotProvisioner:
             info={"cluster": cluster, "job_id": job_id, "port": self.port},
         )
         handle.url = self.endpoint(handle)
+        if spec.data_parallel > 1:
+            ports = self.ports(spec)
+            handle.info["urls"] = [self.endpoint(handle, port) for port in ports]
         return handle
 
     def status(self, handle: ReplicaHandle) -> ReplicaState:
@@ -182,9 +201,9 @@ class SkyPilotProvisioner:
         except Exception as e:
             raise map_sky_error(e, None) from e
 
-    def endpoint(self, handle: ReplicaHandle) -> str:
+    def endpoint(self, handle: ReplicaHandle, port: int | None = None) -> str:
         sky = import_sky()
-        port = int(handle.info.get("port", self.port))
+        port = port or int(handle.info.get("port", self.port))
         try:
             found = sky.get(sky.endpoints(cluster_name(handle.name), port))
         except Exception as e:

@@ -1,0 +1,297 @@
+"""The controller with real local processes (a stand-in engine) and a planner double.
+
+Replicas are real processes started by the local provisioner; the engine is the stand-in
+from test_provision_local (the real engine runs in tests/test_launch_e2e.py). The planner
+double picks the cheapest offering not blocklisted, as make_plan does for these specs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from test_provision_local import FAKE_SERVE
+
+from skybroker.catalog import Offering
+from skybroker.controller import Controller, ProbeConfig, replica_api_key
+from skybroker.provision import CapacityError, ProvisionError, ReplicaHandle, ReplicaSpec
+from skybroker.provision.local import LocalProvisioner, process_start_time
+from skybroker.spec import parse_spec
+from skybroker.state import DeploymentStatus, ReplicaStatus, Store
+
+pytestmark = pytest.mark.timeout(120)
+
+A = Offering("aws", "us-east-1", "g5.xlarge", "A10G", 1, 24, 4, 16, 1.0, 0.4)
+B = Offering("gcp", "us-central1", "g2-standard-4", "L4", 1, 24, 4, 16, 0.7, 0.3)
+C = Offering("azure", "eastus", "NV36ads_A10_v5", "A10", 1, 24, 36, 440, 3.2, 1.1)
+
+
+@dataclass
+class FakePlacement:
+    offering: Offering
+    spot: bool
+    replicas: int
+    tensor_parallel: int = 1
+    capacity_rps: float = 2.0
+    price_per_hour: float = 0.0
+
+    @property
+    def key(self) -> tuple[str, str, str, bool]:
+        o = self.offering
+        return (o.cloud, o.region, o.instance_type, self.spot)
+
+
+@dataclass
+class FakePlan:
+    spec: Any
+    placements: list[FakePlacement]
+
+    @property
+    def cost_per_hour(self) -> float:
+        return sum(p.replicas * p.price_per_hour for p in self.placements)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cost_per_hour": self.cost_per_hour, "placements": len(self.placements)}
+
+
+class Infeasible(Exception):
+    pass
+
+
+def planner(offerings: list[Offering], replicas: int = 2):
+    def plan(spec: Any, blocklist: frozenset = frozenset()) -> FakePlan:
+        for o in sorted(offerings, key=lambda o: o.price or 0):
+            if (o.cloud, o.region, o.instance_type, False) not in blocklist:
+                return FakePlan(spec, [FakePlacement(o, False, replicas, price_per_hour=o.price)])
+        raise Infeasible("every offering is blocklisted")
+
+    return plan
+
+
+class CloudOnThisMachine:
+    """A provisioner double: 'cloud' replicas run as local processes; some offerings have no
+    capacity, some launches die half-way (after the process started)."""
+
+    name = "skypilot"
+
+    def __init__(self, local: LocalProvisioner) -> None:
+        self.local = local
+        self.no_capacity: set[tuple] = set()
+        self.fail_after_start = False
+        self.launched: list[str] = []
+
+    def launch(self, spec: ReplicaSpec) -> ReplicaHandle:
+        if spec.offering_key in self.no_capacity:
+            raise CapacityError(spec.offering_key, f"InsufficientInstanceCapacity in {spec.region}")
+        local = dataclasses.replace(spec, cloud="local", region="local", instance_type="localhost")
+        handle = self.local.launch(local)
+        self.launched.append(spec.name)
+        if self.fail_after_start:
+            raise ProvisionError(f"setup failed on {spec.name} after the instance started")
+        return dataclasses.replace(handle, provider=self.name)
+
+    def status(self, handle):
+        return self.local.status(handle)
+
+    def terminate(self, handle):
+        self.local.terminate(handle)
+
+    def endpoint(self, handle):
+        return self.local.endpoint(handle)
+
+    def logs(self, handle, tail=200):
+        return self.local.logs(handle, tail)
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("SKYBROKER_HOME", str(tmp_path / "home"))
+    pkg = tmp_path / "fakeroot" / "engine"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "serve.py").write_text(FAKE_SERVE)
+    local = LocalProvisioner(
+        home=tmp_path / "home",
+        cwd=tmp_path / "fakeroot",
+        env={"CHILD_PID_FILE": os.devnull, "PYTHONPATH": str(tmp_path / "fakeroot")},
+        stop_timeout_s=5,
+    )
+    cloud = CloudOnThisMachine(local)
+    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+    made: list[Controller] = []
+
+    def controller(plan_offerings: list[Offering] = [A, B], replicas: int = 2) -> Controller:  # noqa: B006
+        c = Controller(
+            store,
+            {"local": local, "skypilot": cloud},
+            planner=planner(plan_offerings, replicas),
+            probe=ProbeConfig(timeout_s=1, unhealthy_timeout_s=2, max_launch_failures=2),
+        )
+        made.append(c)
+        return c
+
+    yield controller, cloud, store
+    for c in made:
+        for dep in c.list():
+            c.delete(dep.name)
+        c.close()
+    for name in (
+        os.listdir(tmp_path / "home" / "replicas")
+        if (tmp_path / "home" / "replicas").exists()
+        else []
+    ):
+        local.terminate(ReplicaHandle("local", name))
+
+
+def _spec(infra: str = "skypilot", name: str = "demo"):
+    return parse_spec(
+        {"name": name, "infra": infra, "model": {"path": "/models/tiny"}, "workload": {"rate": 1}}
+    )
+
+
+def _pids(c: Controller, name: str) -> list[int]:
+    return [r.handle["info"]["pid"] for r in c.replicas(name) if r.handle]
+
+
+def _wait(cond, timeout: float = 30, c: Controller | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        if c is not None:
+            c.reconcile_once()
+        time.sleep(0.1)
+
+
+def test_create_launch_ready_route_and_down(env) -> None:
+    controller, _cloud, store = env
+    c = controller()
+    spec = _spec()
+    dep = c.create(spec, c.planner(spec))
+    assert dep.endpoint and dep.status == DeploymentStatus.PROVISIONING
+    assert [r.status for r in c.replicas("demo")] == [ReplicaStatus.PENDING] * 2
+    c.wait_ready("demo", timeout_s=60)
+    info = c.describe("demo")
+    assert info["ready_replicas"] == 2 and info["cost_per_hour"] == pytest.approx(1.4)
+    assert {r["instance_type"] for r in info["replicas"]} == {"g2-standard-4"}  # cheapest
+    # The router forwards to the replicas (the stand-in answers any GET).
+    r = httpx.get(dep.endpoint + "/models", timeout=5)
+    assert r.status_code == 200 and r.text.endswith("/models/tiny")
+    kinds = [e.kind for e in c.events("demo")]
+    assert kinds.count("launched") == 2 and kinds.count("ready") == 2
+    assert "fake engine serving" in c.logs("demo", 0)
+    pids = _pids(c, "demo")
+    assert c.delete("demo") is True
+    assert all(process_start_time(p) is None for p in pids)
+    assert c.delete("demo") is False  # twice is fine
+    assert store.get_deployment("demo") is None
+
+
+def test_cloud_replicas_get_an_api_key_that_is_never_stored(env) -> None:
+    controller, _cloud, store = env
+    c = controller()
+    spec = _spec()
+    c.create(spec, c.planner(spec))
+    c.wait_ready("demo", timeout_s=60)
+    key = replica_api_key("demo")
+    assert key == replica_api_key("demo") and key != replica_api_key("other")
+    rows = Path(store.url.removeprefix("sqlite:///")).read_bytes()
+    assert key.encode() not in rows
+    assert c.router("demo").upstream_api_key == key
+
+
+def test_sigkilled_replica_is_replaced(env) -> None:
+    controller, _cloud, store = env
+    c = controller()
+    spec = _spec()
+    c.create(spec, c.planner(spec))
+    c.wait_ready("demo", timeout_s=60)
+    victim = c.replicas("demo")[0]
+    os.kill(victim.handle["info"]["pid"], signal.SIGKILL)
+    _wait(
+        lambda: (
+            c.get("demo").status == DeploymentStatus.READY
+            and victim.name not in [r.name for r in c.replicas("demo")]
+        ),
+        60,
+        c,
+    )
+    assert store.get_replica(victim.name).status == ReplicaStatus.TERMINATED
+    assert any(e.kind == "terminated" and "died" in e.message for e in c.events("demo"))
+    assert len(c.replicas("demo")) == 2
+
+
+def test_capacity_error_fails_over_to_next_cheapest(env) -> None:
+    controller, cloud, _store = env
+    c = controller([A, B, C])
+    cloud.no_capacity.add(("gcp", "us-central1", "g2-standard-4", False))
+    spec = _spec()
+    c.create(spec, c.planner(spec))
+    c.wait_ready("demo", timeout_s=60)
+    reps = c.replicas("demo")
+    assert {r.offering_key for r in reps} == {("aws", "us-east-1", "g5.xlarge", False)}
+    dep = c.get("demo")
+    assert dep.blocklist == [("gcp", "us-central1", "g2-standard-4", False)]
+    failover = [e for e in c.events("demo") if e.kind == "failover"]
+    assert len(failover) == 1
+    assert "without gcp/us-central1/g2-standard-4" in failover[0].message
+    assert "2 x aws/us-east-1/g5.xlarge ($2.00/h)" in failover[0].message
+
+
+def test_no_feasible_plan_left_fails_the_deployment(env) -> None:
+    controller, cloud, _store = env
+    c = controller([B])
+    cloud.no_capacity.add(("gcp", "us-central1", "g2-standard-4", False))
+    spec = _spec()
+    c.create(spec, c.planner(spec))
+    with pytest.raises(ProvisionError, match="no feasible plan without gcp/us-central1"):
+        c.wait_ready("demo", timeout_s=30)
+    assert c.get("demo").status == DeploymentStatus.FAILED
+    assert c.replicas("demo") == []
+
+
+def test_half_way_failed_launch_leaves_nothing_unknown(env) -> None:
+    controller, cloud, store = env
+    c = controller()
+    cloud.fail_after_start = True
+    spec = _spec()
+    c.create(spec, c.planner(spec))
+    with pytest.raises(ProvisionError, match="launches failed in a row"):
+        c.wait_ready("demo", timeout_s=30)
+    # Every process the provisioner started belongs to a replica row and is gone.
+    rows = {r.name: r for r in store.list_replicas("demo", live_only=False)}
+    assert set(cloud.launched) <= set(rows)
+    assert all(rows[n].status == ReplicaStatus.FAILED for n in cloud.launched)
+    for name in cloud.launched:
+        record = cloud.local.run_dir(name) / "replica.json"
+        assert not record.exists()
+    assert c.delete("demo") is True
+
+
+def test_restarted_controller_adopts_live_and_cleans_dead(env) -> None:
+    controller, _cloud, _store = env
+    c1 = controller()
+    spec = _spec()
+    dep = c1.create(spec, c1.planner(spec))
+    c1.wait_ready("demo", timeout_s=60)
+    reps = c1.replicas("demo")
+    c1.close()  # the broker stops; its replicas keep running
+    os.kill(reps[1].handle["info"]["pid"], signal.SIGKILL)  # one dies while it is down
+    _wait(lambda: process_start_time(reps[1].handle["info"]["pid"]) is None, 10)
+    c2 = controller()
+    assert c2.get("demo").endpoint == dep.endpoint  # same router port
+    live = {r.name for r in c2.replicas("demo")}
+    assert reps[0].name in live and reps[1].name not in live
+    kinds = [(e.kind, e.replica) for e in c2.events("demo")]
+    assert ("adopted", reps[0].name) in kinds
+    assert ("terminated", reps[1].name) in kinds
+    c2.wait_ready("demo", timeout_s=60)
+    assert reps[0].name in {r.name for r in c2.replicas("demo")}
+    assert httpx.get(dep.endpoint + "/models", timeout=5).status_code == 200
