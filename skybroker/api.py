@@ -167,17 +167,15 @@ class PlanResponse(BaseModel):
 
 class ReplicaView(BaseModel):
     name: str
-    status: str
-    healthy: bool = Field(description="the replica answers /health: the router may use it")
+    status: str = Field(description="PENDING, PROVISIONING, STARTING, READY, NOT_READY, ...")
+    healthy: bool = Field(description="its /health answers: the router may send to it")
     cloud: str
     region: str
     instance_type: str
     spot: bool
     url: str | None
-    failures: int
+    price_per_hour: float
     message: str
-    launched_at: float | None
-    ready_at: float | None
 
 
 class EventView(BaseModel):
@@ -191,19 +189,22 @@ class DeploymentView(BaseModel):
     id: str = Field(description="the deployment's id (its unique name)")
     name: str
     infra: str
-    status: str
+    status: str = Field(description="PROVISIONING, READY, DEGRADED, FAILED or DELETING")
     message: str
+    model: str | None
     endpoint: str | None = Field(description="OpenAI-compatible base URL of its router")
-    cost_per_hour: float | None
-    replicas_ready: int
-    replicas_desired: int
+    cost_per_hour: float = Field(description="$/h of the replicas running now")
+    planned_cost_per_hour: float | None = Field(description="$/h of the plan")
+    ready_replicas: int
+    desired_replicas: int
     created_at: float
     updated_at: float
 
 
 class DeploymentDetail(DeploymentView):
     replicas: list[ReplicaView]
-    events: list[EventView]
+    events: list[EventView] = Field(description="recent events, oldest first")
+    blocklist: list[list[Any]] = Field(description="offerings failed over from (capacity)")
     plan: dict[str, Any]
     spec: dict[str, Any]
 
@@ -214,7 +215,7 @@ class DeploymentList(BaseModel):
 
 class LogsView(BaseModel):
     deployment: str
-    replica: str
+    replica: int | None = Field(description="the replica index asked for (null: the first)")
     text: str = Field(description="the last lines of the replica's engine log")
 
 
@@ -343,56 +344,34 @@ def _make_plan(spec: Any, blocklist: frozenset = frozenset()) -> Any:  # -> Plan
 # ---------------------------------------------------------------- deployments
 
 
-def _replica_view(r: Any) -> ReplicaView:
-    return ReplicaView(
-        name=r.name,
-        status=str(r.status),
-        healthy=str(r.status) == "READY",
-        cloud=r.cloud,
-        region=r.region,
-        instance_type=r.instance_type,
-        spot=bool(r.spot),
-        url=r.url,
-        failures=r.failures,
-        message=r.message,
-        launched_at=r.launched_at,
-        ready_at=r.ready_at,
+def _describe(controller: Any, name: str, events: int = 20) -> DeploymentDetail:
+    """The controller's description of one deployment, as the API's model (404 if none)."""
+    d = controller.describe(name)
+    dep = controller.get(name)
+    if d is None or dep is None:
+        raise ApiError(404, "not_found", f"no deployment named {name!r}", "name")
+    replicas = [ReplicaView(**r, healthy=r["status"] == "READY") for r in d["replicas"]]
+    return DeploymentDetail(
+        **{k: v for k, v in d.items() if k not in ("replicas", "events", "blocklist")},
+        id=dep.name,
+        created_at=dep.created_at,
+        updated_at=dep.updated_at,
+        replicas=replicas,
+        events=[EventView(**_finite(asdict(e))) for e in controller.events(name, limit=events)]
+        if events
+        else [],
+        blocklist=d["blocklist"],
+        plan=_finite(dep.plan),
+        spec=dep.spec,
     )
 
 
-def _desired(dep: Any) -> int:
-    placements = dep.plan.get("placements") or []
-    return sum(int(p.get("replicas", 0)) for p in placements if isinstance(p, dict))
+def _taken(name: str) -> str:
+    return f"a deployment named {name!r} exists: `skybroker down {name}` first, or rename"
 
 
-def _deployment_view(dep: Any, replicas: list[Any]) -> dict[str, Any]:
-    cost = dep.plan.get("cost_per_hour")
-    return {
-        "id": dep.name,
-        "name": dep.name,
-        "infra": dep.infra,
-        "status": str(dep.status),
-        "message": dep.message,
-        "endpoint": dep.endpoint,
-        "cost_per_hour": cost if isinstance(cost, int | float) else None,
-        "replicas_ready": sum(str(r.status) == "READY" for r in replicas),
-        "replicas_desired": _desired(dep),
-        "created_at": dep.created_at,
-        "updated_at": dep.updated_at,
-    }
-
-
-def _replica_logs(controller: Any, replica: Any, tail: int) -> str:
-    """The engine log of a replica, read by the provisioner that launched it."""
-    from skybroker.provision import ProvisionError, ReplicaHandle
-
-    if replica.handle is None:
-        return f"(replica {replica.name} is {replica.status}: not launched yet, no log)\n"
-    handle = ReplicaHandle.from_dict(replica.handle)
-    try:
-        return controller.provisioners[handle.provider].logs(handle, tail=tail)
-    except ProvisionError as e:
-        raise ApiError(502, "provisioner_error", f"cannot read the log: {e}") from None
+def _summary(detail: DeploymentDetail) -> DeploymentView:
+    return DeploymentView(**detail.model_dump(include=set(DeploymentView.model_fields)))
 
 
 # ---------------------------------------------------------------- the app
@@ -409,13 +388,6 @@ def create_app(controller: Any, token: str | None = None) -> FastAPI:
     app.state.controller = controller
     _install_error_handlers(app)
     auth = [Depends(_auth_dependency(token))]
-    store = controller.store
-
-    def get_deployment(name: str) -> Any:
-        dep = store.get_deployment(name)
-        if dep is None:
-            raise ApiError(404, "not_found", f"no deployment named {name!r}", "name")
-        return dep
 
     catalog_cache: dict[str, Any] = {}
 
@@ -435,7 +407,7 @@ def create_app(controller: Any, token: str | None = None) -> FastAPI:
             status="ok",
             version=__version__,
             pid=os.getpid(),
-            deployments=len(store.list_deployments()),
+            deployments=len(controller.list()),
         )
 
     @app.post(
@@ -459,28 +431,35 @@ def create_app(controller: Any, token: str | None = None) -> FastAPI:
         status_code=202,
         dependencies=auth,
         openapi_extra=SPEC_BODY,
-        responses={409: {"model": ErrorResponse}, 413: {"model": ErrorResponse}},
+        responses={
+            409: {"model": ErrorResponse, "description": "the name is taken"},
+            413: {"model": ErrorResponse},
+            502: {"model": ErrorResponse, "description": "the provisioner failed"},
+        },
     )
     async def create_deployment(
         request: Request, infra: Annotated[Infra | None, Query()] = None
     ) -> DeploymentView:
         """Plan and launch; answers at once, progress shows in GET /v1/deployments/{name}."""
+        from skybroker.provision import ProvisionError
+        from skybroker.state import StateError
+
         spec = _parse_spec(await _spec_data(request), infra)
-        if store.get_deployment(spec.name) is not None:
-            raise ApiError(
-                409, "conflict", f"a deployment named {spec.name!r} exists; down it first", "name"
-            )
+        if controller.get(spec.name) is not None:
+            raise ApiError(409, "conflict", _taken(spec.name), "name")
         plan = await run_in_threadpool(_make_plan, spec)
-        dep = await run_in_threadpool(controller.create, spec, plan)
-        return DeploymentView(**_deployment_view(dep, store.list_replicas(dep.name)))
+        try:
+            await run_in_threadpool(controller.create, spec, plan)
+        except StateError:
+            raise ApiError(409, "conflict", _taken(spec.name), "name") from None
+        except ProvisionError as e:
+            raise ApiError(502, "provisioner_error", str(e)) from None
+        return _summary(_describe(controller, spec.name, events=0))
 
     @app.get("/v1/deployments", tags=["deployments"], dependencies=auth)
     def list_deployments() -> DeploymentList:
         """All deployments with their status, endpoint and $/h."""
-        views = [
-            DeploymentView(**_deployment_view(d, store.list_replicas(d.name)))
-            for d in store.list_deployments()
-        ]
+        views = [_summary(_describe(controller, d.name, events=0)) for d in controller.list()]
         return DeploymentList(deployments=views)
 
     @app.get(
@@ -489,33 +468,29 @@ def create_app(controller: Any, token: str | None = None) -> FastAPI:
         dependencies=auth,
         responses={404: {"model": ErrorResponse}},
     )
-    def get_deployment_detail(
-        name: Annotated[str, Path()], events: Annotated[int, Query(ge=0, le=1000)] = 50
+    def get_deployment(
+        name: Annotated[str, Path()],
+        events: Annotated[int, Query(ge=0, le=1000, description="how many recent events")] = 20,
     ) -> DeploymentDetail:
         """One deployment: replicas and their health, endpoint, $/h, recent events."""
-        dep = get_deployment(name)
-        replicas = store.list_replicas(name)
-        return DeploymentDetail(
-            **_deployment_view(dep, replicas),
-            replicas=[_replica_view(r) for r in replicas],
-            events=[
-                EventView(time=e.time, kind=e.kind, message=e.message, replica=e.replica)
-                for e in store.list_events(name, limit=events)
-            ],
-            plan=_finite(dep.plan),
-            spec=dep.spec,
-        )
+        return _describe(controller, name, events)
 
     @app.delete(
         "/v1/deployments/{name}",
         tags=["deployments"],
         dependencies=auth,
-        responses={404: {"model": ErrorResponse}},
+        responses={404: {"model": ErrorResponse}, 502: {"model": ErrorResponse}},
     )
     async def delete_deployment(name: Annotated[str, Path()]) -> DeleteResponse:
-        """Tear a deployment down (its replicas and router) and forget it."""
-        get_deployment(name)
-        await run_in_threadpool(controller.delete, name)
+        """Tear a deployment down (replicas, router, state); 404 if there is none."""
+        from skybroker.provision import ProvisionError
+
+        try:
+            existed = await run_in_threadpool(controller.delete, name)
+        except ProvisionError as e:
+            raise ApiError(502, "provisioner_error", f"teardown of {name!r} failed: {e}") from None
+        if not existed:
+            raise ApiError(404, "not_found", f"no deployment named {name!r}", "name")
         return DeleteResponse(name=name, status="DELETED", message="torn down")
 
     @app.get(
@@ -526,24 +501,24 @@ def create_app(controller: Any, token: str | None = None) -> FastAPI:
     )
     def deployment_logs(
         name: Annotated[str, Path()],
-        replica: Annotated[int | None, Query(ge=0, description="replica index")] = None,
+        replica: Annotated[
+            int | None, Query(ge=0, description="replica index (default: the first live one)")
+        ] = None,
         tail: Annotated[int, Query(ge=1, le=100_000)] = 200,
     ) -> LogsView:
-        """The last `tail` log lines of one live replica (default: the first)."""
-        get_deployment(name)
-        replicas = store.list_replicas(name)
-        if not replicas:
-            raise ApiError(404, "not_found", f"deployment {name!r} has no live replicas")
-        index = replica or 0
-        if index >= len(replicas):
-            raise ApiError(
-                404,
-                "not_found",
-                f"deployment {name!r} has {len(replicas)} replicas (0..{len(replicas) - 1})",
-                "replica",
-            )
-        text = _replica_logs(controller, replicas[index], tail)
-        return LogsView(deployment=name, replica=replicas[index].name, text=text)
+        """The last `tail` lines of one replica's engine log."""
+        from skybroker.provision import ProvisionError
+        from skybroker.state import StateError
+
+        if controller.get(name) is None:
+            raise ApiError(404, "not_found", f"no deployment named {name!r}", "name")
+        try:
+            text = controller.logs(name, replica, tail=tail)
+        except StateError as e:
+            raise ApiError(404, "not_found", str(e), "replica") from None
+        except ProvisionError as e:
+            raise ApiError(502, "provisioner_error", f"cannot read the log: {e}") from None
+        return LogsView(deployment=name, replica=replica, text=text)
 
     @app.get("/v1/catalog/offerings", tags=["catalog"], dependencies=auth)
     def offerings(

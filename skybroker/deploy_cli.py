@@ -72,31 +72,44 @@ def _money(x: Any) -> str:
 
 
 def show_plan(answer: dict[str, Any]) -> None:
-    """Print a plan answer of POST /v1/plans: placements, $/h, baselines."""
+    """Print a plan as POST /v1/plans answers it: placements, $/h, solver, baselines."""
     plan = answer["plan"]
-    table = Table(title=f"plan for {answer['name']} ({answer['infra']})", title_justify="left")
-    for col in ("cloud", "region", "instance", "GPUs", "market", "replicas", "$/h each"):
-        table.add_column(col, justify="right" if col in ("replicas", "$/h each") else "left")
+    table = Table(
+        title=f"plan for {answer['name']} ({answer['infra']}): {plan.get('model', '')}",
+        title_justify="left",
+    )
+    for col in ("cloud", "region", "instance", "GPUs", "spot", "count", "$/h", "req/s each",
+                "TTFT", "TPOT"):  # fmt: skip
+        table.add_column(col, justify="right" if col in ("count", "$/h", "req/s each") else "left")
     for p in plan.get("placements", []):
-        o = p.get("offering", {})
-        spot = p.get("spot", False)
-        price = o.get("spot_price") if spot else o.get("price")
+        gpus = "cpu" if p["gpu"] == "cpu" else f"{p['gpu_count']}x{p['gpu']}"
         table.add_row(
-            str(o.get("cloud", "?")),
-            str(o.get("region", "?")),
-            str(o.get("instance_type", "?")),
-            f"{o.get('gpu_count', '?')}x {o.get('gpu', '?')}",
-            "spot" if spot else "on-demand",
-            str(p.get("replicas", "?")),
-            _money(price),
+            p["cloud"],
+            p["region"],
+            p["instance_type"],
+            gpus,
+            "yes" if p["spot"] else "no",
+            str(p["replicas"]),
+            f"{p['cost_per_hour']:.2f}",
+            f"{p['capacity_rps']:.2f}",
+            f"{p['ttft_s'] * 1000:.0f} ms",
+            f"{p['tpot_s'] * 1000:.1f} ms",
         )
     console.print(table)
-    console.print(f"total: [bold]{_money(plan.get('cost_per_hour'))}[/bold]", highlight=False)
-    baselines = plan.get("baselines") or {}
-    if baselines:
-        parts = [f"{name} {_money(cost) if cost is not None else 'infeasible'}"
-                 for name, cost in baselines.items()]  # fmt: skip
-        console.print("baselines: " + ", ".join(parts), highlight=False)
+    solver = plan.get("solver") or {}
+    gap = solver.get("gap")
+    console.print(
+        f"total [bold]{_money(plan.get('cost_per_hour'))}[/bold]; solver {solver.get('status')}, "
+        f"gap {'unknown' if gap is None else f'{gap:.2%}'}",
+        highlight=False,
+    )
+    notes = plan.get("baseline_notes") or {}
+    for name, cost in (plan.get("baselines") or {}).items():
+        console.print(
+            f"baseline {name}: {_money(cost) if cost is not None else 'none'} "
+            f"({notes.get(name, '')})",
+            highlight=False,
+        )
 
 
 # ---------------------------------------------------------------- launch
@@ -117,7 +130,7 @@ def _watch(
                     console.print(f"  [dim]{ev['kind']}[/dim] {ev['message']}", highlight=False)
                     seen = ev["time"]
             spinner.update(
-                f"{name}: {dep['status']} · {dep['replicas_ready']}/{dep['replicas_desired']} "
+                f"{name}: {dep['status']} · {dep['ready_replicas']}/{dep['desired_replicas']} "
                 "replicas ready"
             )
             if dep["status"] in TERMINAL or time.monotonic() > deadline:
@@ -167,7 +180,7 @@ def launch(
             )
             raise typer.Exit(1)
         console.print(
-            f"[green]ready[/green]: {dep['replicas_ready']} replicas, {_money(dep['cost_per_hour'])}"
+            f"[green]ready[/green]: {dep['ready_replicas']} replicas, {_money(dep['cost_per_hour'])}"
         )
         console.print(f"endpoint: [bold]{dep['endpoint']}[/bold]  (OpenAI-compatible)")
 
@@ -184,7 +197,7 @@ def _status_table(deps: list[dict[str, Any]]) -> Table:
             d["name"],
             d["infra"],
             d["status"],
-            f"{d['replicas_ready']}/{d['replicas_desired']}",
+            f"{d['ready_replicas']}/{d['desired_replicas']}",
             _money(d["cost_per_hour"]),
             d["endpoint"] or "-",
         )
@@ -194,7 +207,7 @@ def _status_table(deps: list[dict[str, Any]]) -> Table:
 def _show_deployment(d: dict[str, Any]) -> None:
     console.print(
         f"[bold]{d['name']}[/bold] ({d['infra']}): {d['status']}  "
-        f"{d['replicas_ready']}/{d['replicas_desired']} ready  {_money(d['cost_per_hour'])}",
+        f"{d['ready_replicas']}/{d['desired_replicas']} ready  {_money(d['cost_per_hour'])}",
         highlight=False,
     )
     if d["message"]:
@@ -286,12 +299,17 @@ def server_start(
         str | None,
         typer.Option(envvar="SKYBROKER_STATE_URL", help="SQLAlchemy URL of the state store"),
     ] = None,
+    router_host: Annotated[
+        str, typer.Option(help="address the deployments' OpenAI routers bind")
+    ] = DEFAULT_HOST,
 ) -> None:
     """Start the broker server in the background (no-op if it runs)."""
     from skybroker import server
 
     with _errors(), err_console.status("starting the broker server ..."):
-        info, started = server.start(host, port, token_file=token_file, state_url=state_url)
+        info, started = server.start(
+            host, port, token_file=token_file, state_url=state_url, router_host=router_host
+        )
     what = "started" if started else "already running"
     console.print(f"broker server {what}: {info.url} (pid {info.pid}); log: {server.log_path()}")
 

@@ -255,6 +255,7 @@ def start(
     *,
     token_file: str | Path | None = None,
     state_url: str | None = None,
+    router_host: str = DEFAULT_HOST,
     timeout: float = 60.0,
 ) -> tuple[ServerInfo, bool]:
     """Start the broker server in the background unless one runs; returns (info, started)."""
@@ -269,6 +270,8 @@ def start(
             cmd += ["--token-file", str(Path(token_file).expanduser().resolve())]
         if state_url:
             cmd += ["--state-url", state_url]
+        if router_host != DEFAULT_HOST:
+            cmd += ["--router-host", router_host]
         with open(log_path(), "ab") as log:
             proc = subprocess.Popen(
                 cmd,
@@ -324,13 +327,13 @@ def stop(timeout: float = 15.0) -> ServerStatus:
 # ---------------------------------------------------------------- the server process itself
 
 
-def build_controller(state_url: str | None):  # -> skybroker.controller.Controller
-    """The controller over the state store and the provisioners (local, skypilot)."""
+def build_controller(state_url: str | None, router_host: str = DEFAULT_HOST):  # -> Controller
+    """The controller over the state store; provisioners (local, skypilot) load on first use.
+    It re-adopts the deployments a previous broker server left running."""
     from skybroker.controller import Controller
-    from skybroker.provision import default_provisioners
     from skybroker.state import Store
 
-    return Controller(Store(state_url), default_provisioners())
+    return Controller(Store(state_url), router_host=router_host)
 
 
 def serve(
@@ -339,6 +342,7 @@ def serve(
     *,
     token: str | None = None,
     state_url: str | None = None,
+    router_host: str = DEFAULT_HOST,
 ) -> None:
     """Run the broker server in this process until SIGTERM/SIGINT."""
     import uvicorn
@@ -346,7 +350,7 @@ def serve(
     from skybroker.api import create_app
 
     check_bind(host, token)
-    controller = build_controller(state_url)
+    controller = build_controller(state_url, router_host)
     app = create_app(controller, token=token)
     stop_event = threading.Event()
     loop = threading.Thread(
@@ -362,6 +366,7 @@ def serve(
     finally:
         stop_event.set()
         loop.join(timeout=30)
+        controller.close()  # routers stop; replicas keep running for the next server
         _remove_pid_file(info.pid)
     if not server.started:
         raise SystemExit(1)
@@ -374,10 +379,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--token-file", default=None, help="file holding the API token")
     parser.add_argument("--state-url", default=os.environ.get(STATE_URL_ENV))
+    parser.add_argument(
+        "--router-host", default=DEFAULT_HOST, help="address deployments' routers bind"
+    )
     args = parser.parse_args(argv)
     try:
         token = read_token(args.token_file)
-        serve(args.host, args.port, token=token, state_url=args.state_url)
+        serve(
+            args.host,
+            args.port,
+            token=token,
+            state_url=args.state_url,
+            router_host=args.router_host,
+        )
     except ServerError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

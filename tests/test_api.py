@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from skybroker.api import create_app
 from skybroker.catalog import load_catalog
+from skybroker.controller import Controller
 from skybroker.state import Store
 
 TOKEN = "t0ken-for-tests"
@@ -24,12 +25,14 @@ def store(tmp_path: Path) -> Store:
 
 
 @pytest.fixture
-def controller(store: Store) -> SimpleNamespace:
-    return SimpleNamespace(store=store)
+def controller(store: Store) -> Iterator[Controller]:
+    c = Controller(store)
+    yield c
+    c.close()
 
 
 @pytest.fixture
-def client(controller: SimpleNamespace) -> TestClient:
+def client(controller: Controller) -> TestClient:
     return TestClient(create_app(controller))
 
 
@@ -180,7 +183,7 @@ def test_infra_query_is_validated(client: TestClient) -> None:
 
 
 @pytest.fixture
-def secured(controller: SimpleNamespace) -> TestClient:
+def secured(controller: Controller) -> TestClient:
     return TestClient(create_app(controller, token=TOKEN))
 
 
@@ -252,3 +255,62 @@ def test_invalid_specs_are_422_naming_the_field(
     yaml_body = yaml.safe_dump(spec).encode()
     r = client.post(path, content=yaml_body, headers={"Content-Type": "application/yaml"})
     _error(r, 422, "invalid_spec", field)
+
+
+# ---------------------------------------------------------------- plans
+
+TINY = {
+    "name": "tiny",
+    "infra": "local",
+    "model": {
+        "name": "tiny-llama",
+        "architecture": {
+            "num_layers": 2,
+            "hidden_size": 64,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "intermediate_size": 128,
+            "vocab_size": 256,
+            "max_position_embeddings": 256,
+        },
+    },
+    "workload": {"rate": 0.5, "input_tokens": 16, "output_tokens": 8},
+    "slo": {"ttft_ms": 5000, "tpot_ms": 1000, "percentile": 90},
+    "engine": {"max_model_len": 128, "max_num_seqs": 4, "kv_cache_gib": 0.1},
+}
+
+
+def test_plan_from_yaml_and_json_agree(client: TestClient) -> None:
+    r = client.post(
+        "/v1/plans", content=yaml.safe_dump(TINY), headers={"Content-Type": "application/yaml"}
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["name"], body["infra"]) == ("tiny", "local")
+    plan = body["plan"]
+    assert [(p["cloud"], p["instance_type"]) for p in plan["placements"]] == [
+        ("local", "localhost")
+    ]
+    assert plan["cost_per_hour"] == 0.0 and plan["solver"]["status"]
+    as_json = client.post("/v1/plans", json=TINY).json()["plan"]
+    assert as_json["placements"] == plan["placements"]
+
+
+def test_plan_infra_override_plans_on_clouds_with_baselines(client: TestClient) -> None:
+    spec = {**TINY, "constraints": {"clouds": ["aws"], "gpus": ["T4"]}}
+    r = client.post("/v1/plans", params={"infra": "skypilot"}, json=spec)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["infra"] == "skypilot"
+    placements = body["plan"]["placements"]
+    assert placements and all(p["cloud"] == "aws" and p["gpu"] == "T4" for p in placements)
+    baselines = body["plan"]["baselines"]
+    assert set(baselines) >= {"cheapest_single_gpu", "skypilot"}
+    cheapest_baseline = min(c for c in baselines.values() if c is not None)
+    assert body["plan"]["cost_per_hour"] <= cheapest_baseline + 1e-3  # to_dict rounds to 4 places
+
+
+def test_infeasible_plan_is_422_with_the_reason(client: TestClient) -> None:
+    spec = {**TINY, "slo": {"ttft_ms": 0.01, "tpot_ms": 0.001}}
+    err = _error(client.post("/v1/plans", json=spec), 422, "infeasible")
+    assert "tiny-llama" in err["message"]

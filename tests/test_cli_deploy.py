@@ -7,7 +7,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import uvicorn
@@ -16,6 +15,7 @@ from typer.testing import CliRunner
 from skybroker import server
 from skybroker.api import create_app
 from skybroker.cli import app
+from skybroker.controller import Controller
 from skybroker.state import Store
 
 runner = CliRunner()
@@ -35,14 +35,16 @@ def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def controller(tmp_path: Path) -> Iterator[SimpleNamespace]:
+def controller(tmp_path: Path) -> Iterator[Controller]:
     store = Store(f"sqlite:///{tmp_path / 'state.db'}")
-    yield SimpleNamespace(store=store)
+    c = Controller(store)
+    yield c
+    c.close()
     store.close()
 
 
 @pytest.fixture
-def api_url(controller: SimpleNamespace) -> Iterator[str]:
+def api_url(controller: Controller) -> Iterator[str]:
     """The real app served by uvicorn in a thread on a free port."""
     port = _free_port()
     srv = uvicorn.Server(
@@ -125,7 +127,7 @@ def test_unreachable_broker_is_a_clear_error() -> None:
     assert r.exit_code == 1 and "cannot reach the broker" in r.output
 
 
-def test_remote_broker_with_token(controller: SimpleNamespace, monkeypatch) -> None:
+def test_remote_broker_with_token(controller: Controller, monkeypatch) -> None:
     port = _free_port()
     srv = uvicorn.Server(
         uvicorn.Config(
