@@ -17,6 +17,11 @@ from skybroker.state import Store
 TOKEN = "t0ken-for-tests"
 
 
+@pytest.fixture(autouse=True)
+def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SKYBROKER_HOME", str(tmp_path / "home"))
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     s = Store(f"sqlite:///{tmp_path / 'state.db'}")
@@ -314,3 +319,55 @@ def test_infeasible_plan_is_422_with_the_reason(client: TestClient) -> None:
     spec = {**TINY, "slo": {"ttft_ms": 0.01, "tpot_ms": 0.001}}
     err = _error(client.post("/v1/plans", json=spec), 422, "infeasible")
     assert "tiny-llama" in err["message"]
+
+
+# ---------------------------------------------------------------- deployments: lifecycle
+
+
+def test_deployment_lifecycle(client: TestClient, controller: Controller) -> None:
+    r = client.post("/v1/deployments", json=TINY)
+    assert r.status_code == 202, r.text
+    dep = r.json()
+    assert (dep["id"], dep["name"], dep["infra"]) == ("tiny", "tiny", "local")
+    assert dep["status"] == "PROVISIONING"
+    assert (dep["desired_replicas"], dep["ready_replicas"]) == (1, 0)
+    assert dep["endpoint"].startswith("http://127.0.0.1:") and dep["endpoint"].endswith("/v1")
+    assert dep["planned_cost_per_hour"] == 0.0
+
+    again = client.post("/v1/deployments", json=TINY)
+    assert "skybroker down tiny" in _error(again, 409, "conflict", "name")["message"]
+
+    listed = client.get("/v1/deployments").json()["deployments"]
+    assert [d["name"] for d in listed] == ["tiny"]
+
+    detail = client.get("/v1/deployments/tiny").json()
+    assert [r["status"] for r in detail["replicas"]] == ["PENDING"]
+    assert detail["replicas"][0]["healthy"] is False
+    assert detail["events"][0]["kind"] == "created"
+    assert detail["plan"]["placements"][0]["instance_type"] == "localhost"
+    assert detail["spec"]["name"] == "tiny"
+    assert client.get("/v1/deployments/tiny", params={"events": 0}).json()["events"] == []
+
+    logs = client.get("/v1/deployments/tiny/logs")
+    assert logs.status_code == 200 and logs.json()["text"] == ""  # not launched yet
+    _error(
+        client.get("/v1/deployments/tiny/logs", params={"replica": 3}), 404, "not_found", "replica"
+    )
+
+    gone = client.delete("/v1/deployments/tiny")
+    assert gone.status_code == 200 and gone.json()["status"] == "DELETED"
+    assert controller.get("tiny") is None
+    _error(client.get("/v1/deployments/tiny"), 404, "not_found", "name")
+    _error(client.delete("/v1/deployments/tiny"), 404, "not_found", "name")
+
+
+def test_health_counts_deployments(client: TestClient) -> None:
+    assert client.post("/v1/deployments", json=TINY).status_code == 202
+    assert client.get("/health").json()["deployments"] == 1
+    assert client.delete("/v1/deployments/tiny").status_code == 200
+
+
+def test_infeasible_launch_records_nothing(client: TestClient, controller: Controller) -> None:
+    spec = {**TINY, "slo": {"ttft_ms": 0.01, "tpot_ms": 0.001}}
+    _error(client.post("/v1/deployments", json=spec), 422, "infeasible")
+    assert controller.list() == []
