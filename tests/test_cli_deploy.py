@@ -159,3 +159,51 @@ def test_server_status_and_stop_when_not_running() -> None:
 def test_server_start_refuses_public_bind_without_token() -> None:
     r = _cli("server", "start", "--host", "0.0.0.0")
     assert r.exit_code == 1 and "needs an API token" in r.output
+
+
+TINY_SPEC = """\
+name: tiny
+infra: local
+model:
+  name: tiny-llama
+  architecture: {num_layers: 2, hidden_size: 64, num_heads: 4, num_kv_heads: 2,
+                 intermediate_size: 128, vocab_size: 256, max_position_embeddings: 256}
+workload: {rate: 0.5, input_tokens: 16, output_tokens: 8}
+slo: {ttft_ms: 5000, tpot_ms: 1000, percentile: 90}
+engine: {max_model_len: 128, max_num_seqs: 4, kv_cache_gib: 0.1}
+"""
+
+
+def test_launch_asks_and_no_means_nothing_launched(
+    api_url: str, tmp_path: Path, controller
+) -> None:
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_SPEC)
+    r = _cli("launch", str(spec), "--api-url", api_url, input="n\n")
+    assert r.exit_code == 0, r.output
+    assert "localhost" in r.output and "Launch this plan?" in r.output
+    assert "not launched" in r.output
+    assert controller.list() == []
+
+
+def test_launch_detach_status_down(api_url: str, tmp_path: Path, controller) -> None:
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_SPEC)
+    r = _cli("launch", str(spec), "--yes", "--detach", "--api-url", api_url)
+    assert r.exit_code == 0, r.output
+    assert "deployment tiny: PROVISIONING" in r.output
+    assert controller.get("tiny") is not None
+
+    r = _cli("status", "--api-url", api_url)
+    assert r.exit_code == 0 and "tiny" in r.output and "0/1" in r.output
+    r = _cli("status", "tiny", "--api-url", api_url)
+    assert r.exit_code == 0 and "PENDING" in r.output and "created" in r.output
+
+    r = _cli("launch", str(spec), "--yes", "--api-url", api_url)
+    assert r.exit_code == 1 and "skybroker down tiny" in r.output  # the name is taken
+
+    r = _cli("down", "tiny", "--api-url", api_url)
+    assert r.exit_code == 0 and "torn down" in r.output
+    assert controller.get("tiny") is None
+    r = _cli("down", "tiny", "--api-url", api_url)
+    assert r.exit_code == 0 and "nothing to tear down" in r.output
