@@ -9,6 +9,7 @@ one. With a token every /v1 route needs `Authorization: Bearer <token>` (compare
 time); /health and the OpenAPI docs stay open.
 """
 
+import functools
 import hmac
 import json
 import logging
@@ -366,6 +367,14 @@ def _describe(controller: Any, name: str, events: int = 20) -> DeploymentDetail:
     )
 
 
+@functools.cache
+def _catalog() -> Any:  # -> Catalog
+    """The bundled catalog, loaded once per process on first use."""
+    from skybroker.catalog import load_catalog
+
+    return load_catalog()
+
+
 def _taken(name: str) -> str:
     return f"a deployment named {name!r} exists: `skybroker down {name}` first, or rename"
 
@@ -388,15 +397,6 @@ def create_app(controller: Any, token: str | None = None) -> FastAPI:
     app.state.controller = controller
     _install_error_handlers(app)
     auth = [Depends(_auth_dependency(token))]
-
-    catalog_cache: dict[str, Any] = {}
-
-    def catalog() -> Any:
-        if "catalog" not in catalog_cache:
-            from skybroker.catalog import load_catalog
-
-            catalog_cache["catalog"] = load_catalog()
-        return catalog_cache["catalog"]
 
     @app.get("/health", tags=["server"])
     def health() -> Health:
@@ -540,7 +540,7 @@ def create_app(controller: Any, token: str | None = None) -> FastAPI:
     ) -> OfferingList:
         """Catalog offerings matching the filters, cheapest first."""
         try:
-            rows = catalog().query(
+            rows = _catalog().query(
                 gpu=gpu,
                 cloud=cloud,
                 region=region,
@@ -559,6 +559,6 @@ def create_app(controller: Any, token: str | None = None) -> FastAPI:
     @app.get("/v1/catalog/gpus", tags=["catalog"], dependencies=auth)
     def gpus() -> GPUList:
         """GPU kinds and their spec-sheet figures."""
-        return GPUList(gpus=[GPUView(**_finite(asdict(g))) for g in catalog().gpus.values()])
+        return GPUList(gpus=[GPUView(**_finite(asdict(g))) for g in _catalog().gpus.values()])
 
     return app

@@ -291,7 +291,9 @@ def server_start(
     host: Annotated[
         str, typer.Option(help="address to bind (non-loopback needs a token)")
     ] = DEFAULT_HOST,
-    port: Annotated[int, typer.Option(help="port to bind")] = DEFAULT_PORT,
+    port: Annotated[
+        int, typer.Option(envvar="SKYBROKER_API_PORT", help="port to bind")
+    ] = DEFAULT_PORT,
     token_file: Annotated[
         Path | None, typer.Option(help="file holding the API token (or $SKYBROKER_API_TOKEN)")
     ] = None,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 46590
+PORT_ENV = "SKYBROKER_API_PORT"
 TOKEN_ENV = "SKYBROKER_API_TOKEN"
 TOKEN_FILE_ENV = "SKYBROKER_API_TOKEN_FILE"
 URL_ENV = "SKYBROKER_API_URL"
@@ -75,6 +76,15 @@ def home() -> Path:
     path = Path(os.environ.get("SKYBROKER_HOME") or "~/.skybroker").expanduser()
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path
+
+
+def default_port() -> int:
+    """The local broker server's port: $SKYBROKER_API_PORT, else 46590."""
+    raw = os.environ.get(PORT_ENV) or str(DEFAULT_PORT)
+    try:
+        return int(raw)
+    except ValueError:
+        raise ServerError(f"{PORT_ENV}={raw!r} is not a port number") from None
 
 
 def pid_path() -> Path:
@@ -297,6 +307,7 @@ def ensure_running(timeout: float = 60.0) -> ServerInfo:
     if st.running and st.info is not None:
         return st.info
     info, _ = start(
+        port=default_port(),
         token_file=os.environ.get(TOKEN_FILE_ENV),
         state_url=os.environ.get(STATE_URL_ENV),
         timeout=timeout,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,3 +117,63 @@ def test_start_reports_child_failure_with_log_tail(monkeypatch: pytest.MonkeyPat
     assert time.monotonic() - t0 < 60
     assert "nosuchdialect" in str(exc.value) or "Error" in str(exc.value)
     assert not server.pid_path().exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _skybroker(*args: str) -> Any:
+    from typer.testing import CliRunner
+
+    from skybroker.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert "Traceback" not in result.output
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_cli_autostarts_server_then_start_status_stop(
+    _home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real server process: auto-started by the CLI, token enforced, stopped cleanly."""
+    import httpx
+
+    token = "process-test-token-42"
+    port = _free_port()
+    monkeypatch.setenv(server.PORT_ENV, str(port))
+    monkeypatch.setenv(server.TOKEN_ENV, token)
+    monkeypatch.delenv(server.URL_ENV, raising=False)
+    info = None
+    try:
+        r = _skybroker("status")  # no server yet: the CLI starts one
+        assert r.exit_code == 0, r.output
+        assert "no deployments" in r.output
+        info = server.read_pid_file()
+        assert info is not None and info.port == port and server.pid_alive(info.pid)
+        assert token not in server.pid_path().read_text()
+
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/v1/deployments").status_code == 401
+        authed = httpx.get(f"{url}/v1/deployments", headers={"Authorization": f"Bearer {token}"})
+        assert authed.json() == {"deployments": []}
+
+        r = _skybroker("server", "start")
+        assert r.exit_code == 0 and "already running" in r.output
+        r = _skybroker("server", "status")
+        assert r.exit_code == 0 and "healthy" in r.output and str(info.pid) in r.output
+    finally:
+        r = _skybroker("server", "stop")
+    assert info is not None
+    assert r.exit_code == 0 and f"stopped (pid {info.pid})" in r.output
+    assert not server.pid_alive(info.pid) and not server.pid_path().exists()
+    log = server.log_path().read_text()
+    assert "Uvicorn running" in log and token not in log
+    r = _skybroker("server", "status")
+    assert r.exit_code == 1 and "not running" in r.output

@@ -11,7 +11,6 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import schemathesis
@@ -25,6 +24,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from skybroker.api import create_app
+from skybroker.controller import Controller
 from skybroker.state import Store
 
 COVERAGE = os.environ.get("SKYBROKER_SCHEMATHESIS_COVERAGE") == "1"
@@ -37,19 +37,20 @@ CHECKS = [
 
 
 _STATE_DIR = tempfile.TemporaryDirectory(prefix="skybroker-schemathesis-")
+os.environ.setdefault("SKYBROKER_HOME", str(Path(_STATE_DIR.name) / "home"))
 _STORE = Store(f"sqlite:///{Path(_STATE_DIR.name) / 'state.db'}")
+_CONTROLLER = Controller(_STORE)
 # The coverage phase enumerates boundary values without a bound; fuzzing is capped below.
 _CONFIG = SchemathesisConfig.from_dict(
     {"phases": {"coverage": {"enabled": COVERAGE}}, "generation": {"max-examples": 10}}
 )
-schema = schemathesis.openapi.from_asgi(
-    "/openapi.json", create_app(SimpleNamespace(store=_STORE)), config=_CONFIG
-)
+schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(_CONTROLLER), config=_CONFIG)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _cleanup() -> Iterator[None]:
     yield
+    _CONTROLLER.close()
     _STORE.close()
     _STATE_DIR.cleanup()
 
