@@ -37,7 +37,8 @@ CHECKS = [
 
 
 _STATE_DIR = tempfile.TemporaryDirectory(prefix="skybroker-schemathesis-")
-os.environ.setdefault("SKYBROKER_HOME", str(Path(_STATE_DIR.name) / "home"))
+_OLD_HOME = os.environ.get("SKYBROKER_HOME")
+os.environ["SKYBROKER_HOME"] = str(Path(_STATE_DIR.name) / "home")  # restored below
 _STORE = Store(f"sqlite:///{Path(_STATE_DIR.name) / 'state.db'}")
 _CONTROLLER = Controller(_STORE)
 # The coverage phase enumerates boundary values without a bound; fuzzing is capped below.
@@ -52,6 +53,10 @@ def _cleanup() -> Iterator[None]:
     yield
     _CONTROLLER.close()
     _STORE.close()
+    if _OLD_HOME is None:
+        os.environ.pop("SKYBROKER_HOME", None)
+    else:
+        os.environ["SKYBROKER_HOME"] = _OLD_HOME
     _STATE_DIR.cleanup()
 
 
