@@ -180,6 +180,7 @@ class ReplicaView(BaseModel):
 
 
 class EventView(BaseModel):
+    id: int = Field(description="increasing: a client polling for new events keeps the last")
     time: float
     kind: str
     message: str

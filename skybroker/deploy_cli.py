@@ -8,7 +8,7 @@ when it is not running. Errors print one clear line (no traceback) and exit 1.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -115,27 +115,24 @@ def show_plan(answer: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- launch
 
 
-def _watch(
-    client: BrokerClient, name: str, timeout: float, poll: float = 1.0,
-    sleep: Callable[[float], None] = time.sleep,
-) -> dict[str, Any]:  # fmt: skip
+def _watch(client: BrokerClient, name: str, timeout: float, poll: float = 1.0) -> dict[str, Any]:
     """Poll the deployment until READY or FAILED (or timeout), printing new events."""
-    seen = 0.0
+    seen = 0
     deadline = time.monotonic() + timeout
     with err_console.status(f"launching {name} ...") as spinner:
         while True:
             dep = client.get(name)
             for ev in dep["events"]:
-                if ev["time"] > seen:
+                if ev["id"] > seen:
                     console.print(f"  [dim]{ev['kind']}[/dim] {ev['message']}", highlight=False)
-                    seen = ev["time"]
+                    seen = ev["id"]
             spinner.update(
                 f"{name}: {dep['status']} · {dep['ready_replicas']}/{dep['desired_replicas']} "
                 "replicas ready"
             )
             if dep["status"] in TERMINAL or time.monotonic() > deadline:
                 return dep
-            sleep(poll)
+            time.sleep(poll)
 
 
 def launch(
@@ -172,10 +169,16 @@ def launch(
         if detach:
             console.print(f"follow it with: skybroker status {dep['name']}")
             return
-        dep = _watch(client, dep["name"], timeout)
+        name = dep["name"]
+        dep = _watch(client, name, timeout)
+        if dep["status"] == "FAILED":
+            err_console.print(f"[red]error:[/red] {name} failed: {dep['message']}", highlight=False)
+            raise typer.Exit(1)
         if dep["status"] != "READY":
             err_console.print(
-                f"[red]error:[/red] {dep['name']} is {dep['status']}: {dep['message'] or 'see events above'}",
+                f"[red]error:[/red] {name} is not ready after {timeout:.0f}s ({dep['status']}); "
+                f"the broker keeps trying. See `skybroker status {name}`, "
+                f"`skybroker logs {name}`, or tear it down with `skybroker down {name}`.",
                 highlight=False,
             )
             raise typer.Exit(1)

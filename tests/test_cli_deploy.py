@@ -207,3 +207,17 @@ def test_launch_detach_status_down(api_url: str, tmp_path: Path, controller) -> 
     assert controller.get("tiny") is None
     r = _cli("down", "tiny", "--api-url", api_url)
     assert r.exit_code == 0 and "nothing to tear down" in r.output
+
+
+def test_launch_waits_shows_events_and_times_out_clearly(
+    api_url: str, tmp_path: Path, controller
+) -> None:
+    """No reconcile loop runs here, so the deployment never gets ready: launch says so."""
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_SPEC)
+    r = _cli("launch", str(spec), "--yes", "--timeout", "1", "--api-url", api_url)
+    assert r.exit_code == 1, r.output
+    assert "created" in r.output and "plan: 1 x local/local/localhost" in r.output
+    flat = " ".join(r.output.split())  # rich wraps lines at the terminal width
+    assert "not ready after 1s (PROVISIONING)" in flat and "`skybroker down tiny`" in flat
+    assert _cli("down", "tiny", "--api-url", api_url).exit_code == 0
