@@ -293,7 +293,10 @@ class Controller:
             if dep.status == DeploymentStatus.FAILED:
                 raise ProvisionError(f"deployment {name!r} failed: {dep.message}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"deployment {name!r} not ready after {timeout_s:.0f}s")
+                states = ", ".join(f"{r.name}: {r.status}" for r in self.replicas(name))
+                raise TimeoutError(
+                    f"deployment {name!r} not ready after {timeout_s:.0f}s ({states or 'none'})"
+                )
             time.sleep(interval_s)
 
     def close(self) -> None:
@@ -309,24 +312,31 @@ class Controller:
         """After a (re)start: keep live replicas, clean up dead or half-launched ones, serve."""
         with self._lock:
             for dep in self.store.list_deployments():
-                if dep.status == DeploymentStatus.DELETING:
-                    self.delete(dep.name)
-                    continue
-                prov = self._provisioner(dep.infra)
-                for rep in self.store.list_replicas(dep.name):
-                    if rep.status == ReplicaStatus.PENDING:
-                        continue
-                    handle = self._handle(rep, dep.infra)
-                    alive = rep.status in RUNNING_STATUSES and self._state(prov, handle) in (
-                        ReplicaState.RUNNING,
-                        ReplicaState.LAUNCHING,
-                    )
-                    if alive:
-                        self.store.update_replica(rep.name, status=ReplicaStatus.STARTING)
-                        self.store.add_event(dep.name, "adopted", "replica still runs", rep.name)
-                    else:
-                        self._terminate(prov, rep, dep.infra, event="cleaned up after restart")
-                self._start_router(dep)
+                try:
+                    self._adopt(dep)
+                except ProvisionError as e:  # e.g. a missing extra: keep the others going
+                    log.error("cannot adopt %s: %s", dep.name, e)
+                    self.store.add_event(dep.name, "error", f"cannot adopt after restart: {e}")
+
+    def _adopt(self, dep: Deployment) -> None:
+        if dep.status == DeploymentStatus.DELETING:
+            self.delete(dep.name)
+            return
+        prov = self._provisioner(dep.infra)
+        for rep in self.store.list_replicas(dep.name):
+            if rep.status == ReplicaStatus.PENDING:
+                continue
+            handle = self._handle(rep, dep.infra)
+            alive = rep.status in RUNNING_STATUSES and self._state(prov, handle) in (
+                ReplicaState.RUNNING,
+                ReplicaState.LAUNCHING,
+            )
+            if alive:
+                self.store.update_replica(rep.name, status=ReplicaStatus.STARTING)
+                self.store.add_event(dep.name, "adopted", "replica still runs", rep.name)
+            else:
+                self._terminate(prov, rep, dep.infra, event="cleaned up after restart")
+        self._start_router(dep)
 
     # -- one deployment ---------------------------------------------------------------------
 

@@ -295,3 +295,24 @@ def test_restarted_controller_adopts_live_and_cleans_dead(env) -> None:
     c2.wait_ready("demo", timeout_s=60)
     assert reps[0].name in {r.name for r in c2.replicas("demo")}
     assert httpx.get(dep.endpoint + "/models", timeout=5).status_code == 200
+
+
+def test_hung_replica_goes_not_ready_then_is_replaced(env) -> None:
+    controller, _cloud, store = env
+    c = controller()
+    spec = _spec()
+    c.create(spec, c.planner(spec))
+    c.wait_ready("demo", timeout_s=60)
+    victim = c.replicas("demo")[0]
+    os.kill(victim.handle["info"]["pid"], signal.SIGSTOP)  # alive, but /health times out
+    try:
+        _wait(lambda: store.get_replica(victim.name).status == ReplicaStatus.NOT_READY, 30, c)
+        assert not {r["name"]: r["ready"] for r in c.router("demo").snapshot()}[victim.name]
+        assert c.get("demo").status == DeploymentStatus.DEGRADED
+        _wait(lambda: c.get("demo").status == DeploymentStatus.READY, 60, c)
+    finally:
+        if process_start_time(victim.handle["info"]["pid"]) is not None:
+            os.kill(victim.handle["info"]["pid"], signal.SIGCONT)
+    assert store.get_replica(victim.name).status == ReplicaStatus.TERMINATED
+    assert any(e.kind == "terminated" and "unhealthy" in e.message for e in c.events("demo"))
+    assert process_start_time(victim.handle["info"]["pid"]) is None

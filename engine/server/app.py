@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.server.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
 from engine.server.auth import check_api_key
 from engine.server.errors import APIError, bad_request
-from engine.server.metrics import ServerMetrics
+from engine.server.metrics import EngineStats, ServerMetrics
 from engine.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -76,9 +76,7 @@ class ServerState:
         self.metrics = ServerMetrics(config.served_model_name, self._stats)
         self._token_text = lru_cache(maxsize=65536)(self._decode_one)
 
-    def _stats(self) -> Any:
-        from engine.server.metrics import EngineStats
-
+    def _stats(self) -> EngineStats:
         return self.engine.stats if self.engine is not None else EngineStats()
 
     async def load(self) -> None:

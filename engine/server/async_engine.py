@@ -118,6 +118,11 @@ class AsyncLLMEngine:
     def num_unfinished(self) -> int:
         return len(self._streams)
 
+    @property
+    def num_pending(self) -> int:
+        """Requests accepted that have no output yet (what --max-waiting-requests bounds)."""
+        return len(self._pending)
+
     async def add_request(
         self,
         request_id: str,
@@ -128,8 +133,8 @@ class AsyncLLMEngine:
         """Queue a request; raises ValueError (bad input), QueueFullError or EngineDeadError."""
         if not self.is_running:
             raise EngineDeadError(f"engine is not running ({self.dead_error or 'stopped'})")
-        if len(self._pending) >= self.max_pending:
-            raise QueueFullError(len(self._pending), self.retry_after_s)
+        if self.num_pending >= self.max_pending:
+            raise QueueFullError(self.num_pending, self.retry_after_s)
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         stream = RequestStream(self, request_id)

@@ -124,7 +124,7 @@ class SamplingFields(OpenAIModel):
             stop=self.stop_list(),
             stop_token_ids=list(self.stop_token_ids or []),
             max_tokens=max_tokens,
-            min_tokens=min(self.min_tokens, max_tokens),
+            min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,

@@ -303,7 +303,10 @@ def completion_logprobs(
         text = state.token_text(tid)
         out.tokens.append(text)
         out.token_logprobs.append(lp.get(tid))
-        out.top_logprobs.append({state.token_text(t): v for t, v in _top(lp, k)} if k else None)
+        top: dict[str, float] = {}
+        for t, v in _top(lp, k):  # ids that print alike keep their highest logprob
+            top.setdefault(state.token_text(t), v)
+        out.top_logprobs.append(top if k else None)
         out.text_offset.append(offset)
         offset += len(text)
     return out
