@@ -122,18 +122,20 @@ def prune(p: Problem) -> list[int]:
         price = np.array([p.offerings[i].price for i in idx])
         order = np.lexsort((ix, price))  # cheapest first; ties by index
         ix, price = ix[order], price[order]
-        m, e, r = mu[ix], egress[ix], reach[ix]
-        alive = np.ones(len(ix), dtype=bool)
-        for a in range(len(ix)):  # a may be dominated only by an earlier (cheaper) b
-            if a == 0:
-                continue
-            b = np.flatnonzero(alive[:a])
-            dom = (
-                (m[b] >= m[a]).all(1) & (e[b] <= e[a]).all(1) & (r[b] | ~r[a]).all(1)
-                & (price[b] <= price[a])
-            )  # fmt: skip
-            if dom.any():
-                alive[a] = False
+        # features where "more is better": capacity, -egress, reach; b dominates a when b comes
+        # earlier (cheaper, or as cheap with a lower index) and is >= on all of them.
+        # Dominance is transitive, so comparing against survivors only is exact.
+        feat = np.hstack([mu[ix], -egress[ix], reach[ix].astype(float)])
+        alive = np.zeros(len(ix), dtype=bool)
+        for c0 in range(0, len(ix), 256):
+            chunk = feat[c0 : c0 + 256]
+            surv = feat[alive]
+            dom = np.zeros(len(chunk), dtype=bool)
+            if len(surv):
+                dom |= (surv[None, :, :] >= chunk[:, None, :]).all(2).any(1)
+            within = (chunk[None, :, :] >= chunk[:, None, :]).all(2)  # [a, b]: b >= a
+            dom |= np.tril(within, -1).any(1)
+            alive[c0 : c0 + len(chunk)] = ~dom
         keep.extend(int(i) for i in ix[alive])
     return sorted(keep)
 

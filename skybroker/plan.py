@@ -55,7 +55,7 @@ USER_AREAS: dict[str, tuple[float, float]] = {
     "asia-southeast": (1.35, 103.8), "asia-south": (19.1, 72.9), "oceania": (-33.9, 151.2),
     "sa-east": (-23.5, -46.6), "me": (25.2, 55.3), "africa": (-26.2, 28.0),
 }  # fmt: skip
-SIM_REQUESTS = int(os.environ.get("SKYBROKER_SIM_REQUESTS", "120"))
+SIM_REQUESTS = int(os.environ.get("SKYBROKER_SIM_REQUESTS", "80"))
 
 
 class InfeasibleError(Exception):
@@ -342,7 +342,7 @@ def make_plan(spec: DeploymentSpec, catalog: Catalog | None = None,
     flush_disk_cache()
     perf_s = time.perf_counter() - t0
     problem, meta = build_problem(spec, catalog, classes, rows, perf)
-    if not problem.offerings:
+    if not problem.offerings:  # no replica fits in memory
         raise InfeasibleError(_no_fit_reason(arch, need_len, rows, spec))
     sol = solve(problem, time_limit=time_limit)
     if sol.status == "infeasible":
@@ -376,6 +376,7 @@ def _perf_per_gpu(arch: ModelArch, spec: DeploymentSpec, catalog: Catalog,
     for gpu, count in sorted(max_count.items()):
         fit = gpu_replica(arch, spec, catalog, gpu, count, need_len)
         perf[gpu] = replica_perf(arch, fit[0], fit[1], spec, classes) if fit else None
+        flush_disk_cache()  # keep what is done if the run is interrupted
     return perf
 
 
@@ -392,19 +393,16 @@ def build_problem(spec: DeploymentSpec, catalog: Catalog, classes: list[RequestC
                   rows: list, perf: dict[str, ReplicaPerf | None]) -> tuple[Problem, _Meta]:  # fmt: skip
     c, w = spec.constraints, spec.workload
     offs, meta_rows, meta_perf, dps = [], [], [], []
+    mean_out = [cl.mean_output for cl in classes]
     for o, spot, price in rows:
         rp = perf.get(o.gpu)
         if rp is None or (o.gpu_count and o.gpu_count < rp.tp):
             continue
         dp = o.gpu_count // rp.tp if o.gpu_count else 1
-        mu = tuple(dp * cap.rate for cap in rp.caps)
-        if not any(mu):
-            continue
+        mu = tuple(dp * cap.rate for cap in rp.caps)  # all 0: kept so the reason can name the SLO
         eg = catalog.egress.get(o.cloud)
         per_gb = eg.internet_per_gb if eg else 0.0
-        egress = tuple(
-            3600 * cl.mean_output * w.response_bytes_per_token / 1e9 * per_gb for cl in classes
-        )
+        egress = tuple(3600 * m * w.response_bytes_per_token / 1e9 * per_gb for m in mean_out)
         offs.append(OfferingClass((o.cloud, o.region, o.instance_type, spot), o.cloud,
                                   f"{o.cloud}/{o.region}", price, spot, mu, egress,
                                   max_count=1 if o.cloud == "local" else None))  # fmt: skip
@@ -522,8 +520,7 @@ def _no_fit_reason(arch: ModelArch, need_len: int, rows: list, spec: DeploymentS
             f"KV cache for {need_len} tokens; the largest allowed is {biggest.instance_type} "
             f"({biggest.gpu_count} x {biggest.gpu} {biggest.gpu_memory_gib:g} GiB)"
             + (" (tensor_parallel fixed at "
-               f"{spec.engine.tensor_parallel})" if spec.engine.tensor_parallel != "auto" else "")
-            + " — or its SLO cannot be met on any of them")  # fmt: skip
+               f"{spec.engine.tensor_parallel})" if spec.engine.tensor_parallel != "auto" else ""))  # fmt: skip
 
 
 def explain_infeasible(spec: DeploymentSpec, arch: ModelArch, p: Problem,

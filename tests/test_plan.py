@@ -1,0 +1,179 @@
+"""make_plan on a small synthetic catalog: placements, RTT, TP, spot, baselines, reasons."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from skybroker import plan as planmod
+from skybroker.catalog.schema import GPU, Catalog, Egress, Offering, Region
+from skybroker.cli import app
+from skybroker.perf.roofline import Hardware
+from skybroker.plan import InfeasibleError, make_plan
+from skybroker.spec import load_spec
+
+
+@pytest.fixture(autouse=True)
+def _fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SKYBROKER_HOME", str(tmp_path))
+    monkeypatch.setenv("SKYBROKER_PERF_CACHE", "0")
+    monkeypatch.setattr(planmod, "SIM_REQUESTS", 40)
+
+
+def _catalog() -> Catalog:
+    gpus = {
+        "H100": GPU("H100", 80, 3350, 989, 1979, "nvlink", 900),
+        "L4": GPU("L4", 24, 300, 121, 242, "pcie", 64),
+        "A100-80GB": GPU("A100-80GB", 80, 2039, 312, None, "nvlink", 600),
+    }
+    regions = {
+        ("aws", "us-east-1"): Region("aws", "us-east-1", "Ashburn", "US", 39.04, -77.49, "us"),
+        ("aws", "eu-west-1"): Region("aws", "eu-west-1", "Dublin", "IE", 53.35, -6.26, "eu"),
+        ("gcp", "us-east4"): Region("gcp", "us-east4", "Ashburn", "US", 39.04, -77.49, "us"),
+        ("gcp", "europe-west4"): Region(
+            "gcp", "europe-west4", "Eemshaven", "NL", 53.44, 6.83, "eu"
+        ),
+        ("aws", "ap-southeast-2"): Region(
+            "aws", "ap-southeast-2", "Sydney", "AU", -33.87, 151.21, "oceania"
+        ),
+    }
+    offs = []
+    for cloud, region, f in [("aws", "us-east-1", 1.0), ("aws", "eu-west-1", 1.1), ("gcp", "us-east4", 1.05),
+                             ("gcp", "europe-west4", 1.15), ("aws", "ap-southeast-2", 1.3)]:  # fmt: skip
+        for gpu, n, price, spot in [("H100", 1, 4.0, 2.0), ("H100", 8, 32.0, 14.0), ("L4", 1, 0.8, 0.3),
+                                    ("A100-80GB", 1, 2.5, 1.2), ("A100-80GB", 4, 10.0, 5.0)]:  # fmt: skip
+            offs.append(Offering(cloud, region, f"{gpu.lower()}-{n}x", gpu, n, gpus[gpu].memory_gib,
+                                 8 * n, 64 * n, round(price * f, 3), round(spot * f, 3)))  # fmt: skip
+        # a dearer instance with the same GPUs (more vCPUs): dominated
+        offs.append(
+            Offering(cloud, region, "h100-1x-big", "H100", 1, 80, 32, 256, round(5.0 * f, 3), None)
+        )
+    egress = {c: Egress(c, 0.09, 0.02, 0.02) for c in ("aws", "gcp")}
+    return Catalog(offs, gpus, regions, egress, ["synthetic"])
+
+
+SPEC = """
+name: t
+infra: skypilot
+model: meta-llama/Llama-3.1-8B-Instruct
+workload:
+  rate: 12
+  input_tokens: {mean: 300, p99: 900}
+  output_tokens: {mean: 150, p99: 400}
+  users: {us-east: 0.5, eu-west: 0.5}
+slo: {ttft_ms: 2000, tpot_ms: 80, percentile: 90, max_rtt_ms: 40}
+engine: {max_model_len: 4096, max_num_seqs: 32, max_num_batched_tokens: 2048}
+"""
+
+
+def test_us_eu_plan_serves_each_area_nearby() -> None:
+    plan = make_plan(load_spec(SPEC), _catalog())
+    assert (
+        plan.solver.status == "optimal" and plan.solver.gap is not None and plan.solver.gap <= 1e-3
+    )
+    assert plan.solver.num_components == 2
+    served: dict[str, float] = {}
+    for p in plan.placements:
+        assert not p.spot  # spot defaults to never
+        area = "us" if p.offering.region.startswith("us") else "eu"
+        for user, rate in p.serves.items():
+            assert user.startswith(area)  # 40 ms keeps US users in the US, EU users in Europe
+            served[user] = served.get(user, 0) + rate
+        assert p.offering.instance_type != "h100-1x-big"  # dominated
+        assert p.perf_source == "roofline" and p.capacity_rps > 0
+    assert served == pytest.approx({"us-east": 6.0, "eu-west": 6.0}, rel=1e-4)
+    total = sum(p.cost_per_hour for p in plan.placements) + plan.egress_per_hour
+    assert plan.cost_per_hour == pytest.approx(total)
+    single = plan.baselines["cheapest_single_gpu"]
+    assert single is not None and plan.cost_per_hour <= single + 1e-6
+    assert plan.baselines["skypilot"] is not None
+    json.dumps(plan.to_dict())  # JSON-able
+
+
+def test_70b_needs_tensor_parallel() -> None:
+    spec = load_spec(
+        SPEC.replace("Llama-3.1-8B-Instruct", "Llama-3.3-70B-Instruct").replace(
+            "tpot_ms: 80", "tpot_ms: 150"
+        )
+    )
+    plan = make_plan(spec, _catalog())
+    for p in plan.placements:
+        assert p.tensor_parallel >= 2 and p.offering.gpu_count >= 2
+        assert p.offering.gpu_count == p.tensor_parallel * p.data_parallel
+
+
+def test_spot_and_blocklist() -> None:
+    spec = load_spec(SPEC.replace("engine:", "constraints: {spot: prefer}\nengine:"))
+    plan = make_plan(spec, _catalog())
+    assert all(p.spot for p in plan.placements)
+    first = plan.placements[0].key
+    again = make_plan(spec, _catalog(), blocklist=frozenset({first}))
+    assert first not in {p.key for p in again.placements}
+    assert again.cost_per_hour >= plan.cost_per_hour - 1e-9
+    half = make_plan(
+        load_spec(
+            SPEC.replace("engine:", "constraints: {spot: allowed, max_spot_share: 0.5}\nengine:")
+        ),
+        _catalog(),
+    )
+    spot_rate = sum(sum(p.serves.values()) for p in half.placements if p.spot)
+    assert spot_rate <= 0.5 * 12 + 1e-6
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (("engine:", "constraints: {budget_per_hour: 1}\nengine:"), "budget $1/h is below the cheapest feasible $"),
+        (("us-east: 0.5, eu-west: 0.5", "sa-east: 1, eu-west: 1"), "no offering within 40 ms of sa-east"),
+        (("Llama-3.1-8B-Instruct", "Llama-3.3-70B-Instruct\nconstraints: {gpus: [L4]}"), "no allowed offering fits"),
+        (("engine:", "constraints: {clouds: [azure]}\nengine:"), "no offering in the catalog matches"),
+        (("tpot_ms: 80", "tpot_ms: 1"), "no allowed GPU meets the SLO"),
+        (("engine:", "constraints: {max_region_share: 0.2}\nengine:"), "max_region_share 0.2 needs at least 5 regions"),
+    ],
+)  # fmt: skip
+def test_infeasible_reasons(edit: tuple[str, str], reason: str) -> None:
+    with pytest.raises(InfeasibleError) as err:
+        make_plan(load_spec(SPEC.replace(*edit)), _catalog())
+    assert reason in str(err.value)
+
+
+def test_local_infra_plans_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a fixed machine (the measured one depends on the load of the test host)
+    cpu = Hardware("cpu", "test-cpu", 2, 16.0, 10.0, 0.1)
+    monkeypatch.setattr(planmod, "cpu_hardware", lambda: cpu)
+    spec = load_spec(Path(__file__).parent.parent / "examples" / "smollm2-local.yaml")
+    plan = make_plan(spec)
+    (p,) = plan.placements
+    assert p.key == ("local", "local", "localhost", False)
+    assert p.offering.gpu == "cpu" and plan.cost_per_hour == 0 and p.replicas == 1
+    out = CliRunner().invoke(app, ["plan", "examples/smollm2-local.yaml", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["placements"][0]["instance_type"] == "localhost"
+    too_much = load_spec(
+        Path("examples/smollm2-local.yaml").read_text().replace("rate: 0.05", "rate: 500")
+    )
+    with pytest.raises(InfeasibleError, match="this machine sustains about"):
+        make_plan(too_much)
+
+
+def test_measured_profile_overrides_roofline(tmp_path: Path) -> None:
+    from skybroker.models import lookup
+    from skybroker.perf import profile as prof
+
+    arch = lookup("llama-3.1-8b")
+    assert arch is not None
+    pts = [{"num_prefill_tokens": p, "num_decode_seqs": d, "total_context_tokens": c,
+            "seconds": 0.002 + 3e-5 * p + 2e-4 * d + 1e-8 * c}
+           for p, d, c in [(512, 0, 512), (0, 8, 4000), (0, 32, 20000), (256, 16, 9000), (1024, 4, 6000)]]  # fmt: skip
+    path = tmp_path / "h100.json"
+    prof.save(prof.validate({"schema": prof.SCHEMA, "hardware": {"kind": "gpu", "name": "H100", "count": 1},
+                             "model": {"name": "Llama-3.1-8B", "arch_hash": arch.arch_hash},
+                             "points": pts}), path)  # fmt: skip
+    spec = load_spec(
+        SPEC.replace("engine: {", f"constraints: {{gpus: [H100]}}\nengine: {{profiles: [{path}], ")
+    )
+    plan = make_plan(spec, _catalog())
+    assert plan.placements and all(p.perf_source == f"profile:{path}" for p in plan.placements)
