@@ -39,6 +39,11 @@ def version() -> None:
     typer.echo(f"skybroker {__version__} (Python {platform.python_version()}, {sys.platform})")
 
 
+from skybroker.deploy_cli import register as _register_deploy_cli  # noqa: E402
+
+_register_deploy_cli(app)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

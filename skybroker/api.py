@@ -1,0 +1,565 @@
+"""The broker's REST API (FastAPI): plans, deployments and the catalog over HTTP.
+
+`create_app(controller, token=None)` builds the app the broker server hosts; the CLI's
+launch/status/down/logs go through it (skybroker.client), so CLI and API cannot drift apart.
+
+Every error has one JSON shape, `{"error": {"code", "message", "field", "errors": [...]}}`,
+where `field` names the request field at fault (e.g. `slo.ttft_ms`, `max_price`) when there is
+one. With a token every /v1 route needs `Authorization: Bearer <token>` (compared in constant
+time); /health and the OpenAPI docs stay open.
+"""
+
+import functools
+import hmac
+import json
+import logging
+import math
+from dataclasses import asdict
+from typing import Annotated, Any, Literal
+
+import yaml
+from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from skybroker import __version__
+
+log = logging.getLogger("skybroker.api")
+
+MAX_SPEC_BYTES = 1 << 20
+Infra = Literal["local", "skypilot"]
+
+
+# ---------------------------------------------------------------- errors
+
+
+class FieldError(BaseModel):
+    field: str | None = Field(description="dotted path of the field at fault, if any")
+    message: str
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="machine-readable kind, e.g. invalid_spec, not_found")
+    message: str = Field(description="what went wrong, for a person")
+    field: str | None = Field(default=None, description="the (first) field at fault")
+    errors: list[FieldError] = Field(default_factory=list)
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ApiError(Exception):
+    """An error answered with the shared JSON shape."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None = None,
+        errors: list[FieldError] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+        self.errors = errors or ([FieldError(field=field, message=message)] if field else [])
+
+    def response(self) -> JSONResponse:
+        body = ErrorBody(code=self.code, message=self.message, field=self.field, errors=self.errors)
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(
+            ErrorResponse(error=body).model_dump(), status_code=self.status, headers=headers
+        )
+
+
+def _loc_field(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    """("body", "slo", "ttft_ms") -> "slo.ttft_ms"; ("query", "spot") -> "spot"."""
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or None
+
+
+def _validation_errors(errors: list[dict[str, Any]]) -> list[FieldError]:
+    out = []
+    for e in errors:
+        msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown field (check its spelling)"
+        out.append(FieldError(field=_loc_field(e.get("loc", ())), message=msg))
+    return out
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in [
+        (400, "Bad request"),
+        (401, "Missing or wrong API token"),
+        (422, "Invalid input; `error.field` names the field"),
+    ]
+}
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = _validation_errors(list(exc.errors()))
+        first = errors[0] if errors else FieldError(field=None, message="invalid request")
+        where = f"{first.field}: " if first.field else ""
+        return ApiError(
+            422, "invalid_request", f"{where}{first.message}", first.field, errors
+        ).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
+        return ApiError(
+            exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)
+        ).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return ApiError(500, "internal", f"internal error: {type(exc).__name__}").response()
+
+
+# ---------------------------------------------------------------- auth
+
+
+def _auth_dependency(token: str | None) -> Any:
+    bearer = HTTPBearer(auto_error=False, description="the broker's API token")
+    expected = token.encode() if token else None
+
+    async def check(
+        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> None:
+        if expected is None:
+            return
+        given = creds.credentials.encode() if creds is not None else b""
+        if not hmac.compare_digest(given, expected):
+            raise ApiError(
+                401, "unauthorized", "missing or wrong API token (Authorization: Bearer ...)"
+            )
+
+    return check
+
+
+# ---------------------------------------------------------------- response models
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str
+    pid: int
+    deployments: int
+
+
+class PlanResponse(BaseModel):
+    name: str
+    infra: Infra
+    plan: dict[str, Any] = Field(description="the plan: placements, $/h, solver, baselines")
+
+
+class ReplicaView(BaseModel):
+    name: str
+    status: str = Field(description="PENDING, PROVISIONING, STARTING, READY, NOT_READY, ...")
+    healthy: bool = Field(description="its /health answers: the router may send to it")
+    cloud: str
+    region: str
+    instance_type: str
+    spot: bool
+    url: str | None
+    price_per_hour: float
+    message: str
+
+
+class EventView(BaseModel):
+    id: int = Field(description="increasing: a client polling for new events keeps the last")
+    time: float
+    kind: str
+    message: str
+    replica: str | None
+
+
+class DeploymentView(BaseModel):
+    id: str = Field(description="the deployment's id (its unique name)")
+    name: str
+    infra: str
+    status: str = Field(description="PROVISIONING, READY, DEGRADED, FAILED or DELETING")
+    message: str
+    model: str | None
+    endpoint: str | None = Field(description="OpenAI-compatible base URL of its router")
+    cost_per_hour: float = Field(description="$/h of the replicas running now")
+    planned_cost_per_hour: float | None = Field(description="$/h of the plan")
+    ready_replicas: int
+    desired_replicas: int
+    created_at: float
+    updated_at: float
+
+
+class DeploymentDetail(DeploymentView):
+    replicas: list[ReplicaView]
+    events: list[EventView] = Field(description="recent events, oldest first")
+    blocklist: list[list[Any]] = Field(description="offerings failed over from (capacity)")
+    plan: dict[str, Any]
+    spec: dict[str, Any]
+
+
+class DeploymentList(BaseModel):
+    deployments: list[DeploymentView]
+
+
+class LogsView(BaseModel):
+    deployment: str
+    replica: int | None = Field(description="the replica index asked for (null: the first)")
+    text: str = Field(description="the last lines of the replica's engine log")
+
+
+class DeleteResponse(BaseModel):
+    name: str
+    status: str
+    message: str
+
+
+class OfferingView(BaseModel):
+    cloud: str
+    region: str
+    zone: str | None
+    instance_type: str
+    gpu: str
+    gpu_count: int
+    gpu_memory_gib: float
+    vcpus: float
+    memory_gib: float
+    price: float | None = Field(description="on-demand $/h, null where not sold on demand")
+    spot_price: float | None = Field(description="spot $/h, null where not sold as spot")
+
+
+class OfferingList(BaseModel):
+    total: int = Field(description="offerings matching the filters (before limit/offset)")
+    offerings: list[OfferingView]
+
+
+class GPUView(BaseModel):
+    name: str
+    memory_gib: float
+    memory_bandwidth_gbs: float
+    fp16_tflops: float
+    fp8_tflops: float | None
+    interconnect: str
+    interconnect_gbs: float
+    vendor: str
+
+
+class GPUList(BaseModel):
+    gpus: list[GPUView]
+
+
+# ---------------------------------------------------------------- spec bodies
+
+
+SPEC_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "a deployment spec (see `skybroker.spec`), as JSON or YAML",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "application/yaml": {"schema": {"type": "string"}},
+        },
+    }
+}
+
+
+def _finite(x: Any) -> Any:
+    """NaN/inf are not JSON: make them null (recursively)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
+async def _spec_data(request: Request) -> dict[str, Any]:
+    """The request body as a mapping: JSON when the content type says so, YAML otherwise."""
+    body = await request.body()
+    if len(body) > MAX_SPEC_BYTES:
+        raise ApiError(413, "too_large", f"the spec is over {MAX_SPEC_BYTES} bytes")
+    if not body.strip():
+        raise ApiError(400, "invalid_spec", "the request body is empty: send a deployment spec")
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_spec", "the spec is not UTF-8 text") from None
+    try:
+        data = json.loads(text) if ctype.endswith("json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        kind = "JSON" if ctype.endswith("json") else "YAML"
+        raise ApiError(400, "invalid_spec", f"the spec is not valid {kind}: {e}") from None
+    if not isinstance(data, dict):
+        raise ApiError(
+            400,
+            "invalid_spec",
+            f"the spec must be a mapping (name:, model:, workload: ...), not {type(data).__name__}",
+        )
+    return data
+
+
+def _parse_spec(data: dict[str, Any], infra: str | None) -> Any:  # -> DeploymentSpec
+    from pydantic import ValidationError
+
+    from skybroker.spec import DeploymentSpec, SpecError, parse_spec
+
+    if infra is not None:
+        data = {**data, "infra": infra}
+    try:
+        return parse_spec(data, "(request body)")
+    except SpecError as e:
+        try:  # validate again for the structured locations of what failed
+            DeploymentSpec.model_validate(data)
+            errors: list[FieldError] = []
+        except ValidationError as ve:
+            errors = _validation_errors(list(ve.errors()))
+        except Exception:  # a validator tripping on odd input: keep SpecError's message
+            errors = []
+        field = errors[0].field if errors else None
+        raise ApiError(422, "invalid_spec", str(e), field, errors) from None
+
+
+def _make_plan(spec: Any, blocklist: frozenset = frozenset()) -> Any:  # -> Plan
+    from skybroker.plan import InfeasibleError, make_plan
+
+    try:
+        return make_plan(spec, blocklist=blocklist)
+    except InfeasibleError as e:
+        raise ApiError(422, "infeasible", str(e)) from None
+
+
+# ---------------------------------------------------------------- deployments
+
+
+def _describe(controller: Any, name: str, events: int = 20) -> DeploymentDetail:
+    """The controller's description of one deployment, as the API's model (404 if none)."""
+    d = controller.describe(name)
+    dep = controller.get(name)
+    if d is None or dep is None:
+        raise ApiError(404, "not_found", f"no deployment named {name!r}", "name")
+    replicas = [ReplicaView(**r, healthy=r["status"] == "READY") for r in d["replicas"]]
+    return DeploymentDetail(
+        **{k: v for k, v in d.items() if k not in ("replicas", "events", "blocklist")},
+        id=dep.name,
+        created_at=dep.created_at,
+        updated_at=dep.updated_at,
+        replicas=replicas,
+        events=[EventView(**_finite(asdict(e))) for e in controller.events(name, limit=events)]
+        if events
+        else [],
+        blocklist=d["blocklist"],
+        plan=_finite(dep.plan),
+        spec=dep.spec,
+    )
+
+
+@functools.cache
+def _catalog() -> Any:  # -> Catalog
+    """The bundled catalog, loaded once per process on first use."""
+    from skybroker.catalog import load_catalog
+
+    return load_catalog()
+
+
+def _taken(name: str) -> str:
+    return f"a deployment named {name!r} exists: `skybroker down {name}` first, or rename"
+
+
+def _summary(detail: DeploymentDetail) -> DeploymentView:
+    return DeploymentView(**detail.model_dump(include=set(DeploymentView.model_fields)))
+
+
+# ---------------------------------------------------------------- the app
+
+
+def create_app(controller: Any, token: str | None = None) -> FastAPI:
+    """The broker's FastAPI app over `controller` (a skybroker.controller.Controller)."""
+    app = FastAPI(
+        title="skybroker",
+        version=__version__,
+        description="Plan, launch and manage LLM inference deployments across clouds.",
+        responses=ERROR_RESPONSES,
+    )
+    app.state.controller = controller
+    _install_error_handlers(app)
+    auth = [Depends(_auth_dependency(token))]
+
+    @app.get("/health", tags=["server"])
+    def health() -> Health:
+        """Liveness of the broker server (open without a token)."""
+        import os
+
+        return Health(
+            status="ok",
+            version=__version__,
+            pid=os.getpid(),
+            deployments=len(controller.list()),
+        )
+
+    @app.post(
+        "/v1/plans",
+        tags=["plans"],
+        dependencies=auth,
+        openapi_extra=SPEC_BODY,
+        responses={413: {"model": ErrorResponse}},
+    )
+    async def create_plan(
+        request: Request, infra: Annotated[Infra | None, Query()] = None
+    ) -> PlanResponse:
+        """Solve the cheapest placement meeting the spec's SLO, with baselines."""
+        spec = _parse_spec(await _spec_data(request), infra)
+        plan = await run_in_threadpool(_make_plan, spec)
+        return PlanResponse(name=spec.name, infra=spec.infra, plan=_finite(plan.to_dict()))
+
+    @app.post(
+        "/v1/deployments",
+        tags=["deployments"],
+        status_code=202,
+        dependencies=auth,
+        openapi_extra=SPEC_BODY,
+        responses={
+            409: {"model": ErrorResponse, "description": "the name is taken"},
+            413: {"model": ErrorResponse},
+            502: {"model": ErrorResponse, "description": "the provisioner failed"},
+        },
+    )
+    async def create_deployment(
+        request: Request, infra: Annotated[Infra | None, Query()] = None
+    ) -> DeploymentView:
+        """Plan and launch; answers at once, progress shows in GET /v1/deployments/{name}."""
+        from skybroker.provision import ProvisionError
+        from skybroker.state import StateError
+
+        spec = _parse_spec(await _spec_data(request), infra)
+        if controller.get(spec.name) is not None:
+            raise ApiError(409, "conflict", _taken(spec.name), "name")
+        plan = await run_in_threadpool(_make_plan, spec)
+        try:
+            await run_in_threadpool(controller.create, spec, plan)
+        except StateError:
+            raise ApiError(409, "conflict", _taken(spec.name), "name") from None
+        except ProvisionError as e:
+            raise ApiError(502, "provisioner_error", str(e)) from None
+        return _summary(_describe(controller, spec.name, events=0))
+
+    @app.get("/v1/deployments", tags=["deployments"], dependencies=auth)
+    def list_deployments() -> DeploymentList:
+        """All deployments with their status, endpoint and $/h."""
+        views = [_summary(_describe(controller, d.name, events=0)) for d in controller.list()]
+        return DeploymentList(deployments=views)
+
+    @app.get(
+        "/v1/deployments/{name}",
+        tags=["deployments"],
+        dependencies=auth,
+        responses={404: {"model": ErrorResponse}},
+    )
+    def get_deployment(
+        name: Annotated[str, Path()],
+        events: Annotated[int, Query(ge=0, le=1000, description="how many recent events")] = 20,
+    ) -> DeploymentDetail:
+        """One deployment: replicas and their health, endpoint, $/h, recent events."""
+        return _describe(controller, name, events)
+
+    @app.delete(
+        "/v1/deployments/{name}",
+        tags=["deployments"],
+        dependencies=auth,
+        responses={404: {"model": ErrorResponse}, 502: {"model": ErrorResponse}},
+    )
+    async def delete_deployment(name: Annotated[str, Path()]) -> DeleteResponse:
+        """Tear a deployment down (replicas, router, state); 404 if there is none."""
+        from skybroker.provision import ProvisionError
+
+        try:
+            existed = await run_in_threadpool(controller.delete, name)
+        except ProvisionError as e:
+            raise ApiError(502, "provisioner_error", f"teardown of {name!r} failed: {e}") from None
+        if not existed:
+            raise ApiError(404, "not_found", f"no deployment named {name!r}", "name")
+        return DeleteResponse(name=name, status="DELETED", message="torn down")
+
+    @app.get(
+        "/v1/deployments/{name}/logs",
+        tags=["deployments"],
+        dependencies=auth,
+        responses={404: {"model": ErrorResponse}, 502: {"model": ErrorResponse}},
+    )
+    def deployment_logs(
+        name: Annotated[str, Path()],
+        replica: Annotated[
+            int | None, Query(ge=0, description="replica index (default: the first live one)")
+        ] = None,
+        tail: Annotated[int, Query(ge=1, le=100_000)] = 200,
+    ) -> LogsView:
+        """The last `tail` lines of one replica's engine log."""
+        from skybroker.provision import ProvisionError
+        from skybroker.state import StateError
+
+        if controller.get(name) is None:
+            raise ApiError(404, "not_found", f"no deployment named {name!r}", "name")
+        try:
+            text = controller.logs(name, replica, tail=tail)
+        except StateError as e:
+            raise ApiError(404, "not_found", str(e), "replica") from None
+        except ProvisionError as e:
+            raise ApiError(502, "provisioner_error", f"cannot read the log: {e}") from None
+        return LogsView(deployment=name, replica=replica, text=text)
+
+    @app.get("/v1/catalog/offerings", tags=["catalog"], dependencies=auth)
+    def offerings(
+        gpu: Annotated[str | None, Query(description="GPU kind(s), e.g. H100 or L4,A10G")] = None,
+        cloud: Annotated[str | None, Query(description="cloud(s), comma-separated")] = None,
+        region: Annotated[str | None, Query(description="region(s), comma-separated")] = None,
+        spot: Annotated[
+            bool | None, Query(description="true: sold as spot; false: sold on demand")
+        ] = None,
+        max_price: Annotated[
+            float | None, Query(ge=0, description="$/h at most (on the chosen market)")
+        ] = None,
+        min_gpu_memory_gib: Annotated[
+            float | None, Query(ge=0, description="GPU memory of the whole instance")
+        ] = None,
+        min_gpu_count: Annotated[int | None, Query(ge=1)] = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> OfferingList:
+        """Catalog offerings matching the filters, cheapest first."""
+        try:
+            rows = _catalog().query(
+                gpu=gpu,
+                cloud=cloud,
+                region=region,
+                spot=spot,
+                max_price=max_price,
+                min_gpu_memory_gib=min_gpu_memory_gib,
+                min_gpu_count=min_gpu_count,
+            )
+        except ValueError as e:
+            raise ApiError(400, "invalid_request", str(e)) from None
+        page = rows[offset : offset + limit]
+        return OfferingList(
+            total=len(rows), offerings=[OfferingView(**_finite(asdict(o))) for o in page]
+        )
+
+    @app.get("/v1/catalog/gpus", tags=["catalog"], dependencies=auth)
+    def gpus() -> GPUList:
+        """GPU kinds and their spec-sheet figures."""
+        return GPUList(gpus=[GPUView(**_finite(asdict(g))) for g in _catalog().gpus.values()])
+
+    return app

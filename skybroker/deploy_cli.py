@@ -1,0 +1,355 @@
+"""CLI commands for deployments and the broker server: launch, status, down, logs, server.
+
+They all go through the broker's REST API (skybroker.client): to `--api-url` /
+$SKYBROKER_API_URL when given, else to the local broker server, started in the background
+when it is not running. Errors print one clear line (no traceback) and exit 1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from skybroker.server import DEFAULT_HOST, DEFAULT_PORT
+
+if TYPE_CHECKING:
+    from skybroker.client import BrokerClient
+
+console = Console()
+err_console = Console(stderr=True)
+
+ApiUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--api-url",
+        envvar="SKYBROKER_API_URL",
+        help="URL of a remote broker server (default: the local one, started on demand).",
+    ),
+]
+TERMINAL = ("READY", "FAILED")
+
+server_app = typer.Typer(help="Run the broker server (REST API + controller) in the background.")
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn the broker's errors into one red line and exit code 1."""
+    from skybroker.client import ApiError, BrokerUnavailable
+    from skybroker.server import ServerError
+
+    try:
+        yield
+    except ApiError as e:
+        where = f" (field: {e.field})" if e.field and e.field not in e.message else ""
+        err_console.print(f"[red]error:[/red] {e.message}{where}", highlight=False)
+        raise typer.Exit(1) from None
+    except (BrokerUnavailable, ServerError) as e:
+        err_console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _client(api_url: str | None) -> BrokerClient:
+    from skybroker.client import BrokerClient
+
+    if api_url is None:
+        with err_console.status("starting the local broker server ..."):
+            return BrokerClient()
+    return BrokerClient(api_url)
+
+
+def _money(x: Any) -> str:
+    return f"${x:,.2f}/h" if isinstance(x, int | float) else "-"
+
+
+# ---------------------------------------------------------------- plan display
+
+
+def show_plan(answer: dict[str, Any]) -> None:
+    """Print a plan as POST /v1/plans answers it: placements, $/h, solver, baselines."""
+    plan = answer["plan"]
+    table = Table(
+        title=f"plan for {answer['name']} ({answer['infra']}): {plan.get('model', '')}",
+        title_justify="left",
+    )
+    for col in ("cloud", "region", "instance", "GPUs", "spot", "count", "$/h", "req/s each",
+                "TTFT", "TPOT"):  # fmt: skip
+        table.add_column(col, justify="right" if col in ("count", "$/h", "req/s each") else "left")
+    for p in plan.get("placements", []):
+        gpus = "cpu" if p["gpu"] == "cpu" else f"{p['gpu_count']}x{p['gpu']}"
+        table.add_row(
+            p["cloud"],
+            p["region"],
+            p["instance_type"],
+            gpus,
+            "yes" if p["spot"] else "no",
+            str(p["replicas"]),
+            f"{p['cost_per_hour']:.2f}",
+            f"{p['capacity_rps']:.2f}",
+            f"{p['ttft_s'] * 1000:.0f} ms",
+            f"{p['tpot_s'] * 1000:.1f} ms",
+        )
+    console.print(table)
+    solver = plan.get("solver") or {}
+    gap = solver.get("gap")
+    console.print(
+        f"total [bold]{_money(plan.get('cost_per_hour'))}[/bold]; solver {solver.get('status')}, "
+        f"gap {'unknown' if gap is None else f'{gap:.2%}'}",
+        highlight=False,
+    )
+    notes = plan.get("baseline_notes") or {}
+    for name, cost in (plan.get("baselines") or {}).items():
+        console.print(
+            f"baseline {name}: {_money(cost) if cost is not None else 'none'} "
+            f"({notes.get(name, '')})",
+            highlight=False,
+        )
+
+
+# ---------------------------------------------------------------- launch
+
+
+def _watch(client: BrokerClient, name: str, timeout: float, poll: float = 1.0) -> dict[str, Any]:
+    """Poll the deployment until READY or FAILED (or timeout), printing new events."""
+    seen = 0
+    deadline = time.monotonic() + timeout
+    with err_console.status(f"launching {name} ...") as spinner:
+        while True:
+            dep = client.get(name)
+            for ev in dep["events"]:
+                if ev["id"] > seen:
+                    console.print(f"  [dim]{ev['kind']}[/dim] {ev['message']}", highlight=False)
+                    seen = ev["id"]
+            spinner.update(
+                f"{name}: {dep['status']} · {dep['ready_replicas']}/{dep['desired_replicas']} "
+                "replicas ready"
+            )
+            if dep["status"] in TERMINAL or time.monotonic() > deadline:
+                return dep
+            time.sleep(poll)
+
+
+def launch(
+    spec: Annotated[Path, typer.Argument(help="deployment spec (YAML)")],
+    infra: Annotated[
+        str | None, typer.Option(help="override the spec's infra: local or skypilot")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="launch without asking")] = False,
+    detach: Annotated[
+        bool, typer.Option("--detach", "-d", help="return once launched, do not wait for ready")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for ready")] = 1800.0,
+    api_url: ApiUrl = None,
+) -> None:
+    """Plan a deployment, show the plan, ask, launch it and wait until its endpoint serves."""
+    if infra is not None and infra not in ("local", "skypilot"):
+        err_console.print(f"[red]error:[/red] --infra must be local or skypilot, not {infra!r}")
+        raise typer.Exit(1)
+    try:
+        text = spec.read_text()
+    except OSError as e:
+        err_console.print(f"[red]error:[/red] cannot read spec {spec}: {e.strerror}")
+        raise typer.Exit(1) from None
+    with _errors():
+        client = _client(api_url)
+        with err_console.status("planning ..."):
+            answer = client.plan(text, infra)
+        show_plan(answer)
+        if not yes and not typer.confirm("Launch this plan?", default=False):
+            console.print("not launched")
+            raise typer.Exit(0)
+        dep = client.launch(text, infra)
+        console.print(f"deployment [bold]{dep['name']}[/bold]: {dep['status']}")
+        if detach:
+            console.print(f"follow it with: skybroker status {dep['name']}")
+            return
+        name = dep["name"]
+        dep = _watch(client, name, timeout)
+        if dep["status"] == "FAILED":
+            err_console.print(f"[red]error:[/red] {name} failed: {dep['message']}", highlight=False)
+            raise typer.Exit(1)
+        if dep["status"] != "READY":
+            err_console.print(
+                f"[red]error:[/red] {name} is not ready after {timeout:.0f}s ({dep['status']}); "
+                f"the broker keeps trying. See `skybroker status {name}`, "
+                f"`skybroker logs {name}`, or tear it down with `skybroker down {name}`.",
+                highlight=False,
+            )
+            raise typer.Exit(1)
+        console.print(
+            f"[green]ready[/green]: {dep['ready_replicas']} replicas, {_money(dep['cost_per_hour'])}"
+        )
+        console.print(f"endpoint: [bold]{dep['endpoint']}[/bold]  (OpenAI-compatible)")
+
+
+# ---------------------------------------------------------------- status / down / logs
+
+
+def _status_table(deps: list[dict[str, Any]]) -> Table:
+    table = Table(title="deployments", title_justify="left")
+    for col in ("name", "infra", "status", "ready", "$/h", "endpoint"):
+        table.add_column(col)
+    for d in deps:
+        table.add_row(
+            d["name"],
+            d["infra"],
+            d["status"],
+            f"{d['ready_replicas']}/{d['desired_replicas']}",
+            _money(d["cost_per_hour"]),
+            d["endpoint"] or "-",
+        )
+    return table
+
+
+def _show_deployment(d: dict[str, Any]) -> None:
+    console.print(
+        f"[bold]{d['name']}[/bold] ({d['infra']}): {d['status']}  "
+        f"{d['ready_replicas']}/{d['desired_replicas']} ready  {_money(d['cost_per_hour'])}",
+        highlight=False,
+    )
+    if d["message"]:
+        console.print(f"  {d['message']}", highlight=False)
+    console.print(f"endpoint: {d['endpoint'] or '-'}")
+    table = Table(title="replicas", title_justify="left")
+    for col in ("#", "replica", "status", "healthy", "where", "market", "url"):
+        table.add_column(col)
+    for i, r in enumerate(d["replicas"]):
+        table.add_row(
+            str(i),
+            r["name"],
+            r["status"],
+            "yes" if r["healthy"] else "no",
+            f"{r['cloud']}/{r['region']}/{r['instance_type']}",
+            "spot" if r["spot"] else "on-demand",
+            r["url"] or "-",
+        )
+    console.print(table)
+    if d["events"]:
+        console.print("events:")
+        for ev in d["events"][-10:]:
+            stamp = time.strftime("%H:%M:%S", time.localtime(ev["time"]))
+            console.print(f"  {stamp} [dim]{ev['kind']}[/dim] {ev['message']}", highlight=False)
+
+
+def status(
+    name: Annotated[str | None, typer.Argument(help="one deployment (default: all)")] = None,
+    api_url: ApiUrl = None,
+) -> None:
+    """Deployments: status, replicas and their health, $/h, endpoint."""
+    with _errors():
+        client = _client(api_url)
+        if name is None:
+            deps = client.list()
+            if not deps:
+                console.print("no deployments")
+                return
+            console.print(_status_table(deps))
+        else:
+            _show_deployment(client.get(name))
+
+
+def down(
+    name: Annotated[str, typer.Argument(help="the deployment to tear down")],
+    api_url: ApiUrl = None,
+) -> None:
+    """Tear a deployment down: replicas, router, state. Running it twice is fine."""
+    from skybroker.client import ApiError
+
+    with _errors():
+        client = _client(api_url)
+        try:
+            with err_console.status(f"tearing down {name} ..."):
+                client.delete(name)
+        except ApiError as e:
+            if e.status != 404:
+                raise
+            console.print(f"no deployment named {name!r}: nothing to tear down")
+            return
+        console.print(f"{name}: torn down")
+
+
+def logs(
+    name: Annotated[str, typer.Argument(help="the deployment")],
+    replica: Annotated[int | None, typer.Option(help="replica index (see `status NAME`)")] = None,
+    tail: Annotated[int, typer.Option(help="number of lines")] = 200,
+    api_url: ApiUrl = None,
+) -> None:
+    """Print the log of one replica of a deployment."""
+    with _errors():
+        text = _client(api_url).logs(name, replica, tail)
+    typer.echo(text, nl=not text.endswith("\n"))
+
+
+# ---------------------------------------------------------------- server
+
+
+@server_app.command("start")
+def server_start(
+    host: Annotated[
+        str, typer.Option(help="address to bind (non-loopback needs a token)")
+    ] = DEFAULT_HOST,
+    port: Annotated[
+        int, typer.Option(envvar="SKYBROKER_API_PORT", help="port to bind")
+    ] = DEFAULT_PORT,
+    token_file: Annotated[
+        Path | None, typer.Option(help="file holding the API token (or $SKYBROKER_API_TOKEN)")
+    ] = None,
+    state_url: Annotated[
+        str | None,
+        typer.Option(envvar="SKYBROKER_STATE_URL", help="SQLAlchemy URL of the state store"),
+    ] = None,
+    router_host: Annotated[
+        str, typer.Option(help="address the deployments' OpenAI routers bind")
+    ] = DEFAULT_HOST,
+) -> None:
+    """Start the broker server in the background (no-op if it runs)."""
+    from skybroker import server
+
+    with _errors(), err_console.status("starting the broker server ..."):
+        info, started = server.start(
+            host, port, token_file=token_file, state_url=state_url, router_host=router_host
+        )
+    what = "started" if started else "already running"
+    console.print(f"broker server {what}: {info.url} (pid {info.pid}); log: {server.log_path()}")
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the broker server (deployments keep running and are found again on start)."""
+    from skybroker import server
+
+    with _errors():
+        st = server.stop()
+    if st.info is None:
+        note = " (removed a stale pid file)" if st.stale_removed else ""
+        console.print(f"broker server is not running{note}")
+    else:
+        console.print(f"broker server stopped (pid {st.info.pid})")
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Whether the broker server runs, where, and whether it answers."""
+    from skybroker import server
+
+    st = server.status()
+    if not st.running or st.info is None:
+        note = " (removed a stale pid file)" if st.stale_removed else ""
+        console.print(f"broker server is not running{note}")
+        raise typer.Exit(1)
+    health = "healthy" if st.healthy else "[red]not answering /health[/red]"
+    console.print(f"broker server running: {st.info.url} (pid {st.info.pid}), {health}")
+    console.print(f"log: {server.log_path()}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add launch/status/down/logs and the `server` group to the main CLI."""
+    for fn in (launch, status, down, logs):
+        app.command()(fn)
+    app.add_typer(server_app, name="server")
