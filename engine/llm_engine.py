@@ -1,0 +1,300 @@
+"""LLMEngine: requests in, one scheduling + model step at a time, RequestOutputs out."""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing as mp
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.block_manager import BlockManager
+from engine.config import EngineArgs, ModelConfig
+from engine.loader import load_generation_config, load_model_config
+from engine.metrics import Counters, EngineMetrics, StepStats
+from engine.model_runner import ModelRunner, free_port, prepare_inputs, worker_main
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.tokenizer import EngineTokenizer, detokenize_incrementally
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    seqs: list[Sequence] = field(default_factory=list)
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        self.model_config: ModelConfig = load_model_config(args.model)
+        cfg = self.model_config
+        self.model_name = args.served_model_name or Path(args.model).name.removesuffix(".gguf")
+        self.max_model_len = min(
+            args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
+        )
+        self.tokenizer = EngineTokenizer.from_pretrained(args.model)
+        self.generation_config = load_generation_config(args.model)
+        eos = set(cfg.eos_token_ids)
+        gen_eos = self.generation_config.get("eos_token_id")
+        eos |= set([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = eos
+        self._workers: list[mp.Process] = []
+        init_method = None
+        if args.tensor_parallel_size > 1:
+            init_method = f"tcp://127.0.0.1:{free_port()}"
+            ctx = mp.get_context("spawn")
+            for rank in range(1, args.tensor_parallel_size):
+                p = ctx.Process(
+                    target=worker_main,
+                    args=(args, cfg, self.max_model_len, rank, init_method),
+                    daemon=True,
+                )
+                p.start()
+                self._workers.append(p)
+        self.runner = ModelRunner(args, cfg, self.max_model_len, 0, init_method)
+        num_blocks = self.runner.num_blocks
+        if num_blocks * args.block_size < self.max_model_len:
+            self.shutdown()
+            raise ValueError(
+                f"kv_cache_gib is too small: the KV cache holds {num_blocks * args.block_size} "
+                f"tokens, fewer than max_model_len={self.max_model_len}; raise kv_cache_gib or "
+                f"lower max_model_len"
+            )
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager, args.max_num_seqs, args.max_num_batched_tokens
+        )
+        self.sampler = Sampler(self.runner.device, args.seed)
+        self.requests: dict[str, Request] = {}
+        self.counters = Counters()
+        self._closed = False
+        atexit.register(self.shutdown)
+
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> LLMEngine:
+        return cls(args)
+
+    def shutdown(self) -> None:
+        if getattr(self, "_closed", True) and not self._workers:
+            return
+        self._closed = True
+        if self._workers and hasattr(self, "runner"):
+            self.runner.call("exit")
+        for p in self._workers:
+            p.join(timeout=30)
+        self._workers = []
+
+    # -- requests ------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
+            text, ids = None, list(prompt)
+        else:
+            raise ValueError("prompt must be a string or a list of token ids")
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        vocab = self.model_config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(
+                f"prompt token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}"
+            )
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {len(ids)} tokens, but max_model_len is {self.max_model_len} "
+                f"(prompt plus at least one generated token must fit)"
+            )
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        req = Request(request_id, text, ids, params, arrival)
+        seq = Sequence(request_id, ids, params, 0, arrival)
+        req.seqs.append(seq)
+        self.requests[request_id] = req
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+                self.sampler.forget(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # -- the step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        inputs, sampling = prepare_inputs(out, self.args.block_size)
+        logits = self.runner.call("execute", inputs)
+        seqs = out.seqs
+        touched: dict[str, Request] = {}
+        for seq, n in zip(seqs, out.num_scheduled_tokens, strict=True):
+            seq.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(seq)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+        for row, i in enumerate(sampling):
+            seq = seqs[i]
+            rows.append(row)
+            sample_seqs.append(seq)
+            if seq.num_pending_forks:
+                req = self.requests[seq.request_id]
+                for index in range(1, seq.num_pending_forks + 1):
+                    child = seq.fork(index)
+                    self.block_manager.fork(seq, child)
+                    self.scheduler.running.append(child)
+                    req.seqs.append(child)
+                    rows.append(row)
+                    sample_seqs.append(child)
+                seq.num_pending_forks = 0
+        now = time.monotonic()
+        if sample_seqs:
+            tokens, logprobs = self.sampler(logits[rows], sample_seqs, self.eos_token_ids)
+            for seq, token, lp in zip(sample_seqs, tokens, logprobs, strict=True):
+                seq.append_token(token, lp)
+                req = self.requests[seq.request_id]
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                self._check_stop(seq, token)
+        self._record_step(out, time.perf_counter() - t0)
+        outputs = [self._make_output(req) for req in touched.values()]
+        for o in outputs:
+            if o.finished:
+                del self.requests[o.request_id]
+                self.counters.requests_finished_total += 1
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        self.counters.generation_tokens_total += 1
+        prev_len = len(seq.output_text)
+        delta, seq.prefix_offset, seq.read_offset = detokenize_incrementally(
+            self.tokenizer,
+            seq.token_ids,
+            seq.prefix_offset,
+            seq.read_offset,
+            p.skip_special_tokens,
+        )
+        seq.output_text += delta
+        reason: str | None = None
+        can_stop = seq.num_output_tokens >= p.min_tokens
+        if can_stop and not p.ignore_eos and token in self.eos_token_ids:
+            reason = "stop"
+        elif can_stop and token in p.stop_token_ids:
+            reason, seq.stop_reason = "stop", token
+        elif can_stop and p.stop and delta:
+            start = max(0, prev_len - max(len(s) for s in p.stop) + 1)
+            hits = [(seq.output_text.find(s, start), s) for s in p.stop]
+            hits = [(i, s) for i, s in hits if i >= 0]
+            if hits:
+                idx, stop = min(hits)
+                seq.output_text = seq.output_text[:idx]
+                reason, seq.stop_reason = "stop", stop
+        if reason is None and (
+            (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens)
+            or len(seq) >= self.max_model_len
+        ):
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self.sampler.forget(seq)
+
+    def _make_output(self, req: Request) -> RequestOutput:
+        by_index = {s.index: s for s in req.seqs}
+        completions = []
+        for i in range(req.params.n):
+            seq = by_index.get(i)
+            if seq is None:
+                completions.append(CompletionOutput(index=i))
+                continue
+            completions.append(
+                CompletionOutput(
+                    index=i,
+                    text=seq.output_text,
+                    token_ids=seq.output_token_ids,
+                    finish_reason=seq.finish_reason,
+                    logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                    cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=completions,
+            finished=req.finished,
+            arrival_time=req.arrival_time,
+            first_token_time=req.first_token_time,
+            num_cached_tokens=req.seqs[0].num_cached_tokens,
+        )
+
+    def _record_step(self, out, duration: float) -> None:
+        c = self.counters
+        c.num_steps += 1
+        c.prompt_tokens_total += sum(out.num_prefill_tokens)
+        ctx = sum(s.num_computed_tokens for s in out.seqs)
+        c.recent_steps.append(
+            StepStats(
+                len(out.decode_seqs),
+                len(out.prefill_seqs),
+                sum(out.num_prefill_tokens),
+                ctx,
+                duration,
+            )
+        )
+
+    def get_metrics(self) -> EngineMetrics:
+        bm, c = self.block_manager, self.counters
+        return EngineMetrics(
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_free=bm.num_free_blocks,
+            kv_waste=self.scheduler.kv_waste(),
+            prefix_cache_hit_rate=bm.prefix_hit_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            num_steps=c.num_steps,
+            prompt_tokens_total=c.prompt_tokens_total,
+            generation_tokens_total=c.generation_tokens_total,
+            requests_finished_total=c.requests_finished_total,
+            recent_steps=list(c.recent_steps),
+        )

@@ -1,0 +1,49 @@
+"""Engine counters: KV cache use, waste, prefix-cache hit rate, preemptions, batch shapes."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StepStats:
+    """Shape and duration of one engine step."""
+
+    num_decode_seqs: int
+    num_prefill_seqs: int
+    num_prefill_tokens: int
+    num_context_tokens: int  # sum of context lengths attended over (decode + prefill)
+    duration_s: float
+
+
+@dataclass
+class EngineMetrics:
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    kv_waste: float  # share of allocated KV slots holding no token
+    prefix_cache_hit_rate: float  # hit tokens / looked-up tokens at admission
+    num_preemptions: int
+    num_waiting: int
+    num_running: int
+    num_steps: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    requests_finished_total: int = 0
+    recent_steps: list[StepStats] = field(default_factory=list)
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+@dataclass
+class Counters:
+    """Totals the engine updates as it runs (the mutable part behind EngineMetrics)."""
+
+    num_steps: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    requests_finished_total: int = 0
+    recent_steps: deque[StepStats] = field(default_factory=lambda: deque(maxlen=1024))

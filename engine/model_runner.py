@@ -1,0 +1,212 @@
+"""Runs the model on one device: owns the weights, the KV cache and the step's input tensors.
+
+With tensor parallelism, rank 0 (in the engine's process) prepares each step's inputs and
+broadcasts them; ranks 1.. run `worker_main` in spawned processes and mirror every call.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from engine.config import EngineArgs, ModelConfig
+from engine.loader import iter_weights
+from engine.models.llama import AttentionMetadata, LlamaForCausalLM, TPGroup
+from engine.scheduler import SchedulerOutput
+from kernels import ops
+
+
+@dataclass
+class StepInputs:
+    """Plain CPU tensors describing one step (picklable, so rank 0 can broadcast them)."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    num_decode_tokens: int
+    decode_block_tables: torch.Tensor
+    decode_context_lens: torch.Tensor
+    prefill_block_tables: torch.Tensor
+    prefill_cu_seqlens_q: torch.Tensor
+    prefill_context_lens: torch.Tensor
+    logits_indices: torch.Tensor
+    blocks_to_copy: list[tuple[int, int]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _block_tables(tables: list[list[int]]) -> torch.Tensor:
+    width = max((len(t) for t in tables), default=0)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).reshape(
+        len(tables), width
+    )
+
+
+def prepare_inputs(out: SchedulerOutput, block_size: int) -> tuple[StepInputs, list[int]]:
+    """Step tensors for a schedule, and the indices (into out.seqs) of sequences that sample."""
+    ids: list[int] = []
+    positions: list[torch.Tensor] = []
+    slots: list[torch.Tensor] = []
+    logits_indices: list[int] = []
+    sampling: list[int] = []
+    ctx_lens: list[int] = []
+    cu = [0]
+    tables: list[list[int]] = []
+    for i, (seq, n) in enumerate(zip(out.seqs, out.num_scheduled_tokens, strict=True)):
+        start = seq.num_computed_tokens
+        ids.extend(seq.token_ids[start : start + n])
+        pos = torch.arange(start, start + n)
+        table = torch.tensor(seq.block_table, dtype=torch.int64)
+        positions.append(pos)
+        slots.append(table[pos // block_size] * block_size + pos % block_size)
+        cu.append(cu[-1] + n)
+        ctx_lens.append(start + n)
+        tables.append(seq.block_table)
+        if start + n == len(seq):
+            sampling.append(i)
+            logits_indices.append(cu[-1] - 1)
+    nd = len(out.decode_seqs)
+    prefill_cu = torch.tensor(cu[nd:], dtype=torch.int32) - cu[nd]
+    inputs = StepInputs(
+        input_ids=torch.tensor(ids, dtype=torch.int64),
+        positions=torch.cat(positions),
+        slot_mapping=torch.cat(slots),
+        num_decode_tokens=nd,
+        decode_block_tables=_block_tables(tables[:nd]),
+        decode_context_lens=torch.tensor(ctx_lens[:nd], dtype=torch.int32),
+        prefill_block_tables=_block_tables(tables[nd:]),
+        prefill_cu_seqlens_q=prefill_cu,
+        prefill_context_lens=torch.tensor(ctx_lens[nd:], dtype=torch.int32),
+        logits_indices=torch.tensor(logits_indices, dtype=torch.int64),
+        blocks_to_copy=out.blocks_to_copy,
+    )
+    return inputs, sampling
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        args: EngineArgs,
+        cfg: ModelConfig,
+        max_model_len: int,
+        rank: int = 0,
+        init_method: str | None = None,
+    ) -> None:
+        self.args, self.cfg, self.rank = args, cfg, rank
+        self.world_size = args.tensor_parallel_size
+        self.device = args.resolved_device()
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", rank)
+            torch.cuda.set_device(self.device)
+        self.dtype = args.resolved_dtype(self.device)
+        if self.world_size > 1:
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(
+                backend, init_method=init_method, rank=rank, world_size=self.world_size
+            )
+        with torch.device("meta"):  # no random init: every weight is loaded below
+            model = LlamaForCausalLM(cfg, TPGroup(rank, self.world_size), max_position=1)
+        model.to_empty(device=self.device).to(dtype=self.dtype)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.rope = ops.rope_cache(
+            cfg.head_dim, max_model_len, cfg.rope_theta, cfg.rope_scaling
+        ).to(self.device)
+        model.load_weights(iter_weights(args.model, cfg))
+        self.model = model.eval()
+        self.num_blocks = self._num_kv_blocks()
+        self._allocate_kv_cache()
+
+    # -- KV cache ------------------------------------------------------------------------
+    def _block_bytes(self) -> int:
+        attn = self.model.layers[0].self_attn
+        per_token = 2 * attn.num_kv_heads * attn.head_dim * self.dtype.itemsize
+        return per_token * self.args.block_size * self.cfg.num_hidden_layers
+
+    def _num_kv_blocks(self) -> int:
+        if self.args.num_kv_blocks is not None:
+            num = self.args.num_kv_blocks
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - (1 - self.args.gpu_memory_utilization) * total
+            num = int(budget // self._block_bytes())
+        else:
+            num = int(self.args.kv_cache_gib * 2**30 // self._block_bytes())
+        if self.world_size > 1:
+            t = torch.tensor([num], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            num = int(t.item())
+        if num < 1:
+            raise ValueError("kv_cache_gib / gpu_memory_utilization leave no room for the KV cache")
+        return num
+
+    def _allocate_kv_cache(self) -> None:
+        attn0 = self.model.layers[0].self_attn
+        shape = (self.num_blocks, self.args.block_size, attn0.num_kv_heads, attn0.head_dim)
+        for layer in self.model.layers:
+            layer.self_attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.self_attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for layer in self.model.layers:
+            layer.self_attn.k_cache[dst] = layer.self_attn.k_cache[src]
+            layer.self_attn.v_cache[dst] = layer.self_attn.v_cache[src]
+
+    # -- steps ---------------------------------------------------------------------------
+    def call(self, method: str, *payload) -> object:
+        """Run `method` here and, with tensor parallelism, on every other rank too."""
+        if self.world_size > 1 and self.rank == 0:
+            dist.broadcast_object_list([(method, payload)], src=0)
+        return getattr(self, method)(*payload)
+
+    @torch.inference_mode()
+    def execute(self, inputs: StepInputs) -> torch.Tensor:
+        """Run one step; logits `[len(logits_indices), vocab]` fp32 on the model's device."""
+        self._copy_blocks(inputs.blocks_to_copy)
+        dev = self.device
+
+        def to(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dev, non_blocking=True)
+
+        meta = AttentionMetadata(
+            num_decode_tokens=inputs.num_decode_tokens,
+            slot_mapping=to(inputs.slot_mapping),
+            decode_block_tables=to(inputs.decode_block_tables),
+            decode_context_lens=to(inputs.decode_context_lens),
+            prefill_block_tables=to(inputs.prefill_block_tables),
+            prefill_cu_seqlens_q=to(inputs.prefill_cu_seqlens_q),
+            prefill_context_lens=to(inputs.prefill_context_lens),
+        )
+        return self.model(
+            to(inputs.input_ids), to(inputs.positions), meta, to(inputs.logits_indices)
+        )
+
+    def exit(self) -> None:
+        if self.world_size > 1:
+            dist.destroy_process_group()
+
+
+def worker_main(
+    args: EngineArgs, cfg: ModelConfig, max_model_len: int, rank: int, init_method: str
+) -> None:
+    """Entry point of tensor-parallel ranks 1..N-1: mirror rank 0's calls until `exit`."""
+    torch.set_num_threads(1)
+    runner = ModelRunner(args, cfg, max_model_len, rank, init_method)
+    while True:
+        box: list[object] = [None]
+        dist.broadcast_object_list(box, src=0)
+        method, payload = box[0]
+        getattr(runner, method)(*payload)
+        if method == "exit":
+            break
