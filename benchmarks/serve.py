@@ -1,0 +1,322 @@
+"""HTTP load generator for the engine server, printing what vLLM's serving benchmark prints.
+
+Requests arrive as a Poisson process at --request-rate (inf: all at once) with long-tailed
+input/output lengths (fixed seed), stream from /v1/completions, and are timed per token:
+TTFT, TPOT (per request, after the first token), ITL (between streamed chunks) and end-to-end
+latency, plus goodput under a TTFT/TPOT SLO. The server is started as a subprocess
+(`python -m engine.serve`) unless --base-url points at a running one.
+
+--compare-offline also runs the same workload through the offline engine (an LLMEngine in
+this process, all requests added at once) while the server sits idle, alternating server and
+offline runs --repeats times, and prints the ratio of median output-token throughputs.
+Run with OMP_NUM_THREADS=1, e.g.
+
+    OMP_NUM_THREADS=1 python benchmarks/serve.py --model PATH --num-prompts 64 --compare-offline
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+@dataclass
+class WorkItem:
+    prompt_token_ids: list[int]
+    output_len: int
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    prompt_len: int
+    output_len: int = 0
+    ttft: float = 0.0
+    latency: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+def make_workload(
+    num: int, vocab_size: int, seed: int, mean_input: int, mean_output: int, max_model_len: int
+) -> list[WorkItem]:
+    """Long-tailed (lognormal, sigma 0.8) input/output lengths, random token ids, fixed seed."""
+    rng = random.Random(seed)
+    items = []
+    for _ in range(num):
+        inp = max(4, int(rng.lognormvariate(math.log(mean_input) - 0.32, 0.8)))
+        out = max(2, int(rng.lognormvariate(math.log(mean_output) - 0.32, 0.8)))
+        inp = min(inp, max_model_len // 2)
+        out = min(out, max_model_len - inp - 1)
+        ids = [rng.randrange(3, vocab_size) for _ in range(inp)]
+        items.append(WorkItem(ids, out))
+    return items
+
+
+# ---- the HTTP client side -------------------------------------------------------------------
+
+
+async def _one(client: httpx.AsyncClient, url: str, model: str, item: WorkItem) -> RequestResult:
+    body = {
+        "model": model, "prompt": item.prompt_token_ids, "max_tokens": item.output_len,
+        "temperature": 0.0, "ignore_eos": True, "stream": True,
+        "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    res = RequestResult(ok=False, prompt_len=len(item.prompt_token_ids))
+    start = last = time.perf_counter()
+    try:
+        async with client.stream("POST", url, json=body) as r:
+            if r.status_code != 200:
+                res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return res
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                if "error" in data:
+                    res.error = data["error"]["message"]
+                    return res
+                now = time.perf_counter()
+                if data.get("choices") and data["choices"][0]["text"]:
+                    if res.ttft == 0.0:
+                        res.ttft = now - start
+                    else:
+                        res.itl.append(now - last)
+                    last = now
+                if data.get("usage"):
+                    res.output_len = data["usage"]["completion_tokens"]
+        res.latency = time.perf_counter() - start
+        res.ok = res.output_len == item.output_len
+        if not res.ok:
+            res.error = f"got {res.output_len} tokens, expected {item.output_len}"
+    except httpx.HTTPError as e:
+        res.error = repr(e)
+    return res
+
+
+async def run_load(
+    base_url: str, model: str, items: list[WorkItem], rate: float, seed: int
+) -> tuple[list[RequestResult], float]:
+    rng = np.random.default_rng(seed)
+    url = f"{base_url}/v1/completions"
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
+        tasks = []
+        start = time.perf_counter()
+        for item in items:
+            tasks.append(asyncio.create_task(_one(client, url, model, item)))
+            if math.isfinite(rate):
+                await asyncio.sleep(float(rng.exponential(1.0 / rate)))
+        results = await asyncio.gather(*tasks)
+        return list(results), time.perf_counter() - start
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "engine.serve", "--model", args.model, "--port", str(port),
+           "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
+           "--kv-cache-gib", str(args.kv_cache_gib), "--log-level", "warning",
+           "--served-model-name", "bench"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).resolve().parents[1])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise RuntimeError("server did not become healthy in 600 s")
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+
+def _ms(values: list[float]) -> tuple[float, float, float]:
+    if not values:
+        return (float("nan"),) * 3
+    a = np.asarray(values) * 1000
+    return float(a.mean()), float(np.median(a)), float(np.percentile(a, 99))
+
+
+def report(
+    results: list[RequestResult], duration: float, slo_ttft_ms: float, slo_tpot_ms: float
+) -> dict[str, float]:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_len for r in ok)
+    in_tokens = sum(r.prompt_len for r in ok)
+    tpots = [(r.latency - r.ttft) / (r.output_len - 1) for r in ok if r.output_len > 1]
+    good = [
+        r for r in ok
+        if r.ttft * 1000 <= slo_ttft_ms
+        and (r.output_len <= 1 or (r.latency - r.ttft) / (r.output_len - 1) * 1000 <= slo_tpot_ms)
+    ]  # fmt: skip
+    figures = {
+        "completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
+        "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
+        "total_token_throughput": (in_tokens + out_tokens) / duration,
+        "goodput": len(good) / duration,
+    }  # fmt: skip
+    line = "{:<40} {:<10}"
+    print("{s:{c}^50}".format(s=" Serving Benchmark Result ", c="="))
+    print(line.format("Successful requests:", len(ok)))
+    print(line.format("Failed requests:", len(results) - len(ok)))
+    print(line.format("Benchmark duration (s):", f"{duration:.2f}"))
+    print(line.format("Total input tokens:", in_tokens))
+    print(line.format("Total generated tokens:", out_tokens))
+    print(line.format("Request throughput (req/s):", f"{figures['request_throughput']:.2f}"))
+    print(line.format("Output token throughput (tok/s):", f"{figures['output_throughput']:.2f}"))
+    print(
+        line.format("Total Token throughput (tok/s):", f"{figures['total_token_throughput']:.2f}")
+    )
+    print(line.format(f"Request goodput (req/s) [TTFT<={slo_ttft_ms:g}ms, TPOT<={slo_tpot_ms:g}ms]:",
+                      f"{figures['goodput']:.2f}"))  # fmt: skip
+    sections = [
+        ("Time to First Token", "TTFT", [r.ttft for r in ok]),
+        ("Time per Output Token (excl. 1st token)", "TPOT", tpots),
+        ("Inter-token Latency", "ITL", [x for r in ok for x in r.itl]),
+        ("End-to-end Latency", "E2EL", [r.latency for r in ok]),
+    ]
+    for title, short, values in sections:
+        mean, p50, p99 = _ms(values)
+        print("{s:{c}^50}".format(s=title, c="-"))
+        print(line.format(f"Mean {short} (ms):", f"{mean:.2f}"))
+        print(line.format(f"Median {short} (ms):", f"{p50:.2f}"))
+        print(line.format(f"P99 {short} (ms):", f"{p99:.2f}"))
+        figures[f"mean_{short.lower()}_ms"] = mean
+    print("=" * 50)
+    for r in results:
+        if not r.ok:
+            print(f"failed: {r.error}")
+            break
+    return figures
+
+
+def load_offline(args: argparse.Namespace):  # -> LLMEngine (imported lazily)
+    from engine.config import EngineArgs
+    from engine.llm_engine import LLMEngine
+
+    return LLMEngine.from_args(
+        EngineArgs(
+            model=args.model,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            kv_cache_gib=args.kv_cache_gib,
+        )
+    )
+
+
+def run_offline(engine, items: list[WorkItem], tag: str) -> float:
+    """Output tokens/s of the offline engine on the workload (all requests added at once)."""
+    from engine import SamplingParams
+
+    start = time.perf_counter()
+    for i, item in enumerate(items):
+        params = SamplingParams(temperature=0.0, max_tokens=item.output_len, ignore_eos=True)
+        engine.add_request(f"{tag}-{i}", item.prompt_token_ids, params)
+    tokens = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                tokens += len(out.outputs[0].token_ids)
+    return tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="model path (HF dir or .gguf); starts a server subprocess")
+    p.add_argument("--base-url", help="target a running server instead (e.g. http://host:8000)")
+    p.add_argument("--served-model-name", default="bench")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--request-rate", type=float, default=float("inf"), help="req/s; inf = burst")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mean-input-len", type=int, default=64)
+    p.add_argument("--mean-output-len", type=int, default=32)
+    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--kv-cache-gib", type=float, default=1.0)
+    p.add_argument("--vocab-size", type=int, default=None, help="default: read from the model")
+    p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=200.0)
+    p.add_argument("--compare-offline", action="store_true")
+    p.add_argument("--repeats", type=int, default=1, help="alternating server/offline runs")
+    args = p.parse_args()
+    if not args.model and not args.base_url:
+        p.error("give --model (start a server) or --base-url (use a running one)")
+    if args.compare_offline and not args.model:
+        p.error("--compare-offline needs --model")
+
+    vocab = args.vocab_size
+    if vocab is None:
+        from engine.loader import load_model_config
+
+        vocab = load_model_config(args.model).vocab_size
+    items = make_workload(args.num_prompts, vocab, args.seed, args.mean_input_len,
+                          args.mean_output_len, args.max_model_len)  # fmt: skip
+    proc = None
+    url, model = args.base_url, args.served_model_name
+    if url is None:
+        proc, url = start_server(args)
+        model = "bench"
+    offline = load_offline(args) if args.compare_offline else None
+    print(
+        f"workload: {len(items)} requests, rate {args.request_rate} req/s, seed {args.seed}, "
+        f"mean input {args.mean_input_len}, mean output {args.mean_output_len} (lognormal); "
+        f"{args.repeats} run(s), server and offline alternating"
+    )
+    server_tps: list[float] = []
+    offline_tps: list[float] = []
+    try:
+        # One warm-up request each, so neither side pays first-call costs inside the timing.
+        asyncio.run(run_load(url, model, items[:1], float("inf"), args.seed))
+        if offline is not None:
+            run_offline(offline, items[:1], "warmup")
+        for rep in range(args.repeats):
+            results, duration = asyncio.run(
+                run_load(url, model, items, args.request_rate, args.seed)
+            )
+            figures = report(results, duration, args.slo_ttft_ms, args.slo_tpot_ms)
+            server_tps.append(figures["output_throughput"])
+            if offline is not None:
+                offline_tps.append(run_offline(offline, items, f"offline{rep}"))
+                print(f"offline engine, same workload: {offline_tps[-1]:.2f} output tok/s")
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+    if offline_tps:
+        s, o = float(np.median(server_tps)), float(np.median(offline_tps))
+        print(
+            f"median output tok/s: server {s:.2f}, offline {o:.2f}; "
+            f"server / offline = {s / o:.3f} (goal >= 0.90)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""`python -m engine.serve --model PATH ...`: the OpenAI-compatible engine server.
+
+The HTTP port opens at once; the model loads in the background (/health is 503 until it is
+ready). SIGTERM / Ctrl-C drain in-flight requests for --shutdown-timeout seconds, then abort
+the rest. The API key comes from --api-key or the SKYBROKER_API_KEY environment variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from engine.server.app import ServerConfig, create_app
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m engine.serve", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="HF model directory or .gguf file")
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="name clients use in 'model' (default: the model's directory/file name)",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (env SKYBROKER_API_KEY also sets it)",
+    )
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size (CPU)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--no-enable-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        default=None,
+    )
+    p.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=1024,
+        help="requests waiting for a first token before new ones get 503 + Retry-After",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests may finish after SIGTERM",
+    )
+    p.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    return p.parse_args(argv)
+
+
+ENGINE_FLAGS = (
+    "max_model_len",
+    "tensor_parallel_size",
+    "kv_cache_gib",
+    "gpu_memory_utilization",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "block_size",
+    "device",
+    "dtype",
+    "seed",
+    "enable_prefix_caching",
+)
+
+
+def default_model_name(model: str) -> str:
+    path = Path(model)
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+def build_app(args: argparse.Namespace):
+    from engine.config import EngineArgs
+
+    engine_kwargs = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
+    name = args.served_model_name or default_model_name(args.model)
+    # Validate the engine arguments now, so a bad flag fails before the port opens.
+    engine_args = EngineArgs(model=args.model, served_model_name=name, **engine_kwargs)
+
+    def load():
+        from engine.llm_engine import LLMEngine
+
+        return LLMEngine.from_args(engine_args)
+
+    api_key = args.api_key or os.environ.get("SKYBROKER_API_KEY") or None
+    config = ServerConfig(
+        served_model_name=name,
+        api_key=api_key,
+        max_pending=args.max_waiting_requests,
+        drain_timeout_s=args.shutdown_timeout,
+    )
+    return create_app(config, load)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        app = build_app(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=int(args.shutdown_timeout) + 1,
+        )
+    )
+
+    def on_load_failure(_: BaseException) -> None:
+        server.should_exit = True
+
+    app.state.server.on_load_failure = on_load_failure
+    server.run()
+    return 1 if app.state.server.status == "failed" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

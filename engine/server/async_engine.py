@@ -1,0 +1,253 @@
+"""An asyncio front for LLMEngine: one worker thread owns the engine, requests stream back.
+
+The engine is not thread-safe, so every call into it (add_request, abort_request, step) happens
+on the worker thread; the event loop talks to it through an inbox of commands. Each step's
+RequestOutputs are handed to the loop in one call and fanned out to per-request queues.
+Outputs are cumulative, so a slow consumer only needs the latest one: queued outputs of one
+request are coalesced when read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from engine.server.metrics import EngineStats
+
+if TYPE_CHECKING:
+    from engine.llm_engine import LLMEngine, RequestOutput
+    from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+STATS_INTERVAL_S = 0.05
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped (an error in step(), or shutdown); no request can be served."""
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting for their first token; the client should retry later."""
+
+    def __init__(self, num_pending: int, retry_after_s: int) -> None:
+        super().__init__(f"server overloaded: {num_pending} requests already waiting; retry later")
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    arrival_time: float
+    done: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class RequestStream:
+    """The outputs of one request, as an async iterator; close() aborts it if unfinished."""
+
+    def __init__(self, engine: AsyncLLMEngine, request_id: str) -> None:
+        self.request_id = request_id
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.finished = False
+        self._engine = engine
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[RequestOutput]:
+        while not self.finished:
+            item = await self.queue.get()
+            while not isinstance(item, BaseException) and not self.queue.empty():
+                item = self.queue.get_nowait()  # cumulative outputs: the newest says it all
+            if isinstance(item, BaseException):
+                self.close()
+                raise item
+            self.finished = item.finished
+            yield item
+
+    def close(self) -> None:
+        """Abort the request in the engine unless it finished (idempotent)."""
+        self._engine._forget(self.request_id, abort=not self.finished)
+        self.finished = True
+
+
+class AsyncLLMEngine:
+    """Runs LLMEngine.step() in a worker thread and serves requests to asyncio code."""
+
+    def __init__(self, engine: LLMEngine, max_pending: int = 1024, retry_after_s: int = 1) -> None:
+        self.engine = engine
+        self.max_pending = max_pending
+        self.retry_after_s = retry_after_s
+        self.stats = EngineStats()
+        self.dead_error: BaseException | None = None
+        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._pending: set[str] = set()  # accepted, no output yet
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_stats = 0.0
+
+    # ---- event-loop side --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker thread; call from the event loop that will consume outputs."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead_error is None
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    @property
+    def num_pending(self) -> int:
+        """Requests accepted that have no output yet (what --max-waiting-requests bounds)."""
+        return len(self._pending)
+
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> RequestStream:
+        """Queue a request; raises ValueError (bad input), QueueFullError or EngineDeadError."""
+        if not self.is_running:
+            raise EngineDeadError(f"engine is not running ({self.dead_error or 'stopped'})")
+        if self.num_pending >= self.max_pending:
+            raise QueueFullError(self.num_pending, self.retry_after_s)
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        stream = RequestStream(self, request_id)
+        self._streams[request_id] = stream
+        self._pending.add(request_id)
+        cmd = _Add(request_id, prompt, params, arrival_time or time.monotonic())
+        self._inbox.put(cmd)
+        try:
+            await asyncio.wrap_future(cmd.done)
+        except Exception:  # the engine rejected it: nothing to undo
+            self._forget(request_id, abort=False)
+            raise
+        except BaseException:  # cancelled: the add may have happened, undo it
+            self._forget(request_id, abort=True)
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._forget(request_id, abort=True)
+
+    def _forget(self, request_id: str, abort: bool) -> None:
+        self._streams.pop(request_id, None)
+        self._pending.discard(request_id)
+        if abort:
+            self._inbox.put(_Abort(request_id))
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue  # aborted meanwhile
+            self._pending.discard(out.request_id)
+            stream.queue.put_nowait(out)
+            if out.finished:
+                del self._streams[out.request_id]
+        self.stats.num_pending = len(self._pending)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in list(self._streams.values()):
+            stream.queue.put_nowait(EngineDeadError(f"engine loop failed: {error!r}"))
+        self._streams.clear()
+        self._pending.clear()
+
+    async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
+        """Let in-flight requests finish for up to drain_timeout_s, abort the rest, stop."""
+        deadline = time.monotonic() + drain_timeout_s
+        while self._streams and time.monotonic() < deadline and self.is_running:
+            await asyncio.sleep(0.05)
+        for request_id in list(self._streams):
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.queue.put_nowait(EngineDeadError("server is shutting down"))
+            self.abort(request_id)
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30.0)
+        self.engine.shutdown()  # tensor-parallel workers, if any
+
+    # ---- worker-thread side -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        assert self._loop is not None
+        try:
+            while not self._stop.is_set():
+                idle = not self.engine.has_unfinished_requests()
+                self._apply_commands(block=idle)
+                if self._stop.is_set() or not self.engine.has_unfinished_requests():
+                    self._update_stats(force=idle)
+                    continue
+                outputs = self.engine.step()
+                if outputs:
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs)
+                self._update_stats()
+        except BaseException as e:
+            logger.exception("engine loop failed")
+            self.dead_error = e
+            if not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._fail_all, e)
+
+    def _apply_commands(self, block: bool) -> None:
+        try:
+            cmd = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while cmd is not None:
+            if isinstance(cmd, _Add):
+                self._apply_add(cmd)
+            else:
+                self.engine.abort_request(cmd.request_id)
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply_add(self, cmd: _Add) -> None:
+        if not cmd.done.set_running_or_notify_cancel():
+            return
+        try:
+            self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, cmd.arrival_time)
+        except Exception as e:  # bad input: hand it to the caller
+            cmd.done.set_exception(e)
+        else:
+            cmd.done.set_result(None)
+
+    def _update_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_stats < STATS_INTERVAL_S:
+            return
+        self._last_stats = now
+        m = self.engine.get_metrics()
+        self.stats.num_running = m.num_running
+        self.stats.num_waiting = m.num_waiting
+        self.stats.kv_usage = m.kv_usage
+        self.stats.prefix_hit_rate = m.prefix_cache_hit_rate
+        self.stats.num_preemptions = m.num_preemptions

@@ -1,0 +1,28 @@
+"""Optional API-key check: `Authorization: Bearer <key>`, compared in constant time."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Request
+
+from engine.server.errors import APIError
+
+
+def check_api_key(request: Request) -> None:
+    """FastAPI dependency: raise 401 unless the request carries the server's key (if any)."""
+    key: str | None = request.app.state.server.config.api_key
+    if not key:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    ok = scheme.lower() == "bearer" and hmac.compare_digest(
+        token.strip().encode("utf-8"), key.encode("utf-8")
+    )
+    if not ok:
+        raise APIError(
+            401,
+            "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
+            "authentication_error",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

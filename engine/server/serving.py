@@ -1,0 +1,566 @@
+"""The completions and chat-completions logic: prompts in, OpenAI responses or SSE chunks out.
+
+Engine outputs are cumulative (text and token ids so far), so stream deltas are the suffix past
+what was already sent for each choice. Choice index = prompt index * n + sample index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from fastapi import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from engine.server.async_engine import EngineDeadError, RequestStream
+from engine.server.errors import APIError, bad_request
+from engine.server.protocol import (
+    ChatCompletionLogProbs,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatLogProb,
+    ChatLogProbsContent,
+    ChatResponseMessage,
+    CompletionLogProbs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionResponseChoice,
+    SamplingFields,
+    UsageInfo,
+    random_id,
+)
+
+if TYPE_CHECKING:
+    from engine.llm_engine import CompletionOutput, RequestOutput
+    from engine.server.app import ServerState
+
+T = TypeVar("T")
+logger = logging.getLogger("engine.server")
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its (non-streaming) response was ready."""
+
+
+# ---- prompt preparation ---------------------------------------------------------------------
+
+
+def encode_prompt(
+    state: ServerState, prompt: str | list[int], param: str, add_special_tokens: bool = True
+) -> list[int]:
+    """Token ids of a prompt, checked against the vocabulary and the context length.
+
+    Chat prompts come templated (BOS included), so they are encoded without special tokens,
+    as the offline `LLM.chat` does.
+    """
+    if isinstance(prompt, str):
+        ids = state.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+    else:
+        ids = list(prompt)
+        vocab = state.vocab_size
+        if vocab is not None and any(t >= vocab for t in ids):
+            raise bad_request(f"{param}: token ids must be < vocabulary size {vocab}", param)
+    if not ids:
+        raise bad_request(f"{param}: the prompt must not be empty", param)
+    if len(ids) >= state.max_model_len:
+        raise bad_request(
+            f"{param}: the prompt is {len(ids)} tokens; this model's maximum context length is "
+            f"{state.max_model_len} tokens (prompt plus completion)",
+            param,
+            code="context_length_exceeded",
+        )
+    return ids
+
+
+def max_tokens_for(state: ServerState, prompt_len: int, requested: int | None) -> int:
+    room = state.max_model_len - prompt_len
+    if requested is None:
+        return room
+    if requested > room:
+        raise bad_request(
+            f"max_tokens: this model's maximum context length is {state.max_model_len} tokens; "
+            f"you requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
+            f"{requested} for the completion); lower max_tokens to at most {room}",
+            "max_tokens",
+            code="context_length_exceeded",
+        )
+    return requested
+
+
+def check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model != state.config.served_model_name:
+        raise bad_request(
+            f"model: the model {model!r} does not exist; this server serves "
+            f"{state.config.served_model_name!r}",
+            "model",
+            code="model_not_found",
+        )
+
+
+def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> str:
+    try:
+        return state.tokenizer.apply_chat_template(
+            body.message_dicts(), add_generation_prompt=body.add_generation_prompt
+        )
+    except Exception as e:  # template errors (e.g. roles that must alternate) are the input's
+        raise bad_request(f"messages: cannot apply the chat template: {e}", "messages") from e
+
+
+@dataclass
+class Submitted:
+    """The engine requests behind one HTTP request (one per prompt), plus bookkeeping."""
+
+    request_id: str
+    model: str
+    created: int
+    n: int
+    streams: list[RequestStream]
+    arrival: float
+    prompt_lens: list[int]
+    include_usage: bool = False
+    continuous_usage: bool = False
+    last: dict[int, RequestOutput] = field(default_factory=dict)
+
+
+async def submit(
+    state: ServerState,
+    body: SamplingFields,
+    prefix: str,
+    prompts: list[list[int]],
+    requested_max: int | None,
+    logprobs: int | None,
+) -> Submitted:
+    """Validate and queue every prompt; on any failure undo what was queued."""
+    params = []
+    for ids in prompts:
+        try:
+            params.append(
+                body.to_sampling_params(max_tokens_for(state, len(ids), requested_max), logprobs)
+            )
+        except ValueError as e:
+            raise bad_request(str(e), _param_of(str(e))) from e
+    engine = state.require_engine()
+    request_id = random_id(prefix)
+    arrival = time.time()
+    engine_arrival = time.monotonic()  # the engine's clock
+    streams: list[RequestStream] = []
+    try:
+        for i, (ids, sp) in enumerate(zip(prompts, params, strict=True)):
+            sub_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+            streams.append(await engine.add_request(sub_id, ids, sp, engine_arrival))
+    except BaseException:
+        for s in streams:
+            s.close()
+        raise
+    opts = body.stream_options
+    return Submitted(
+        request_id,
+        state.config.served_model_name,
+        int(arrival),
+        body.n,
+        streams,
+        arrival,
+        [len(p) for p in prompts],
+        bool(opts and opts.include_usage),
+        bool(opts and opts.continuous_usage_stats),
+    )
+
+
+def _param_of(message: str) -> str | None:
+    head = message.split(" ", 1)[0]
+    return head if head.isidentifier() else None
+
+
+# ---- reading outputs ------------------------------------------------------------------------
+
+
+async def _observed(state: ServerState, sub: Submitted, idx: int) -> AsyncIterator[RequestOutput]:
+    """One engine request's outputs; records its metrics and aborts it if left unfinished."""
+    stream = sub.streams[idx]
+    ttft: float | None = None
+    outcome = "abort"  # unless it finishes or the engine fails
+    try:
+        async for out in stream:
+            if ttft is None and any(c.token_ids for c in out.outputs):
+                ttft = time.time() - sub.arrival
+            sub.last[idx] = out
+            if out.finished:
+                outcome = _outcome(out)
+            yield out
+    except EngineDeadError:
+        outcome = "error"
+        raise
+    finally:
+        stream.close()
+        outs = sub.last[idx].outputs if idx in sub.last else []
+        state.metrics.observe_finished(
+            outcome,
+            sub.prompt_lens[idx],
+            [len(c.token_ids) for c in outs],
+            ttft,
+            time.time() - sub.arrival,
+        )
+
+
+def _outcome(out: RequestOutput) -> str:
+    reasons = {c.finish_reason for c in out.outputs}
+    for r in ("abort", "length", "stop"):
+        if r in reasons:
+            return r
+    return "stop"
+
+
+async def merged(state: ServerState, sub: Submitted) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) pairs of all of a request's engine requests, as they come."""
+    gens = [_observed(state, sub, i) for i in range(len(sub.streams))]
+    try:
+        if len(gens) == 1:
+            async for out in gens[0]:
+                yield 0, out
+            return
+        q: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            try:
+                async for out in gens[i]:
+                    q.put_nowait((i, out))
+            except Exception as e:
+                q.put_nowait((i, e))
+            finally:
+                q.put_nowait((i, None))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(gens))]
+        try:
+            remaining = len(gens)
+            while remaining:
+                i, item = await q.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for g in gens:
+            await g.aclose()
+
+
+def usage_of(sub: Submitted) -> UsageInfo:
+    prompt = sum(sub.prompt_lens)
+    completion = sum(len(c.token_ids) for out in sub.last.values() for c in out.outputs)
+    return UsageInfo(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (which aborts its engine requests) if the client leaves."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+    if task.cancelled():
+        raise ClientDisconnected
+    return task.result()
+
+
+# ---- logprobs -------------------------------------------------------------------------------
+
+
+def _top(lp: dict[int, float], k: int) -> list[tuple[int, float]]:
+    return sorted(lp.items(), key=lambda kv: -kv[1])[:k]
+
+
+def completion_logprobs(
+    state: ServerState,
+    token_ids: list[int],
+    logprobs: list[dict[int, float]],
+    k: int,
+    offset: int,
+) -> CompletionLogProbs:
+    out = CompletionLogProbs()
+    for tid, lp in zip(token_ids, logprobs, strict=False):
+        text = state.token_text(tid)
+        out.tokens.append(text)
+        out.token_logprobs.append(lp.get(tid))
+        top: dict[str, float] = {}
+        for t, v in _top(lp, k):  # ids that print alike keep their highest logprob
+            top.setdefault(state.token_text(t), v)
+        out.top_logprobs.append(top if k else None)
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
+
+
+def chat_logprobs(
+    state: ServerState, token_ids: list[int], logprobs: list[dict[int, float]], k: int
+) -> ChatCompletionLogProbs:
+    content = []
+    for tid, lp in zip(token_ids, logprobs, strict=False):
+        text = state.token_text(tid)
+        top = [
+            ChatLogProb(token=(s := state.token_text(t)), logprob=v, bytes=list(s.encode()))
+            for t, v in _top(lp, k)
+        ]
+        content.append(
+            ChatLogProbsContent(
+                token=text,
+                logprob=lp.get(tid, float("-inf")),
+                bytes=list(text.encode()),
+                top_logprobs=top,
+            )
+        )
+    return ChatCompletionLogProbs(content=content)
+
+
+# ---- non-streaming responses ----------------------------------------------------------------
+
+
+async def _drain(state: ServerState, sub: Submitted) -> None:
+    async for _ in merged(state, sub):
+        pass
+
+
+async def completion_response(
+    state: ServerState, sub: Submitted, body: CompletionRequest, echo_texts: list[str]
+) -> CompletionResponse:
+    await _drain(state, sub)
+    choices = []
+    for p, out in sorted(sub.last.items()):
+        for c in out.outputs:
+            text = echo_texts[p] + c.text if body.echo else c.text
+            lps = None
+            if body.logprobs is not None and c.logprobs is not None:
+                lps = completion_logprobs(state, c.token_ids, c.logprobs, body.logprobs, 0)
+            choices.append(
+                CompletionResponseChoice(
+                    index=p * sub.n + c.index,
+                    text=text,
+                    logprobs=lps,
+                    finish_reason=c.finish_reason,
+                )
+            )
+    choices.sort(key=lambda ch: ch.index)
+    return CompletionResponse(
+        id=sub.request_id,
+        created=sub.created,
+        model=sub.model,
+        choices=choices,
+        usage=usage_of(sub),
+    )
+
+
+async def chat_response(
+    state: ServerState, sub: Submitted, body: ChatCompletionRequest
+) -> ChatCompletionResponse:
+    await _drain(state, sub)
+    k = body.engine_logprobs()
+    choices = []
+    for c in sorted(sub.last[0].outputs, key=lambda c: c.index):
+        lps = None
+        if k is not None and c.logprobs is not None:
+            lps = chat_logprobs(state, c.token_ids, c.logprobs, k)
+        choices.append(
+            ChatCompletionResponseChoice(
+                index=c.index,
+                message=ChatResponseMessage(content=c.text),
+                logprobs=lps,
+                finish_reason=c.finish_reason,
+            )
+        )
+    return ChatCompletionResponse(
+        id=sub.request_id,
+        created=sub.created,
+        model=sub.model,
+        choices=choices,
+        usage=usage_of(sub),
+    )
+
+
+# ---- streaming ------------------------------------------------------------------------------
+
+
+class SSEResponse(StreamingResponse):
+    """Server-sent events; closing the body generator always runs (and so aborts requests)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._gen = content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._gen.aclose()  # type: ignore[attr-defined]
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n"
+
+
+@dataclass
+class _Sent:
+    text: int = 0
+    tokens: int = 0
+    finished: bool = False
+
+
+def _new_part(
+    c: CompletionOutput, sent: _Sent, hold: int
+) -> tuple[str, list[int], list[dict[int, float]]]:
+    """What choice `c` adds past `sent`. Until it finishes, the last `hold` characters stay
+    back: they may be the start of a stop string the engine will cut from the text."""
+    end = len(c.text) if c.finish_reason is not None else max(sent.text, len(c.text) - hold)
+    text = c.text[sent.text : end]
+    ids = c.token_ids[sent.tokens :]
+    lps = c.logprobs[sent.tokens :] if c.logprobs is not None else []
+    sent.text, sent.tokens = end, len(c.token_ids)
+    return text, ids, lps
+
+
+async def _events(
+    state: ServerState,
+    sub: Submitted,
+    body: SamplingFields,
+    chunk: Any,
+    first: list[str] | None = None,
+) -> AsyncIterator[str]:
+    """Shared SSE loop: `chunk(choice_index, c, text, ids, lps)` makes one chunk's dict.
+
+    Errors after the 200 header went out can only be told in-band: an `error` event, then
+    [DONE].
+    """
+    sent: dict[int, _Sent] = {}
+    hold = max((len(s) for s in body.stop_list()), default=1) - 1
+    base = {"id": sub.request_id, "created": sub.created, "model": sub.model}
+    try:
+        for line in first or []:
+            yield line
+        async for p, out in merged(state, sub):
+            for c in out.outputs:
+                i = p * sub.n + c.index
+                s = sent.setdefault(i, _Sent())
+                if s.finished:
+                    continue
+                text, ids, lps = _new_part(c, s, hold)
+                if not text and c.finish_reason is None and not lps:
+                    continue
+                s.finished = c.finish_reason is not None
+                data = {**base, **chunk(i, c, text, ids, lps)}
+                if sub.continuous_usage:
+                    data["usage"] = usage_of(sub).model_dump()
+                yield sse(data)
+        if sub.include_usage:
+            yield sse(
+                {**base, **chunk(None, None, "", [], []), "usage": usage_of(sub).model_dump()}
+            )
+    except EngineDeadError as e:
+        err = APIError(503, str(e), "server_error", code="engine_unavailable")
+        yield sse({"error": err.info.model_dump()})
+    except Exception as e:
+        logger.exception("streaming request %s failed", sub.request_id)
+        err = APIError(500, f"internal error: {type(e).__name__}", "server_error")
+        yield sse({"error": err.info.model_dump()})
+    yield sse("[DONE]")
+
+
+def completion_events(
+    state: ServerState, sub: Submitted, body: CompletionRequest, echo_texts: list[str]
+) -> AsyncIterator[str]:
+    offsets: dict[int, int] = {}
+
+    def chunk(
+        i: int | None,
+        c: CompletionOutput | None,
+        text: str,
+        ids: list[int],
+        lps: list[dict[int, float]],
+    ) -> dict[str, Any]:
+        if i is None or c is None:
+            return {"object": "text_completion", "choices": []}
+        if body.echo and i not in offsets:
+            text = echo_texts[i // sub.n] + text
+        logprobs = None
+        if body.logprobs is not None and lps:
+            logprobs = completion_logprobs(
+                state, ids, lps, body.logprobs, offsets.get(i, 0)
+            ).model_dump()
+        offsets[i] = offsets.get(i, 0) + len(text)
+        choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+        return {"object": "text_completion", "choices": [choice]}
+
+    return _events(state, sub, body, chunk)
+
+
+def chat_events(
+    state: ServerState, sub: Submitted, body: ChatCompletionRequest
+) -> AsyncIterator[str]:
+    k = body.engine_logprobs()
+    base = {
+        "id": sub.request_id,
+        "object": "chat.completion.chunk",
+        "created": sub.created,
+        "model": sub.model,
+    }
+    first = [
+        sse(
+            {
+                **base,
+                "choices": [
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ],
+            }
+        )
+        for i in range(sub.n)
+    ]
+
+    def chunk(
+        i: int | None,
+        c: CompletionOutput | None,
+        text: str,
+        ids: list[int],
+        lps: list[dict[int, float]],
+    ) -> dict[str, Any]:
+        if i is None or c is None:
+            return {"object": "chat.completion.chunk", "choices": []}
+        logprobs = None
+        if k is not None and lps:
+            logprobs = chat_logprobs(state, ids, lps, k).model_dump()
+        delta = {"content": text} if text else {}
+        choice = {
+            "index": i,
+            "delta": delta,
+            "logprobs": logprobs,
+            "finish_reason": c.finish_reason,
+        }
+        return {"object": "chat.completion.chunk", "choices": [choice]}
+
+    return _events(state, sub, body, chunk, first)

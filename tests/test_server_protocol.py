@@ -1,0 +1,88 @@
+"""Request models of the engine server: OpenAI shapes in, SamplingParams out (no model needed)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from engine.server.protocol import ChatCompletionRequest, CompletionRequest, ParamError
+from engine.server.serving import _new_part, _Sent, sse
+
+
+def test_completion_defaults_follow_openai() -> None:
+    req = CompletionRequest(prompt="hi")
+    assert req.max_tokens == 16 and req.n == 1 and not req.stream
+    sp = req.to_sampling_params(req.max_tokens, req.logprobs)
+    assert (sp.temperature, sp.top_p, sp.top_k, sp.max_tokens) == (1.0, 1.0, -1, 16)
+
+
+def test_prompt_forms() -> None:
+    assert CompletionRequest(prompt="a").prompts() == ["a"]
+    assert CompletionRequest(prompt=["a", "b"]).prompts() == ["a", "b"]
+    assert CompletionRequest(prompt=[1, 2, 3]).prompts() == [[1, 2, 3]]
+    assert CompletionRequest(prompt=[[1], [2, 3]]).prompts() == [[1], [2, 3]]
+
+
+def test_extra_params_reach_sampling_params() -> None:
+    req = CompletionRequest(
+        prompt="x", top_k=4, min_p=0.1, repetition_penalty=1.3, ignore_eos=True, min_tokens=2,
+        stop="END", seed=5, presence_penalty=0.5, frequency_penalty=-0.5, n=2, temperature=0.3,
+    )  # fmt: skip
+    sp = req.to_sampling_params(8, 2)
+    assert (sp.top_k, sp.min_p, sp.repetition_penalty, sp.ignore_eos, sp.min_tokens) == (
+        4, 0.1, 1.3, True, 2,
+    )  # fmt: skip
+    assert (sp.stop, sp.seed, sp.n, sp.logprobs, sp.max_tokens) == (["END"], 5, 2, 2, 8)
+
+
+def test_chat_logprobs_and_max_completion_tokens() -> None:
+    req = ChatCompletionRequest(
+        messages=[{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text",
+                                                                             "text": "b"}]}],
+        logprobs=True, top_logprobs=3, max_tokens=5, max_completion_tokens=7,
+    )  # fmt: skip
+    assert req.engine_logprobs() == 3 and req.requested_max_tokens() == 7
+    assert req.message_dicts() == [{"role": "user", "content": "ab"}]
+    assert (
+        ChatCompletionRequest(messages=[{"role": "user", "content": "a"}]).engine_logprobs() is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"logit_bias": {"1": 1.0}}, "logit_bias"),
+        ({"best_of": 3}, "best_of"),
+        ({"suffix": "x"}, "suffix"),
+        ({"echo": True, "logprobs": 1}, "echo"),
+        ({"top_k": 0}, "top_k"),
+        ({"prompt": [[1], []]}, "prompt"),
+    ],
+)
+def test_param_errors_name_the_parameter(kwargs: dict, param: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest(**{"prompt": "x", **kwargs})
+    cause = info.value.errors()[0]["ctx"]["error"]
+    assert isinstance(cause, ParamError) and cause.param == param
+
+
+def test_stream_deltas_hold_back_possible_stop_prefix() -> None:
+    class C:  # a CompletionOutput's cumulative fields
+        def __init__(self, text: str, n: int, finish: str | None = None) -> None:
+            self.text, self.token_ids, self.logprobs, self.finish_reason = (
+                text,
+                [0] * n,
+                None,
+                finish,
+            )
+
+    sent = _Sent()
+    assert _new_part(C("hello wo", 3), sent, hold=2)[0] == "hello "
+    assert _new_part(C("hello wor", 4), sent, hold=2)[0] == "w"
+    assert _new_part(C("hello wor", 5, "stop"), sent, hold=2)[0] == "or"
+    assert sent.text == len("hello wor")
+
+
+def test_sse_format() -> None:
+    assert sse({"a": 1}) == 'data: {"a":1}\n\n'
+    assert sse("[DONE]") == "data: [DONE]\n\n"
