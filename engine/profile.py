@@ -62,7 +62,7 @@ class Grid:
                 m
                 for m in self.mixed
                 if m[0] <= max_batch and m[2] + m[0] <= max_tokens and m[1] < max_len
-            ),  # fmt: skip
+            ),
         )
 
 
@@ -232,14 +232,14 @@ def profile_dict(engine: LLMEngine, points: list[dict], wall_s: float) -> dict:
             "max_num_batched_tokens": a.max_num_batched_tokens,
             "num_kv_blocks": engine.runner.num_blocks,
             "max_model_len": engine.max_model_len,
-        },  # fmt: skip
+        },
         "points": points,
         "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "source": (
             f"python -m engine.profile (LLMEngine.step medians; torch "
             f"{torch.__version__}, {wall_s:.0f} s, load average "
             f"{os.getloadavg()[0]:.1f})"
-        ),  # fmt: skip
+        ),
     }
 
 
