@@ -207,8 +207,9 @@ class Profiler:
 
 def measure(engine: LLMEngine, grid: Grid, repeats: int) -> list[dict]:
     prof = Profiler(engine, repeats)
-    prof.prefill(grid.prefill_tokens[0])  # warm-up (allocator, caches), not recorded
-    prof.decode(grid.decode_batches[0], grid.decode_contexts[0])
+    for _ in range(3):  # warm-up (allocator, caches, first-touch pages), not recorded
+        prof.prefill(grid.prefill_tokens[-1])
+        prof.decode(grid.decode_batches[-1], grid.decode_contexts[-1])
     prof.points.clear()
     for p in grid.prefill_tokens:
         prof.prefill(p)
