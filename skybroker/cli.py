@@ -13,6 +13,7 @@ import typer
 
 from skybroker import __version__, catalog_cli
 from skybroker.plan_cli import plan_command, spec_app
+from skybroker.profile_cli import profile_command
 
 app = typer.Typer(
     name="skybroker",
@@ -31,6 +32,7 @@ def _root() -> None:
 
 app.command("plan")(plan_command)
 app.add_typer(spec_app, name="spec")
+app.command("profile")(profile_command)
 
 
 @app.command()

@@ -111,6 +111,7 @@ class Plan:
     baseline_notes: dict[str, str] = field(default_factory=dict)
     model: str = ""
     request_classes: list[dict[str, Any]] = field(default_factory=list)
+    perf_notes: list[str] = field(default_factory=list)  # measured profiles skipped, and why
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -144,6 +145,7 @@ class Plan:
             "baselines": self.baselines,
             "baseline_notes": self.baseline_notes,
             "request_classes": self.request_classes,
+            "perf_notes": self.perf_notes,
         }
 
 
@@ -195,6 +197,7 @@ class ReplicaPerf:
     kv_tokens: int
     caps: tuple[CapacityResult, ...]  # per request class
     source: str
+    notes: tuple[str, ...] = ()  # measured profiles skipped, and why
 
 
 def gpu_replica(arch: ModelArch, spec: DeploymentSpec, catalog: Catalog, gpu: str,
@@ -225,13 +228,16 @@ def replica_perf(arch: ModelArch, hw: Hardware, kv_tokens: int, spec: Deployment
                  classes: list[RequestClass],
                  model: RooflineModel | None = None) -> ReplicaPerf:  # fmt: skip
     e, s = spec.engine, spec.slo
-    prof = find_profile(arch, hw, e.profiles)
+    notes: list[str] = []
+    prof = find_profile(arch, hw, e.profiles, notes)
     step = prof or model or RooflineModel(arch, hw)
     cfg = SchedulerConfig(e.max_num_seqs, e.max_num_batched_tokens, kv_tokens // e.block_size,
                           e.block_size)  # fmt: skip
     slo = SLOTarget(s.ttft_ms / 1000, s.tpot_ms / 1000, s.percentile)
     caps = tuple(max_rate(step, cfg, c, slo, num_requests=SIM_REQUESTS) for c in classes)
-    return ReplicaPerf(hw, hw.count if hw.kind == "gpu" else 1, kv_tokens, caps, step.source)
+    return ReplicaPerf(
+        hw, hw.count if hw.kind == "gpu" else 1, kv_tokens, caps, step.source, tuple(notes)
+    )
 
 
 # --- offerings and users --------------------------------------------------------------------
@@ -354,6 +360,7 @@ def make_plan(spec: DeploymentSpec, catalog: Catalog | None = None,
                 request_classes=[{"name": c.name, "share": round(c.share, 4),
                                   "mean_input": round(c.mean_input, 1),
                                   "mean_output": round(c.mean_output, 1)} for c in classes])  # fmt: skip
+    plan.perf_notes = sorted({n for rp in perf.values() if rp for n in rp.notes})
     if baselines:
         plan.baselines, plan.baseline_notes = compute_baselines(problem, meta, time_limit)
     return plan

@@ -72,6 +72,12 @@ def plan_command(
         render_plan(plan)
 
 
+def perf_label(source: str) -> str:
+    """`roofline`, or `profile <file name>` for a measured profile."""
+    kind, _, path = source.partition(":")
+    return f"{kind} {Path(path).name}" if path else kind
+
+
 def render_plan(plan: Plan) -> None:
     """A rich table of the placements, totals, solver figures and baselines."""
     from rich.console import Console
@@ -81,7 +87,7 @@ def render_plan(plan: Plan) -> None:
     pct = f"p{s.slo.percentile:g}"
     t = Table(title=f"{s.name}: {plan.model}, {s.workload.rate:g} req/s", title_justify="left")
     for col in ("cloud", "region", "instance", "GPUs", "spot", "count", "$/h", "req/s each",
-                f"TTFT {pct}", f"TPOT {pct}", "serves"):  # fmt: skip
+                f"TTFT {pct}", f"TPOT {pct}", "serves", "perf"):  # fmt: skip
         t.add_column(col, justify="right" if col in ("count", "$/h", "req/s each") else "left")
     for p in plan.placements:
         o = p.offering
@@ -93,7 +99,8 @@ def render_plan(plan: Plan) -> None:
         serves = ", ".join(f"{u} {r:.2f}" for u, r in sorted(p.serves.items()))
         t.add_row(o.cloud, o.region, o.instance_type, gpus, "yes" if p.spot else "no",
                   str(p.replicas), f"{p.cost_per_hour:.2f}", f"{p.capacity_rps:.2f}",
-                  f"{p.ttft_s * 1000:.0f} ms", f"{p.tpot_s * 1000:.1f} ms", serves)  # fmt: skip
+                  f"{p.ttft_s * 1000:.0f} ms", f"{p.tpot_s * 1000:.1f} ms", serves,
+                  perf_label(p.perf_source))  # fmt: skip
     con = Console()
     con.print(t)
     sv = plan.solver
@@ -104,6 +111,8 @@ def render_plan(plan: Plan) -> None:
     con.print(f"solver {sv.solver} {sv.status}, gap {gap}, solve {sv.solve_time_s:.2f} s, "
               f"perf model {sv.perf_time_s:.1f} s; offerings {sv.num_offerings} -> classes "
               f"{sv.num_classes} -> after pruning {sv.num_pruned}, {sv.num_components} component(s)")  # fmt: skip
+    for note in plan.perf_notes:
+        con.print(f"note: {note}")
     for name, cost in plan.baselines.items():
         note = plan.baseline_notes.get(name, "")
         if cost is None:

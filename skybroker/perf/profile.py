@@ -1,8 +1,11 @@
 """Measured engine profiles: step times of the real engine that override the roofline.
 
-The engine's benchmark writes one JSON file per (hardware, model); the planner reads every
-file named in the spec's `engine.profiles` and in `$SKYBROKER_HOME/profiles/*.json`, and uses
-the one whose hardware and model match a replica instead of the roofline.
+The engine's profiler (`python -m engine.profile`, `skybroker profile`) writes one JSON file
+per (hardware, model); the planner reads every file named in the spec's `engine.profiles`, in
+`$SKYBROKER_HOME/profiles/*.json` and the project's bundled `catalogs/profiles/*.json`, and
+uses the first whose hardware and model match a replica instead of the roofline. A profile
+named in the spec that does not match (or a found one for the same model and device kind
+measured on other hardware) is skipped with a note saying why.
 
 Schema (version "skybroker-engine-profile/1"):
 
@@ -69,17 +72,41 @@ class EngineProfile:
                 "engine": self.engine, "points": self.points, "fit": self.fit,
                 "created": self.created, "source": self.source}  # fmt: skip
 
-    def matches(self, arch: ModelArch, hw: Hardware) -> bool:
+    @property
+    def hardware_tag(self) -> str:
         h = self.hardware
-        if (h["kind"], int(h["count"])) != (hw.kind, hw.count):
-            return False
-        if h["kind"] == "gpu" and h["name"] != hw.name:
-            return False
-        if h["kind"] == "cpu" and h["name"] != hw.name:
-            return False
-        if self.model.get("arch_hash"):
-            return self.model["arch_hash"] == arch.arch_hash
-        return normalize_name(self.model["name"]) == normalize_name(arch.name)
+        return (
+            f"gpu:{h['name']}x{h['count']}"
+            if h["kind"] == "gpu"
+            else f"cpu:{h['name']}:{h['count']}"
+        )
+
+    def model_mismatch(self, arch: ModelArch) -> str | None:
+        """Why this profile is not of `arch`'s model (None when it is)."""
+        m = self.model
+        if m.get("arch_hash"):
+            if m["arch_hash"] == arch.arch_hash:
+                return None
+            return (f"measured for model {m.get('name', '?')} (arch_hash {m['arch_hash']}, "
+                    f"{m.get('dtype', '?')}), not {arch.name} (arch_hash {arch.arch_hash}, "
+                    f"{arch.dtype})")  # fmt: skip
+        if normalize_name(m["name"]) == normalize_name(arch.name):
+            return None
+        return f"measured for model {m['name']}, not {arch.name}"
+
+    def hardware_mismatch(self, hw: Hardware) -> str | None:
+        """Why this profile was not measured on `hw` (None when it was)."""
+        h = self.hardware
+        if (h["kind"], h["name"], int(h["count"])) == (hw.kind, hw.name, hw.count):
+            return None
+        return f"measured on {self.hardware_tag}, not on this replica's {hw.tag}"
+
+    def mismatch(self, arch: ModelArch, hw: Hardware) -> str | None:
+        """Why this profile cannot stand for (arch, hw), in words; None when it matches."""
+        return self.hardware_mismatch(hw) or self.model_mismatch(arch)
+
+    def matches(self, arch: ModelArch, hw: Hardware) -> bool:
+        return self.mismatch(arch, hw) is None
 
 
 def fit_points(points: list[dict[str, float]]) -> dict[str, float]:
@@ -168,16 +195,31 @@ class ProfileModel:
         return cls(profile, "profile:" + hashlib.sha256(blob).hexdigest()[:16])
 
 
+BUNDLED_DIR = Path(__file__).resolve().parents[2] / "catalogs" / "profiles"
+
+
+def profile_files(paths: list[str] | None = None) -> list[tuple[Path, bool]]:
+    """(file, named in the spec) in search order: spec, $SKYBROKER_HOME/profiles, bundled."""
+    files = [(Path(p).expanduser(), True) for p in paths or []]
+    for d in (skybroker_home() / "profiles", BUNDLED_DIR):
+        if d.is_dir():
+            files += [(f, False) for f in sorted(d.glob("*.json"))]
+    return files
+
+
 def find_profile(
-    arch: ModelArch, hw: Hardware, paths: list[str] | None = None
-) -> ProfileModel | None:
-    """The first profile (spec's paths, then $SKYBROKER_HOME/profiles) matching arch + hw."""
-    files = [Path(p) for p in paths or []]
-    home = skybroker_home() / "profiles"
-    if home.is_dir():
-        files += sorted(home.glob("*.json"))
-    for f in files:
+    arch: ModelArch, hw: Hardware, paths: list[str] | None = None,
+    notes: list[str] | None = None,
+) -> ProfileModel | None:  # fmt: skip
+    """The first profile (spec's paths, $SKYBROKER_HOME/profiles, catalogs/profiles) matching
+    arch + hw. Skipped profiles worth knowing about (named in the spec, or of the same model
+    and device kind) get a line in `notes` saying why they were not used."""
+    for f, named in profile_files(paths):
         prof = load(f)
-        if prof.matches(arch, hw):
+        why = prof.mismatch(arch, hw)
+        if why is None:
             return ProfileModel.of(prof)
+        near = prof.model_mismatch(arch) is None and prof.hardware["kind"] == hw.kind
+        if notes is not None and (named or near):
+            notes.append(f"profile {f} not used for {hw.tag}: {why}")
     return None

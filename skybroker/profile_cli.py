@@ -1,0 +1,55 @@
+"""`skybroker profile`: measure the bundled engine on this machine for the planner.
+
+Runs `python -m engine.profile` as a subprocess (skybroker never imports the engine) and
+writes the profile to --out, by default `$SKYBROKER_HOME/profiles/<model>-<hardware>.json`,
+where the planner finds it (`skybroker.perf.profile.find_profile`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+
+def default_out(model: Path) -> Path:
+    from skybroker.perf.roofline import skybroker_home
+
+    return skybroker_home() / "profiles" / f"{model.name.removesuffix('.gguf')}-local.json"
+
+
+def profile_command(
+    model: Path = typer.Option(..., "--model", help="HF model directory or .gguf file"),
+    out: Path | None = typer.Option(None, "--out", help="profile JSON (default: SKYBROKER_HOME)"),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="largest decode batch"),
+    max_context: int = typer.Option(1024, "--max-context", min=1, help="largest decode context"),
+    repeats: int = typer.Option(5, "--repeats", min=1, help="steps per point (median kept)"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", min=1),
+) -> None:
+    """Measure the engine's step times on this hardware; the planner then uses them."""
+    if not model.exists():
+        typer.echo(f"--model: {model} does not exist (an HF model dir or a .gguf file)", err=True)
+        raise typer.Exit(2)
+    if device not in ("auto", "cpu", "cuda"):
+        typer.echo(f"--device must be auto, cpu or cuda, got {device!r}", err=True)
+        raise typer.Exit(2)
+    out = out or default_out(model)
+    cmd = [sys.executable, "-m", "engine.profile", "--model", str(model), "--out", str(out),
+           "--max-batch", str(max_batch), "--max-context", str(max_context),
+           "--repeats", str(repeats), "--device", device,
+           "--tensor-parallel-size", str(tensor_parallel_size)]  # fmt: skip
+    rc = subprocess.call(cmd)
+    if rc != 0:
+        typer.echo(f"engine profiler failed (exit {rc}): {' '.join(cmd)}", err=True)
+        raise typer.Exit(rc)
+    from skybroker.perf.profile import load
+
+    prof = load(out)
+    f = prof.fit
+    typer.echo(f"{out}: {prof.model['name']} on {prof.hardware_tag}, {len(prof.points)} points; "
+               f"step = {f['intercept'] * 1e3:.2f} ms + {f['per_prefill_token'] * 1e6:.1f} us/"
+               f"prompt token + {f['per_decode_seq'] * 1e3:.2f} ms/decode seq + "
+               f"{f['per_context_token'] * 1e9:.1f} ns/context token")  # fmt: skip
