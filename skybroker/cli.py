@@ -12,6 +12,7 @@ import sys
 import typer
 
 from skybroker import __version__, catalog_cli
+from skybroker.deploy_cli import register as register_deploy_commands
 from skybroker.plan_cli import plan_command, spec_app
 from skybroker.profile_cli import profile_command
 
@@ -22,7 +23,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.add_typer(catalog_cli.app, name="catalog")
 
 
 @app.callback()
@@ -31,6 +31,7 @@ def _root() -> None:
 
 
 app.command("plan")(plan_command)
+app.add_typer(catalog_cli.app, name="catalog")
 app.add_typer(spec_app, name="spec")
 app.command("profile")(profile_command)
 
@@ -41,9 +42,7 @@ def version() -> None:
     typer.echo(f"skybroker {__version__} (Python {platform.python_version()}, {sys.platform})")
 
 
-from skybroker.deploy_cli import register as _register_deploy_cli  # noqa: E402
-
-_register_deploy_cli(app)
+register_deploy_commands(app)
 
 
 def main() -> None:
