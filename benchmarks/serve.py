@@ -21,7 +21,6 @@ import asyncio
 import json
 import math
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -33,6 +32,8 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.engine_throughput import sharegpt_like  # the engine benchmark's workload
 
 
 @dataclass
@@ -53,19 +54,11 @@ class RequestResult:
 
 
 def make_workload(
-    num: int, vocab_size: int, seed: int, mean_input: int, mean_output: int, max_model_len: int
+    num: int, vocab_size: int, seed: int, max_input: int, max_output: int
 ) -> list[WorkItem]:
-    """Long-tailed (lognormal, sigma 0.8) input/output lengths, random token ids, fixed seed."""
-    rng = random.Random(seed)
-    items = []
-    for _ in range(num):
-        inp = max(4, int(rng.lognormvariate(math.log(mean_input) - 0.32, 0.8)))
-        out = max(2, int(rng.lognormvariate(math.log(mean_output) - 0.32, 0.8)))
-        inp = min(inp, max_model_len // 2)
-        out = min(out, max_model_len - inp - 1)
-        ids = [rng.randrange(3, vocab_size) for _ in range(inp)]
-        items.append(WorkItem(ids, out))
-    return items
+    """The engine benchmark's long-tailed (ShareGPT-like lognormal) workload, same seed."""
+    prompts, outs = sharegpt_like(num, max_input, max_output, vocab_size, seed)
+    return [WorkItem(p, o) for p, o in zip(prompts, outs, strict=True)]
 
 
 # ---- the HTTP client side -------------------------------------------------------------------
@@ -256,8 +249,8 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--request-rate", type=float, default=float("inf"), help="req/s; inf = burst")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mean-input-len", type=int, default=64)
-    p.add_argument("--mean-output-len", type=int, default=32)
+    p.add_argument("--max-input-len", type=int, default=384)
+    p.add_argument("--max-output-len", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
@@ -277,8 +270,11 @@ def main() -> None:
         from engine.loader import load_model_config
 
         vocab = load_model_config(args.model).vocab_size
-    items = make_workload(args.num_prompts, vocab, args.seed, args.mean_input_len,
-                          args.mean_output_len, args.max_model_len)  # fmt: skip
+    if args.max_input_len + args.max_output_len > args.max_model_len:
+        p.error("--max-input-len + --max-output-len must fit in --max-model-len")
+    items = make_workload(
+        args.num_prompts, vocab, args.seed, args.max_input_len, args.max_output_len
+    )
     proc = None
     url, model = args.base_url, args.served_model_name
     if url is None:

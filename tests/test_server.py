@@ -32,7 +32,8 @@ PROMPT = "the cat sat on the river and the dog"
 class ServerThread:
     """A real uvicorn server for an app, on a free loopback port, in a background thread."""
 
-    def __init__(self, app: object) -> None:
+    def __init__(self, app: object, wait_ready: bool = True) -> None:
+        self.wait_ready = wait_ready
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
@@ -47,7 +48,8 @@ class ServerThread:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                status = httpx.get(f"{self.url}/health", timeout=5).status_code
+                if status == 200 or not self.wait_ready:
                     return self
             except httpx.HTTPError:
                 pass
@@ -443,3 +445,43 @@ def test_overload_gets_503_with_retry_after(
     assert results and results[0].status_code == 200
     assert results[0].json()["usage"]["completion_tokens"] == 20
     assert _metric(guarded, 'engine:requests_total{model_name="tiny",outcome="rejected"}') >= 1
+
+
+# ---- readiness: /health is 503 until the model is loaded ------------------------------------
+
+
+def test_health_503_while_loading_then_ready(tiny_llama_dir: Path) -> None:
+    release = threading.Event()
+
+    def slow_load() -> LLMEngine:
+        release.wait(60)
+        return LLMEngine.from_args(EngineArgs(model=str(tiny_llama_dir), **ENGINE_KW))
+
+    app = create_app(ServerConfig(served_model_name=MODEL, retry_after_s=3), slow_load)
+    with ServerThread(app, wait_ready=False) as srv:
+        r = httpx.get(f"{srv.url}/health")
+        assert r.status_code == 503 and r.json() == {"status": "loading"}
+        r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "3"
+        assert r.json()["error"]["code"] == "engine_unavailable"
+        release.set()
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{srv.url}/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(f"{srv.url}/health").json() == {"status": "ready"}
+
+
+def test_failed_load_reports_failed() -> None:
+    def broken() -> LLMEngine:
+        raise ValueError("no such model")
+
+    app = create_app(ServerConfig(served_model_name=MODEL), broken)
+    failures: list[BaseException] = []
+    app.state.server.on_load_failure = failures.append
+    with ServerThread(app, wait_ready=False) as srv:
+        deadline = time.monotonic() + 30
+        while not failures and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = httpx.get(f"{srv.url}/health")
+        assert r.status_code == 503 and r.json() == {"status": "failed"}
+        assert isinstance(failures[0], ValueError)
