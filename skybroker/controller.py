@@ -304,6 +304,9 @@ class Controller:
         for name in list(self._servers):
             self._stop_router(name)
         self._pool.shutdown(wait=True)
+        with self._lock:  # launches that finished meanwhile: record their handles
+            for dep in self.store.list_deployments():
+                self._collect_launches(dep.name)
         self._http.close()
 
     # -- restart --------------------------------------------------------------------------------

@@ -149,7 +149,7 @@ def test_local_two_replicas_kill_one_restart_down(tiny_llama_dir: Path, home: Pa
         unready_at = time.time()
         _wait(
             lambda: (
-                c1.get("e2e").status == DeploymentStatus.READY
+                [r.status for r in c1.replicas("e2e")] == [ReplicaStatus.READY] * 2
                 and victim.name not in {r.name for r in c1.replicas("e2e")}
             ),
             300,
@@ -173,7 +173,12 @@ def test_local_two_replicas_kill_one_restart_down(tiny_llama_dir: Path, home: Pa
         assert [d.name for d in c2.list()] == ["e2e"]
         adopted = {e.replica for e in c2.events("e2e") if e.kind == "adopted"}
         assert adopted == {r.name for r in c2.replicas("e2e")} and len(adopted) == 2
-        c2.wait_ready("e2e", timeout_s=60)
+        try:
+            c2.wait_ready("e2e", timeout_s=120)
+        except TimeoutError:
+            events = [(e.kind, e.replica, e.message) for e in c2.events("e2e", limit=30)]
+            logs = [c2.logs("e2e", r.name, tail=15) for r in c2.replicas("e2e")]
+            raise AssertionError(f"events: {events}\nlogs: {logs}") from None
         client = openai.OpenAI(base_url=dep.endpoint, api_key="none", max_retries=0, timeout=60)
         out = client.completions.create(model=model, prompt="the sun", max_tokens=3)
         assert out.usage.completion_tokens == 3
