@@ -34,16 +34,17 @@ def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(server.TOKEN_ENV, raising=False)
 
 
-@pytest.fixture
-def controller(tmp_path: Path) -> Iterator[Controller]:
-    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+@pytest.fixture(scope="module")
+def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Controller]:
+    """One real Controller for the module (tests that launch also tear down)."""
+    store = Store(f"sqlite:///{tmp_path_factory.mktemp('cli') / 'state.db'}")
     c = Controller(store)
     yield c
     c.close()
     store.close()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def api_url(controller: Controller) -> Iterator[str]:
     """The real app served by uvicorn in a thread on a free port."""
     port = _free_port()
