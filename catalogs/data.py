@@ -22,7 +22,7 @@ GPUS: dict[str, tuple[str, float, float, float, float | None, str, float]] = {
     "T4": ("nvidia", 16, 320, 65, None, "pcie", 32),
     "L4": ("nvidia", 24, 300, 121, 242, "pcie", 64),
     "A10": ("nvidia", 24, 600, 125, None, "pcie", 64),
-    "A10G": ("nvidia", 24, 600, 125, None, "pcie", 64),  # assumed = A10 (same GA102 die)
+    "A10G": ("nvidia", 24, 600, 70, None, "pcie", 64),  # AWS variant: less tensor compute than A10
     "A40": ("nvidia", 48, 696, 150, None, "pcie", 64),
     "L40": ("nvidia", 48, 864, 181, 362, "pcie", 64),
     "L40S": ("nvidia", 48, 864, 362, 733, "pcie", 64),

@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from skybroker import __version__
+from skybroker import __version__, catalog_cli
 from skybroker.plan_cli import plan_command, spec_app
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(catalog_cli.app, name="catalog")
 
 
 app.command("plan")(plan_command)

@@ -241,3 +241,23 @@ def test_nearest_regions(bundled: Catalog) -> None:
     paris = (48.86, 2.35)
     (best, rtt), *_ = nearest_regions(bundled, paris, cloud="aws")
     assert best.region == "eu-west-3" and rtt < 5
+
+
+def test_egress_per_gb(bundled: Catalog) -> None:
+    from skybroker.catalog.geo import egress_per_gb
+
+    aws = bundled.egress["aws"]
+    assert egress_per_gb(bundled, ("aws", "us-east-1"), ("aws", "us-east-1")) == 0
+    assert (
+        egress_per_gb(bundled, ("aws", "us-east-1"), ("aws", "us-west-2"))
+        == aws.inter_region_per_gb
+    )
+    gcp = bundled.egress["gcp"]
+    assert (
+        egress_per_gb(bundled, ("gcp", "us-central1"), ("gcp", "europe-west4"))
+        == gcp.inter_area_per_gb
+    )
+    assert egress_per_gb(bundled, ("aws", "us-east-1"), ("gcp", "us-east4")) == aws.internet_per_gb
+    assert egress_per_gb(bundled, ("runpod", "US"), ("aws", "us-east-1")) == 0.0
+    with pytest.raises(KeyError, match="no egress prices for cloud 'nocloud'"):
+        egress_per_gb(bundled, ("nocloud", "x"), ("aws", "us-east-1"))

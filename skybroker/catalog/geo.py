@@ -75,3 +75,25 @@ def nearest_regions(
     regions = [r for r in catalog.regions.values() if cloud is None or r.cloud == cloud]
     ranked = sorted(((r, rtt_ms(point, r)) for r in regions), key=lambda x: x[1])
     return ranked[:limit]
+
+
+def egress_per_gb(catalog: Catalog, src: tuple[str, str], dst: tuple[str, str]) -> float:
+    """$/GB to move data from (cloud, region) `src` to `dst`, as the source cloud bills it.
+
+    Same region: 0. Same cloud: inter-region price within a geographic area, inter-area
+    price across areas (areas from regions.csv). Another cloud or the internet: the source
+    cloud's internet egress price. Raises KeyError naming what the catalog lacks.
+    """
+    if src == dst:
+        return 0.0
+    egress = catalog.egress.get(src[0].lower())
+    if egress is None:
+        raise KeyError(f"no egress prices for cloud {src[0]!r} in the catalog")
+    if src[0].lower() != dst[0].lower():
+        return egress.internet_per_gb
+    a, b = catalog.region_of(*src), catalog.region_of(*dst)
+    for pair, found in ((src, a), (dst, b)):
+        if found is None:
+            raise KeyError(f"no location for region {pair[0]}/{pair[1]} in the catalog")
+    assert a is not None and b is not None
+    return egress.inter_region_per_gb if a.area == b.area else egress.inter_area_per_gb

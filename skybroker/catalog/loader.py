@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import operator
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -177,11 +178,6 @@ def parse_egress(row: _Row) -> Egress:
     )
 
 
-def _opt(cell: str) -> float | None:
-    cell = cell.strip()
-    return float(cell) if cell else None
-
-
 def read_offerings(path: Path) -> list[Offering]:
     """offerings.csv -> Offerings. A fast path converts plain rows directly; any row it
     rejects is re-parsed by `parse_offering`, which raises the error naming the cell."""
@@ -190,7 +186,7 @@ def read_offerings(path: Path) -> list[Offering]:
         header = [h.strip() for h in next(csv.reader(f), [])]
     if not all(c in header for c in OFFERING_COLUMNS):
         list(_rows(path, OFFERING_COLUMNS))  # raises the header error
-    ix = [header.index(c) for c in OFFERING_COLUMNS]
+    pick = operator.itemgetter(*(header.index(c) for c in OFFERING_COLUMNS))
     width = len(header)
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
@@ -199,25 +195,25 @@ def read_offerings(path: Path) -> list[Offering]:
             try:
                 if len(cells) != width or cells[0].startswith("#"):
                     raise ValueError
-                cl, rg, zn, it, gp, n, gm, vc, mm, pr, sp = (cells[i] for i in ix)
-                price, spot, count = _opt(pr), _opt(sp), int(n)
-                o = Offering(
-                    cloud=cl.strip().lower(), region=rg.strip(), instance_type=it.strip(),
-                    gpu=gp.strip(), gpu_count=count, gpu_memory_gib=float(gm),
-                    vcpus=float(vc), memory_gib=float(mm), price=price, spot_price=spot,
-                    zone=zn.strip() or None,
-                )  # fmt: skip
-                ok = (
-                    o.cloud and o.region and o.instance_type and o.gpu and count >= 1
-                    and 0.5 <= o.gpu_memory_gib <= 2048.0 and 0.0 <= o.vcpus <= 4096.0
-                    and 0.0 <= o.memory_gib <= 65_536.0
+                cl, rg, zn, it, gp, n, gm, vc, mm, pr, sp = pick(cells)
+                # float() accepts surrounding blanks; an all-blank cell raises -> slow path.
+                price = float(pr) if pr else None
+                spot = float(sp) if sp else None
+                count, gmem, vcpus, mem = int(n), float(gm), float(vc), float(mm)
+                cl, rg, it, gp = cl.strip().lower(), rg.strip(), it.strip(), gp.strip()
+                if not (
+                    cl and rg and it and gp and count >= 1
+                    and 0.5 <= gmem <= 2048.0 and 0.0 <= vcpus <= 4096.0
+                    and 0.0 <= mem <= 65_536.0
                     and (price is not None or spot is not None)
                     and (price is None or 0.0 < price <= 10_000.0)
                     and (spot is None or 0.0 < spot <= 10_000.0)
                     and (price is None or spot is None or spot <= price)
-                )  # fmt: skip
-                if not ok:
+                ):  # fmt: skip
                     raise ValueError
+                o = Offering(
+                    cl, rg, it, gp, count, gmem, vcpus, mem, price, spot, zn.strip() or None
+                )
             except ValueError:
                 if not cells or (len(cells) == 1 and not cells[0].strip()):
                     continue  # blank line

@@ -111,11 +111,11 @@ class Catalog:
                 continue
             if min_gpu_count is not None and o.gpu_count < min_gpu_count:
                 continue
-            price = _market_price(o, spot)
+            price = market_price(o, spot)
             if price is None or (max_price is not None and price > max_price):
                 continue
             out.append(o)
-        out.sort(key=lambda o: (_market_price(o, spot) or 0.0, o.cloud, o.region, o.instance_type))
+        out.sort(key=lambda o: (market_price(o, spot) or 0.0, o.cloud, o.region, o.instance_type))
         return out
 
     def region_of(self, cloud: str, region: str) -> Region | None:
@@ -127,7 +127,7 @@ def _choices(value: str | None) -> set[str]:
     return {v.strip().lower() for v in value.split(",") if v.strip()} if value else set()
 
 
-def _market_price(o: Offering, spot: bool | None) -> float | None:
+def market_price(o: Offering, spot: bool | None) -> float | None:
     """$/h on the given market; with spot None, the cheaper market that sells it."""
     if spot is None:
         prices = [p for p in (o.price, o.spot_price) if p is not None]
