@@ -74,11 +74,20 @@ def _save_disk(entries: dict[str, CapacityResult]) -> None:
     tmp.replace(p)
 
 
-@functools.lru_cache(maxsize=1024)
-def _digest(obj: object) -> str:
-    """Stable digest of a frozen dataclass (model, config, class), computed once per object."""
+def _compute_digest(obj: object) -> str:
     ident = getattr(obj, "cache_key", None) or (asdict(obj) if is_dataclass(obj) else repr(obj))
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
+_cached_digest = functools.lru_cache(maxsize=1024)(_compute_digest)
+
+
+def _digest(obj: object) -> str:
+    """Stable digest of a model, config or class; memoized for hashable (frozen) ones."""
+    try:
+        return _cached_digest(obj)
+    except TypeError:  # e.g. a profile model holding dicts
+        return _compute_digest(obj)
 
 
 def _key(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass, slo: SLOTarget,
