@@ -62,7 +62,7 @@ def test_profile_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     prof = load(out)
     data = json.loads(out.read_text())
-    assert len(prof.points) >= 8 and all(p["seconds"] > 0 for p in prof.points)
+    assert len(prof.points) >= 6 and all(p["seconds"] > 0 for p in prof.points)
     assert {p["num_decode_seqs"] for p in prof.points} >= {0, 1, 2}
     arch = replace(from_hf_dir(tiny_llama_dir), dtype="float32")
     import os
