@@ -31,7 +31,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 demo: install
-	$(VENV)/bin/skybroker --help
+	$(PY) examples/local_demo.py
 
 lint: install
 	$(VENV)/bin/ruff check .
