@@ -50,8 +50,9 @@ def main() -> None:
             endpoint = broker.get(name)["endpoint"]
         client = OpenAI(base_url=endpoint, api_key="unused")
         question = "What is the capital of France?"
+        model = client.models.list().data[0].id  # the name the replicas serve the model under
         reply = client.chat.completions.create(
-            model=name,
+            model=model,
             messages=[{"role": "user", "content": question}],
             max_tokens=32,
             temperature=0,
