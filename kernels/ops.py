@@ -7,7 +7,9 @@ first imported. Triton is imported lazily, only when a Triton kernel is actually
 
 from __future__ import annotations
 
+import importlib
 import os
+from typing import Any
 
 import torch
 
@@ -34,6 +36,24 @@ def backend_for(t: torch.Tensor) -> str:
     if choice == "auto":
         return "triton" if t.is_cuda else "torch"
     return choice
+
+
+# Which Triton module holds each op; imported only when a CUDA (or forced) call needs it.
+_TRITON_MODULES = {
+    "store_kvcache": "triton_ops",
+    "paged_attention_decode": "triton_attention",
+    "paged_attention_prefill": "triton_attention",
+    "rms_norm": "triton_ops",
+    "apply_rotary": "triton_ops",
+}
+
+
+def _dispatch(name: str, on: torch.Tensor, *args: Any) -> Any:
+    """Run op `name` with the backend chosen for tensor `on`: the torch reference or Triton."""
+    if backend_for(on) == "torch":
+        return getattr(reference, name)(*args)
+    module = importlib.import_module(f"kernels.{_TRITON_MODULES[name]}")
+    return getattr(module, name)(*args)
 
 
 def _check_kv(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -77,11 +97,7 @@ def store_kvcache(
         )
     if slot_mapping.shape != key.shape[:1]:
         raise ValueError(f"slot_mapping must be [{key.shape[0]}], got {tuple(slot_mapping.shape)}")
-    if backend_for(key) == "torch":
-        return reference.store_kvcache(key, value, k_cache, v_cache, slot_mapping)
-    from kernels import triton_ops
-
-    return triton_ops.store_kvcache(key, value, k_cache, v_cache, slot_mapping)
+    return _dispatch("store_kvcache", key, key, value, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention_decode(
@@ -102,11 +118,7 @@ def paged_attention_decode(
             f"got {tuple(block_tables.shape)} and {tuple(context_lens.shape)}"
         )
     args = (q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window)
-    if backend_for(q) == "torch":
-        return reference.paged_attention_decode(*args)
-    from kernels import triton_attention
-
-    return triton_attention.paged_attention_decode(*args)
+    return _dispatch("paged_attention_decode", q, *args)
 
 
 def paged_attention_prefill(
@@ -130,11 +142,7 @@ def paged_attention_prefill(
             f"{tuple(context_lens.shape)}"
         )
     args = (q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, sliding_window)
-    if backend_for(q) == "torch":
-        return reference.paged_attention_prefill(*args)
-    from kernels import triton_attention
-
-    return triton_attention.paged_attention_prefill(*args)
+    return _dispatch("paged_attention_prefill", q, *args)
 
 
 def rms_norm(
@@ -149,11 +157,7 @@ def rms_norm(
             f"rms_norm: x {tuple(x.shape)}, weight {tuple(weight.shape)} and residual "
             f"{None if residual is None else tuple(residual.shape)} do not agree"
         )
-    if backend_for(x) == "torch":
-        return reference.rms_norm(x, weight, eps, residual)
-    from kernels import triton_ops
-
-    return triton_ops.rms_norm(x, weight, eps, residual)
+    return _dispatch("rms_norm", x, x, weight, eps, residual)
 
 
 def rope_cache(
@@ -172,8 +176,4 @@ def apply_rotary(
             f"apply_rotary: q {tuple(q.shape)}, k {tuple(k.shape)} and cache "
             f"{tuple(cache.shape)} must share T and head_dim"
         )
-    if backend_for(q) == "torch":
-        return reference.apply_rotary(q, k, positions, cache)
-    from kernels import triton_ops
-
-    return triton_ops.apply_rotary(q, k, positions, cache)
+    return _dispatch("apply_rotary", q, q, k, positions, cache)
