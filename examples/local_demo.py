@@ -43,8 +43,7 @@ def main() -> None:
 
     from skybroker.client import BrokerClient
 
-    skybroker("plan", str(spec_file))
-    try:
+    try:  # `launch` shows the plan (with its baselines) before it launches
         skybroker("launch", str(spec_file), "--yes", "--timeout", "1500")
         with BrokerClient() as broker:
             endpoint = broker.get(name)["endpoint"]
