@@ -29,7 +29,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -254,16 +254,6 @@ def components(p: Problem, idx: list[int]) -> list[tuple[list[str], list[int]]]:
     return list(comps.values())
 
 
-def _coupled(p: Problem, comps: list) -> bool:
-    """Whether a constraint ties components together (then they are solved as one)."""
-    if p.max_cloud_share < 1 or p.budget is not None:  # budget caps price, not price + egress
-        return True
-    if p.max_spot_share < 1 and any(o.spot for o in p.offerings):
-        return True
-    served = sum(1 for users, _ in comps if any(sum(p.demand[u]) > 0 for u in users))
-    return p.min_replicas > served
-
-
 # --- the integer program ------------------------------------------------------------------
 
 
@@ -337,6 +327,7 @@ class _Vars:
     n: dict[int, int] = field(default_factory=dict)  # offering -> column
     y: dict[tuple[int, int], int] = field(default_factory=dict)  # (offering, class) -> column
     x: dict[tuple[str, str, int], int] = field(default_factory=dict)  # (user, location, class)
+    split: dict[str, list[str]] = field(default_factory=dict)  # x's user -> users it stands for
 
 
 def _build(p: Problem, users: list[str], idx: list[int], total: float,
@@ -350,6 +341,8 @@ def _build(p: Problem, users: list[str], idx: list[int], total: float,
     - per class, y_b <= rd_b n where rd_b < mu_b;
     - covers: the offerings within reach of a user hold at least ceil(sum_b d_b / max mu_b)
       replicas (each replica does at most one replica's work), and so does the component.
+    Users that reach the same locations are interchangeable: one flow variable per class
+    serves them all (`_Vars.split` shares it out afterwards).
     """
     nb, lp, v = p.num_classes, _Lp(), _Vars()
     inf = math.inf
@@ -387,19 +380,25 @@ def _build(p: Problem, users: list[str], idx: list[int], total: float,
                 if (i, b) in v.y and rd[i][b] < o.mu[b] * scale * (1 - 1e-9):
                     lp.row(-inf, 0, [(v.y[i, b], 1.0), (n, -rd[i][b])])
     x_at: dict[tuple[str, int], list[int]] = {}
+    alike: dict[frozenset[str], list[str]] = {}
     for u in users:
+        alike.setdefault(frozenset(p.reach[u] & at.keys()), []).append(u)
+    for near, group in alike.items():
+        g = group[0]
+        v.split[g] = group
         for b in range(nb):
-            if dem[u][b] <= 0:
+            d = sum(dem[u][b] for u in group)
+            if d <= 0:
                 continue
             terms = []
-            for loc in p.reach[u]:
-                if any((i, b) in v.y for i in at.get(loc, ())):
-                    v.x[u, loc, b] = c = lp.col(0, dem[u][b])
+            for loc in sorted(near):
+                if any((i, b) in v.y for i in at[loc]):
+                    v.x[g, loc, b] = c = lp.col(0, d)
                     x_at.setdefault((loc, b), []).append(c)
                     terms.append((c, 1.0))
             if not terms:
                 return None
-            lp.row(dem[u][b], dem[u][b], terms)
+            lp.row(d, d, terms)
     for loc, members in at.items():
         for b in range(nb):
             ys = [(v.y[i, b], 1.0) for i in members if (i, b) in v.y]
@@ -448,7 +447,8 @@ class _Result:
     gap: float | None
 
 
-def _run_highs(lp: _Lp, time_limit: float, gap_rel: float) -> _Result:
+def _run_highs(lp: _Lp, time_limit: float, gap_rel: float,
+               start: list[float] | None = None) -> _Result:  # fmt: skip
     import highspy
 
     _silence_highs_banner()
@@ -469,6 +469,11 @@ def _run_highs(lp: _Lp, time_limit: float, gap_rel: float) -> _Result:
         h.addRows(lp.num_rows, np.array(lp.rlb), np.array(lp.rub), len(lp.index),
                   np.array(lp.start[:-1], dtype=np.int32), np.array(lp.index, dtype=np.int32),
                   np.array(lp.value))  # fmt: skip
+    if start is not None:  # an incumbent to start from (HiGHS checks it is feasible)
+        sol = h.getSolution()
+        sol.col_value = start
+        sol.value_valid = True
+        h.setSolution(sol)
     h.run()
     info = h.getInfo()
     text = h.modelStatusToString(h.getModelStatus()).lower()
@@ -534,7 +539,8 @@ def _solve_component(p: Problem, users: list[str], idx: list[int], total: float,
     build = time.perf_counter() - t0
     t1 = time.perf_counter()
     if opts.backend == "highspy" and opts.solver == "highs" and _has_highspy():
-        r, name = _run_highs(lp, opts.time_limit, opts.gap_rel), "HiGHS"
+        start = _rounded_lp(lp, opts.time_limit) if opts.warm_start else None
+        r, name = _run_highs(lp, opts.time_limit, opts.gap_rel, start), "HiGHS"
     else:
         r = _run_pulp(lp, opts.solver, opts.time_limit, opts.gap_rel)
         name = "HiGHS (pulp)" if opts.solver == "highs" and _has_highspy() else "CBC (pulp)"
@@ -546,8 +552,27 @@ def _solve_component(p: Problem, users: list[str], idx: list[int], total: float,
     val = r.values
     sol.counts = {i: round(val[c]) for i, c in v.n.items() if val[c] > 0.5}
     sol.rates = {k: val[c] for k, c in v.y.items() if val[c] > 1e-9}
-    sol.flows = {k: val[c] for k, c in v.x.items() if val[c] > 1e-9}
+    for (g, loc, b), c in v.x.items():
+        group = v.split[g]
+        d = sum(p.demand[u][b] for u in group)
+        for u in group:
+            f = val[c] * p.demand[u][b] / d
+            if f > 1e-9:
+                sol.flows[u, loc, b] = f
     return sol
+
+
+def _rounded_lp(lp: _Lp, time_limit: float) -> list[float] | None:
+    """A first incumbent: the LP relaxation with every replica count rounded up (capacity,
+    cover and share rows stay satisfied; HiGHS drops it if a budget row is not)."""
+    relaxed = replace(lp, integer=[])
+    r = _run_highs(relaxed, time_limit, 1.0)
+    if r.status == "infeasible":
+        return None
+    val = list(r.values)
+    for c in lp.integer:
+        val[c] = min(float(math.ceil(val[c] - 1e-6)), lp.ub[c])
+    return val
 
 
 def _has_highspy() -> bool:
@@ -570,32 +595,64 @@ class Options:
     split: bool = True  # solve independent geographic components apart
     tighten: bool = True  # the valid inequalities of `_build`
     multi_copy: bool = True  # saturation and k-copy dominance in `prune`
+    warm_start: bool = True  # start HiGHS from the rounded-up LP relaxation
 
 
 def solve(p: Problem, *, time_limit: float = 20.0, gap_rel: float = 1e-4, solver: str = "highs",
           split: bool = True, options: Options | None = None) -> Solution:  # fmt: skip
     """Cheapest placement of `p`; `status == "infeasible"` when there is none. `options`, when
-    given, overrides the keyword arguments."""
+    given, overrides the keyword arguments.
+
+    Independent geographic components are solved apart. min_replicas does not tie them when
+    there are at least that many components with demand (each holds a replica). A spot share
+    does tie them: then the components solved apart (each under the global spot cap) are a
+    relaxation whose costs add up to a lower bound; if their spot traffic fits the cap, that
+    is the optimum, else each component is re-solved under a pro-rata slice of the cap, which
+    gives a feasible placement. When that is within gap_rel of the bound it is returned,
+    else it warm-starts the whole problem solved as one (and the bound is the best of both).
+    """
     opts = options or Options(time_limit, gap_rel, solver, split=split)
     t0 = time.perf_counter()
     stats = Reduction()
     idx = prune(p, stats, multi_copy=opts.multi_copy)
     prune_s = time.perf_counter() - t0
-    comps = components(p, idx)
     total = p.total_demand
-    if not opts.split or len(comps) <= 1 or _coupled(p, comps):
-        comps = [(list(p.demand), idx)]
-    out = Solution("optimal", num_offerings=len(idx), num_components=len(comps), cost=0.0,
-                   bound=0.0, build_time_s=prune_s, prune_time_s=prune_s, reduction=stats)  # fmt: skip
-    for users, members in comps:
-        if not any(sum(p.demand[u]) > 0 for u in users):
-            continue
-        sub = _solve_component(p, users, members, total, opts)
-        out.build_time_s += sub.build_time_s
-        out.solve_time_s += sub.solve_time_s
-        out.num_vars += sub.num_vars
-        out.num_rows += sub.num_rows
-        out.solver = sub.solver
+    comps = [c for c in components(p, idx) if any(sum(p.demand[u]) > 0 for u in c[0])]
+    out = Solution("optimal", num_offerings=len(idx), num_components=max(len(comps), 1),
+                   build_time_s=prune_s, prune_time_s=prune_s, reduction=stats)  # fmt: skip
+    whole = [(list(p.demand), idx)]
+    tied = p.max_cloud_share < 1 or p.budget is not None or p.min_replicas > len(comps)
+    if not opts.split or len(comps) <= 1 or tied:
+        out.num_components = 1
+        return _finish(p, out, [_solve_component(p, *whole[0], total, opts)])
+    if p.max_spot_share < 1 and any(p.offerings[i].spot for i in idx):
+        # a spot share ties them (solving them apart, then repairing the spot total, was
+        # measured slower than solving them as one)
+        out.num_components = 1
+        return _finish(p, out, [_solve_component(p, *whole[0], total, opts)])
+    q = replace(p, min_replicas=0)
+    return _finish(
+        p, out, [_solve_component(q, users, members, total, opts) for users, members in comps]
+    )
+
+
+def _account(out: Solution, parts: list[Solution]) -> None:
+    """Add the time and model size of solves whose placements are not kept."""
+    for s in parts:
+        out.build_time_s += s.build_time_s
+        out.solve_time_s += s.solve_time_s
+        out.num_vars += s.num_vars
+        out.num_rows += s.num_rows
+
+
+def _finish(p: Problem, out: Solution, parts: list[Solution]) -> Solution:
+    """`out` with the placements of the component solutions `parts` added up."""
+    out.cost, out.bound = 0.0, 0.0
+    out.counts, out.rates, out.flows = {}, {}, {}
+    out.status = "optimal"
+    _account(out, parts)
+    for sub in parts:
+        out.solver = sub.solver or out.solver
         if sub.status == "infeasible":
             out.status, out.cost, out.counts = "infeasible", math.inf, {}
             return out
