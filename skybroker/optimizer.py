@@ -14,13 +14,20 @@ Flow formulation (see docs in README "Planner"):
                                                        of class b alone within the SLO)
           spot, per-region and per-cloud shares of the traffic, min replicas, budget.
 
-Before building it: offerings that cannot serve anything or reach no user are dropped, and
-dominated ones too (another offering in the same market/cloud/region group, as the active
-constraints require, reaches a superset of users, has at least the capacity for every class
-and costs no more). The problem splits into independent geographic components when the RTT
-limit disconnects them and no constraint couples them. HiGHS (through highspy, via pulp)
-solves each; its own status, dual bound and gap are read back (pulp says "Optimal" even when
-a time limit stopped the solver). CBC is the fallback when highspy is missing.
+Before building it (`prune`): offerings that cannot serve anything or reach no user are
+dropped; interchangeable ones are aggregated onto the cheapest; an offering is dropped when
+k copies of another one in its constraint group (market/cloud/region, as the active share
+constraints require) reach a superset of its users, carry whatever it could and cost no
+more (k = 1: plain dominance; an offering that can take all the demand it reaches with one
+replica counts as unlimited). Users that reach the same locations share flow variables.
+The model (`_build`) adds valid inequalities that tighten the LP relaxation without cutting
+off integer points: capacity from the most work an offering can get, per-class linking,
+replica covers per user and per geographic group. The problem splits into independent
+geographic components when no constraint couples them. HiGHS solves each through highspy
+(arrays, no modelling layer), warm-started from the rounded-up LP relaxation; its own
+status, dual bound and gap are read back. pulp builds the same model for CBC, the fallback
+when highspy is missing (pulp says "Optimal" even when a time limit stopped the solver, and
+hides CBC's bound: the gap is then unknown).
 """
 
 from __future__ import annotations
@@ -340,7 +347,8 @@ def _build(p: Problem, users: list[str], idx: list[int], total: float,
       load - f n <= floor(L) (1 - f), f = frac(L) (for L < 1: load <= L n);
     - per class, y_b <= rd_b n where rd_b < mu_b;
     - covers: the offerings within reach of a user hold at least ceil(sum_b d_b / max mu_b)
-      replicas (each replica does at most one replica's work), and so does the component.
+      replicas (each replica does at most one replica's work); so do those within reach of
+      each geographic group of users, and the whole component.
     Users that reach the same locations are interchangeable: one flow variable per class
     serves them all (`_Vars.split` shares it out afterwards).
     """
@@ -417,6 +425,8 @@ def _build(p: Problem, users: list[str], idx: list[int], total: float,
     if tighten:
         covers[0] = (covers[0][0], max(p.min_replicas, _cover(p, users, idx, dem, v)))
         covers += [([u], _cover(p, [u], idx, dem, v)) for u in users if len(users) > 1]
+        geo = [us for us, _ in components(replace(p, demand=dem), idx)]
+        covers += [(us, _cover(p, us, idx, dem, v)) for us in geo if 1 < len(us) < len(users)]
     for us, need in covers:
         near = [v.n[i] for i in idx if any(p.offerings[i].location in p.reach[u] for u in us)]
         if need > 0:
@@ -604,12 +614,10 @@ def solve(p: Problem, *, time_limit: float = 20.0, gap_rel: float = 1e-4, solver
     given, overrides the keyword arguments.
 
     Independent geographic components are solved apart. min_replicas does not tie them when
-    there are at least that many components with demand (each holds a replica). A spot share
-    does tie them: then the components solved apart (each under the global spot cap) are a
-    relaxation whose costs add up to a lower bound; if their spot traffic fits the cap, that
-    is the optimum, else each component is re-solved under a pro-rata slice of the cap, which
-    gives a feasible placement. When that is within gap_rel of the bound it is returned,
-    else it warm-starts the whole problem solved as one (and the bound is the best of both).
+    there are at least that many components with demand (each holds a replica); a budget,
+    a cloud share or a spot share does, and then they are solved as one MILP. (Solving them
+    apart under a spot share, repairing the spot total and bounding with a Lagrangian was
+    tried: it found the optimum and a 0.24% gap but took longer than the single MILP.)
     """
     opts = options or Options(time_limit, gap_rel, solver, split=split)
     t0 = time.perf_counter()
