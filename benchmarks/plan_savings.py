@@ -1,6 +1,6 @@
 """Savings of the planner's placement over two baselines on three workloads.
 
-    OMP_NUM_THREADS=1 python benchmarks/plan_savings.py
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/plan_savings.py
 
 Workloads (8B model, US-east + EU-west users, RTT <= 60 ms, on-demand, bundled catalog):
 short chat, long context, and a mixed histogram. Baselines use the same perf predictions:
@@ -11,10 +11,9 @@ cheapest instance type that fits and serves every request class, replicated to m
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 
-os.environ.setdefault("SKYBROKER_HOME", tempfile.mkdtemp(prefix="skybroker-bench-"))
+os.environ.setdefault("SKYBROKER_HOME", "/tmp/skybroker-bench")  # perf cache shared with plan_speed
 
 from skybroker.catalog import load_catalog
 from skybroker.plan import make_plan

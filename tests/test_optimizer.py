@@ -1,4 +1,5 @@
-"""The placement ILP against brute force, and its pruning/splitting rules."""
+"""The placement ILP against brute force, and its reductions (aggregation, dominance, splitting,
+tightening rows, warm start), each shown to keep the optimum."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import random
 import highspy
 import pytest
 
-from skybroker.optimizer import OfferingClass, Problem, components, prune, solve
+from skybroker.optimizer import OfferingClass, Options, Problem, Reduction, components, prune, solve
 
 
 def _random_problem(rng: random.Random) -> Problem:
@@ -169,3 +170,76 @@ def test_split_into_geographic_components() -> None:
 def test_infeasible_when_no_location_reachable() -> None:
     p = Problem([_off("aws/us", 1.0, (1.0,))], {"eu": (1.0,)}, {"eu": frozenset({"aws/eu"})})
     assert solve(p).status == "infeasible"
+
+
+def test_min_replicas_spread_over_components_is_not_per_component() -> None:
+    offs = [_off("aws/us", 1.0, (1.0,)), _off("aws/eu", 1.0, (1.0,))]
+    p = Problem(offs, {"us": (0.5,), "eu": (0.5,)},
+                {"us": frozenset({"aws/us"}), "eu": frozenset({"aws/eu"})}, min_replicas=2)  # fmt: skip
+    sol = solve(p)
+    assert sol.num_components == 2 and sol.cost == pytest.approx(2.0)
+    assert sol.counts == {0: 1, 1: 1}
+
+
+def test_aggregation_collapses_interchangeable_offerings() -> None:
+    # same place, capacity and egress at three prices: one variable, the cheapest
+    offs = [_off("aws/a", 3.0, (2.0, 1.0)), _off("aws/a", 2.5, (2.0, 1.0)),
+            _off("aws/a", 2.5, (2.0, 1.0)), _off("aws/a", 4.0, (3.0, 2.0))]  # fmt: skip
+    p = Problem(offs, {"u": (3.0, 1.0)}, {"u": frozenset({"aws/a"})})
+    stats = Reduction()
+    assert prune(p, stats) == [1, 3]
+    assert stats.useful == 4 and stats.aggregated == 2
+    assert solve(p).cost == pytest.approx(brute_force(p))
+
+
+def test_k_copy_dominance_drops_a_big_instance_that_small_ones_beat() -> None:
+    small = _off("aws/a", 1.0, (1.0,))
+    dear_big = _off("aws/a", 8.5, (8.0,))  # 8 smalls cost 8 and carry as much
+    cheap_big = _off("aws/a", 7.0, (8.0,))  # cheaper per req/s than the small one: kept
+    p = Problem([small, dear_big, cheap_big], {"u": (20.0,)}, {"u": frozenset({"aws/a"})})
+    assert prune(p) == [0, 2]
+    two = Problem([small, dear_big], {"u": (20.0,)}, {"u": frozenset({"aws/a"})})
+    assert prune(two) == [0]
+    assert prune(two, multi_copy=False) == [0, 1]
+    assert solve(p).cost == pytest.approx(brute_force(p))
+    # when the demand is small, one copy of anything is enough ("saturated"): k = 1
+    q = Problem([small, _off("aws/a", 1.2, (8.0,))], {"u": (0.9,)}, {"u": frozenset({"aws/a"})})
+    assert prune(q) == [0]
+
+
+def test_saturated_offering_dominates_a_dearer_one_whatever_its_capacity() -> None:
+    offs = [_off("aws/a", 2.0, (50.0, 40.0)), _off("aws/a", 3.0, (90.0, 80.0))]
+    p = Problem(offs, {"u": (3.0, 2.0)}, {"u": frozenset({"aws/a"})})
+    assert prune(p) == [0]
+    assert prune(p, multi_copy=False) == [0, 1]
+
+
+def test_dominance_respects_share_groups() -> None:
+    # with a spot share, an on-demand offering is never dropped for a spot one
+    offs = [_off("aws/a", 1.0, (2.0,), spot=True), _off("aws/a", 3.0, (2.0,))]
+    p = Problem(offs, {"u": (3.0,)}, {"u": frozenset({"aws/a"})}, max_spot_share=0.5)
+    assert prune(p) == [0, 1]
+    assert solve(p).cost == pytest.approx(brute_force(p))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_each_reduction_keeps_the_optimum(seed: int) -> None:
+    """Turning off every reduction and tightening row, or building through pulp, gives the
+    same optimal cost."""
+    p = _random_problem(random.Random(1000 + seed))
+    fast = solve(p, options=Options(gap_rel=1e-9))
+    plain = solve(p, options=Options(gap_rel=1e-9, split=False, tighten=False, multi_copy=False,
+                                     warm_start=False))  # fmt: skip
+    via_pulp = solve(p, options=Options(gap_rel=1e-9, backend="pulp"))
+    assert fast.status == plain.status == via_pulp.status
+    if fast.status != "infeasible":
+        assert fast.cost == pytest.approx(plain.cost, rel=1e-6, abs=1e-6)
+        assert fast.cost == pytest.approx(via_pulp.cost, rel=1e-6, abs=1e-6)
+
+
+def test_cbc_fallback_agrees() -> None:
+    p = _random_problem(random.Random(7))
+    cbc = solve(p, solver="cbc", gap_rel=1e-9)
+    highs = solve(p, gap_rel=1e-9)
+    assert cbc.status != "infeasible" and cbc.solver == "CBC (pulp)"
+    assert cbc.cost == pytest.approx(highs.cost, rel=1e-6)
