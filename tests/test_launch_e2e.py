@@ -220,6 +220,9 @@ class CloudOnThisMachine:
     def status(self, handle):
         return self.local.status(handle)
 
+    def exit_code(self, handle):
+        return self.local.exit_code(handle)
+
     def terminate(self, handle):
         self.local.terminate(handle)
 
