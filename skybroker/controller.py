@@ -110,9 +110,11 @@ def targets_from_plan(plan: Any) -> list[dict[str, Any]]:
 
 
 def _default_planner(spec: Any, blocklist: frozenset = frozenset()) -> Any:
+    """Failover's re-plan: the cheapest plan without the blocked offerings. No baselines:
+    they only explain a plan to a person, and failover should be quick."""
     from skybroker.plan import make_plan
 
-    return make_plan(spec, blocklist=blocklist)
+    return make_plan(spec, blocklist=blocklist, baselines=False)
 
 
 def _describe_key(key: Any) -> str:

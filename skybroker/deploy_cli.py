@@ -115,7 +115,7 @@ def show_plan(answer: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- launch
 
 
-def _watch(client: BrokerClient, name: str, timeout: float, poll: float = 1.0) -> dict[str, Any]:
+def _watch(client: BrokerClient, name: str, timeout: float, poll: float = 0.5) -> dict[str, Any]:
     """Poll the deployment until READY or FAILED (or timeout), printing new events."""
     seen = 0
     deadline = time.monotonic() + timeout
