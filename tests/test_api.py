@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -364,3 +365,29 @@ def test_infeasible_launch_records_nothing(client: TestClient, controller: Contr
     spec = {**TINY, "slo": {"ttft_ms": 0.01, "tpot_ms": 0.001}}
     _error(client.post("/v1/deployments", json=spec), 422, "infeasible")
     assert controller.list() == []
+
+
+def test_unusable_provisioner_is_502_naming_the_fix_and_records_nothing(
+    client: TestClient, controller: Controller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """infra skypilot without SkyPilot installed: nothing is written, the error says how."""
+    monkeypatch.setitem(sys.modules, "sky", None)
+    monkeypatch.delitem(controller.provisioners, "skypilot", raising=False)
+    spec = {**TINY, "constraints": {"clouds": ["aws"], "gpus": ["T4"]}}
+    r = client.post("/v1/deployments", params={"infra": "skypilot"}, json=spec)
+    err = _error(r, 502, "provisioner_error")
+    assert "pip install 'skybroker[cloud]'" in err["message"]
+    assert controller.list() == [] and controller.get("tiny") is None
+
+
+def test_deployment_detail_shows_failures_in_a_row(
+    client: TestClient, controller: Controller
+) -> None:
+    assert client.post("/v1/deployments", json=TINY).status_code == 202
+    try:
+        controller._count_failure(controller.get("tiny"), "replica tiny-1 died; exit code 1")
+        detail = client.get("/v1/deployments/tiny").json()
+        assert detail["failures"] == 1 and 0 < detail["next_launch_in_s"] <= 2.0
+        assert detail["events"][-1]["kind"] == "backoff"
+    finally:
+        client.delete("/v1/deployments/tiny")

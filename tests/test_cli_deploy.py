@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -222,3 +223,21 @@ def test_launch_waits_shows_events_and_times_out_clearly(
     flat = " ".join(r.output.split())  # rich wraps lines at the terminal width
     assert "not ready after 1s (PROVISIONING)" in flat and "`skybroker down tiny`" in flat
     assert _cli("down", "tiny", "--api-url", api_url).exit_code == 0
+
+
+def test_status_shows_failures_in_a_row_then_why_it_failed(
+    api_url: str, tmp_path: Path, controller
+) -> None:
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_SPEC)
+    assert _cli("launch", str(spec), "--yes", "--detach", "--api-url", api_url).exit_code == 0
+    try:
+        controller._count_failure(controller.get("tiny"), "replica tiny-1 died; exit code 3")
+        flat = " ".join(_cli("status", "tiny", "--api-url", api_url).output.split())
+        assert re.search(r"1 replica failure\(s\) in a row; next launch in [0-2]s", flat), flat
+        controller._fail(controller.get("tiny"), "5 failures in a row, giving up; exit code 3")
+        r = _cli("status", "tiny", "--api-url", api_url)
+        flat = " ".join(r.output.split())
+        assert "FAILED" in flat and "5 failures in a row, giving up; exit code 3" in flat
+    finally:
+        assert _cli("down", "tiny", "--api-url", api_url).exit_code == 0

@@ -41,7 +41,7 @@ def broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[st
     store = Store(f"sqlite:///{tmp_path / 'state.db'}")
     controller = Controller(store, probe=ProbeConfig(timeout_s=2))
     stop = threading.Event()
-    loop = threading.Thread(target=controller.run, args=(stop, 0.3), daemon=True)
+    loop = threading.Thread(target=controller.run, args=(stop, 0.1), daemon=True)
     loop.start()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

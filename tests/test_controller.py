@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +22,29 @@ from test_provision_local import FAKE_SERVE
 
 from skybroker.catalog import Offering
 from skybroker.controller import Controller, ProbeConfig, replica_api_key
-from skybroker.provision import CapacityError, ProvisionError, ReplicaHandle, ReplicaSpec
+from skybroker.provision import (
+    CapacityError,
+    CredentialsError,
+    MissingExtraError,
+    ProvisionError,
+    ReplicaHandle,
+    ReplicaSpec,
+)
 from skybroker.provision.local import LocalProvisioner, process_start_time
 from skybroker.spec import parse_spec
 from skybroker.state import DeploymentStatus, ReplicaStatus, Store
 
 pytestmark = pytest.mark.timeout(120)
 
+PROBE = ProbeConfig(
+    timeout_s=1, unhealthy_timeout_s=2, max_launch_failures=2, backoff_base_s=0.2, stable_s=0.5
+)
+CRASHING_SERVE = """
+import sys
+print("loading model ...", flush=True)
+print("RuntimeError: CUDA out of memory (fake)", flush=True)
+sys.exit(3)
+"""
 A = Offering("aws", "us-east-1", "g5.xlarge", "A10G", 1, 24, 4, 16, 1.0, 0.4)
 B = Offering("gcp", "us-central1", "g2-standard-4", "L4", 1, 24, 4, 16, 0.7, 0.3)
 C = Offering("azure", "eastus", "NV36ads_A10_v5", "A10", 1, 24, 36, 440, 3.2, 1.1)
@@ -100,6 +117,9 @@ class CloudOnThisMachine:
     def status(self, handle):
         return self.local.status(handle)
 
+    def exit_code(self, handle):
+        return self.local.exit_code(handle)
+
     def terminate(self, handle):
         self.local.terminate(handle)
 
@@ -127,12 +147,18 @@ def env(tmp_path: Path, monkeypatch):
     store = Store(f"sqlite:///{tmp_path / 'state.db'}")
     made: list[Controller] = []
 
-    def controller(plan_offerings: list[Offering] = [A, B], replicas: int = 2) -> Controller:  # noqa: B006
+    def controller(
+        plan_offerings: list[Offering] = [A, B],  # noqa: B006
+        replicas: int = 2,
+        probe: ProbeConfig | None = None,
+        adopt: bool = True,
+    ) -> Controller:
         c = Controller(
             store,
             {"local": local, "skypilot": cloud},
             planner=planner(plan_offerings, replicas),
-            probe=ProbeConfig(timeout_s=1, unhealthy_timeout_s=2, max_launch_failures=2),
+            probe=probe or PROBE,
+            adopt=adopt,
         )
         made.append(c)
         return c
@@ -225,7 +251,14 @@ def test_sigkilled_replica_is_replaced(env) -> None:
     )
     assert store.get_replica(victim.name).status == ReplicaStatus.TERMINATED
     assert any(e.kind == "terminated" and "died" in e.message for e in c.events("demo"))
+    assert any(
+        e.kind == "terminated" and "killed by signal 9" in e.message for e in c.events("demo")
+    )
     assert len(c.replicas("demo")) == 2
+    # One death backs off once; a replacement that stays ready ends the run of failures.
+    assert [e.kind for e in c.events("demo")].count("backoff") == 1
+    _wait(lambda: "recovered" in [e.kind for e in c.events("demo")], 10, c)
+    assert c.describe("demo")["failures"] == 0
 
 
 def test_capacity_error_fails_over_to_next_cheapest(env) -> None:
@@ -263,7 +296,9 @@ def test_half_way_failed_launch_leaves_nothing_unknown(env) -> None:
     cloud.fail_after_start = True
     spec = _spec()
     c.create(spec, c.planner(spec))
-    with pytest.raises(ProvisionError, match="launches failed in a row"):
+    with pytest.raises(
+        ProvisionError, match="2 failures in a row, giving up; last: launch of demo-"
+    ):
         c.wait_ready("demo", timeout_s=30)
     # Every process the provisioner started belongs to a replica row and is gone.
     rows = {r.name: r for r in store.list_replicas("demo", live_only=False)}
@@ -316,3 +351,81 @@ def test_hung_replica_goes_not_ready_then_is_replaced(env) -> None:
     assert store.get_replica(victim.name).status == ReplicaStatus.TERMINATED
     assert any(e.kind == "terminated" and "unhealthy" in e.message for e in c.events("demo"))
     assert process_start_time(victim.handle["info"]["pid"]) is None
+
+
+def test_crash_loop_backs_off_then_fails_with_exit_code_and_log(env, tmp_path: Path) -> None:
+    """A replica that dies at every start is replaced with growing delays, and after the
+    failure budget the deployment is FAILED with the exit code and log tail, launches stop."""
+    controller, _cloud, _store = env
+    (tmp_path / "fakeroot" / "engine" / "serve.py").write_text(CRASHING_SERVE)
+    probe = ProbeConfig(timeout_s=1, max_launch_failures=4, backoff_base_s=0.3, backoff_max_s=0.6)
+    c = controller(replicas=1, probe=probe)
+    spec = _spec()
+    c.create(spec, c.planner(spec))
+    with pytest.raises(ProvisionError, match="4 failures in a row, giving up"):
+        c.wait_ready("demo", timeout_s=60, interval_s=0.05)
+    dep = c.get("demo")
+    assert dep.status == DeploymentStatus.FAILED
+    assert "exit code 3" in dep.message and "CUDA out of memory (fake)" in dep.message
+    events = c.events("demo", limit=None)
+    backoffs = [e for e in events if e.kind == "backoff"]
+    assert [e.data["delay_s"] for e in backoffs] == [0.3, 0.6, 0.6]  # doubled, capped
+    # Each replacement launch waited out its backoff after the death before it.
+    launches = [e.time for e in events if e.kind == "launching"]
+    assert len(launches) == 4
+    for b, start in zip(backoffs, launches[1:], strict=True):
+        assert start - b.time >= b.data["delay_s"] - 0.01
+    failed = [e for e in events if e.kind == "failed"]
+    assert len(failed) == 1 and "exit code 3" in failed[0].message
+    info = c.describe("demo")
+    assert info["status"] == "FAILED" and info["failures"] == 4 and "exit code 3" in info["message"]
+    for _ in range(3):  # FAILED: no more launches
+        c.reconcile_once()
+    assert [e.kind for e in c.events("demo", limit=None)].count("launching") == 4
+
+
+def test_create_checks_the_provisioner_before_writing_anything(env, monkeypatch) -> None:
+    controller, cloud, store = env
+    c = controller()
+    spec = _spec()
+    plan = c.planner(spec)
+
+    def no_credentials(clouds: set[str]) -> None:
+        raise CredentialsError(f"SkyPilot cannot use {sorted(clouds)}: run `sky check gcp`")
+
+    cloud.check = no_credentials
+    with pytest.raises(CredentialsError, match="sky check gcp"):
+        c.create(spec, plan)
+    assert store.get_deployment("demo") is None and c.list() == [] and c.router("demo") is None
+    # The real SkyPilot provisioner without SkyPilot installed: the extra is named.
+    monkeypatch.setitem(sys.modules, "sky", None)
+    bare = Controller(store, {}, planner=c.planner, probe=PROBE, serve_routers=False)
+    try:
+        with pytest.raises(MissingExtraError, match=r"pip install 'skybroker\[cloud\]'"):
+            bare.create(spec, plan)
+    finally:
+        bare.close()
+    assert store.get_deployment("demo") is None
+    del cloud.check
+    assert c.create(spec, plan).name == "demo"  # usable now: recorded
+
+
+def test_down_cleans_a_launch_the_broker_died_in_and_twice_is_fine(env) -> None:
+    """The broker dies after a replica's process started but before its handle was recorded:
+    the store knows the replica by name, so `down` from a new broker kills it."""
+    controller, cloud, store = env
+    c1 = controller(replicas=1)
+    spec = _spec()
+    dep = c1.create(spec, c1.planner(spec))
+    rep = c1.replicas("demo")[0]
+    store.update_replica(rep.name, status=ReplicaStatus.PROVISIONING)
+    handle = cloud.launch(c1._replica_spec(dep, rep))  # the launch runs; nothing is recorded
+    pid = handle.info["pid"]
+    assert process_start_time(pid) is not None
+    c1.close()  # the broker "dies"
+    c2 = controller(replicas=1, adopt=False)
+    assert c2.delete("demo") is True
+    assert process_start_time(pid) is None
+    assert not (cloud.local.run_dir(rep.name) / "replica.json").exists()
+    assert c2.delete("demo") is False
+    assert store.get_deployment("demo") is None

@@ -4,7 +4,12 @@ Plan (real make_plan) -> controller -> two `python -m engine.serve` replicas -> 
 by the `openai` client: SIGKILL one replica and see it replaced with no request failing after
 the router marked it unready; a restarted controller finds the deployment and serves it;
 `down` leaves no process. Failover runs the real planner on a cloud spec with a provisioner
-double whose first offering has no capacity, and a half-way failed launch is cleaned up.
+double whose first offering has no capacity (its replicas run the stand-in engine of
+test_provision_local: the real engine's path through the controller is the first test's),
+and a half-way failed launch is cleaned up.
+
+Each real engine start imports torch (seconds, tens of seconds on a busy box), so the tests
+start as few as their checks need and poll often.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ if importlib.util.find_spec("engine.llm_engine") is None:  # the engine is anoth
     pytest.skip("the engine (engine.llm_engine) is not in this tree", allow_module_level=True)
 
 import openai
+from test_provision_local import FAKE_SERVE
 
 from skybroker.controller import Controller, ProbeConfig
 from skybroker.plan import make_plan
@@ -74,7 +80,7 @@ class Loop:
 
     def __init__(self, controller: Controller) -> None:
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=controller.run, args=(self.stop, 0.2), daemon=True)
+        self.thread = threading.Thread(target=controller.run, args=(self.stop, 0.1), daemon=True)
         self.thread.start()
 
     def close(self) -> None:
@@ -107,7 +113,9 @@ def test_local_two_replicas_kill_one_restart_down(tiny_llama_dir: Path, home: Pa
     store = Store()
     spec = local_spec(tiny_llama_dir)
     plan = two_local_replicas(spec)
-    probe = ProbeConfig(timeout_s=2, failure_threshold=1, unhealthy_timeout_s=5)
+    probe = ProbeConfig(
+        timeout_s=2, failure_threshold=1, unhealthy_timeout_s=5, backoff_base_s=0.05
+    )
     c1 = Controller(store, {"local": LocalProvisioner()}, probe=probe)
     loop = Loop(c1)
     try:
@@ -125,6 +133,9 @@ def test_local_two_replicas_kill_one_restart_down(tiny_llama_dir: Path, home: Pa
         # Steady traffic while one replica is SIGKILLed.
         results: list[tuple[float, bool, str]] = []
         stop = threading.Event()
+        # Requests every 0.1 s, but every 1 s while the replacement engine starts (only the
+        # survivor serves then): its start-up needs the CPU more than the test needs requests.
+        gap = [0.1]
 
         def traffic() -> None:
             while not stop.is_set():
@@ -134,10 +145,11 @@ def test_local_two_replicas_kill_one_restart_down(tiny_llama_dir: Path, home: Pa
                     results.append((t, True, ""))
                 except openai.OpenAIError as e:
                     results.append((t, False, repr(e)))
+                stop.wait(gap[0])
 
         sender = threading.Thread(target=traffic, daemon=True)
         sender.start()
-        time.sleep(1.0)
+        _wait(lambda: len(results) >= 2, 60, "traffic before the kill")
         victim = c1.replicas("e2e")[0]
         os.kill(victim.handle["info"]["pid"], signal.SIGKILL)
         router = c1.router("e2e")
@@ -147,6 +159,9 @@ def test_local_two_replicas_kill_one_restart_down(tiny_llama_dir: Path, home: Pa
             "the router to mark the killed replica unready",
         )
         unready_at = time.time()
+        n = len(results)
+        _wait(lambda: len(results) >= n + 5, 60, "traffic after the unready mark")
+        gap[0] = 1.0
         _wait(
             lambda: (
                 [r.status for r in c1.replicas("e2e")] == [ReplicaStatus.READY] * 2
@@ -155,7 +170,9 @@ def test_local_two_replicas_kill_one_restart_down(tiny_llama_dir: Path, home: Pa
             300,
             "a replacement replica",
         )
-        time.sleep(1.0)
+        gap[0] = 0.1
+        n = len(results)
+        _wait(lambda: len(results) >= n + 5, 60, "traffic after the replacement")
         stop.set()
         sender.join(timeout=60)
         after = [r for r in results if r[0] >= unready_at]
@@ -174,7 +191,7 @@ def test_local_two_replicas_kill_one_restart_down(tiny_llama_dir: Path, home: Pa
         adopted = {e.replica for e in c2.events("e2e") if e.kind == "adopted"}
         assert adopted == {r.name for r in c2.replicas("e2e")} and len(adopted) == 2
         try:
-            c2.wait_ready("e2e", timeout_s=120)
+            c2.wait_ready("e2e", timeout_s=120, interval_s=0.1)
         except TimeoutError:
             events = [(e.kind, e.replica, e.message) for e in c2.events("e2e", limit=30)]
             logs = [c2.logs("e2e", r.name, tail=15) for r in c2.replicas("e2e")]
@@ -220,6 +237,9 @@ class CloudOnThisMachine:
     def status(self, handle):
         return self.local.status(handle)
 
+    def exit_code(self, handle):
+        return self.local.exit_code(handle)
+
     def terminate(self, handle):
         self.local.terminate(handle)
 
@@ -230,17 +250,31 @@ class CloudOnThisMachine:
         return self.local.logs(handle, tail)
 
 
-def test_capacity_failover_to_next_cheapest_with_real_planner(tiny_llama_dir, home) -> None:
+@pytest.fixture
+def stand_in_engine(tmp_path: Path) -> LocalProvisioner:
+    """A local provisioner whose `engine.serve` is the stand-in (starts in a blink)."""
+    root = tmp_path / "fakeroot"
+    (root / "engine").mkdir(parents=True)
+    (root / "engine" / "__init__.py").write_text("")
+    (root / "engine" / "serve.py").write_text(FAKE_SERVE)
+    env = {"CHILD_PID_FILE": os.devnull, "PYTHONPATH": str(root)}
+    return LocalProvisioner(cwd=root, env=env, stop_timeout_s=5)
+
+
+def test_capacity_failover_to_next_cheapest_with_real_planner(
+    tiny_llama_dir, home, stand_in_engine
+) -> None:
     spec = cloud_spec(tiny_llama_dir)
     plan = make_plan(spec, baselines=False)
     first = plan.placements[0].key
     expected = make_plan(spec, blocklist=frozenset({first}), baselines=False)
-    cloud = CloudOnThisMachine(LocalProvisioner())
+    cloud = CloudOnThisMachine(stand_in_engine)
     cloud.no_capacity.add(first)
     c = Controller(Store(), {"skypilot": cloud}, probe=ProbeConfig(timeout_s=2))
     try:
         c.create(spec, plan)
-        c.wait_ready("e2e-cloud", timeout_s=300)
+        c.wait_ready("e2e-cloud", timeout_s=300, interval_s=0.1)
+        assert "fake engine serving" in c.logs("e2e-cloud", 0)
         keys = {r.offering_key for r in c.replicas("e2e-cloud")}
         assert keys == {p.key for p in expected.placements}
         dep = c.get("e2e-cloud")
@@ -265,13 +299,12 @@ def test_half_way_failure_leaves_nothing_unknown_and_down_cleans(tiny_llama_dir,
     cloud.fail_after_start = True
     plan = two_local_replicas(local_spec(tiny_llama_dir, name="e2e-half"))
     store = Store()
-    c = Controller(
-        store, {"skypilot": cloud}, probe=ProbeConfig(timeout_s=2, max_launch_failures=2)
-    )
+    probe = ProbeConfig(timeout_s=2, max_launch_failures=2, backoff_base_s=0.05)
+    c = Controller(store, {"skypilot": cloud}, probe=probe)
     try:
         c.create(spec, plan)
-        with pytest.raises(ProvisionError, match="launches failed in a row"):
-            c.wait_ready("e2e-half", timeout_s=120)
+        with pytest.raises(ProvisionError, match="2 failures in a row, giving up; last: launch"):
+            c.wait_ready("e2e-half", timeout_s=120, interval_s=0.1)
         assert c.get("e2e-half").status == DeploymentStatus.FAILED
         rows = store.list_replicas("e2e-half", live_only=False)
         assert rows and all(r.status == ReplicaStatus.FAILED for r in rows)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -184,3 +186,45 @@ def test_free_port_is_bindable() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))  # raises if taken
         assert s.getsockname()[1] == port
+
+
+def test_session_reaper_finds_and_kills_marked_processes(tmp_path: Path) -> None:
+    """The conftest reaper: processes carrying a session marker in their environment (in
+    their own process group, with a child) are found, killed, and reported."""
+    from conftest import SESSION_MARKER, marked_processes, reap
+
+    marker = f"reaper-test-{os.getpid()}-{time.time_ns()}"  # not this session's marker
+    env = {**os.environ, SESSION_MARKER: marker, "CHILD_PID_FILE": str(tmp_path / "child.pid")}
+    leader = subprocess.Popen(
+        [sys.executable, "-c", CHILD_SPAWNER], env=env, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "child.pid").exists() or not (tmp_path / "child.pid").read_text():
+            assert time.monotonic() < deadline, "the stand-in did not start its child"
+            time.sleep(0.05)
+        child = int((tmp_path / "child.pid").read_text())
+        assert {p for p, _ in marked_processes(marker)} == {leader.pid, child}
+        reaped = reap(marker)
+        assert {p for p, _ in reaped} == {leader.pid, child}
+        assert any("CHILD_PID_FILE" in cmd or "-c" in cmd for _, cmd in reaped)
+        leader.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while process_start_time(child) is not None:
+            assert time.monotonic() < deadline, "the child survived the reaper"
+            time.sleep(0.05)
+        assert marked_processes(marker) == []
+    finally:
+        if leader.poll() is None:
+            os.killpg(leader.pid, signal.SIGKILL)
+            leader.wait()
+
+
+CHILD_SPAWNER = textwrap.dedent(
+    """
+    import os, subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    open(os.environ["CHILD_PID_FILE"], "w").write(str(child.pid))
+    time.sleep(600)
+    """
+)

@@ -75,7 +75,7 @@ class FakeSDK:
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self.results: dict[str, Any] = {}
         self.errors: dict[str, BaseException] = {}
-        for name in ("launch", "status", "endpoints", "down", "tail_logs"):
+        for name in ("launch", "status", "endpoints", "down", "tail_logs", "check"):
             monkeypatch.setattr(sky, name, self._recorder(name))
         monkeypatch.setattr(sky, "get", self._resolve)
         monkeypatch.setattr(sky, "stream_and_get", self._stream_and_get)
@@ -152,6 +152,7 @@ def test_golden_task_yaml_for_hub_model(sky) -> None:
         "resources": {
             "infra": "aws/us-east-1",
             "instance_type": "g5.xlarge",
+            "accelerators": {"A10G": 1},
             "use_spot": True,
             "ports": ["8000"],
             "memory": "16.0",
@@ -166,7 +167,13 @@ def test_task_for_local_model_dir_and_gguf_uses_file_mounts_and_workdir(sky, tmp
     gguf.write_bytes(b"GGUF")
     prov = SkyPilotProvisioner(workdir=tmp_path)
     task = prov.build_task(
-        _spec(model=str(model_dir), tensor_parallel_size=4, instance_type="g5.12xlarge", spot=False)
+        _spec(
+            model=str(model_dir),
+            tensor_parallel_size=4,
+            instance_type="g5.12xlarge",
+            gpu_count=4,
+            spot=False,
+        )
     )
     config = task.to_yaml_config()
     assert config["file_mounts"] == {"/skybroker/model": str(model_dir)}
@@ -305,3 +312,86 @@ def test_project_root_is_this_checkout() -> None:
     root = project_root()
     assert root is not None and (root / "engine").is_dir()
     assert Path(root / "pyproject.toml").exists()
+
+
+def test_golden_task_yaml_for_data_parallel_spot_placement(sky) -> None:
+    """A placement of 2 engines x TP 2 on a 4-GPU spot instance: one engine per GPU pair and
+    port, every port exposed, GPUs and market pinned."""
+    prov = SkyPilotProvisioner(workdir=False)
+    spec = _spec(
+        instance_type="g5.12xlarge",
+        gpu_count=4,
+        tensor_parallel_size=2,
+        data_parallel=2,
+        secrets={},
+        envs={},
+    )
+    config = prov.build_task(spec).to_yaml_config()
+    engine = (
+        "python -m engine.serve --model meta-llama/Llama-3.1-8B-Instruct "
+        "--served-model-name llama --host 0.0.0.0 --port {port} --tensor-parallel-size 2 "
+        "--max-model-len 4096"
+    )
+    assert config == {
+        "name": "sb-demo-12",
+        "setup": "pip install -q 'skybroker[engine,gpu]==0.1.0'",
+        "run": f"CUDA_VISIBLE_DEVICES=0,1 {engine.format(port=8000)} &\n"
+        f"CUDA_VISIBLE_DEVICES=2,3 {engine.format(port=8001)} &\nwait",
+        "num_nodes": 1,
+        "file_mounts": {},
+        "volumes": {},
+        "resources": {
+            "infra": "aws/us-east-1",
+            "instance_type": "g5.12xlarge",
+            "accelerators": {"A10G": 4},
+            "use_spot": True,
+            "ports": ["8000-8001"],  # SkyPilot folds consecutive ports into a range
+            "memory": "192.0",
+        },
+    }
+
+
+def test_golden_task_yaml_pins_gpus_of_an_on_demand_tp_placement(sky) -> None:
+    spec = _spec(
+        instance_type="g5.12xlarge", gpu_count=4, tensor_parallel_size=4, spot=False, secrets={}
+    )
+    res = SkyPilotProvisioner(workdir=False).build_task(spec).to_yaml_config()["resources"]
+    assert res["accelerators"] == {"A10G": 4} and res["use_spot"] is False
+    assert res["ports"] == ["8000"]
+
+
+def test_placement_needing_more_gpus_than_the_instance_has_is_refused(sky) -> None:
+    spec = _spec(gpu_count=1, tensor_parallel_size=2, data_parallel=1)
+    with pytest.raises(ProvisionError, match=r"need 2 GPUs, but g5.xlarge has 1"):
+        SkyPilotProvisioner().build_resources(spec)
+
+
+def test_data_parallel_launch_returns_one_url_per_engine(sky, fake) -> None:
+    fake.results["endpoints"] = {8000: "3.3.3.3:8000", 8001: "3.3.3.3:8001"}
+    spec = _spec(instance_type="g5.12xlarge", gpu_count=4, tensor_parallel_size=2, data_parallel=2)
+    handle = SkyPilotProvisioner(workdir=False).launch(spec)
+    assert handle.url == "http://3.3.3.3:8000"
+    assert handle.info["urls"] == ["http://3.3.3.3:8000", "http://3.3.3.3:8001"]
+    assert [c[1] for c in fake.calls if c[0] == "endpoints"] == [
+        ("sb-demo-12", 8000),
+        ("sb-demo-12", 8000),
+        ("sb-demo-12", 8001),
+    ]
+
+
+def test_check_passes_when_sky_check_enables_the_planned_clouds(sky, fake) -> None:
+    fake.results["check"] = {"default": {"AWS": ["compute", "storage"], "GCP": ["storage"]}}
+    prov = SkyPilotProvisioner()
+    prov.check({"aws"})
+    assert fake.calls[-1][:2] == ("check", (("aws",),))
+    with pytest.raises(CredentialsError, match=r"cannot use gcp .*`sky check gcp`"):
+        prov.check({"aws", "gcp"})
+    fake.results["check"] = {"default": {}}
+    with pytest.raises(NoCloudAccessError, match=r"no cloud enabled.*`sky check aws`"):
+        prov.check({"aws"})
+
+
+def test_check_without_sky_names_the_extra(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "sky", None)
+    with pytest.raises(MissingExtraError, match=r"pip install 'skybroker\[cloud\]'"):
+        SkyPilotProvisioner().check({"aws"})

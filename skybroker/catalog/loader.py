@@ -9,6 +9,7 @@ override earlier ones row by row (same key), so a user catalog can patch a few p
 from __future__ import annotations
 
 import csv
+import importlib.resources
 import logging
 import operator
 import os
@@ -20,7 +21,9 @@ from skybroker.catalog.schema import GPU, Catalog, Egress, Offering, Region
 
 logger = logging.getLogger(__name__)
 
-BUNDLED_DIR = Path(__file__).resolve().parents[2] / "catalogs"
+# catalogs/ of the source tree, reached through the package's `_catalogs` link; a wheel ships
+# the files themselves there as package data.
+BUNDLED_DIR = Path(str(importlib.resources.files("skybroker") / "_catalogs")).resolve()
 ENV_DIRS = "SKYBROKER_CATALOG_DIRS"  # os.pathsep-separated extra catalog directories
 AREAS = ("us", "ca", "sa", "eu", "me", "africa", "asia", "oceania")
 INTERCONNECTS = ("nvlink", "pcie", "infinity-fabric")

@@ -118,6 +118,10 @@ class Provisioner(Protocol):
         """The last lines of the replica's engine log."""
         ...
 
+    # Optional (the controller uses them when present):
+    # `check(clouds: set[str]) -> None` raises a ProvisionError naming what is missing (an
+    # extra, credentials) before anything is recorded; `exit_code(handle) -> int | None`.
+
 
 def engine_command(spec: ReplicaSpec, host: str, port: int, python: str = "python") -> list[str]:
     """The `python -m engine.serve ...` command line of a replica (see engine/serve)."""

@@ -10,6 +10,7 @@ later `terminate(name)` cannot find.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from skybroker.provision import (
+    MissingExtraError,
     ProvisionError,
     ReplicaHandle,
     ReplicaSpec,
@@ -87,6 +89,13 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 class LocalProvisioner:
     """Engine replicas as local processes (the embedded default: no cloud account needed)."""
 
@@ -111,6 +120,23 @@ class LocalProvisioner:
 
     def run_dir(self, name: str) -> Path:
         return self.home / "replicas" / name
+
+    def check(self, clouds: set[str]) -> None:
+        """Raise if replicas cannot start here: a cloud offering, or the engine's extra missing
+        (checked in this interpreter when replicas run on it)."""
+        if clouds - {"local"}:
+            raise ProvisionError(
+                f"infra 'local' runs replicas on this machine only, but the plan uses "
+                f"{', '.join(sorted(clouds - {'local'}))}: use infra: skypilot"
+            )
+        if self.python != sys.executable or "PYTHONPATH" in self.env:
+            return  # another interpreter or path: its launch reports what is missing
+        missing = [m for m in ("engine", "torch", "safetensors") if not _importable(m)]
+        if missing:
+            raise MissingExtraError(
+                f"the local infra runs the bundled engine, which needs {', '.join(missing)}: "
+                "pip install 'skybroker[engine]'"
+            )
 
     def launch(self, spec: ReplicaSpec) -> ReplicaHandle:
         if spec.cloud != "local":
@@ -172,6 +198,12 @@ class LocalProvisioner:
         if info is None or not self._alive(info, handle.name):
             return ReplicaState.DEAD
         return ReplicaState.RUNNING
+
+    def exit_code(self, handle: ReplicaHandle) -> int | None:
+        """The exit status of a replica this provisioner started and that has exited (negative:
+        killed by that signal); None when unknown (still running, or started by another broker)."""
+        proc = self._procs.get(handle.name)
+        return None if proc is None else proc.poll()
 
     def terminate(self, handle: ReplicaHandle) -> None:
         info = self._info(handle)

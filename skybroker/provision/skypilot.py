@@ -126,9 +126,19 @@ class SkyPilotProvisioner:
                 f"replica {spec.name} is planned on this machine (cloud 'local'); "
                 "use infra: local for it"
             )
+        engines = max(1, spec.data_parallel)
+        if spec.gpu_count and spec.tensor_parallel_size * engines > spec.gpu_count:
+            raise ProvisionError(
+                f"replica {spec.name}: {engines} engine(s) x tensor parallel "
+                f"{spec.tensor_parallel_size} need {engines * spec.tensor_parallel_size} GPUs, "
+                f"but {spec.instance_type} has {spec.gpu_count}"
+            )
+        # The GPUs are pinned too, so SkyPilot rejects an instance type that lacks them.
+        accelerators = {spec.gpu: spec.gpu_count} if spec.gpu and spec.gpu_count else None
         return sky.Resources(
             infra=f"{spec.cloud}/{spec.region}",
             instance_type=spec.instance_type,
+            accelerators=accelerators,
             use_spot=spec.spot,
             ports=self.ports(spec),
         )
@@ -152,6 +162,37 @@ class SkyPilotProvisioner:
         return task
 
     # -- the Provisioner interface ------------------------------------------------------------
+
+    def check(self, clouds: set[str]) -> None:
+        """Raise unless SkyPilot is installed and can use every cloud in `clouds` (`sky check`
+        through its API server); the error says what to install or configure."""
+        sky = import_sky()
+        wanted = sorted(c.lower() for c in clouds)
+        if "local" in wanted:
+            raise ProvisionError("the plan runs on this machine (cloud 'local'): use infra: local")
+        try:
+            result = sky.get(sky.check(tuple(wanted), verbose=False)) or {}
+        except Exception as e:
+            raise map_sky_error(e, None) from e
+        enabled = {
+            cloud.lower()
+            for workspace in result.values()
+            for cloud, capabilities in (workspace or {}).items()
+            if "compute" in capabilities
+        }
+        missing = [c for c in wanted if c not in enabled]
+        if not missing:
+            return
+        fix = (
+            f"configure credentials for {', '.join(missing)}, then run "
+            f"`sky check {' '.join(missing)}`"
+        )
+        if not enabled:
+            raise NoCloudAccessError(f"SkyPilot has no cloud enabled for compute: {fix}")
+        raise CredentialsError(
+            f"SkyPilot cannot use {', '.join(missing)} (enabled: {', '.join(sorted(enabled))}): "
+            f"{fix}"
+        )
 
     def launch(self, spec: ReplicaSpec) -> ReplicaHandle:
         sky = import_sky()
