@@ -111,7 +111,7 @@ def test_engine_process_front(tiny_llama_dir: Path) -> None:
     from engine.server.engine_process import ProcessLLMEngine
 
     kw = dict(max_model_len=256, num_kv_blocks=160, block_size=16, max_num_seqs=16)
-    ids = [5, 17, 42, 99, 7, 64]
+    ids = [5, 17, 42, 99, 7, 64] * 30  # long prompts: outputs bigger than one pipe read
     params = SamplingParams(n=2, temperature=0.8, seed=7, max_tokens=6)
     offline = LLM(str(tiny_llama_dir), **kw)
     expected = [c.token_ids for c in offline.generate(ids, params)[0].outputs]
@@ -150,4 +150,11 @@ def test_engine_process_front(tiny_llama_dir: Path) -> None:
         finally:
             await eng.shutdown()
 
-    asyncio.run(run())
+    try:  # the loop uvicorn picks when it is installed
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(run())

@@ -5,14 +5,15 @@ encoding, socket writes) holds the GIL that the engine's scheduler, sampler and 
 need, so the engine steps slower than offline. Here a child process (spawned, as vLLM's
 EngineCore) owns the LLMEngine and loops: apply commands, step, send the step's outputs.
 The server side is AsyncLLMEngine's event-loop half, unchanged: commands go out through a
-sender thread (a full pipe never blocks the event loop), outputs come back on the loop through
-a reader on the pipe's file descriptor and are fanned out to the same per-request streams.
+sender thread (a full pipe never blocks the event loop); a receiver thread unpickles each
+step's outputs and hands them to the loop, which fans them out to the same per-request streams.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import multiprocessing as mp
 import signal
@@ -47,6 +48,7 @@ class ProcessLLMEngine(AsyncLLMEngine):
         self._adds: dict[str, concurrent.futures.Future[None]] = {}
         self._tokenizer: Any = None
         self._max_model_len = 0
+        self._receiver: threading.Thread | None = None
 
     @property
     def tokenizer(self) -> Any:
@@ -90,7 +92,8 @@ class ProcessLLMEngine(AsyncLLMEngine):
             raise
         self._max_model_len = info["max_model_len"]
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._out.fileno(), self._on_readable)
+        self._receiver = threading.Thread(target=self._recv_loop, name="engine-recv", daemon=True)
+        self._receiver.start()
         self._thread = threading.Thread(target=self._send_loop, name="engine-send", daemon=True)
         self._thread.start()
 
@@ -117,23 +120,29 @@ class ProcessLLMEngine(AsyncLLMEngine):
         except (OSError, EOFError) as e:  # the engine process is gone; the reader reports it
             logger.debug("engine command pipe closed: %r", e)
 
-    # ---- event loop: outputs from the engine process ------------------------------------------
+    # ---- receiver thread: outputs from the engine process, handed to the event loop -----------
+    # (Not loop.add_reader: uvloop makes the pipe non-blocking and a large message then fails
+    # half-read. Unpickling here also keeps that work off the event loop.)
 
-    def _on_readable(self) -> None:
-        assert self._out is not None
+    def _recv_loop(self) -> None:
+        assert self._out is not None and self._loop is not None
         try:
-            while self._out.poll():
-                msg = self._out.recv()
-                if msg[0] == "out":
-                    self._dispatch(msg[1])
-                    if msg[2] is not None:
-                        self._set_stats(*msg[2])
-                elif msg[0] == "added":
-                    self._added(msg[1], msg[2])
-                else:  # "dead"
-                    raise EngineDeadError(msg[1])
-        except (EOFError, OSError, EngineDeadError) as e:
-            self._died(e if isinstance(e, EngineDeadError) else EngineDeadError(repr(e)))
+            while True:
+                self._loop.call_soon_threadsafe(self._on_message, self._out.recv())
+        except (EOFError, OSError) as e:
+            error = EngineDeadError(f"the engine process exited ({e!r})")
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                self._loop.call_soon_threadsafe(self._died, error)
+
+    def _on_message(self, msg: tuple[Any, ...]) -> None:
+        if msg[0] == "out":
+            self._dispatch(msg[1])
+            if msg[2] is not None:
+                self._set_stats(*msg[2])
+        elif msg[0] == "added":
+            self._added(msg[1], msg[2])
+        else:  # "dead": the engine loop failed; the process exits next
+            self._died(EngineDeadError(msg[1]))
 
     def _added(self, request_id: str, error: tuple[bool, str] | None) -> None:
         done = self._adds.pop(request_id, None)
@@ -146,8 +155,6 @@ class ProcessLLMEngine(AsyncLLMEngine):
             done.set_exception((ValueError if is_value_error else RuntimeError)(message))
 
     def _died(self, error: EngineDeadError) -> None:
-        if self._loop is not None and self._out is not None:
-            self._loop.remove_reader(self._out.fileno())
         if self.dead_error is None and not self._stop.is_set():
             logger.error("engine process failed: %s", error)
         self.dead_error = self.dead_error or error
@@ -167,8 +174,6 @@ class ProcessLLMEngine(AsyncLLMEngine):
             await asyncio.to_thread(self._proc.join, 30.0)
             if self._proc.is_alive():
                 self._proc.terminate()
-        if self._out is not None and self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(self._out.fileno())
 
 
 # ---- the engine process -----------------------------------------------------------------------
@@ -178,8 +183,10 @@ def engine_main(args: EngineArgs, cmd: Connection, out: Connection) -> None:
     """Child process: load the engine, then apply commands and step until told to stop."""
     from engine.llm_engine import LLMEngine
 
-    # Ctrl-C reaches the whole process group; the server decides when the engine stops.
+    # Ctrl-C and a launcher's killpg(SIGTERM) reach the whole process group; the server drains
+    # first and then stops the engine (and if the server dies, its command pipe ends: we exit).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     try:
         engine = LLMEngine.from_args(args)
