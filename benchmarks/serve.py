@@ -6,9 +6,10 @@ token), ITL (between streamed chunks), end-to-end latency, and goodput under a T
 
 Two passes over the same request set:
 - latency: Poisson arrivals at --request-rate (skipped with --request-rate inf);
-- throughput: all requests at once ("infinite rate"), --repeats times, alternating with the
-  offline engine (an LLMEngine in this process, the identical requests added at once) while
-  the server sits idle; prints the ratio of median output tok/s, server / offline.
+- throughput: all requests at once ("infinite rate"), --repeats times, each paired with a pass
+  of the offline engine (an LLMEngine in this process, the identical requests added at once,
+  the server idle meanwhile; odd pairs run offline first); prints each pair's ratio and the
+  ratio of median output tok/s, server / offline.
 
 Fairness: the server (`python -m engine.serve`, its engine in a child process by default) and
 this client are separate processes; the client is one asyncio loop on one HTTP/1.1 keep-alive
@@ -351,13 +352,17 @@ def main() -> None:
             report(results, duration, args.slo_ttft_ms, args.slo_tpot_ms)
             print(f"client CPU: {cpu:.1f} s over {duration:.1f} s")
         for rep in range(args.repeats):
+            # Odd passes run offline first, so a load that drifts during the run favours neither.
+            if offline is not None and rep % 2 == 1:
+                offline_tps.append(run_offline(offline, items, f"offline{rep}"))
             print(f"\n## throughput pass {rep + 1}/{args.repeats}: all requests at once")
             results, duration, cpu = timed_load(url, model, items, float("inf"), args.seed)
             figures = report(results, duration, args.slo_ttft_ms, args.slo_tpot_ms)
             print(f"client CPU: {cpu:.1f} s over {duration:.1f} s")
             server_tps.append(figures["output_throughput"] if figures["failed"] == 0 else 0.0)
-            if offline is not None:
+            if offline is not None and rep % 2 == 0:
                 offline_tps.append(run_offline(offline, items, f"offline{rep}"))
+            if offline is not None:
                 print(f"offline engine, same requests: {offline_tps[-1]:.2f} output tok/s; "
                       f"this pair: server / offline = {server_tps[-1] / offline_tps[-1]:.3f}")  # fmt: skip
     finally:
