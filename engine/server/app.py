@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.server.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
 from engine.server.auth import check_api_key
+from engine.server.engine_process import ProcessLLMEngine
 from engine.server.errors import APIError, bad_request
 from engine.server.metrics import EngineStats, ServerMetrics
 from engine.server.protocol import (
@@ -49,6 +50,7 @@ from engine.server.serving import (
 )
 
 if TYPE_CHECKING:
+    from engine.config import EngineArgs
     from engine.llm_engine import LLMEngine
 
 logger = logging.getLogger("engine.server")
@@ -66,9 +68,17 @@ class ServerConfig:
 class ServerState:
     """Everything the routes share: config, metrics, and the engine once it is loaded."""
 
-    def __init__(self, config: ServerConfig, load_engine: Callable[[], LLMEngine]) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        load_engine: Callable[[], LLMEngine] | None = None,
+        engine_args: EngineArgs | None = None,
+    ) -> None:
+        if (load_engine is None) == (engine_args is None):
+            raise ValueError("give exactly one of load_engine (engine thread) or engine_args")
         self.config = config
         self.load_engine = load_engine
+        self.engine_args = engine_args
         self.status = "loading"  # loading | ready | draining | failed
         self.engine: AsyncLLMEngine | None = None
         self.load_error: BaseException | None = None
@@ -80,10 +90,17 @@ class ServerState:
         return self.engine.stats if self.engine is not None else EngineStats()
 
     async def load(self) -> None:
+        cfg = self.config
         try:
-            llm = await asyncio.to_thread(self.load_engine)
-            self.engine = AsyncLLMEngine(llm, self.config.max_pending, self.config.retry_after_s)
-            self.engine.start()
+            if self.engine_args is not None:
+                proc = ProcessLLMEngine(self.engine_args, cfg.max_pending, cfg.retry_after_s)
+                self.engine = proc
+                await proc.launch()
+            else:
+                assert self.load_engine is not None
+                llm = await asyncio.to_thread(self.load_engine)
+                self.engine = AsyncLLMEngine(llm, cfg.max_pending, cfg.retry_after_s)
+                self.engine.start()
             self.status = "ready"
             logger.info("model %s loaded; serving", self.config.served_model_name)
         except Exception as e:
@@ -110,16 +127,12 @@ class ServerState:
         return self.engine
 
     @property
-    def llm(self) -> LLMEngine:
-        return self.require_engine().engine
-
-    @property
     def tokenizer(self) -> Any:
-        return self.llm.tokenizer
+        return self.require_engine().tokenizer
 
     @property
     def max_model_len(self) -> int:
-        return self.llm.max_model_len
+        return self.require_engine().max_model_len
 
     @property
     def vocab_size(self) -> int | None:
@@ -304,9 +317,16 @@ async def _respond(request: Request, work: Any) -> Any:
 # ---- app ------------------------------------------------------------------------------------
 
 
-def create_app(config: ServerConfig, load_engine: Callable[[], LLMEngine]) -> FastAPI:
-    """The server app; `load_engine` builds the LLMEngine (run in a thread at startup)."""
-    state = ServerState(config, load_engine)
+def create_app(
+    config: ServerConfig,
+    load_engine: Callable[[], LLMEngine] | None = None,
+    *,
+    engine_args: EngineArgs | None = None,
+) -> FastAPI:
+    """The server app. Either `load_engine` builds an LLMEngine (at startup, in a thread) that
+    steps on a thread of this process, or the engine built from `engine_args` runs in a child
+    process (what `python -m engine.serve` does: the HTTP work then never slows the engine)."""
+    state = ServerState(config, load_engine, engine_args)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine.server.metrics import EngineStats
 
@@ -115,6 +115,14 @@ class AsyncLLMEngine:
         return self._thread is not None and self._thread.is_alive() and self.dead_error is None
 
     @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
     def num_unfinished(self) -> int:
         return len(self._streams)
 
@@ -172,6 +180,18 @@ class AsyncLLMEngine:
                 del self._streams[out.request_id]
         self.stats.num_pending = len(self._pending)
 
+    def _set_stats(
+        self,
+        num_running: int,
+        num_waiting: int,
+        kv_usage: float,
+        prefix_hit_rate: float,
+        num_preemptions: int,
+    ) -> None:
+        st = self.stats
+        st.num_running, st.num_waiting, st.kv_usage = num_running, num_waiting, kv_usage
+        st.prefix_hit_rate, st.num_preemptions = prefix_hit_rate, num_preemptions
+
     def _fail_all(self, error: BaseException) -> None:
         for stream in list(self._streams.values()):
             stream.queue.put_nowait(EngineDeadError(f"engine loop failed: {error!r}"))
@@ -190,6 +210,9 @@ class AsyncLLMEngine:
             self.abort(request_id)
         self._stop.set()
         self._inbox.put(None)
+        await self._stop_backend()
+
+    async def _stop_backend(self) -> None:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30.0)
         self.engine.shutdown()  # tensor-parallel workers, if any
@@ -245,9 +268,16 @@ class AsyncLLMEngine:
         if not force and now - self._last_stats < STATS_INTERVAL_S:
             return
         self._last_stats = now
-        m = self.engine.get_metrics()
-        self.stats.num_running = m.num_running
-        self.stats.num_waiting = m.num_waiting
-        self.stats.kv_usage = m.kv_usage
-        self.stats.prefix_hit_rate = m.prefix_cache_hit_rate
-        self.stats.num_preemptions = m.num_preemptions
+        self._set_stats(*stats_of(self.engine))
+
+
+def stats_of(engine: LLMEngine) -> tuple[int, int, float, float, int]:
+    """The engine figures /metrics shows (what _set_stats takes)."""
+    m = engine.get_metrics()
+    return (
+        m.num_running,
+        m.num_waiting,
+        m.kv_usage,
+        m.prefix_cache_hit_rate,
+        m.num_preemptions,
+    )
