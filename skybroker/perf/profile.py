@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,16 @@ class ProfileModel:
         return (f["intercept"] + f["per_prefill_token"] * num_prefill_tokens
                 + f["per_decode_seq"] * num_decode_seqs
                 + f["per_context_token"] * total_context_tokens)  # fmt: skip
+
+    def fast_step(self) -> Callable[[float, float, float, float], float]:
+        f = self.profile.fit
+        a, b, c, d = (f["intercept"], f["per_prefill_token"], f["per_decode_seq"],
+                      f["per_context_token"])  # fmt: skip
+
+        def step(p: float, n: float, ctx: float, pairs: float = 0.0) -> float:
+            return a + b * p + c * n + d * ctx
+
+        return step
 
     @classmethod
     def of(cls, profile: EngineProfile) -> ProfileModel:
