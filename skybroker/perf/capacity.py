@@ -122,6 +122,7 @@ def idle_latency(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass,
     outs = np.array(cls.output_lens, dtype=float)
     chunks = np.ceil(ins / cfg.max_num_batched_tokens)
     ttft = chunks * model.step_time(ins / chunks, 0 * ins, ins, ins * ins / 2 / chunks)
+    ttft = ttft + getattr(model, "request_overhead_s", 0.0)
     tpot = model.step_time(0 * ins, 1 + 0 * ins, ins + outs / 2)
     return float(np.percentile(ttft, percentile)), float(np.percentile(tpot, percentile))
 

@@ -11,6 +11,9 @@ The policy is the engine's (vLLM v1 / nano-vllm style):
   recompute (its blocks freed, it goes back to the head of the waiting queue);
 - the step's time comes from a step-time model (roofline or measured profile).
 
+A model with `request_overhead_s` (a measured profile's server overhead) delays each request's
+entry into the engine by it and counts it in the TTFT.
+
 Results per request: TTFT (first token time - arrival) and TPOT ((finish - first token) /
 (output tokens - 1)), as vLLM's benchmarks define them.
 """
@@ -90,7 +93,9 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
     With `stop`, the run ends as soon as the SLO is surely missed (`SimResult.stopped`)."""
     n = len(arrivals)
     st = step_fn(model)
-    arrival = np.asarray(arrivals, dtype=float)
+    # a request reaches the engine `off` seconds after it was sent (server overhead)
+    off = float(getattr(model, "request_overhead_s", 0.0))
+    arrival = np.asarray(arrivals, dtype=float) + off
     prompt = np.asarray(input_lens, dtype=np.int64)
     out = np.maximum(np.asarray(output_lens, dtype=np.int64), 1)
     computed = np.zeros(n, np.int64)
@@ -108,7 +113,7 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
 
     def retire(idx: np.ndarray) -> None:
         nonlocal free, done
-        ttft[idx] = first[idx] - arrival[idx]
+        ttft[idx] = first[idx] - arrival[idx] + off
         t = np.where(out[idx] > 1, (now - first[idx]) / np.maximum(out[idx] - 1, 1), 0.0)
         tpot[idx] = t
         finish[idx] = now
@@ -123,13 +128,13 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
         if len(over_tpot) > allowed or len(over_ttft) > allowed:
             return True
         assert stop is not None
-        late = now - stop.ttft_s  # waiting since before this: their TTFT is over the limit
+        late = now + off - stop.ttft_s  # waiting since before this: TTFT over the limit
         extra = []
         for i in waiting:  # in arrival order but for preempted ones at the head
             if arrival[i] >= late:
                 break
             if first[i] < 0:
-                extra.append((now - arrival[i]) / stop.ttft_s)
+                extra.append((now + off - arrival[i]) / stop.ttft_s)
         if len(over_ttft) + len(extra) <= allowed:
             return False
         over_ttft.extend(extra)
@@ -222,7 +227,7 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
         new_first = emit[first[emit] < 0]
         first[new_first] = now
         if stop is not None and len(new_first):
-            w = now - arrival[new_first]
+            w = now + off - arrival[new_first]
             if w.max() > stop.ttft_s:
                 over_ttft.extend((w[w > stop.ttft_s] / stop.ttft_s).tolist())
         fin = generated[run] >= out[run]
