@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engine.config import EngineArgs, ModelConfig
@@ -249,9 +250,11 @@ def _free_port() -> int:
 
 
 def _stream(port: int, prompt: list[int], max_tokens: int) -> tuple[float, float, int]:
-    """(TTFT, seconds from first to last token, tokens) of one streamed completion."""
+    """(TTFT, seconds from first to last chunk, tokens) of one streamed completion. Chunks
+    can carry several tokens (held-back bytes, a slow reader), so tokens come from `usage`."""
     body = json.dumps({"model": "profile", "prompt": prompt, "max_tokens": max_tokens,
-                       "temperature": 0.0, "ignore_eos": True, "stream": True})  # fmt: skip
+                       "temperature": 0.0, "ignore_eos": True, "stream": True,
+                       "stream_options": {"include_usage": True}})  # fmt: skip
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     t0 = time.perf_counter()
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
@@ -268,9 +271,18 @@ def _stream(port: int, prompt: list[int], max_tokens: int) -> tuple[float, float
         if chunk.get("choices") and chunk["choices"][0].get("text"):
             last = time.perf_counter()
             first = first or last
-            n += 1
+        if chunk.get("usage"):
+            n = chunk["usage"]["completion_tokens"]
     conn.close()
     return first - t0, last - first, n
+
+
+def _fit(points: list[dict]) -> np.ndarray:
+    """Step time ~ (1, prefill, decode, context) . coef, relative error (as the planner fits)."""
+    x = np.array([[1.0, p["num_prefill_tokens"], p["num_decode_seqs"], p["total_context_tokens"]]
+                  for p in points])  # fmt: skip
+    t = np.array([p["seconds"] for p in points])
+    return np.linalg.lstsq(x / t[:, None], np.ones_like(t), rcond=None)[0]
 
 
 class ServingProbe:
@@ -327,6 +339,31 @@ def _point(points: list[dict], prefill: int, decode: int) -> dict | None:
     return min(match, key=lambda p: p["total_context_tokens"], default=None)
 
 
+def _busy_ttft_extra(probe: ServingProbe, prof: Profiler, points: list[dict], grid: Grid,
+                     repeats: int) -> list[float]:  # fmt: skip
+    """TTFT of short requests sent while other streams decode, minus what the engine alone
+    takes: the rest of the step in flight (half a decode step on average) and the mixed step
+    that prefills the request beside the decodes (both from the fit of the points)."""
+    coef = _fit(points)
+    b = min(4, max(grid.decode_batches))
+    ctx, p = grid.decode_contexts[0], grid.prefill_tokens[0]
+    longest = max(8 * repeats, 32)
+    bg = threading.Thread(
+        target=probe.concurrent, args=([prof._prompt(ctx) for _ in range(b)], longest)
+    )
+    bg.start()
+    time.sleep(0.5)  # the background streams are decoding
+    extra = []
+    while bg.is_alive() and len(extra) < repeats:
+        ttft, _, _ = _stream(probe.port, prof._prompt(p), 2)
+        decode = coef @ [1, 0, b, b * (ctx + longest / 2)]
+        mixed = coef @ [1, p, b, b * (ctx + longest / 2) + p]
+        extra.append(ttft - decode / 2 - mixed)
+        time.sleep(float(decode) * 3)  # let the background batch settle between probes
+    bg.join()
+    return extra or [0.0]
+
+
 def measure_serving(prof: Profiler, points: list[dict], args: argparse.Namespace,
                     grid: Grid) -> dict:  # fmt: skip
     """The server's overhead over bare engine steps (see the module docstring)."""
@@ -341,6 +378,7 @@ def measure_serving(prof: Profiler, points: list[dict], args: argparse.Namespace
                 ttft, _, _ = _stream(probe.port, prof._prompt(p), 2)
                 ttft_extra.append(ttft - eng["seconds"])
         ctx = grid.decode_contexts[0]
+        busy_extra = _busy_ttft_extra(probe, prof, points, grid, args.repeats)
         resid = []
         for b in batches:
             eng = _point(points, 0, b)
@@ -362,11 +400,15 @@ def measure_serving(prof: Profiler, points: list[dict], args: argparse.Namespace
     else:
         slope, icpt = 0.0, max(rs[0], 0.0)
     serving = {"request_overhead_s": max(statistics.median(ttft_extra), 0.0),
+               "busy_request_overhead_s": max(statistics.median(busy_extra), 0.0),
                "step_overhead_s": icpt, "per_seq_overhead_s": slope,
-               "note": f"TTFT - prefill step over {len(ttft_extra)} idle requests; TPOT - "
+               "note": f"TTFT - prefill step over {len(ttft_extra)} idle requests; TTFT - "
+                       f"(half a decode step + the mixed step) over {len(busy_extra)} requests "
+                       f"beside running streams; TPOT - "
                        f"decode step at batches {bs}: "
                        + ", ".join(f"{r * 1e3:+.1f} ms" for r in rs)}  # fmt: skip
-    print(f"  serving overhead: request {serving['request_overhead_s'] * 1e3:.1f} ms, step "
+    print(f"  serving overhead: request {serving['request_overhead_s'] * 1e3:.1f} ms idle, "
+          f"{serving['busy_request_overhead_s'] * 1e3:.1f} ms busy, step "
           f"{icpt * 1e3:.2f} ms + {slope * 1e3:.2f} ms/seq", file=sys.stderr)  # fmt: skip
     return serving
 

@@ -95,6 +95,9 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
     st = step_fn(model)
     # a request reaches the engine `off` seconds after it was sent (server overhead)
     off = float(getattr(model, "request_overhead_s", 0.0))
+    # ... and its first token reaches the client `busy_off` later when the engine was busy
+    busy_off = float(getattr(model, "busy_request_overhead_s", off)) - off
+    late_first = np.zeros(n)
     arrival = np.asarray(arrivals, dtype=float) + off
     prompt = np.asarray(input_lens, dtype=np.int64)
     out = np.maximum(np.asarray(output_lens, dtype=np.int64), 1)
@@ -113,7 +116,7 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
 
     def retire(idx: np.ndarray) -> None:
         nonlocal free, done
-        ttft[idx] = first[idx] - arrival[idx] + off
+        ttft[idx] = first[idx] - arrival[idx] + off + late_first[idx]
         t = np.where(out[idx] > 1, (now - first[idx]) / np.maximum(out[idx] - 1, 1), 0.0)
         tpot[idx] = t
         finish[idx] = now
@@ -142,6 +145,8 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
 
     while done < n and steps < max_steps:
         while nxt < n and arrival[nxt] <= now:
+            if busy_off and (len(run) or waiting):
+                late_first[nxt] = busy_off
             waiting.append(nxt)
             nxt += 1
         if not len(run) and not waiting:
