@@ -269,3 +269,21 @@ def test_early_stop_gives_the_full_simulations_verdict() -> None:
             else:
                 assert fast.percentile(pct) == pytest.approx((ttft, tpot))
     assert stopped >= 3
+
+
+def test_parallel_searches_equal_serial_ones() -> None:
+    from skybroker.perf import capacity
+
+    arch = lookup("llama-3.1-8b")
+    rng = np.random.default_rng(2)
+    jobs = []
+    for hw in (H100, Hardware("gpu", "L4", 1, 24, 300, 121)):
+        cfg = SchedulerConfig(32, 2048, max(kv_capacity_tokens(arch, hw), 4096) // 16, 16)
+        for k in range(4):
+            cls = RequestClass(f"c{k}", 0.25, tuple(rng.integers(50, 300, 20).tolist()),
+                               tuple(rng.integers(5, 60, 20).tolist()))  # fmt: skip
+            jobs.append((RooflineModel(arch, hw), cfg, cls, SLOTarget(1.5, 0.08, 90)))
+    serial = capacity.max_rates(jobs, num_requests=20, workers=1)
+    capacity._memo.clear()
+    parallel = capacity.max_rates(jobs, num_requests=20, workers=2)
+    assert parallel == serial and any(r.rate > 0 for r in serial)

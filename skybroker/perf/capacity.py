@@ -162,6 +162,44 @@ def max_rate(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass, slo:
     return res
 
 
+def perf_workers() -> int:
+    """Processes for cold capacity searches: $SKYBROKER_PERF_WORKERS, else one per core."""
+    return max(1, int(os.environ.get("SKYBROKER_PERF_WORKERS", os.cpu_count() or 1)))
+
+
+Job = tuple[StepTimeModel, SchedulerConfig, RequestClass, SLOTarget]
+MIN_PARALLEL_JOBS = 8  # below this a process pool's start-up costs more than it saves
+
+
+def _job(args: tuple) -> CapacityResult:
+    return _max_rate(*args)
+
+
+def max_rates(jobs: list[Job], *, num_requests: int = 200, seed: int = 0,
+              rel_tol: float = 0.05, workers: int | None = None) -> list[CapacityResult]:  # fmt: skip
+    """`max_rate` of many (model, config, class, SLO); the ones not cached yet (each distinct
+    key once) run in a pool of `workers` processes when there are enough of them."""
+    keys = [_key(*j, num_requests, seed, rel_tol) for j in jobs]
+    with _lock:
+        missing = {k: j for k, j in zip(keys, jobs, strict=True) if k not in _memo}
+    workers = perf_workers() if workers is None else workers
+    args = [(*j, num_requests, seed, rel_tol) for j in missing.values()]
+    if workers > 1 and len(missing) >= MIN_PARALLEL_JOBS:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        # forkserver: no fork of a process that may run threads (the broker server)
+        ctx = mp.get_context("forkserver")
+        with ProcessPoolExecutor(min(workers, len(args)), mp_context=ctx) as ex:
+            results = list(ex.map(_job, args))
+    else:
+        results = [_job(a) for a in args]
+    with _lock:
+        _memo.update(zip(missing, results, strict=True))
+        _dirty.update(missing)
+        return [_memo[k] for k in keys]
+
+
 def _max_rate(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass, slo: SLOTarget,
               n: int, seed: int, rel_tol: float) -> CapacityResult:  # fmt: skip
     """Search on log(rate) for the root of the SLO margin g = log(max(TTFT_p / limit, TPOT_p /
