@@ -285,5 +285,6 @@ def test_parallel_searches_equal_serial_ones() -> None:
             jobs.append((RooflineModel(arch, hw), cfg, cls, SLOTarget(1.5, 0.08, 90)))
     serial = capacity.max_rates(jobs, num_requests=20, workers=1)
     capacity._memo.clear()
+    capacity._dirty.clear()
     parallel = capacity.max_rates(jobs, num_requests=20, workers=2)
     assert parallel == serial and any(r.rate > 0 for r in serial)

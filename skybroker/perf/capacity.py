@@ -262,6 +262,6 @@ def prefetch_disk_cache() -> None:
 def flush_disk_cache() -> None:
     """Write the results computed since the last flush (none: no disk access)."""
     with _lock:
-        entries = {k: _memo[k] for k in _dirty}
+        entries = {k: _memo[k] for k in _dirty if k in _memo}
         _dirty.clear()
     _save_disk(entries)
