@@ -9,7 +9,12 @@ a serving replica pays per step) over a grid of batch shapes:
   KV cache directly at C tokens, so no prefill has to run first: step time does not depend on
   the cache's contents);
 - mixed steps: B decoding sequences plus one prefill chunk of P tokens.
-Each point is the median of `--repeats` steps. The JSON follows the planner's measured
+Each point is the median of `--repeats` steps. Then (unless --no-serving) it starts a real
+`python -m engine.serve` with the same settings and times streamed /v1/completions requests
+from a client (stdlib http.client): an idle request's TTFT minus the engine's prefill step
+gives the per-request server overhead; the TPOT of B concurrent streams minus the engine's
+decode step at B gives the server's per-step and per-sequence overhead (the profile's
+"serving" section, which the planner adds to the step times). The JSON follows the planner's measured
 profile format ("skybroker-engine-profile/1", see skybroker/perf/profile.py), written here
 without importing skybroker (the engine never does), tagged with the hardware (GPU kind and
 count on CUDA; CPU model, core count and torch threads on CPU) and the model's identity
@@ -20,18 +25,23 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import json
 import os
 import platform
 import re
+import socket
 import statistics
+import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engine.config import EngineArgs, ModelConfig
@@ -134,7 +144,7 @@ class Profiler:
     def __init__(self, engine: LLMEngine, repeats: int, seed: int = 0) -> None:
         self.engine, self.repeats = engine, repeats
         self.gen = torch.Generator().manual_seed(seed)
-        self.points: list[dict] = []
+        self.samples: dict[tuple[int, int, int], list[float]] = {}
 
     def _prompt(self, n: int) -> list[int]:
         # random ids: no prefix-cache hits between requests
@@ -168,11 +178,17 @@ class Profiler:
         return time.perf_counter() - t0
 
     def _record(self, prefill: int, decode: int, context: float, times: list[float]) -> None:
-        self.points.append({"num_prefill_tokens": prefill, "num_decode_seqs": decode,
-                            "total_context_tokens": round(context),
-                            "seconds": statistics.median(times)})  # fmt: skip
-        print(f"  prefill {prefill:5d}  decode {decode:3d}  context {round(context):6d}  "
-              f"{statistics.median(times) * 1e3:8.2f} ms", file=sys.stderr)  # fmt: skip
+        self.samples.setdefault((prefill, decode, round(context)), []).extend(times)
+
+    def points(self) -> list[dict]:
+        """One point per shape: the median of all its timed steps."""
+        pts = []
+        for (prefill, decode, context), times in self.samples.items():
+            pts.append({"num_prefill_tokens": prefill, "num_decode_seqs": decode,
+                        "total_context_tokens": context, "seconds": statistics.median(times)})  # fmt: skip
+            print(f"  prefill {prefill:5d}  decode {decode:3d}  context {context:6d}  "
+                  f"{pts[-1]['seconds'] * 1e3:8.2f} ms  (median of {len(times)})", file=sys.stderr)  # fmt: skip
+        return pts
 
     def _abort(self, rids: list[str]) -> None:
         for rid in rids:
@@ -194,7 +210,7 @@ class Profiler:
         self._abort(rids)
 
     def mixed(self, batch: int, context: int, tokens: int) -> None:
-        rids = self._place_decoding(batch, context, 2 * self.repeats)
+        rids = self._place_decoding(batch, context, 2 * self.repeats + 1)
         times = []
         for _ in range(self.repeats):
             rid = self._add(tokens, 1)
@@ -206,24 +222,201 @@ class Profiler:
 
 
 def measure(engine: LLMEngine, grid: Grid, repeats: int) -> list[dict]:
-    prof = Profiler(engine, repeats)
+    """`repeats` rounds over the whole grid, one step per shape per round (so a change in the
+    machine's load touches every shape alike), then the median per shape."""
+    prof = Profiler(engine, 1)
     for _ in range(3):  # warm-up (allocator, caches, first-touch pages), not recorded
         prof.prefill(grid.prefill_tokens[-1])
         prof.decode(grid.decode_batches[-1], grid.decode_contexts[-1])
-    prof.points.clear()
-    for p in grid.prefill_tokens:
-        prof.prefill(p)
-    for c in grid.decode_contexts:
-        for b in grid.decode_batches:
-            prof.decode(b, c)
-    for b, c, p in grid.mixed:
-        prof.mixed(b, c, p)
-    return prof.points
+    prof.samples.clear()
+    for _ in range(repeats):
+        for p in grid.prefill_tokens:
+            prof.prefill(p)
+        for c in grid.decode_contexts:
+            for b in grid.decode_batches:
+                prof.decode(b, c)
+        for b, c, p in grid.mixed:
+            prof.mixed(b, c, p)
+    return prof.points()
 
 
-def profile_dict(engine: LLMEngine, points: list[dict], wall_s: float) -> dict:
+# --- the server's own overhead ---------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stream(port: int, prompt: list[int], max_tokens: int) -> tuple[float, float, int]:
+    """(TTFT, seconds from first to last chunk, tokens) of one streamed completion. Chunks
+    can carry several tokens (held-back bytes, a slow reader), so tokens come from `usage`."""
+    body = json.dumps({"model": "profile", "prompt": prompt, "max_tokens": max_tokens,
+                       "temperature": 0.0, "ignore_eos": True, "stream": True,
+                       "stream_options": {"include_usage": True}})  # fmt: skip
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"server answered {resp.status}: {resp.read()[:200]!r}")
+    first = last = 0.0
+    n = 0
+    for raw in resp:
+        line = raw.decode().strip()
+        if not line.startswith("data: {"):
+            continue
+        chunk = json.loads(line[6:])
+        if chunk.get("choices") and chunk["choices"][0].get("text"):
+            last = time.perf_counter()
+            first = first or last
+        if chunk.get("usage"):
+            n = chunk["usage"]["completion_tokens"]
+    conn.close()
+    return first - t0, last - first, n
+
+
+def _fit(points: list[dict]) -> np.ndarray:
+    """Step time ~ (1, prefill, decode, context) . coef, relative error (as the planner fits)."""
+    x = np.array([[1.0, p["num_prefill_tokens"], p["num_decode_seqs"], p["total_context_tokens"]]
+                  for p in points])  # fmt: skip
+    t = np.array([p["seconds"] for p in points])
+    return np.linalg.lstsq(x / t[:, None], np.ones_like(t), rcond=None)[0]
+
+
+class ServingProbe:
+    """A real `engine.serve` process with the profiled engine's settings."""
+
+    def __init__(self, args: argparse.Namespace, max_num_seqs: int) -> None:
+        self.port = _free_port()
+        cmd = [sys.executable, "-m", "engine.serve", "--model", args.model,
+               "--port", str(self.port), "--served-model-name", "profile",
+               "--max-num-seqs", str(max_num_seqs),
+               "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+               "--kv-cache-gib", str(args.kv_cache_gib), "--device", args.device,
+               "--log-level", "warning"]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        self.proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).resolve().parents[1])
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"engine.serve exited with {self.proc.returncode}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        self.close()
+        raise RuntimeError("engine.serve did not become healthy in 600 s")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+    def concurrent(self, prompts: list[list[int]], max_tokens: int) -> list[tuple]:
+        out: list[tuple] = [None] * len(prompts)
+
+        def one(i: int) -> None:
+            out[i] = _stream(self.port, prompts[i], max_tokens)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out
+
+
+def _point(points: list[dict], prefill: int, decode: int) -> dict | None:
+    """The measured engine point with this shape (the smallest context, for decode)."""
+    match = [
+        p for p in points if (p["num_prefill_tokens"], p["num_decode_seqs"]) == (prefill, decode)
+    ]
+    return min(match, key=lambda p: p["total_context_tokens"], default=None)
+
+
+def _busy_ttft_extra(probe: ServingProbe, prof: Profiler, points: list[dict], grid: Grid,
+                     repeats: int) -> list[float]:  # fmt: skip
+    """TTFT of short requests sent while other streams decode, minus what the engine alone
+    takes: the rest of the step in flight (half a decode step on average) and the mixed step
+    that prefills the request beside the decodes (both from the fit of the points)."""
+    coef = _fit(points)
+    b = min(4, max(grid.decode_batches))
+    ctx, p = grid.decode_contexts[0], grid.prefill_tokens[0]
+    longest = max(8 * repeats, 32)
+    bg = threading.Thread(
+        target=probe.concurrent, args=([prof._prompt(ctx) for _ in range(b)], longest)
+    )
+    bg.start()
+    time.sleep(0.5)  # the background streams are decoding
+    extra = []
+    while bg.is_alive() and len(extra) < repeats:
+        ttft, _, _ = _stream(probe.port, prof._prompt(p), 2)
+        decode = coef @ [1, 0, b, b * (ctx + longest / 2)]
+        mixed = coef @ [1, p, b, b * (ctx + longest / 2) + p]
+        extra.append(ttft - decode / 2 - mixed)
+        time.sleep(float(decode) * 3)  # let the background batch settle between probes
+    bg.join()
+    return extra or [0.0]
+
+
+def measure_serving(prof: Profiler, points: list[dict], args: argparse.Namespace,
+                    grid: Grid) -> dict:  # fmt: skip
+    """The server's overhead over bare engine steps (see the module docstring)."""
+    batches = [b for b in grid.decode_batches if _point(points, 0, b)][:4] or [1]
+    probe = ServingProbe(args, max(max(batches), 2))
+    try:
+        _stream(probe.port, prof._prompt(8), 4)  # warm-up
+        ttft_extra = []
+        for p in grid.prefill_tokens[:2]:
+            eng = _point(points, p, 0)
+            for _ in range(args.repeats):
+                ttft, _, _ = _stream(probe.port, prof._prompt(p), 2)
+                ttft_extra.append(ttft - eng["seconds"])
+        ctx = grid.decode_contexts[0]
+        busy_extra = _busy_ttft_extra(probe, prof, points, grid, args.repeats)
+        resid = []
+        for b in batches:
+            eng = _point(points, 0, b)
+            tpots = []
+            for _ in range(max(2, args.repeats // 2)):
+                res = probe.concurrent([prof._prompt(ctx) for _ in range(b)], 2 * args.repeats + 2)
+                tpots += [span / (n - 1) for _, span, n in res if n > 1]
+            resid.append((b, statistics.median(tpots) - eng["seconds"]))
+    finally:
+        probe.close()
+    # per-step + per-sequence overhead: least squares on (B, TPOT - engine step), clipped at 0
+    bs = [b for b, _ in resid]
+    rs = [r for _, r in resid]
+    if len(set(bs)) > 1:
+        mb, mr = statistics.fmean(bs), statistics.fmean(rs)
+        slope = sum((b - mb) * (r - mr) for b, r in resid) / sum((b - mb) ** 2 for b in bs)
+        slope = max(slope, 0.0)
+        icpt = max(mr - slope * mb, 0.0)
+    else:
+        slope, icpt = 0.0, max(rs[0], 0.0)
+    serving = {"request_overhead_s": max(statistics.median(ttft_extra), 0.0),
+               "busy_request_overhead_s": max(statistics.median(busy_extra), 0.0),
+               "step_overhead_s": icpt, "per_seq_overhead_s": slope,
+               "note": f"TTFT - prefill step over {len(ttft_extra)} idle requests; TTFT - "
+                       f"(half a decode step + the mixed step) over {len(busy_extra)} requests "
+                       f"beside running streams; TPOT - "
+                       f"decode step at batches {bs}: "
+                       + ", ".join(f"{r * 1e3:+.1f} ms" for r in rs)}  # fmt: skip
+    print(f"  serving overhead: request {serving['request_overhead_s'] * 1e3:.1f} ms idle, "
+          f"{serving['busy_request_overhead_s'] * 1e3:.1f} ms busy, step "
+          f"{icpt * 1e3:.2f} ms + {slope * 1e3:.2f} ms/seq", file=sys.stderr)  # fmt: skip
+    return serving
+
+
+def profile_dict(engine: LLMEngine, points: list[dict], wall_s: float,
+                 serving: dict | None = None) -> dict:  # fmt: skip
     a = engine.args
-    return {
+    d = {
         "schema": SCHEMA,
         "hardware": hardware_tag(engine.runner.device, a.tensor_parallel_size),
         "model": model_tag(engine),
@@ -242,6 +435,9 @@ def profile_dict(engine: LLMEngine, points: list[dict], wall_s: float) -> dict:
             f"{os.getloadavg()[0]:.1f})"
         ),
     }
+    if serving:
+        d["serving"] = serving
+    return d
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -259,6 +455,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU KV cache size")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
+    ap.add_argument("--no-serving", action="store_true",
+                    help="skip timing a real engine.serve (the server's own overhead)")  # fmt: skip
     args = ap.parse_args(argv)
     for name in ("max_batch", "max_context", "repeats", "threads"):
         if getattr(args, name) < 1:
@@ -287,7 +485,10 @@ def main(argv: list[str] | None = None) -> int:
     hw = hardware_tag(engine.runner.device, args.tensor_parallel_size)
     print(f"profiling {args.model} on {hw['kind']} {hw['name']} x{hw['count']}", file=sys.stderr)
     points = measure(engine, grid, args.repeats)
-    data = profile_dict(engine, points, time.perf_counter() - t0)
+    serving = None
+    if not args.no_serving:
+        serving = measure_serving(Profiler(engine, args.repeats, seed=1), points, args, grid)
+    data = profile_dict(engine, points, time.perf_counter() - t0, serving)
     engine.shutdown()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from skybroker.perf.capacity import (
     CapacityResult,
     SLOTarget,
     flush_disk_cache,
-    max_rate,
+    max_rates,
     prefetch_disk_cache,
 )
 from skybroker.perf.profile import find_profile
@@ -227,17 +227,28 @@ def gpu_replica(arch: ModelArch, spec: DeploymentSpec, catalog: Catalog, gpu: st
 def replica_perf(arch: ModelArch, hw: Hardware, kv_tokens: int, spec: DeploymentSpec,
                  classes: list[RequestClass],
                  model: RooflineModel | None = None) -> ReplicaPerf:  # fmt: skip
+    return replica_perfs([(arch, hw, kv_tokens, model)], spec, classes)[0]
+
+
+def replica_perfs(replicas: list[tuple[ModelArch, Hardware, int, RooflineModel | None]],
+                  spec: DeploymentSpec, classes: list[RequestClass]) -> list[ReplicaPerf]:  # fmt: skip
+    """Capacity per request class of each replica kind: a measured profile when one matches,
+    else the roofline. Every distinct search runs once (`max_rates`, in parallel when cold)."""
     e, s = spec.engine, spec.slo
-    notes: list[str] = []
-    prof = find_profile(arch, hw, e.profiles, notes)
-    step = prof or model or RooflineModel(arch, hw)
-    cfg = SchedulerConfig(e.max_num_seqs, e.max_num_batched_tokens, kv_tokens // e.block_size,
-                          e.block_size)  # fmt: skip
     slo = SLOTarget(s.ttft_ms / 1000, s.tpot_ms / 1000, s.percentile)
-    caps = tuple(max_rate(step, cfg, c, slo, num_requests=SIM_REQUESTS) for c in classes)
-    return ReplicaPerf(
-        hw, hw.count if hw.kind == "gpu" else 1, kv_tokens, caps, step.source, tuple(notes)
-    )
+    steps, jobs = [], []
+    for arch, hw, kv_tokens, model in replicas:
+        notes: list[str] = []
+        step = find_profile(arch, hw, e.profiles, notes) or model or RooflineModel(arch, hw)
+        cfg = SchedulerConfig(e.max_num_seqs, e.max_num_batched_tokens,
+                              kv_tokens // e.block_size, e.block_size)  # fmt: skip
+        steps.append((step, notes))
+        jobs += [(step, cfg, c, slo) for c in classes]
+    caps = max_rates(jobs, num_requests=SIM_REQUESTS)
+    k = len(classes)
+    return [ReplicaPerf(hw, hw.count if hw.kind == "gpu" else 1, kv, tuple(caps[i * k:(i + 1) * k]),
+                        step.source, tuple(notes))
+            for i, ((_, hw, kv, _), (step, notes)) in enumerate(zip(replicas, steps, strict=True))]  # fmt: skip
 
 
 # --- offerings and users --------------------------------------------------------------------
@@ -380,10 +391,11 @@ def _perf_per_gpu(arch: ModelArch, spec: DeploymentSpec, catalog: Catalog,
     max_count: dict[str, int] = {}
     for o, _, _ in rows:
         max_count[o.gpu] = max(max_count.get(o.gpu, 0), o.gpu_count)
-    for gpu, count in sorted(max_count.items()):
-        fit = gpu_replica(arch, spec, catalog, gpu, count, need_len)
-        perf[gpu] = replica_perf(arch, fit[0], fit[1], spec, classes) if fit else None
-        flush_disk_cache()  # keep what is done if the run is interrupted
+    fits = {gpu: gpu_replica(arch, spec, catalog, gpu, count, need_len)
+            for gpu, count in sorted(max_count.items())}  # fmt: skip
+    fitting = [(gpu, f) for gpu, f in fits.items() if f is not None]
+    done = replica_perfs([(arch, hw, kv, None) for _, (hw, kv) in fitting], spec, classes)
+    perf = {gpu: None for gpu in fits} | {g: rp for (g, _), rp in zip(fitting, done, strict=True)}
     return perf
 
 

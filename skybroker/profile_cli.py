@@ -28,6 +28,11 @@ def profile_command(
     repeats: int = typer.Option(5, "--repeats", min=1, help="steps per point (median kept)"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", min=1),
+    kv_cache_gib: float = typer.Option(1.0, "--kv-cache-gib", min=0.01, help="CPU KV cache"),
+    max_num_batched_tokens: int = typer.Option(2048, "--max-num-batched-tokens", min=1),
+    serving: bool = typer.Option(
+        True, "--serving/--no-serving", help="also time a real engine.serve (its own overhead)"
+    ),
 ) -> None:
     """Measure the engine's step times on this hardware; the planner then uses them."""
     if not model.exists():
@@ -40,7 +45,10 @@ def profile_command(
     cmd = [sys.executable, "-m", "engine.profile", "--model", str(model), "--out", str(out),
            "--max-batch", str(max_batch), "--max-context", str(max_context),
            "--repeats", str(repeats), "--device", device,
-           "--tensor-parallel-size", str(tensor_parallel_size)]  # fmt: skip
+           "--tensor-parallel-size", str(tensor_parallel_size), "--kv-cache-gib",
+           str(kv_cache_gib), "--max-num-batched-tokens", str(max_num_batched_tokens)]  # fmt: skip
+    if not serving:
+        cmd.append("--no-serving")
     rc = subprocess.call(cmd)
     if rc != 0:
         typer.echo(f"engine profiler failed (exit {rc}): {' '.join(cmd)}", err=True)
@@ -53,3 +61,8 @@ def profile_command(
                f"step = {f['intercept'] * 1e3:.2f} ms + {f['per_prefill_token'] * 1e6:.1f} us/"
                f"prompt token + {f['per_decode_seq'] * 1e3:.2f} ms/decode seq + "
                f"{f['per_context_token'] * 1e9:.1f} ns/context token")  # fmt: skip
+    if prof.serving:
+        s = prof.serving
+        typer.echo(f"server overhead: {s['request_overhead_s'] * 1e3:.1f} ms/request, "
+                   f"{s['step_overhead_s'] * 1e3:.2f} ms/step + "
+                   f"{s['per_seq_overhead_s'] * 1e3:.2f} ms/sequence per step")  # fmt: skip

@@ -243,3 +243,48 @@ def test_profile_validation_errors(patch: dict, expect: str, tmp_path: Path) -> 
     path.write_text(json.dumps(data))
     with pytest.raises(prof.ProfileError, match=expect):
         prof.load(path)
+
+
+def test_early_stop_gives_the_full_simulations_verdict() -> None:
+    from skybroker.perf.simulator import StopRule
+
+    model = RooflineModel(lookup("llama-3.1-8b"), Hardware("gpu", "L4", 1, 24, 300, 121))
+    cfg = SchedulerConfig(32, 2048, 4000, 16)
+    rng = np.random.default_rng(3)
+    n, stopped = 40, 0
+    ins, outs = rng.integers(50, 1500, n), rng.integers(10, 300, n)
+    gaps = np.cumsum(rng.exponential(1.0, n))
+    for pct in (50, 90, 99):
+        slo = SLOTarget(1.0, 0.06, pct)
+        rule = StopRule(slo.ttft_s, slo.tpot_s, pct)
+        for rate in (0.1, 0.3, 0.6, 1.0, 2.0, 5.0):
+            full = simulate(model, cfg, gaps / rate, ins, outs)
+            fast = simulate(model, cfg, gaps / rate, ins, outs, stop=rule)
+            ttft, tpot = full.percentile(pct)
+            met = ttft <= slo.ttft_s and tpot <= slo.tpot_s
+            assert not (fast.stopped and met), (pct, rate)  # stops only on a sure miss
+            if fast.stopped:  # a lower bound of the miss, never more than the real one
+                assert 1 < fast.excess <= max(ttft / slo.ttft_s, tpot / slo.tpot_s) + 1e-9
+                stopped += 1
+            else:
+                assert fast.percentile(pct) == pytest.approx((ttft, tpot))
+    assert stopped >= 3
+
+
+def test_parallel_searches_equal_serial_ones() -> None:
+    from skybroker.perf import capacity
+
+    arch = lookup("llama-3.1-8b")
+    rng = np.random.default_rng(2)
+    jobs = []
+    for hw in (H100, Hardware("gpu", "L4", 1, 24, 300, 121)):
+        cfg = SchedulerConfig(32, 2048, max(kv_capacity_tokens(arch, hw), 4096) // 16, 16)
+        for k in range(4):
+            cls = RequestClass(f"c{k}", 0.25, tuple(rng.integers(50, 300, 20).tolist()),
+                               tuple(rng.integers(5, 60, 20).tolist()))  # fmt: skip
+            jobs.append((RooflineModel(arch, hw), cfg, cls, SLOTarget(1.5, 0.08, 90)))
+    serial = capacity.max_rates(jobs, num_requests=20, workers=1)
+    capacity._memo.clear()
+    capacity._dirty.clear()
+    parallel = capacity.max_rates(jobs, num_requests=20, workers=2)
+    assert parallel == serial and any(r.rate > 0 for r in serial)

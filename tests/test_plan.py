@@ -20,6 +20,7 @@ from skybroker.spec import load_spec
 def _fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SKYBROKER_HOME", str(tmp_path))
     monkeypatch.setenv("SKYBROKER_PERF_CACHE", "0")
+    monkeypatch.setenv("SKYBROKER_PERF_WORKERS", "1")  # small searches: no process pool
     monkeypatch.setattr(planmod, "SIM_REQUESTS", 40)
 
 

@@ -295,3 +295,23 @@ def test_kv_blocks_limit_admission() -> None:
     assert r.ttft[0] == pytest.approx(0.5)
     assert r.finish[0] == pytest.approx(4.0)
     assert r.ttft[1] == pytest.approx(4.5) and r.finish[1] == pytest.approx(8.0)
+
+
+def test_server_overhead_adds_to_ttft() -> None:
+    # idle: the request reaches the engine 0.1 s late (TTFT 0.1 + 0.25); a request arriving
+    # while the engine steps gets its first token 0.3 s after the idle figure
+    fit = {"intercept": 0.25, "per_prefill_token": 0.0, "per_decode_seq": 0.0,
+           "per_context_token": 0.0}  # fmt: skip
+    serving = {"request_overhead_s": 0.1, "busy_request_overhead_s": 0.4, "step_overhead_s": 0.0,
+               "per_seq_overhead_s": 0.0}  # fmt: skip
+    model = ProfileModel.of(validate(profile_dict(fit=fit, serving=serving)))
+    r = run(model, BIG, [0.0, 0.3], [8, 8], [8, 2])
+    assert r.ttft[0] == pytest.approx(0.35)  # arrives idle: enters at 0.1, prefilled by 0.35
+    # enters at 0.4 during A's step 0.35-0.6, prefilled in 0.6-0.85: 0.85 - 0.3 + 0.3
+    assert r.ttft[1] == pytest.approx(0.85)
+    assert r.tpot[0] == pytest.approx(0.25)  # TPOT unchanged
+    steps = dict(serving, step_overhead_s=0.05, per_seq_overhead_s=0.01)
+    slow = ProfileModel.of(validate(profile_dict(fit=fit, serving=steps)))
+    assert slow.step_time(0, 4, 100) == pytest.approx(0.25 + 0.05 + 4 * 0.01)
+    with pytest.raises(ProfileError, match="serving must have"):
+        validate(profile_dict(fit=fit, serving={"request_overhead_s": 0.1}))

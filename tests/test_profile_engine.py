@@ -70,3 +70,6 @@ def test_profile_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     hw = Hardware("cpu", cpu_model_name(), os.cpu_count() or 1, 1.0, 1.0, 1.0)
     assert prof.mismatch(arch, hw) is None
     assert data["hardware"]["torch_threads"] >= 1 and "on cpu:" in r.stdout
+    # the server's own overhead, timed against a real engine.serve
+    assert set(prof.serving) >= {"request_overhead_s", "step_overhead_s", "per_seq_overhead_s"}
+    assert 0 <= prof.serving["request_overhead_s"] < 5 and "server overhead" in r.stdout

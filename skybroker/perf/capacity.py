@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import threading
 from dataclasses import asdict, dataclass, is_dataclass
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from skybroker.perf.roofline import skybroker_home
-from skybroker.perf.simulator import SchedulerConfig, StepTimeModel, simulate
+from skybroker.perf.simulator import SchedulerConfig, StepTimeModel, StopRule, simulate
 from skybroker.perf.workload import RequestClass
 
 
@@ -38,6 +39,9 @@ class CapacityResult:
     ttft_s: float  # at that rate, at the SLO percentile
     tpot_s: float
 
+
+CACHE_VERSION = 2  # bump when the search or the simulator changes what they answer
+LATENCY_TOL = 0.02  # a feasible rate whose latency is within 2% of the SLO is the capacity
 
 _memo: dict[str, CapacityResult] = {}
 _dirty: set[str] = set()  # computed here, not yet on disk
@@ -92,8 +96,8 @@ def _digest(obj: object) -> str:
 
 def _key(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass, slo: SLOTarget,
          num_requests: int, seed: int, rel_tol: float) -> str:  # fmt: skip
-    blob = json.dumps([_digest(model), _digest(cfg), _digest(cls), asdict(slo), num_requests,
-                       seed, rel_tol])  # fmt: skip
+    blob = json.dumps([CACHE_VERSION, _digest(model), _digest(cfg), _digest(cls), asdict(slo),
+                       num_requests, seed, rel_tol])  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -118,6 +122,7 @@ def idle_latency(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass,
     outs = np.array(cls.output_lens, dtype=float)
     chunks = np.ceil(ins / cfg.max_num_batched_tokens)
     ttft = chunks * model.step_time(ins / chunks, 0 * ins, ins, ins * ins / 2 / chunks)
+    ttft = ttft + getattr(model, "request_overhead_s", 0.0)
     tpot = model.step_time(0 * ins, 1 + 0 * ins, ins + outs / 2)
     return float(np.percentile(ttft, percentile)), float(np.percentile(tpot, percentile))
 
@@ -157,38 +162,92 @@ def max_rate(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass, slo:
     return res
 
 
+def perf_workers() -> int:
+    """Processes for cold capacity searches: $SKYBROKER_PERF_WORKERS, else one per core."""
+    return max(1, int(os.environ.get("SKYBROKER_PERF_WORKERS", os.cpu_count() or 1)))
+
+
+Job = tuple[StepTimeModel, SchedulerConfig, RequestClass, SLOTarget]
+MIN_PARALLEL_JOBS = 8  # below this a process pool's start-up costs more than it saves
+
+
+def _job(args: tuple) -> CapacityResult:
+    return _max_rate(*args)
+
+
+def max_rates(jobs: list[Job], *, num_requests: int = 200, seed: int = 0,
+              rel_tol: float = 0.05, workers: int | None = None) -> list[CapacityResult]:  # fmt: skip
+    """`max_rate` of many (model, config, class, SLO); the ones not cached yet (each distinct
+    key once) run in a pool of `workers` processes when there are enough of them."""
+    keys = [_key(*j, num_requests, seed, rel_tol) for j in jobs]
+    with _lock:
+        missing = {k: j for k, j in zip(keys, jobs, strict=True) if k not in _memo}
+    workers = perf_workers() if workers is None else workers
+    args = [(*j, num_requests, seed, rel_tol) for j in missing.values()]
+    if workers > 1 and len(missing) >= MIN_PARALLEL_JOBS:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        # forkserver: no fork of a process that may run threads (the broker server)
+        ctx = mp.get_context("forkserver")
+        with ProcessPoolExecutor(min(workers, len(args)), mp_context=ctx) as ex:
+            results = list(ex.map(_job, args))
+    else:
+        results = [_job(a) for a in args]
+    with _lock:
+        _memo.update(zip(missing, results, strict=True))
+        _dirty.update(missing)
+        return [_memo[k] for k in keys]
+
+
 def _max_rate(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass, slo: SLOTarget,
               n: int, seed: int, rel_tol: float) -> CapacityResult:  # fmt: skip
+    """Search on log(rate) for the root of the SLO margin g = log(max(TTFT_p / limit, TPOT_p /
+    limit)): bracket from the saturated throughput down, then Illinois regula falsi. It stops
+    when the bracket is within `rel_tol` or the feasible end is within `LATENCY_TOL` of the SLO
+    (a higher rate would gain nothing the SLO could tell apart). Probes that surely miss the SLO
+    stop early (`StopRule`); their g is a lower bound, which only slows the interpolation."""
     arr, ins, outs = _requests(cls, n, seed)
+    rule = StopRule(slo.ttft_s, slo.tpot_s, slo.percentile)
 
-    def ok(rate: float) -> tuple[bool, float, float]:
-        ttft, tpot = simulate(model, cfg, arr / rate, ins, outs).percentile(slo.percentile)
-        return ttft <= slo.ttft_s and tpot <= slo.tpot_s, ttft, tpot
+    def probe(rate: float) -> tuple[float, float, float]:
+        r = simulate(model, cfg, arr / rate, ins, outs, stop=rule)
+        if r.stopped:
+            return math.log(max(r.excess, 1.0 + 1e-9)), math.inf, math.inf
+        ttft, tpot = r.percentile(slo.percentile)
+        return math.log(max(ttft / slo.ttft_s, tpot / slo.tpot_s, 1e-12)), ttft, tpot
 
     idle_ttft, idle_tpot = idle_latency(model, cfg, cls, slo.percentile)
     if idle_ttft > slo.ttft_s or idle_tpot > slo.tpot_s:  # misses the SLO even unloaded
         return CapacityResult(0.0, idle_ttft, idle_tpot)
-    hi = saturated_throughput(model, cfg, cls)
-    if hi <= 0:
+    top = saturated_throughput(model, cfg, cls)
+    if top <= 0:
         return CapacityResult(0.0, float("inf"), float("inf"))
-    lo, best, top = 0.0, None, hi
-    for frac in (1.0, 0.5, 0.15, 0.04, 0.001):  # coarse bracket from above, then bisection
-        good, ttft, tpot = ok(frac * top)
-        if good:
-            lo, best = frac * top, (frac * top, ttft, tpot)
+    hi, g_hi, best = top, math.inf, None
+    for frac in (1.0, 0.5, 0.15, 0.04, 0.001):  # coarse bracket from above
+        g, ttft, tpot = probe(frac * top)
+        if g <= 0:
+            best, g_lo = (frac * top, ttft, tpot), g
             break
-        hi = frac * top
+        hi, g_hi = frac * top, g
     if best is None:  # even a nearly idle replica misses the SLO
         return CapacityResult(0.0, ttft, tpot)
-    if lo == hi:  # sustained throughput itself meets the SLO
+    if g_hi == math.inf:  # sustained throughput itself meets the SLO
         return CapacityResult(*best)
-    while hi - lo > rel_tol * lo:
-        mid = (lo * hi) ** 0.5 if hi > 4 * lo else (lo + hi) / 2
-        good, ttft, tpot = ok(mid)
-        if good:
-            lo, best = mid, (mid, ttft, tpot)
+    x_lo, x_hi, side = math.log(best[0]), math.log(hi), 0
+    while x_hi - x_lo > math.log1p(rel_tol) and g_lo < -LATENCY_TOL:
+        w = x_hi - x_lo
+        x = x_hi - g_hi * w / (g_hi - g_lo)
+        x = min(max(x, x_lo + 0.1 * w), x_hi - 0.1 * w)  # always shrink the bracket
+        g, ttft, tpot = probe(math.exp(x))
+        if g <= 0:
+            x_lo, g_lo, best = x, g, (math.exp(x), ttft, tpot)
+            g_hi = g_hi / 2 if side == -1 else g_hi  # Illinois: the stale end weighs less
+            side = -1
         else:
-            hi = mid
+            x_hi, g_hi = x, g
+            g_lo = g_lo / 2 if side == 1 else g_lo
+            side = 1
     return CapacityResult(*best)
 
 
@@ -203,6 +262,6 @@ def prefetch_disk_cache() -> None:
 def flush_disk_cache() -> None:
     """Write the results computed since the last flush (none: no disk access)."""
     with _lock:
-        entries = {k: _memo[k] for k in _dirty}
+        entries = {k: _memo[k] for k in _dirty if k in _memo}
         _dirty.clear()
     _save_disk(entries)

@@ -25,19 +25,31 @@ Schema (version "skybroker-engine-profile/1"):
       ],
       "fit": {"intercept": 0.01, "per_prefill_token": 1.4e-4, "per_decode_seq": 9e-4,
               "per_context_token": 2e-7},                              # optional; fitted on load
+      "serving": {"request_overhead_s": 0.012, "step_overhead_s": 0.002,
+                  "per_seq_overhead_s": 0.0004,
+                  "busy_request_overhead_s": 0.03},                    # optional (see below)
       "created": "2026-11-26T01:00:00Z", "source": "benchmarks/engine_profile.py"
     }
 
 A step runs `num_prefill_tokens` prompt tokens and `num_decode_seqs` decode tokens over
 `total_context_tokens` tokens of KV cache (all sequences of the batch, after the step). The
 step-time model is the linear fit t = intercept + a*prefill + b*decode + c*context (least
-squares on the points, coefficients clipped at 0), which `validate` checks against the points.
+squares of the relative error on the points, coefficients clipped at 0).
+
+`serving` holds what the HTTP server adds to the bare `LLMEngine.step()` (measured by the
+profiler against a real `engine.serve` process): `request_overhead_s` once per request before
+its first token (HTTP, JSON, tokenization, the hop to the engine thread and back, the first
+SSE chunk) on an idle server, `busy_request_overhead_s` (optional) the same while the engine
+is stepping (the event loop then waits on the GIL the engine thread holds), `step_overhead_s` per engine step and `per_seq_overhead_s` per sequence per step
+(streaming each token: detokenized text, an SSE chunk, the event loop sharing the GIL with
+the engine thread). A profile without it predicts the bare engine.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +62,7 @@ from skybroker.perf.roofline import Hardware, skybroker_home
 SCHEMA = "skybroker-engine-profile/1"
 POINT_KEYS = ("num_prefill_tokens", "num_decode_seqs", "total_context_tokens", "seconds")
 FIT_KEYS = ("intercept", "per_prefill_token", "per_decode_seq", "per_context_token")
+SERVING_KEYS = ("request_overhead_s", "step_overhead_s", "per_seq_overhead_s")
 
 
 class ProfileError(ValueError):
@@ -66,11 +79,15 @@ class EngineProfile:
     created: str = ""
     source: str = ""
     path: str = ""
+    serving: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": SCHEMA, "hardware": self.hardware, "model": self.model,
-                "engine": self.engine, "points": self.points, "fit": self.fit,
-                "created": self.created, "source": self.source}  # fmt: skip
+        d = {"schema": SCHEMA, "hardware": self.hardware, "model": self.model,
+             "engine": self.engine, "points": self.points, "fit": self.fit,
+             "created": self.created, "source": self.source}  # fmt: skip
+        if self.serving:
+            d["serving"] = self.serving
+        return d
 
     @property
     def hardware_tag(self) -> str:
@@ -110,10 +127,12 @@ class EngineProfile:
 
 
 def fit_points(points: list[dict[str, float]]) -> dict[str, float]:
-    """Least-squares linear step-time model; negative coefficients are dropped and refitted."""
+    """Linear step-time model minimizing the relative error (small decode steps weigh as much
+    as big prefills); negative coefficients are dropped and refitted."""
     x = np.array([[1.0, p["num_prefill_tokens"], p["num_decode_seqs"], p["total_context_tokens"]]
                   for p in points])  # fmt: skip
     t = np.array([p["seconds"] for p in points])
+    x, t = x / t[:, None], np.ones_like(t)
     active = np.ones(4, dtype=bool)
     for _ in range(4):
         coef = np.zeros(4)
@@ -155,8 +174,14 @@ def validate(data: Any, where: str = "profile") -> EngineProfile:
         not isinstance(v, int | float) or v < 0 for v in fit.values()
     ):
         raise ProfileError(f"{where}: fit must have {', '.join(FIT_KEYS)} (numbers >= 0)")
+    serving = data.get("serving") or {}
+    if serving and (not set(SERVING_KEYS) <= set(serving) or any(
+        not isinstance(serving[k], int | float) or serving[k] < 0 for k in SERVING_KEYS
+    )):  # fmt: skip
+        raise ProfileError(f"{where}: serving must have {', '.join(SERVING_KEYS)} (numbers >= 0)")
     return EngineProfile(hw, model, points, dict(fit), data.get("engine") or {},
-                         data.get("created", ""), data.get("source", ""), where)  # fmt: skip
+                         data.get("created", ""), data.get("source", ""), where,
+                         dict(serving))  # fmt: skip
 
 
 def load(path: str | Path) -> EngineProfile:
@@ -182,12 +207,35 @@ class ProfileModel:
     def source(self) -> str:
         return f"profile:{self.profile.path}"
 
+    @property
+    def request_overhead_s(self) -> float:
+        """Seconds each request spends in the server before and after the engine (TTFT adds it)."""
+        return float(self.profile.serving.get("request_overhead_s", 0.0))
+
+    @property
+    def busy_request_overhead_s(self) -> float:
+        """The same for a request arriving while the engine is stepping (the server's event loop
+        then shares the GIL with the engine thread); the idle figure when not measured."""
+        return float(self.profile.serving.get("busy_request_overhead_s", self.request_overhead_s))
+
+    def _coefficients(self) -> tuple[float, float, float, float]:
+        f, s = self.profile.fit, self.profile.serving
+        return (f["intercept"] + s.get("step_overhead_s", 0.0), f["per_prefill_token"],
+                f["per_decode_seq"] + s.get("per_seq_overhead_s", 0.0),
+                f["per_context_token"])  # fmt: skip
+
     def step_time(self, num_prefill_tokens: float, num_decode_seqs: float,
                   total_context_tokens: float, prefill_attn_pairs: float = 0.0) -> float:  # fmt: skip
-        f = self.profile.fit
-        return (f["intercept"] + f["per_prefill_token"] * num_prefill_tokens
-                + f["per_decode_seq"] * num_decode_seqs
-                + f["per_context_token"] * total_context_tokens)  # fmt: skip
+        a, b, c, d = self._coefficients()
+        return a + b * num_prefill_tokens + c * num_decode_seqs + d * total_context_tokens
+
+    def fast_step(self) -> Callable[[float, float, float, float], float]:
+        a, b, c, d = self._coefficients()
+
+        def step(p: float, n: float, ctx: float, pairs: float = 0.0) -> float:
+            return a + b * p + c * n + d * ctx
+
+        return step
 
     @classmethod
     def of(cls, profile: EngineProfile) -> ProfileModel:

@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,6 +67,19 @@ class RooflineModel:
     def source(self) -> str:
         return "roofline"
 
+    @property
+    def cache_key(self) -> list:
+        """What decides the step times: names left out, so GPU kinds with the same figures (and
+        renamed copies of a model) share their capacity results."""
+        d = asdict(self)
+        d["arch"].pop("name")
+        d["hw"].pop("name")
+        return (
+            sorted(d["arch"].items())
+            + sorted(d["hw"].items())
+            + [self.compute_eff, self.memory_eff, self.overhead_s, self.allreduce_latency_s]
+        )
+
     def step_time(self, num_prefill_tokens: float, num_decode_seqs: float,
                   total_context_tokens: float, prefill_attn_pairs: float = 0.0) -> float:  # fmt: skip
         """Seconds for one engine step; `prefill_attn_pairs` = (query, key) pairs of the
@@ -89,6 +103,31 @@ class RooflineModel:
             )
             t = t + 2 * a.num_layers * per
         return t
+
+    def fast_step(self) -> Callable[[float, float, float, float], float]:
+        """`step_time` on scalars with every constant computed once (the simulator's hot path)."""
+        a, hw = self.arch, self.hw
+        tp = hw.count if hw.kind == "gpu" else 1
+        mm2 = 2.0 * a.num_matmul_params
+        attn = a.attention_flops(1.0) - a.attention_flops(0.0)
+        attn0 = a.attention_flops(0.0)
+        inv_c = 1.0 / (tp * hw.tflops * 1e12 * self.compute_eff)
+        inv_m = 1.0 / (tp * hw.bandwidth_gbs * 1e9 * self.memory_eff)
+        w, kvb, oh = a.weight_bytes, a.kv_bytes_per_token(self.kv_dtype_bytes), self.overhead_s
+        ar_per_tok = ar0 = 0.0
+        if tp > 1:
+            ar_per_tok = (2 * a.num_layers * 2 * (tp - 1) / tp * a.hidden_size
+                          * DTYPE_BYTES[a.dtype] / (hw.interconnect_gbs * 1e9))  # fmt: skip
+            ar0 = 2 * a.num_layers * self.allreduce_latency_s
+
+        def step(p: float, d: float, c: float, pairs: float = 0.0) -> float:
+            tokens = p + d
+            dec_pairs = c - p if c > p else 0.0
+            tc = (mm2 * tokens + attn0 + attn * (pairs + dec_pairs)) * inv_c
+            tm = (w + kvb * c) * inv_m
+            return (tc if tc > tm else tm) + oh + (ar_per_tok * tokens + ar0 if tp > 1 else 0.0)
+
+        return step
 
     @property
     def kv_dtype_bytes(self) -> float:

@@ -11,6 +11,9 @@ The policy is the engine's (vLLM v1 / nano-vllm style):
   recompute (its blocks freed, it goes back to the head of the waiting queue);
 - the step's time comes from a step-time model (roofline or measured profile).
 
+A model with `request_overhead_s` (a measured profile's server overhead) delays each request's
+entry into the engine by it and counts it in the TTFT.
+
 Results per request: TTFT (first token time - arrival) and TPOT ((finish - first token) /
 (output tokens - 1)), as vLLM's benchmarks define them.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,6 +34,30 @@ class StepTimeModel(Protocol):
 
     def step_time(self, num_prefill_tokens: float, num_decode_seqs: float,
                   total_context_tokens: float, prefill_attn_pairs: float = 0.0) -> float: ...  # fmt: skip
+
+
+StepFn = Callable[[float, float, float, float], float]
+
+
+def step_fn(model: StepTimeModel) -> StepFn:
+    """The model's scalar step-time function; models may offer a faster one (`fast_step()`:
+    constants bound once) than the numpy-friendly `step_time`."""
+    fast = getattr(model, "fast_step", None)
+    return fast() if fast is not None else model.step_time
+
+
+@dataclass(frozen=True, slots=True)
+class StopRule:
+    """Stop a simulation as soon as the SLO is surely missed: more than `n - 1 - floor(p/100 *
+    (n - 1))` requests over a limit put the p-th percentile (numpy's linear interpolation)
+    over it, whatever the other requests do."""
+
+    ttft_s: float
+    tpot_s: float
+    percentile: float
+
+    def max_violations(self, n: int) -> int:
+        return n - 1 - math.floor(self.percentile / 100 * (n - 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +75,8 @@ class SimResult:
     finish: np.ndarray
     num_steps: int
     num_preemptions: int
+    stopped: bool = False  # a StopRule ended it early: ttft/tpot are incomplete
+    excess: float = 0.0  # when stopped: a lower bound of max(TTFT/limit, TPOT/limit) at p
 
     def percentile(self, p: float) -> tuple[float, float]:
         """(TTFT, TPOT) at percentile p (0-100)."""
@@ -55,13 +85,20 @@ class SimResult:
 
 def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
              input_lens: np.ndarray, output_lens: np.ndarray, *,
-             max_steps: int = 5_000_000) -> SimResult:  # fmt: skip
+             max_steps: int = 5_000_000, stop: StopRule | None = None) -> SimResult:  # fmt: skip
     """Run the requests (sorted by arrival) through the scheduler; times in seconds.
 
     State lives in numpy arrays indexed by request; `run` holds the running requests in
-    admission order, so one step costs a few vector operations whatever the batch size."""
+    admission order, so one step costs a few vector operations whatever the batch size.
+    With `stop`, the run ends as soon as the SLO is surely missed (`SimResult.stopped`)."""
     n = len(arrivals)
-    arrival = np.asarray(arrivals, dtype=float)
+    st = step_fn(model)
+    # a request reaches the engine `off` seconds after it was sent (server overhead)
+    off = float(getattr(model, "request_overhead_s", 0.0))
+    # ... and its first token reaches the client `busy_off` later when the engine was busy
+    busy_off = float(getattr(model, "busy_request_overhead_s", off)) - off
+    late_first = np.zeros(n)
+    arrival = np.asarray(arrivals, dtype=float) + off
     prompt = np.asarray(input_lens, dtype=np.int64)
     out = np.maximum(np.asarray(output_lens, dtype=np.int64), 1)
     computed = np.zeros(n, np.int64)
@@ -73,26 +110,53 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
     run = np.zeros(0, np.int64)
     bs, free = cfg.block_size, cfg.num_kv_blocks
     now, nxt, steps, preemptions, done = 0.0, 0, 0, 0, 0
+    allowed = stop.max_violations(n) if stop is not None else n
+    over_ttft: list[float] = []  # requests over a limit: their latency / limit
+    over_tpot: list[float] = []
 
     def retire(idx: np.ndarray) -> None:
         nonlocal free, done
-        ttft[idx] = first[idx] - arrival[idx]
-        tpot[idx] = np.where(out[idx] > 1, (now - first[idx]) / np.maximum(out[idx] - 1, 1), 0.0)
+        ttft[idx] = first[idx] - arrival[idx] + off + late_first[idx]
+        t = np.where(out[idx] > 1, (now - first[idx]) / np.maximum(out[idx] - 1, 1), 0.0)
+        tpot[idx] = t
         finish[idx] = now
         free += int(blocks[idx].sum())
         blocks[idx] = 0
         done += len(idx)
+        if stop is not None and t.max() > stop.tpot_s:
+            over_tpot.extend((t[t > stop.tpot_s] / stop.tpot_s).tolist())
+
+    def missed() -> bool:
+        """The SLO is surely missed: too many requests already over a limit."""
+        if len(over_tpot) > allowed or len(over_ttft) > allowed:
+            return True
+        assert stop is not None
+        late = now + off - stop.ttft_s  # waiting since before this: TTFT over the limit
+        extra = []
+        for i in waiting:  # in arrival order but for preempted ones at the head
+            if arrival[i] >= late:
+                break
+            if first[i] < 0:
+                extra.append((now + off - arrival[i]) / stop.ttft_s)
+        if len(over_ttft) + len(extra) <= allowed:
+            return False
+        over_ttft.extend(extra)
+        return True
 
     while done < n and steps < max_steps:
         while nxt < n and arrival[nxt] <= now:
+            if busy_off and (len(run) or waiting):
+                late_first[nxt] = busy_off
             waiting.append(nxt)
             nxt += 1
         if not len(run) and not waiting:
             now = arrival[nxt]
             continue
+        if stop is not None and waiting and missed():
+            return _stopped(ttft, tpot, finish, steps, preemptions, over_ttft, over_tpot, allowed)
         need = prompt[run] + generated[run] - computed[run]
         if len(run) and (not waiting or len(run) >= cfg.max_num_seqs) and (need == 1).all():
-            k, dt = _decode_run(model, run, computed, generated, out, blocks, free, bs, cfg,
+            k, dt = _decode_run(st, run, computed, generated, out, blocks, free, bs, cfg,
                                 arrival[nxt] - now if nxt < n else math.inf)  # fmt: skip
             if k > 1:
                 now += dt
@@ -106,10 +170,13 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
                 if fin.any():
                     retire(run[fin])
                     run = run[~fin]
+                    if len(over_tpot) > allowed:
+                        return _stopped(ttft, tpot, finish, steps, preemptions, over_ttft,
+                                        over_tpot, allowed)  # fmt: skip
                 continue
         # running requests first, in admission order, within the token budget
         budget = cfg.max_num_batched_tokens
-        k = np.clip(budget - (np.cumsum(need) - need), 0, need)
+        k = np.minimum(np.maximum(budget - (np.cumsum(need) - need), 0), need)
         newb = np.where(k > 0, -(-(computed[run] + k) // bs) - blocks[run], 0)
         preempted = False
         if newb.sum() > free:  # preempt the most recently admitted until the rest fits
@@ -155,24 +222,39 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
         c = computed[s]
         dec = (ks == 1) & (c > 0)
         pre = ~dec
-        now += model.step_time(int(ks[pre].sum()), int(dec.sum()), int((c + ks).sum()),
-                               float((ks[pre] * (c[pre] + ks[pre] / 2)).sum()))  # fmt: skip
+        kp = ks[pre]
+        now += st(float(kp.sum()), float(dec.sum()), float((c + ks).sum()),
+                  float((kp * (c[pre] + kp / 2)).sum()))  # fmt: skip
         steps += 1
         computed[s] += ks
         emit = s[computed[s] == prompt[s] + generated[s]]
         generated[emit] += 1
         new_first = emit[first[emit] < 0]
         first[new_first] = now
-        fin_idx = emit[generated[emit] >= out[emit]]
-        if len(fin_idx):
-            retire(fin_idx)
-            run = run[~np.isin(run, fin_idx)]
+        if stop is not None and len(new_first):
+            w = now + off - arrival[new_first]
+            if w.max() > stop.ttft_s:
+                over_ttft.extend((w[w > stop.ttft_s] / stop.ttft_s).tolist())
+        fin = generated[run] >= out[run]
+        if fin.any():
+            retire(run[fin])
+            run = run[~fin]
+        if len(over_ttft) > allowed or len(over_tpot) > allowed:
+            return _stopped(ttft, tpot, finish, steps, preemptions, over_ttft, over_tpot, allowed)
     return SimResult(ttft, tpot, finish, steps, preemptions)
 
 
-def _decode_run(model: StepTimeModel, run: np.ndarray, computed: np.ndarray,
-                generated: np.ndarray, out: np.ndarray, blocks: np.ndarray, free: int, bs: int,
-                cfg: SchedulerConfig, until_arrival: float) -> tuple[int, float]:  # fmt: skip
+def _stopped(ttft: np.ndarray, tpot: np.ndarray, finish: np.ndarray, steps: int,
+             preemptions: int, over_ttft: list[float], over_tpot: list[float],
+             allowed: int) -> SimResult:  # fmt: skip
+    # the percentile's order statistic is at least the (allowed + 1)-th largest value over
+    excess = max(sorted(o)[-(allowed + 1)] for o in (over_ttft, over_tpot) if len(o) > allowed)
+    return SimResult(ttft, tpot, finish, steps, preemptions, True, excess)
+
+
+def _decode_run(st: StepFn, run: np.ndarray, computed: np.ndarray, generated: np.ndarray,
+                out: np.ndarray, blocks: np.ndarray, free: int, bs: int, cfg: SchedulerConfig,
+                until_arrival: float) -> tuple[int, float]:  # fmt: skip
     """(k, seconds) of the k identical decode steps that can run before anything changes: a
     sequence finishes, a new request arrives (and could be admitted), or KV blocks run short.
     Step times grow linearly with the context, so their sum is the trapezoid rule."""
@@ -184,10 +266,10 @@ def _decode_run(model: StepTimeModel, run: np.ndarray, computed: np.ndarray,
     k = int((out[run] - generated[run]).min())
     slack = int((blocks[run] * bs - c).min())
     k = min(k, slack + bs * (free // d), 4096)
-    t1 = model.step_time(0, d, ctx + d)
+    t1 = st(0.0, d, ctx + d, 0.0)
     if until_arrival < math.inf and d < cfg.max_num_seqs:
         k = min(k, max(1, math.ceil(until_arrival / t1)))
     if k <= 1:
         return k, t1
-    tk = model.step_time(0, d, ctx + k * d)
+    tk = st(0.0, d, ctx + k * d, 0.0)
     return k, k * (t1 + tk) / 2
