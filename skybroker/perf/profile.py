@@ -56,6 +56,7 @@ from typing import Any
 
 import numpy as np
 
+from skybroker.catalog.loader import BUNDLED_DIR as CATALOG_DIR
 from skybroker.models import ModelArch, normalize_name
 from skybroker.perf.roofline import Hardware, skybroker_home
 
@@ -243,7 +244,7 @@ class ProfileModel:
         return cls(profile, "profile:" + hashlib.sha256(blob).hexdigest()[:16])
 
 
-BUNDLED_DIR = Path(__file__).resolve().parents[2] / "catalogs" / "profiles"
+BUNDLED_DIR = CATALOG_DIR / "profiles"  # catalogs/profiles, also inside a wheel
 
 
 def profile_files(paths: list[str] | None = None) -> list[tuple[Path, bool]]:
