@@ -76,6 +76,15 @@ class Grid:
         )
 
 
+# A GPU's grid: batches and token budgets as a serving replica on one runs them.
+GPU_GRID = Grid(
+    prefill_tokens=(128, 512, 1024, 2048, 4096, 8192),
+    decode_batches=(1, 8, 32, 64, 128, 256),
+    decode_contexts=(256, 1024, 2048),
+    mixed=((32, 1024, 512), (128, 1024, 1024)),
+)
+
+
 # --- identity -------------------------------------------------------------------------------
 
 
@@ -446,18 +455,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--model", required=True, help="HF model directory or .gguf file")
     ap.add_argument("--out", required=True, help="profile JSON to write")
-    ap.add_argument("--max-batch", type=int, default=16, help="largest decode batch (default 16)")
-    ap.add_argument("--max-context", type=int, default=1024, help="largest decode context")
+    ap.add_argument("--grid", default="auto", choices=("auto", "cpu", "gpu"),
+                    help="batch-shape grid (auto: gpu on CUDA, else cpu)")  # fmt: skip
+    ap.add_argument("--max-batch", type=int, default=None,
+                    help="largest decode batch (default: 16 on the cpu grid, 256 on gpu)")  # fmt: skip
+    ap.add_argument("--max-context", type=int, default=None,
+                    help="largest decode context (default: 1024 cpu, 2048 gpu)")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=5, help="steps per point; the median is kept")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="prefill token budget per step (default: 2048 cpu, 8192 gpu)")  # fmt: skip
     ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU KV cache size")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
     ap.add_argument("--no-serving", action="store_true",
                     help="skip timing a real engine.serve (the server's own overhead)")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.grid == "auto":
+        cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        args.grid = "gpu" if cuda else "cpu"
+    gpu = args.grid == "gpu"
+    for name, cpu_default, gpu_default in (
+        ("max_batch", 16, 256),
+        ("max_context", 1024, 2048),
+        ("max_num_batched_tokens", 2048, 8192),
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, gpu_default if gpu else cpu_default)
     for name in ("max_batch", "max_context", "repeats", "threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -478,8 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    grid = Grid(decode_contexts=tuple(c for c in Grid.decode_contexts if c <= args.max_context)
-                or (args.max_context,))  # fmt: skip
+    base = GPU_GRID if args.grid == "gpu" else Grid()
+    ctxs = tuple(c for c in base.decode_contexts if c <= args.max_context) or (args.max_context,)
+    grid = Grid(base.prefill_tokens, base.decode_batches, ctxs, base.mixed)
     max_len = engine.max_model_len - args.repeats * 2 - 2
     grid = grid.limited(args.max_batch, args.max_num_batched_tokens, max_len)
     hw = hardware_tag(engine.runner.device, args.tensor_parallel_size)

@@ -23,13 +23,20 @@ def default_out(model: Path) -> Path:
 def profile_command(
     model: Path = typer.Option(..., "--model", help="HF model directory or .gguf file"),
     out: Path | None = typer.Option(None, "--out", help="profile JSON (default: SKYBROKER_HOME)"),
-    max_batch: int = typer.Option(16, "--max-batch", min=1, help="largest decode batch"),
-    max_context: int = typer.Option(1024, "--max-context", min=1, help="largest decode context"),
+    grid: str = typer.Option("auto", "--grid", help="auto (gpu on CUDA) | cpu | gpu"),
+    max_batch: int | None = typer.Option(
+        None, "--max-batch", min=1, help="largest decode batch [default: 16 cpu, 256 gpu]"
+    ),
+    max_context: int | None = typer.Option(
+        None, "--max-context", min=1, help="largest decode context [default: 1024 cpu, 2048 gpu]"
+    ),
     repeats: int = typer.Option(5, "--repeats", min=1, help="steps per point (median kept)"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", min=1),
     kv_cache_gib: float = typer.Option(1.0, "--kv-cache-gib", min=0.01, help="CPU KV cache"),
-    max_num_batched_tokens: int = typer.Option(2048, "--max-num-batched-tokens", min=1),
+    max_num_batched_tokens: int | None = typer.Option(
+        None, "--max-num-batched-tokens", min=1, help="[default: 2048 cpu, 8192 gpu]"
+    ),
     serving: bool = typer.Option(
         True, "--serving/--no-serving", help="also time a real engine.serve (its own overhead)"
     ),
@@ -41,12 +48,18 @@ def profile_command(
     if device not in ("auto", "cpu", "cuda"):
         typer.echo(f"--device must be auto, cpu or cuda, got {device!r}", err=True)
         raise typer.Exit(2)
+    if grid not in ("auto", "cpu", "gpu"):
+        typer.echo(f"--grid must be auto, cpu or gpu, got {grid!r}", err=True)
+        raise typer.Exit(2)
     out = out or default_out(model)
     cmd = [sys.executable, "-m", "engine.profile", "--model", str(model), "--out", str(out),
-           "--max-batch", str(max_batch), "--max-context", str(max_context),
-           "--repeats", str(repeats), "--device", device,
+           "--grid", grid, "--repeats", str(repeats), "--device", device,
            "--tensor-parallel-size", str(tensor_parallel_size), "--kv-cache-gib",
-           str(kv_cache_gib), "--max-num-batched-tokens", str(max_num_batched_tokens)]  # fmt: skip
+           str(kv_cache_gib)]  # fmt: skip
+    for flag, value in (("--max-batch", max_batch), ("--max-context", max_context),
+                        ("--max-num-batched-tokens", max_num_batched_tokens)):  # fmt: skip
+        if value is not None:
+            cmd += [flag, str(value)]
     if not serving:
         cmd.append("--no-serving")
     rc = subprocess.call(cmd)
