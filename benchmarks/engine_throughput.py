@@ -5,6 +5,8 @@ Prints, per model: output tokens/s of the engine and of HF static batching at ba
 64 against this machine's fp32 matmul FLOP/s measured in the same run, and mean TTFT of
 requests sharing a 512-token system prompt with and without prefix caching.
 
+Tokens per CPU second of this process are printed beside wall-clock tok/s: on a shared
+machine they compare the engine and HF fairly when the load changes between phases.
 The defaults fit ~10 minutes on a quiet 1-thread CPU: 64 requests, and each HF batch size
 runs whole static batches of the same workload, in order, until `--hf-time-box` seconds are
 spent (the line says how many requests it served; its tok/s is over those). The issue's sizes:
@@ -45,12 +47,12 @@ def sharegpt_like(n: int, max_input: int, max_output: int, vocab: int, seed: int
     return prompts, outs.tolist()
 
 
-def run_engine(llm: LLM, prompts, outs) -> tuple[float, int, float, int]:
+def run_engine(llm: LLM, prompts, outs) -> tuple[float, int, float, int, float]:
     eng = llm.llm_engine
     for i, (p, o) in enumerate(zip(prompts, outs, strict=True)):
         eng.add_request(f"b{i}", p, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True))
     peak_used, waste_at_peak, produced = -1, 0.0, 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     while eng.has_unfinished_requests():
         for out in eng.step():
             if out.finished:
@@ -58,12 +60,13 @@ def run_engine(llm: LLM, prompts, outs) -> tuple[float, int, float, int]:
         m = eng.get_metrics()
         if m.kv_blocks_used > peak_used:
             peak_used, waste_at_peak = m.kv_blocks_used, m.kv_waste
-    return time.perf_counter() - t0, produced, waste_at_peak, peak_used
+    cpu = time.process_time() - c0
+    return time.perf_counter() - t0, produced, waste_at_peak, peak_used, cpu
 
 
 def simulate_kv_waste(
     prompts, outs, num_blocks: int, block_size: int, max_num_seqs: int, max_batched: int
-) -> tuple[float, int, int]:
+) -> tuple[float, int, int, float]:
     """KV waste at peak of the engine's own Scheduler + BlockManager on a workload, without
     the model (allocation does not depend on the logits): every computed sequence end gets
     one token, as the sampler would. Returns (waste at peak, peak blocks, preemptions)."""
@@ -91,11 +94,12 @@ def simulate_kv_waste(
 
 def run_hf(
     model, prompts, outs, batch: int, pad_id: int, time_box: float
-) -> tuple[float, int, int]:
+) -> tuple[float, int, int, float]:
     """Static batches in workload order, whole batches only, until `time_box` seconds have
-    passed (at least one batch). Returns (seconds, useful output tokens, requests served)."""
+    passed (at least one batch). Returns (seconds, useful output tokens, requests served,
+    CPU seconds of this process)."""
     produced, served = 0, 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for s in range(0, len(prompts), batch):
         if s and time.perf_counter() - t0 >= time_box:
             break
@@ -114,7 +118,7 @@ def run_hf(
             )
         produced += sum(os_)  # a static batch's useful tokens: each request's own length
         served += len(ps)
-    return time.perf_counter() - t0, produced, served
+    return time.perf_counter() - t0, produced, served, time.process_time() - c0
 
 
 def matmul_flops(n: int = 1024, reps: int = 10) -> float:
@@ -252,9 +256,10 @@ def bench_throughput(llm: LLM, path: Path, args) -> None:
     )
     print(f"workload: {len(prompts)} requests, input mean {np.mean([len(p) for p in prompts]):.0f} "
           f"max {max(len(p) for p in prompts)}, output mean {np.mean(outs):.0f} max {max(outs)}")  # fmt: skip
-    secs, produced, waste, peak = run_engine(llm, prompts, outs)
-    eng_tps = produced / secs
-    print(f"engine: {produced} tokens in {secs:.1f}s = {eng_tps:.1f} tok/s; "
+    secs, produced, waste, peak, cpu = run_engine(llm, prompts, outs)
+    eng_tps, eng_cpu_tps = produced / secs, produced / cpu
+    print(f"engine: {produced} tokens in {secs:.1f}s = {eng_tps:.1f} tok/s "
+          f"({eng_cpu_tps:.1f} per CPU second); "
           f"peak KV blocks {peak}, KV waste at peak {waste * 100:.2f}% "
           f"(preemptions {llm.llm_engine.get_metrics().num_preemptions})")  # fmt: skip
     big_p, big_o = sharegpt_like(256, 1024, 512, cfg.vocab_size, args.seed)
@@ -270,14 +275,15 @@ def bench_throughput(llm: LLM, path: Path, args) -> None:
     pad = cfg.eos_token_ids[0] if cfg.eos_token_ids else 0
     best, best_b = 0.0, 0
     for b in args.hf_batches:
-        hsecs, hprod, served = run_hf(hf, prompts, outs, b, pad, args.hf_time_box)
+        hsecs, hprod, served, hcpu = run_hf(hf, prompts, outs, b, pad, args.hf_time_box)
         tps = hprod / hsecs
         if tps > best:
             best, best_b = tps, b
         part = "all" if served == len(prompts) else f"first {served} of {len(prompts)}"
         box = "" if served == len(prompts) else f" (time box {args.hf_time_box:.0f}s)"
         print(f"hf static batch {b}: {hprod} tokens ({part} requests{box}) in {hsecs:.1f}s "
-              f"= {tps:.1f} tok/s; engine / this: {eng_tps / tps:.2f}x")  # fmt: skip
+              f"= {tps:.1f} tok/s ({hprod / hcpu:.1f} per CPU second); engine / this: "
+              f"{eng_tps / tps:.2f}x wall, {eng_cpu_tps * hcpu / hprod:.2f}x CPU time")  # fmt: skip
     print(f"throughput ratio engine / best hf static batch (b{best_b}): {eng_tps / best:.2f}x "
           f"(goal >= 5x)")  # fmt: skip
     del hf
