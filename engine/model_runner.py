@@ -52,37 +52,37 @@ def _block_tables(tables: list[list[int]]) -> torch.Tensor:
 def prepare_inputs(out: SchedulerOutput, block_size: int) -> tuple[StepInputs, list[int]]:
     """Step tensors for a schedule, and the indices (into out.seqs) of sequences that sample."""
     ids: list[int] = []
-    positions: list[torch.Tensor] = []
-    slots: list[torch.Tensor] = []
+    positions: list[int] = []
+    slots: list[int] = []
     logits_indices: list[int] = []
     sampling: list[int] = []
     ctx_lens: list[int] = []
     cu = [0]
     tables: list[list[int]] = []
     for i, (seq, n) in enumerate(zip(out.seqs, out.num_scheduled_tokens, strict=True)):
-        start = seq.num_computed_tokens
-        ids.extend(seq.token_ids[start : start + n])
-        pos = torch.arange(start, start + n)
-        table = torch.tensor(seq.block_table, dtype=torch.int64)
-        positions.append(pos)
-        slots.append(table[pos // block_size] * block_size + pos % block_size)
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        table = seq.block_table
+        ids.extend(seq.token_ids[start:end])
+        positions.extend(range(start, end))
+        slots.extend(
+            table[p // block_size] * block_size + p % block_size for p in range(start, end)
+        )
         cu.append(cu[-1] + n)
-        ctx_lens.append(start + n)
-        tables.append(seq.block_table)
-        if start + n == len(seq):
+        ctx_lens.append(end)
+        tables.append(table)
+        if end == len(seq):
             sampling.append(i)
             logits_indices.append(cu[-1] - 1)
     nd = len(out.decode_seqs)
-    prefill_cu = torch.tensor(cu[nd:], dtype=torch.int32) - cu[nd]
     inputs = StepInputs(
         input_ids=torch.tensor(ids, dtype=torch.int64),
-        positions=torch.cat(positions),
-        slot_mapping=torch.cat(slots),
+        positions=torch.tensor(positions, dtype=torch.int64),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
         num_decode_tokens=nd,
         decode_block_tables=_block_tables(tables[:nd]),
         decode_context_lens=torch.tensor(ctx_lens[:nd], dtype=torch.int32),
         prefill_block_tables=_block_tables(tables[nd:]),
-        prefill_cu_seqlens_q=prefill_cu,
+        prefill_cu_seqlens_q=torch.tensor([c - cu[nd] for c in cu[nd:]], dtype=torch.int32),
         prefill_context_lens=torch.tensor(ctx_lens[nd:], dtype=torch.int32),
         logits_indices=torch.tensor(logits_indices, dtype=torch.int64),
         blocks_to_copy=out.blocks_to_copy,

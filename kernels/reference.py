@@ -8,6 +8,8 @@ Attention math runs in fp32 whatever the storage dtype and the result is cast ba
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -35,25 +37,77 @@ def store_kvcache(
     v_cache.view(-1, *v_cache.shape[2:])[slots] = value[keep].to(v_cache.dtype)
 
 
-def _gather_slots(block_tables: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor):
-    """Slot index of each token position through the block tables (any leading shape)."""
-    block_size = cache.shape[1]
-    blocks = block_tables[..., positions // block_size].long()
-    # Unused block-table entries may hold -1 or garbage: clamp, the caller masks them out.
-    return (blocks * block_size + positions % block_size).clamp_(0, cache.shape[0] * block_size - 1)
+# A step's gather indices and masks are the same for every layer: build them once per step.
+_PLANS: dict[str, tuple[tuple, Any]] = {}
 
 
-def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    return a == b
+
+
+def _memo(name: str, key: tuple, build: Callable[[], Any]) -> Any:
+    """`build()`, reused while `key` holds the same tensors (same objects, unmodified)."""
+    key = key + tuple(k._version for k in key if isinstance(k, torch.Tensor))
+    hit = _PLANS.get(name)
+    if hit is not None and len(hit[0]) == len(key) and all(map(_same, hit[0], key)):
+        return hit[1]
+    value = build()
+    _PLANS[name] = (key, value)
+    return value
+
+
+def _gather_index(
+    block_tables: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor
 ) -> torch.Tensor:
-    """Grouped attention. q `[..., Hkv, M, D]`, k/v `[..., Hkv, L, D]`, mask `[..., 1, M, L]`.
+    """Rows of `cache` viewed as `[num_slots * Hkv, D]` for K/V laid out `[..., Hkv, L, D]`.
 
-    Rows with no visible key give zeros (not NaN).
+    Gathering with it gives K/V head-major, ready for the attention matmuls (no transpose copy).
+    Unused block-table entries may hold -1 or garbage: clamped here, the caller masks them out.
     """
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)
-    scores.masked_fill_(~mask, float("-inf"))
+    num_blocks, block_size, num_kv_heads, _ = cache.shape
+    blocks = block_tables[..., positions // block_size].long()
+    slots = (blocks * block_size + positions % block_size).clamp_(0, num_blocks * block_size - 1)
+    heads = torch.arange(num_kv_heads, device=slots.device)[:, None]
+    return slots.unsqueeze(-2) * num_kv_heads + heads
+
+
+def _gather(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """fp32 K or V `[*index.shape, D]` gathered from `cache` by a `_gather_index`."""
+    rows = cache.view(-1, cache.shape[-1]).index_select(0, index.reshape(-1))
+    return rows.view(*index.shape, -1).float()
+
+
+def _mask_bias(visible: torch.Tensor) -> torch.Tensor:
+    """Additive attention mask: 0 where visible, -inf elsewhere."""
+    bias = torch.zeros(visible.shape, device=visible.device)
+    return bias.masked_fill_(~visible, float("-inf"))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float):
+    """Grouped attention. q `[..., Hkv, M, D]`, k/v `[..., Hkv, L, D]` fp32, `bias` additive
+    mask broadcastable to `[..., Hkv, M, L]`. Rows with no visible key give zeros (not NaN)."""
+    scores = torch.matmul(q.float(), k.transpose(-1, -2)).mul_(scale).add_(bias)
     probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
-    return torch.matmul(probs, v.float())
+    return torch.matmul(probs, v)
+
+
+def _decode_plan(
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    cache: torch.Tensor,
+    sliding_window: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather index `[B, Hkv, L]` and mask bias `[B, 1, 1, L]` of a decode batch."""
+    max_len = int(context_lens.max())
+    pos = torch.arange(max_len, device=block_tables.device)
+    index = _gather_index(block_tables, pos, cache)
+    ctx = context_lens.long()[:, None]
+    visible = pos[None, :] < ctx
+    if sliding_window is not None:
+        visible &= pos[None, :] >= ctx - sliding_window
+    return index, _mask_bias(visible)[:, None, None, :]
 
 
 def paged_attention_decode(
@@ -76,19 +130,38 @@ def paged_attention_decode(
     group = num_heads // num_kv_heads
     if num_seqs == 0:
         return q.new_empty(q.shape)
-    max_len = int(context_lens.max())
-    pos = torch.arange(max_len, device=q.device)
-    slots = _gather_slots(block_tables, pos, k_cache)  # [B, L]
-    # [B, L, Hkv, D] -> [B, Hkv, L, D]
-    k = k_cache.flatten(0, 1)[slots].transpose(1, 2)
-    v = v_cache.flatten(0, 1)[slots].transpose(1, 2)
-    ctx = context_lens.long()[:, None]
-    mask = pos[None, :] < ctx
-    if sliding_window is not None:
-        mask &= pos[None, :] >= ctx - sliding_window
+    key = (block_tables, context_lens, k_cache.shape, sliding_window)
+    index, bias = _memo(
+        "decode", key, lambda: _decode_plan(block_tables, context_lens, k_cache, sliding_window)
+    )
     qg = q.view(num_seqs, num_kv_heads, group, head_dim)
-    out = _attend(qg, k, v, mask[:, None, None, :], scale)
+    out = _attend(qg, _gather(k_cache, index), _gather(v_cache, index), bias, scale)
     return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
+
+
+def _prefill_plan(
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    cache: torch.Tensor,
+    sliding_window: int | None,
+    group: int,
+) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """Per sequence with new tokens: (start, end, gather index `[Hkv, L]`, bias `[G * Q, L]`)."""
+    cu = cu_seqlens_q.tolist()
+    plan = []
+    for b, ctx in enumerate(context_lens.tolist()):
+        start, end = cu[b], cu[b + 1]
+        if end == start:
+            continue
+        pos = torch.arange(ctx, device=block_tables.device)
+        q_pos = pos[ctx - (end - start) :, None]
+        visible = pos[None, :] <= q_pos
+        if sliding_window is not None:
+            visible &= pos[None, :] > q_pos - sliding_window
+        bias = _mask_bias(visible).repeat(group, 1)  # rows ordered (group, token) as q below
+        plan.append((start, end, _gather_index(block_tables[b], pos, cache), bias))
+    return plan
 
 
 def paged_attention_prefill(
@@ -111,26 +184,15 @@ def paged_attention_prefill(
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
-    cu = cu_seqlens_q.tolist()
-    ctx_lens = context_lens.tolist()
-    k_flat, v_flat = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
-    for b, ctx in enumerate(ctx_lens):
-        start, end = cu[b], cu[b + 1]
+    key = (block_tables, cu_seqlens_q, context_lens, k_cache.shape, sliding_window, group)
+    plan = _memo("prefill", key, lambda: _prefill_plan(block_tables, cu_seqlens_q, context_lens,
+                                                       k_cache, sliding_window, group))  # fmt: skip
+    for start, end, index, bias in plan:
         q_len = end - start
-        if q_len == 0:
-            continue
-        pos = torch.arange(ctx, device=q.device)
-        slots = _gather_slots(block_tables[b], pos, k_cache)
-        k = k_flat[slots].transpose(0, 1)  # [Hkv, L, D]
-        v = v_flat[slots].transpose(0, 1)
-        q_pos = pos[ctx - q_len :, None]
-        mask = pos[None, :] <= q_pos
-        if sliding_window is not None:
-            mask &= pos[None, :] > q_pos - sliding_window
         # [q_len, Hkv, G, D] -> [Hkv, G * q_len, D]: each KV head serves its group in one matmul
         qg = q[start:end].view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
         qg = qg.reshape(num_kv_heads, group * q_len, head_dim)
-        o = _attend(qg, k, v, mask.repeat(group, 1)[None], scale)  # [Hkv, G * q_len, D]
+        o = _attend(qg, _gather(k_cache, index), _gather(v_cache, index), bias, scale)
         o = o.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)
         out[start:end] = o.reshape(q_len, num_heads, head_dim).to(q.dtype)
     return out
@@ -205,5 +267,7 @@ def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q `[T, H, D]` and k `[T, Hkv, D]` at `positions[T]` (rotate-half, as HF Llama)."""
-    cos, sin = cache[positions].float().unsqueeze(1).chunk(2, dim=-1)
+    cos, sin = _memo(
+        "rope", (positions, cache), lambda: cache[positions].float().unsqueeze(1).chunk(2, dim=-1)
+    )
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
