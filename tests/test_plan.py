@@ -154,7 +154,7 @@ def test_local_infra_plans_this_machine(monkeypatch: pytest.MonkeyPatch) -> None
     assert out.exit_code == 0, out.output
     assert json.loads(out.output)["placements"][0]["instance_type"] == "localhost"
     too_much = load_spec(
-        Path("examples/smollm2-local.yaml").read_text().replace("rate: 0.05", "rate: 500")
+        Path("examples/smollm2-local.yaml").read_text().replace("rate: 0.03 ", "rate: 500 ")
     )
     with pytest.raises(InfeasibleError, match="this machine sustains about"):
         make_plan(too_much)
