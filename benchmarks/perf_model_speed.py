@@ -22,20 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WORLD = """
-name: world-chat
-infra: skypilot
-model: meta-llama/Llama-3.1-8B-Instruct
-workload:
-  rate: 60
-  input_tokens: {mean: 600, p50: 400, p99: 3000}
-  output_tokens: {mean: 250, p50: 180, p99: 800}
-  users: {us-east: 0.25, us-west: 0.15, us-central: 0.1, eu-west: 0.15, eu-central: 0.1,
-          asia-northeast: 0.1, asia-southeast: 0.1, oceania: 0.05}
-slo: {ttft_ms: 1500, tpot_ms: 60, percentile: 99, max_rtt_ms: 60}
-constraints: {spot: allowed, max_spot_share: 0.5, min_replicas: 4}
-engine: {max_model_len: 8192}
-"""  # the world-wide spec of benchmarks/plan_speed.py
 
 
 def plan_once(spec: Path, home: str) -> tuple[float, float]:
@@ -57,8 +43,7 @@ def main() -> None:
                     "+ world-wide)")  # fmt: skip
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="skybroker-speed-"))
-    world = tmp / "world-chat.yaml"
-    world.write_text(WORLD)
+    world = ROOT / "examples/world-chat.yaml"
     specs = [Path(s) for s in a.specs.split(",")] if a.specs else [
         ROOT / "examples/chat-8b-us-eu.yaml", ROOT / "examples/llama-70b-multi-gpu.yaml",
         ROOT / "examples/smollm2-local.yaml", world]  # fmt: skip

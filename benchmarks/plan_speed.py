@@ -25,6 +25,7 @@ import random
 import statistics
 import time
 from dataclasses import replace
+from pathlib import Path
 
 os.environ.setdefault("SKYBROKER_HOME", "/tmp/skybroker-bench")
 
@@ -34,20 +35,7 @@ from skybroker.catalog.schema import Catalog
 from skybroker.optimizer import Options, Problem, solve
 from skybroker.spec import DeploymentSpec, load_spec
 
-SPEC = """
-name: world-chat
-infra: skypilot
-model: meta-llama/Llama-3.1-8B-Instruct
-workload:
-  rate: 60
-  input_tokens: {mean: 600, p50: 400, p99: 3000}
-  output_tokens: {mean: 250, p50: 180, p99: 800}
-  users: {us-east: 0.25, us-west: 0.15, us-central: 0.1, eu-west: 0.15, eu-central: 0.1,
-          asia-northeast: 0.1, asia-southeast: 0.1, oceania: 0.05}
-slo: {ttft_ms: 1500, tpot_ms: 60, percentile: 99, max_rtt_ms: 60}
-constraints: {spot: allowed, max_spot_share: 0.5, min_replicas: 4}
-engine: {max_model_len: 8192}
-"""
+SPEC = Path(__file__).resolve().parents[1] / "examples" / "world-chat.yaml"
 
 VARIANTS = {
     "all on": Options(),
