@@ -13,23 +13,8 @@ exec > >(tee "$RESULTS/gpu_check.log") 2>&1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS=4 PIP_DISABLE_PIP_VERSION_CHECK=1
 unset TRITON_INTERPRET SKYBROKER_KERNELS
-STATUS=0
 
-step() {  # step NAME TIMEOUT_S CMD... : run, time, report; never abort the script
-  local name=$1 limit=$2 t0 rc
-  shift 2
-  echo "=== $name"
-  t0=$(date +%s)
-  timeout "$limit" "$@"
-  rc=$?
-  if [ $rc -eq 0 ]; then
-    echo "=== $name: OK ($(($(date +%s) - t0)) s)"
-  else
-    echo "=== $name: FAILED (rc=$rc after $(($(date +%s) - t0)) s)"
-    STATUS=1
-  fi
-  return $rc
-}
+source benchmarks/gpu_lib.sh
 
 step "nvidia-smi" 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 

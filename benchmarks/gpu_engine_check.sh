@@ -17,16 +17,7 @@ unset TRITON_INTERPRET SKYBROKER_KERNELS
 PY="${PYTHON:-python3}"
 MODELS="${MODELS_DIR:-/tmp/skybroker_models}"
 
-step() {  # step NAME TIMEOUT_S CMD...
-  local name=$1 limit=$2 t0 rc
-  shift 2
-  echo "=== $name"
-  t0=$(date +%s)
-  timeout "$limit" "$@"
-  rc=$?
-  echo "=== $name: $([ $rc -eq 0 ] && echo OK || echo "FAILED rc=$rc") ($(($(date +%s) - t0)) s)"
-  return $rc
-}
+source benchmarks/gpu_lib.sh
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
@@ -38,4 +29,4 @@ step "random Llama-3.1-8B-Instruct" "${T_BUILD:-120}" \
     --no-serving --out "$RESULTS/llama-3.1-8b-gpu.json"
 step "kernel tests on CUDA" "${T_KERNELS:-120}" $PY -m pytest -q -p no:cacheprovider \
   -o addopts="" tests/test_kernels_triton.py tests/test_kernels_reference.py
-echo "=== done; results in $RESULTS"
+echo "=== done: status $STATUS; results in $RESULTS"
