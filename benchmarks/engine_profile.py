@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -26,16 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from engine import LLM, SamplingParams
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+from engine.profile import cpu_model_name
 
 
 def measure(llm: LLM, prefill: int, decode: int, context: int, reps: int) -> dict[str, float]:
@@ -106,7 +96,7 @@ def main() -> None:
             "count": eng.args.tensor_parallel_size,
         }
         if on_cuda
-        else {"kind": "cpu", "name": cpu_name(), "count": torch.get_num_threads()}
+        else {"kind": "cpu", "name": cpu_model_name(), "count": torch.get_num_threads()}
     )
     profile = {
         "schema": "skybroker-engine-profile/1",
