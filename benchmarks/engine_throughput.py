@@ -160,11 +160,29 @@ def decode_flops(llm: LLM, batch: int, context: int, steps: int) -> tuple[float,
     for i in range(batch):
         eng.abort_request(f"d{i}")
     t = statistics.median(times)
-    emb = cfg.vocab_size * cfg.hidden_size
-    dense = cfg.num_params - emb * (1 if cfg.tie_word_embeddings else 2) + emb  # + lm_head
+    layers, lm_head, attn_per_ctx = flop_terms(cfg)
     ctx = statistics.mean(s.num_context_tokens for s in list(eng.counters.recent_steps)[-steps:])
-    attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * ctx / batch
-    return t, batch * (2 * dense + attn) / t
+    return t, batch * (2 * (layers + lm_head) + attn_per_ctx * ctx / batch) / t
+
+
+def flop_terms(cfg) -> tuple[int, int, int]:
+    """(weights in the decoder layers, weights of the LM head, attention FLOPs per token per
+    context token): a token's forward pass costs 2 * layers (+ 2 * lm_head when it is
+    sampled) + attn_per_ctx * its context length."""
+    emb = cfg.vocab_size * cfg.hidden_size
+    layers = cfg.num_params - emb * (1 if cfg.tie_word_embeddings else 2)
+    return layers, emb, 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim
+
+
+def workload_flops(cfg, prompts, outs) -> float:
+    """FLOPs the workload needs at the least: each prompt token and each output token but the
+    last goes through the layers once, each output token through the LM head once."""
+    layers, lm_head, attn = flop_terms(cfg)
+    total = 0.0
+    for p, o in zip(prompts, outs, strict=True):
+        n = len(p) + o - 1
+        total += 2 * layers * n + 2 * lm_head * o + attn * n * (n + 1) / 2
+    return total
 
 
 def ttft(model_path: str, prefix_caching: bool, vocab: int, n: int = 64, system_len: int = 512):
@@ -286,6 +304,11 @@ def bench_throughput(llm: LLM, path: Path, args) -> None:
               f"{eng_tps / tps:.2f}x wall, {eng_cpu_tps * hcpu / hprod:.2f}x CPU time")  # fmt: skip
     print(f"throughput ratio engine / best hf static batch (b{best_b}): {eng_tps / best:.2f}x "
           f"(goal >= 5x)")  # fmt: skip
+    peak = matmul_flops()
+    ideal = produced / (workload_flops(cfg, prompts, outs) / peak)
+    print(f"ceiling: this workload's FLOPs all at the fp32 matmul peak ({peak / 1e9:.1f} GFLOP/s) "
+          f"= {ideal:.1f} tok/s = {ideal / best:.2f}x the best hf static batch; the engine "
+          f"reaches {eng_tps / ideal * 100:.0f}% of it")  # fmt: skip
     del hf
 
 
