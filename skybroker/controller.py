@@ -355,6 +355,9 @@ class Controller:
         if dep.status == DeploymentStatus.DELETING:
             self.delete(dep.name)
             return
+        run = self._restore_failures(dep.name)
+        if run is not None:
+            self._failures[dep.name] = run
         prov = self._provisioner(dep.infra)
         for rep in self.store.list_replicas(dep.name):
             if rep.status == ReplicaStatus.PENDING:
@@ -514,6 +517,20 @@ class Controller:
             f"next launch in {delay:.1f}s",
             data={"failures": run.count, "delay_s": delay, "reason": reason},
         )
+
+    def _restore_failures(self, name: str) -> FailureRun | None:
+        """The failures in a row a previous broker counted, from the event log: the last
+        `backoff` event, unless a `recovered` one came after it. A restart neither forgets a
+        crash loop nor resets its backoff."""
+        for e in reversed(self.store.list_events(name, limit=500)):
+            if e.kind == "recovered":
+                return None
+            if e.kind == "backoff":
+                count = int(e.data.get("failures", 0))
+                delay = float(e.data.get("delay_s", 0.0))
+                reason = str(e.data.get("reason", ""))
+                return FailureRun(count, e.time, e.time + delay, reason) if count else None
+        return None
 
     def _crash_reason(self, prov: Provisioner, rep: Replica, infra: str, what: str) -> str:
         """`what`, with the replica's exit code and last log lines where the provider knows."""

@@ -384,6 +384,29 @@ def test_crash_loop_backs_off_then_fails_with_exit_code_and_log(env, tmp_path: P
     assert [e.kind for e in c.events("demo", limit=None)].count("launching") == 4
 
 
+def test_restarted_broker_keeps_counting_a_crash_loop(env, tmp_path: Path) -> None:
+    """The failure run lives in the event log: a broker restarted in the middle of a crash
+    loop goes on from the count and the backoff the previous one left."""
+    controller, _cloud, _store = env
+    (tmp_path / "fakeroot" / "engine" / "serve.py").write_text(CRASHING_SERVE)
+    probe = ProbeConfig(timeout_s=1, max_launch_failures=3, backoff_base_s=30, backoff_max_s=30)
+    c1 = controller(replicas=1, probe=probe)
+    spec = _spec()
+    c1.create(spec, c1.planner(spec))
+    _wait(lambda: c1.describe("demo")["failures"] == 1, 30, c1)
+    c1.close()
+    c2 = controller(replicas=1, probe=dataclasses.replace(probe, backoff_base_s=0.2))
+    info = c2.describe("demo")
+    assert info["failures"] == 1 and info["next_launch_in_s"] > 20  # c1's 30 s backoff holds
+    launches = [e.kind for e in c2.events("demo", limit=None)].count("launching")
+    c2.reconcile_once()
+    assert [e.kind for e in c2.events("demo", limit=None)].count("launching") == launches
+    c2._failures["demo"].next_launch_at = time.time()  # skip the wait: the count is the point
+    with pytest.raises(ProvisionError, match="3 failures in a row, giving up"):
+        c2.wait_ready("demo", timeout_s=60, interval_s=0.05)
+    assert c2.describe("demo")["failures"] == 3
+
+
 def test_create_checks_the_provisioner_before_writing_anything(env, monkeypatch) -> None:
     controller, cloud, store = env
     c = controller()
