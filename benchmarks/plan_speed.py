@@ -41,6 +41,7 @@ VARIANTS = {
     "all on": Options(),
     "no tightening rows": Options(tighten=False),
     "no k-copy/saturation": Options(multi_copy=False),
+    "rounded-LP start only": Options(support_mip=False),
     "no warm start": Options(warm_start=False),
     "via pulp, no warm start": Options(backend="pulp"),
 }
