@@ -492,7 +492,7 @@ def _run_highs(lp: _Lp, time_limit: float, gap_rel: float,
     values = list(h.getSolution().col_value)
     cost = float(info.objective_function_value)
     if not lp.integer:  # a pure LP: HiGHS reports no MIP gap
-        return _Result("optimal", values, cost, cost, 0.0)
+        return _Result("optimal" if text == "optimal" else "feasible", values, cost, cost, 0.0)
     gap = max(float(info.mip_gap), 0.0) if math.isfinite(info.mip_gap) else None
     status = "optimal" if text == "optimal" else "feasible"
     return _Result(status, values, cost, float(info.mip_dual_bound), gap)
@@ -549,9 +549,9 @@ def _solve_component(p: Problem, users: list[str], idx: list[int], total: float,
     build = time.perf_counter() - t0
     t1 = time.perf_counter()
     if opts.backend == "highspy" and opts.solver == "highs" and _has_highspy():
-        start = _warm_start(lp, opts) if opts.warm_start else None
+        start, r = _warm_start(lp, opts) if opts.warm_start else (None, None)
         left = max(opts.time_limit - (time.perf_counter() - t1), 0.1)
-        r, name = _run_highs(lp, left, opts.gap_rel, start), "HiGHS"
+        r, name = r or _run_highs(lp, left, opts.gap_rel, start), "HiGHS"
     else:
         r = _run_pulp(lp, opts.solver, opts.time_limit, opts.gap_rel)
         name = "HiGHS (pulp)" if opts.solver == "highs" and _has_highspy() else "CBC (pulp)"
@@ -573,30 +573,36 @@ def _solve_component(p: Problem, users: list[str], idx: list[int], total: float,
     return sol
 
 
-def _warm_start(lp: _Lp, opts: Options) -> list[float] | None:
-    """A first incumbent for the MILP. The LP relaxation with every replica count rounded up
-    is feasible (capacity, cover and share rows stay satisfied; HiGHS drops it if a budget
-    row is not). With `opts.support_mip`, better: the MILP restricted to the offerings the
-    relaxation uses (every other count fixed at 0), started from that rounding. It is small
-    and its optimum is usually the whole one's, which then only has to be proved; measured
-    on the bundled catalog, HiGHS spends most of its time finding that point, not proving
-    it."""
+def _warm_start(lp: _Lp, opts: Options) -> tuple[list[float] | None, _Result | None]:
+    """(a first incumbent for the MILP, or the MILP's result when its LP relaxation settles
+    it: an optimum with integer replica counts is the MILP's).
+
+    The LP relaxation with every replica count rounded up is feasible (capacity, cover and
+    share rows stay satisfied; HiGHS drops it if a budget row is not). With
+    `opts.support_mip`, better: the MILP restricted to the offerings the relaxation uses
+    (every other count fixed at 0), started from that rounding. It is small and its optimum
+    is usually the whole one's, which then only has to be proved; measured on the bundled
+    catalog, HiGHS spends most of its time finding that point, not proving it."""
     t0 = time.perf_counter()
     r = _run_highs(replace(lp, integer=[]), opts.time_limit, 1.0)
     if r.status == "infeasible":
-        return None
+        return None, None
     val = list(r.values)
+    if r.status == "optimal" and all(abs(val[c] - round(val[c])) <= 1e-6 for c in lp.integer):
+        for c in lp.integer:
+            val[c] = float(round(val[c]))
+        return None, _Result("optimal", val, r.cost, r.cost, 0.0)
     for c in lp.integer:
         val[c] = min(float(math.ceil(val[c] - 1e-6)), lp.ub[c])
-    if not opts.support_mip:
-        return val
     ub = list(lp.ub)
     for c in lp.integer:
         if r.values[c] <= 1e-6:
             ub[c] = 0.0
+    if not opts.support_mip or ub == lp.ub:  # (the support is everything: no smaller MILP)
+        return val, None
     left = max(opts.time_limit - (time.perf_counter() - t0), 0.0) / 2
     sub = _run_highs(replace(lp, ub=ub), left, opts.gap_rel, val)
-    return sub.values if sub.status != "infeasible" else val
+    return (sub.values if sub.status != "infeasible" else val), None
 
 
 def _has_highspy() -> bool:
