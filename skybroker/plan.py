@@ -455,16 +455,22 @@ def build_problem(spec: DeploymentSpec, catalog: Catalog, classes: list[RequestC
                   rows: list, perf: dict[str, ReplicaPerf | None]) -> tuple[Problem, _Meta]:  # fmt: skip
     c, w = spec.constraints, spec.workload
     offs, meta_rows, meta_perf, dps = [], [], [], []
-    mean_out = [cl.mean_output for cl in classes]
+    gb_out = [3600 * cl.mean_output * w.response_bytes_per_token / 1e9 for cl in classes]
+    egresses: dict[str, tuple[float, ...]] = {}  # per cloud
+    mus: dict[tuple[str, int], tuple[float, ...]] = {}  # per (GPU kind, data parallel)
     for o, spot, price in rows:
         rp = perf.get(o.gpu)
         if rp is None or (o.gpu_count and o.gpu_count < rp.tp):
             continue
         dp = o.gpu_count // rp.tp if o.gpu_count else 1
-        mu = tuple(dp * cap.rate for cap in rp.caps)  # all 0: kept so the reason can name the SLO
-        eg = catalog.egress.get(o.cloud)
-        per_gb = eg.internet_per_gb if eg else 0.0
-        egress = tuple(3600 * m * w.response_bytes_per_token / 1e9 * per_gb for m in mean_out)
+        mu = mus.get((o.gpu, dp))
+        if mu is None:  # all 0: kept so the reason can name the SLO
+            mu = mus[o.gpu, dp] = tuple(dp * cap.rate for cap in rp.caps)
+        egress = egresses.get(o.cloud)
+        if egress is None:
+            eg = catalog.egress.get(o.cloud)
+            egress = egresses[o.cloud] = tuple(g * (eg.internet_per_gb if eg else 0.0)
+                                               for g in gb_out)  # fmt: skip
         offs.append(OfferingClass((o.cloud, o.region, o.instance_type, spot), o.cloud,
                                   f"{o.cloud}/{o.region}", price, spot, mu, egress,
                                   max_count=1 if o.cloud == "local" else None))  # fmt: skip
