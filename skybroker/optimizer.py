@@ -25,9 +25,10 @@ off integer points: capacity from the most work an offering can get, per-class l
 replica covers per user and per geographic group. The problem splits into independent
 geographic components when no constraint couples them. HiGHS solves each through highspy
 (arrays, no modelling layer), warm-started from the optimum of the same MILP restricted to
-the offerings its LP relaxation uses; its own status, dual bound and gap are read back. pulp builds the same model for CBC, the fallback
-when highspy is missing (pulp says "Optimal" even when a time limit stopped the solver, and
-hides CBC's bound: the gap is then unknown).
+the offerings its LP relaxation uses (an integral relaxation is the answer outright); its
+own status, dual bound and gap are read back. pulp builds the same model for CBC, the
+fallback when highspy is missing (pulp says "Optimal" even when a time limit stopped the
+solver, and hides CBC's bound: the gap is then unknown).
 """
 
 from __future__ import annotations
@@ -548,7 +549,11 @@ def _solve_component(p: Problem, users: list[str], idx: list[int], total: float,
     lp, v = built
     build = time.perf_counter() - t0
     t1 = time.perf_counter()
-    if opts.backend == "highspy" and opts.solver == "highs" and _has_highspy():
+    relax = opts.relaxation and _has_highspy()
+    if relax:  # a lower bound: the LP relaxation, replica counts rounded up
+        r, name = _run_highs(replace(lp, integer=[]), opts.time_limit, 1.0), "HiGHS (LP)"
+        r.gap = None
+    elif opts.backend == "highspy" and opts.solver == "highs" and _has_highspy():
         start, r = _warm_start(lp, opts) if opts.warm_start else (None, None)
         left = max(opts.time_limit - (time.perf_counter() - t1), 0.1)
         r, name = r or _run_highs(lp, left, opts.gap_rel, start), "HiGHS"
@@ -561,7 +566,10 @@ def _solve_component(p: Problem, users: list[str], idx: list[int], total: float,
         return sol
     sol.status, sol.gap, sol.bound, sol.cost = r.status, r.gap, r.bound, r.cost
     val = r.values
-    sol.counts = {i: round(val[c]) for i, c in v.n.items() if val[c] > 0.5}
+    if relax:
+        sol.counts = {i: math.ceil(val[c] - 1e-6) for i, c in v.n.items() if val[c] > 1e-6}
+    else:
+        sol.counts = {i: round(val[c]) for i, c in v.n.items() if val[c] > 0.5}
     sol.rates = {k: val[c] for k, c in v.y.items() if val[c] > 1e-9}
     for (g, loc, b), c in v.x.items():
         group = v.split[g]
@@ -627,6 +635,9 @@ class Options:
     multi_copy: bool = True  # saturation and k-copy dominance in `prune`
     warm_start: bool = True  # start HiGHS from the rounded-up LP relaxation
     support_mip: bool = True  # ... or better, from the MILP on the relaxation's support
+    # only the LP relaxation (a lower bound; counts rounded up, gap None): for callers that
+    # need the cost bound or which offerings a near-optimal placement uses, fast
+    relaxation: bool = False
 
 
 def solve(p: Problem, *, time_limit: float = 20.0, gap_rel: float = 1e-4, solver: str = "highs",

@@ -25,7 +25,7 @@ from typing import Any
 
 from skybroker.catalog.schema import Catalog, Offering
 from skybroker.models import ModelArch, from_gguf, from_hf_dir, lookup
-from skybroker.optimizer import OfferingClass, Problem, Solution, solve
+from skybroker.optimizer import OfferingClass, Options, Problem, Solution, solve
 from skybroker.perf.capacity import (
     CapacityResult,
     SLOTarget,
@@ -390,13 +390,18 @@ def make_plan(spec: DeploymentSpec, catalog: Catalog | None = None,
         return _with_perf(problem, meta, perf)
 
     # Capacities are searched only where the optimum needs them: solved on upper bounds, the
-    # problem is a relaxation; when its optimum uses only searched offerings it is the real one
+    # problem is a relaxation; when its optimum uses only searched offerings it is the real
+    # one. The LP relaxation (fast) picks what to search first, the MILP has the last word.
+    relax = True
     while True:
-        sol = solve(problem, time_limit=time_limit)
+        sol = solve(problem, options=Options(time_limit=time_limit, relaxation=relax))
         todo = {meta.rows[i][0].gpu for i in sol.counts if not meta.perf[i].exact}
-        if not todo:
+        if todo:
+            problem, meta = refine(todo)
+        elif relax and sol.status != "infeasible":
+            relax = False
+        else:
             break
-        problem, meta = refine(todo)
     if sol.status == "infeasible":
         problem, meta = refine(set(perf))
         raise InfeasibleError(explain_infeasible(spec, arch, problem, classes, meta, time_limit))
@@ -548,8 +553,11 @@ def compute_baselines(p: Problem, meta: _Meta, time_limit: float,
     notes: dict[str, str] = {}
 
     def single(p: Problem, meta: _Meta, gpu: str) -> float:
+        """The fleet's cost; a lower bound of it (LP relaxation) while its capacities are."""
         sub = [oc for oc, (o, _, _) in zip(p.offerings, meta.rows, strict=True) if o.gpu == gpu]
-        s = solve(replace(p, offerings=sub), time_limit=time_limit)
+        rp = meta.all_perf[gpu]
+        relax = refine is not None and rp is not None and not rp.exact
+        s = solve(replace(p, offerings=sub), options=Options(time_limit, relaxation=relax))
         return s.cost if s.status != "infeasible" else math.inf
 
     bound = {gpu: single(p, meta, gpu) for gpu in sorted({o.gpu for o, _, _ in meta.rows})}

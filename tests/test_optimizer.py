@@ -257,3 +257,17 @@ def test_warm_start_outside_the_optimum_still_optimal(support_mip: bool) -> None
                                      gap_rel=1e-9))  # fmt: skip
     assert s.status == "optimal" and s.counts == {1: 1}
     assert s.cost == pytest.approx(3.0) == pytest.approx(brute_force(p))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_relaxation_is_a_lower_bound(seed: int) -> None:
+    """Options(relaxation=True) solves the LP relaxation: never dearer than the MILP, and
+    infeasible only where the MILP is."""
+    p = _random_problem(random.Random(2000 + seed))
+    lp = solve(p, options=Options(relaxation=True))
+    milp = solve(p, options=Options(gap_rel=1e-9))
+    if lp.status == "infeasible":
+        assert milp.status == "infeasible"
+    elif milp.status != "infeasible":
+        assert lp.cost <= milp.cost + 1e-6
+        assert all(n >= 1 for n in lp.counts.values())
