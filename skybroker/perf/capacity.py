@@ -182,7 +182,11 @@ def perf_workers() -> int:
 
 
 Job = tuple[StepTimeModel, SchedulerConfig, RequestClass, SLOTarget]
-MIN_PARALLEL_JOBS = 8  # below this a process pool's start-up costs more than it saves
+# Below this a process pool's start-up (fresh interpreters importing numpy and skybroker)
+# costs more than it saves: measured cold on chat-8b, 14 jobs took 3-5 s in one process and
+# 9-16 s through a pool on the shared 2-core box. The planner searches few GPU kinds at a
+# time (7 classes each), so it mostly stays in process.
+MIN_PARALLEL_JOBS = 24
 
 
 def cached_rates(jobs: list[Job], *, num_requests: int = 200, seed: int = 0,
