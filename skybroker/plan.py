@@ -546,32 +546,33 @@ Refine = Callable[[set[str]], tuple[Problem, _Meta]]
 
 def compute_baselines(p: Problem, meta: _Meta, time_limit: float,
                       refine: Refine | None = None) -> tuple[dict, dict]:  # fmt: skip
-    """The two baselines' costs and notes. `refine(gpus)` searches capacities that `p` holds
-    only upper bounds of; a GPU kind is searched only when its bound could change a baseline
-    (best first: a fleet solved on upper bounds costs no more than the real one)."""
+    """The two baselines' costs and notes. The cheapest single GPU kind is found best first:
+    every kind's fleet is bounded from below by its LP relaxation (on upper bounds of its
+    capacities where `p` holds only those), and only the most promising kind is searched
+    (`refine(gpus)`) and solved exactly, until an exact cost is the lowest bound."""
     costs: dict[str, float | None] = {}
     notes: dict[str, str] = {}
 
-    def single(p: Problem, meta: _Meta, gpu: str) -> float:
-        """The fleet's cost; a lower bound of it (LP relaxation) while its capacities are."""
+    def single(p: Problem, meta: _Meta, gpu: str, relax: bool) -> float:
         sub = [oc for oc, (o, _, _) in zip(p.offerings, meta.rows, strict=True) if o.gpu == gpu]
-        rp = meta.all_perf[gpu]
-        relax = refine is not None and rp is not None and not rp.exact
         s = solve(replace(p, offerings=sub), options=Options(time_limit, relaxation=relax))
         return s.cost if s.status != "infeasible" else math.inf
 
-    bound = {gpu: single(p, meta, gpu) for gpu in sorted({o.gpu for o, _, _ in meta.rows})}
+    bound = {gpu: single(p, meta, gpu, True) for gpu in sorted({o.gpu for o, _, _ in meta.rows})}
+    solved: set[str] = set()  # kinds whose bound is their exact fleet cost
     best = (math.inf, "")
     while bound:
         cost, gpu = min((c, g) for g, c in bound.items())
         if not math.isfinite(cost):
             break
-        rp = meta.all_perf[gpu]
-        if refine is None or rp is None or rp.exact:
+        if gpu in solved:
             best = (cost, gpu)
             break
-        p, meta = refine({gpu})
-        bound[gpu] = single(p, meta, gpu)
+        rp = meta.all_perf[gpu]
+        if refine is not None and rp is not None and not rp.exact:
+            p, meta = refine({gpu})
+        bound[gpu] = single(p, meta, gpu, False)
+        solved.add(gpu)
     costs["cheapest_single_gpu"] = best[0] if best[1] else None
     notes["cheapest_single_gpu"] = (f"all replicas {best[1]} (best of each GPU kind solved alone)"
                                     if best[1] else "no single GPU kind meets the spec alone")  # fmt: skip
