@@ -27,8 +27,7 @@ from skybroker.perf.capacity import (
     SLOTarget,
     _max_rate,
     _requests,
-    idle_latency,
-    saturated_throughput,
+    rate_bound,
 )
 from skybroker.perf.roofline import RooflineModel
 from skybroker.perf.simulator import SchedulerConfig, simulate
@@ -45,10 +44,10 @@ def reference(model, cfg, cls, slo: SLOTarget, n: int, tol: float = 0.005) -> Ca
         ttft, tpot = simulate(model, cfg, arr / rate, ins, outs).percentile(slo.percentile)
         return ttft <= slo.ttft_s and tpot <= slo.tpot_s, ttft, tpot
 
-    it, ip = idle_latency(model, cfg, cls, slo.percentile)
-    if it > slo.ttft_s or ip > slo.tpot_s:
-        return CapacityResult(0.0, it, ip)
-    hi = saturated_throughput(model, cfg, cls)
+    bound = rate_bound(model, cfg, cls, slo)  # 0: misses the SLO unloaded
+    if bound.rate <= 0:
+        return bound
+    hi = bound.rate
     good, t1, t2 = ok(hi)
     if good:
         return CapacityResult(hi, t1, t2)

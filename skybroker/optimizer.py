@@ -24,10 +24,11 @@ The model (`_build`) adds valid inequalities that tighten the LP relaxation with
 off integer points: capacity from the most work an offering can get, per-class linking,
 replica covers per user and per geographic group. The problem splits into independent
 geographic components when no constraint couples them. HiGHS solves each through highspy
-(arrays, no modelling layer), warm-started from the rounded-up LP relaxation; its own
-status, dual bound and gap are read back. pulp builds the same model for CBC, the fallback
-when highspy is missing (pulp says "Optimal" even when a time limit stopped the solver, and
-hides CBC's bound: the gap is then unknown).
+(arrays, no modelling layer), warm-started from the optimum of the same MILP restricted to
+the offerings its LP relaxation uses (an integral relaxation is the answer outright); its
+own status, dual bound and gap are read back. pulp builds the same model for CBC, the
+fallback when highspy is missing (pulp says "Optimal" even when a time limit stopped the
+solver, and hides CBC's bound: the gap is then unknown).
 """
 
 from __future__ import annotations
@@ -492,7 +493,7 @@ def _run_highs(lp: _Lp, time_limit: float, gap_rel: float,
     values = list(h.getSolution().col_value)
     cost = float(info.objective_function_value)
     if not lp.integer:  # a pure LP: HiGHS reports no MIP gap
-        return _Result("optimal", values, cost, cost, 0.0)
+        return _Result("optimal" if text == "optimal" else "feasible", values, cost, cost, 0.0)
     gap = max(float(info.mip_gap), 0.0) if math.isfinite(info.mip_gap) else None
     status = "optimal" if text == "optimal" else "feasible"
     return _Result(status, values, cost, float(info.mip_dual_bound), gap)
@@ -548,9 +549,14 @@ def _solve_component(p: Problem, users: list[str], idx: list[int], total: float,
     lp, v = built
     build = time.perf_counter() - t0
     t1 = time.perf_counter()
-    if opts.backend == "highspy" and opts.solver == "highs" and _has_highspy():
-        start = _rounded_lp(lp, opts.time_limit) if opts.warm_start else None
-        r, name = _run_highs(lp, opts.time_limit, opts.gap_rel, start), "HiGHS"
+    relax = opts.relaxation and _has_highspy()
+    if relax:  # a lower bound: the LP relaxation, replica counts rounded up
+        r, name = _run_highs(replace(lp, integer=[]), opts.time_limit, 1.0), "HiGHS (LP)"
+        r.gap = None
+    elif opts.backend == "highspy" and opts.solver == "highs" and _has_highspy():
+        start, r = _warm_start(lp, opts) if opts.warm_start else (None, None)
+        left = max(opts.time_limit - (time.perf_counter() - t1), 0.1)
+        r, name = r or _run_highs(lp, left, opts.gap_rel, start), "HiGHS"
     else:
         r = _run_pulp(lp, opts.solver, opts.time_limit, opts.gap_rel)
         name = "HiGHS (pulp)" if opts.solver == "highs" and _has_highspy() else "CBC (pulp)"
@@ -560,7 +566,10 @@ def _solve_component(p: Problem, users: list[str], idx: list[int], total: float,
         return sol
     sol.status, sol.gap, sol.bound, sol.cost = r.status, r.gap, r.bound, r.cost
     val = r.values
-    sol.counts = {i: round(val[c]) for i, c in v.n.items() if val[c] > 0.5}
+    if relax:
+        sol.counts = {i: math.ceil(val[c] - 1e-6) for i, c in v.n.items() if val[c] > 1e-6}
+    else:
+        sol.counts = {i: round(val[c]) for i, c in v.n.items() if val[c] > 0.5}
     sol.rates = {k: val[c] for k, c in v.y.items() if val[c] > 1e-9}
     for (g, loc, b), c in v.x.items():
         group = v.split[g]
@@ -572,17 +581,36 @@ def _solve_component(p: Problem, users: list[str], idx: list[int], total: float,
     return sol
 
 
-def _rounded_lp(lp: _Lp, time_limit: float) -> list[float] | None:
-    """A first incumbent: the LP relaxation with every replica count rounded up (capacity,
-    cover and share rows stay satisfied; HiGHS drops it if a budget row is not)."""
-    relaxed = replace(lp, integer=[])
-    r = _run_highs(relaxed, time_limit, 1.0)
+def _warm_start(lp: _Lp, opts: Options) -> tuple[list[float] | None, _Result | None]:
+    """(a first incumbent for the MILP, or the MILP's result when its LP relaxation settles
+    it: an optimum with integer replica counts is the MILP's).
+
+    The LP relaxation with every replica count rounded up is feasible (capacity, cover and
+    share rows stay satisfied; HiGHS drops it if a budget row is not). With
+    `opts.support_mip`, better: the MILP restricted to the offerings the relaxation uses
+    (every other count fixed at 0), started from that rounding. It is small and its optimum
+    is usually the whole one's, which then only has to be proved; measured on the bundled
+    catalog, HiGHS spends most of its time finding that point, not proving it."""
+    t0 = time.perf_counter()
+    r = _run_highs(replace(lp, integer=[]), opts.time_limit, 1.0)
     if r.status == "infeasible":
-        return None
+        return None, None
     val = list(r.values)
+    if r.status == "optimal" and all(abs(val[c] - round(val[c])) <= 1e-6 for c in lp.integer):
+        for c in lp.integer:
+            val[c] = float(round(val[c]))
+        return None, _Result("optimal", val, r.cost, r.cost, 0.0)
     for c in lp.integer:
         val[c] = min(float(math.ceil(val[c] - 1e-6)), lp.ub[c])
-    return val
+    ub = list(lp.ub)
+    for c in lp.integer:
+        if r.values[c] <= 1e-6:
+            ub[c] = 0.0
+    if not opts.support_mip or ub == lp.ub:  # (the support is everything: no smaller MILP)
+        return val, None
+    left = max(opts.time_limit - (time.perf_counter() - t0), 0.0) / 2
+    sub = _run_highs(replace(lp, ub=ub), left, opts.gap_rel, val)
+    return (sub.values if sub.status != "infeasible" else val), None
 
 
 def _has_highspy() -> bool:
@@ -606,6 +634,10 @@ class Options:
     tighten: bool = True  # the valid inequalities of `_build`
     multi_copy: bool = True  # saturation and k-copy dominance in `prune`
     warm_start: bool = True  # start HiGHS from the rounded-up LP relaxation
+    support_mip: bool = True  # ... or better, from the MILP on the relaxation's support
+    # only the LP relaxation (a lower bound; counts rounded up, gap None): for callers that
+    # need the cost bound or which offerings a near-optimal placement uses, fast
+    relaxation: bool = False
 
 
 def solve(p: Problem, *, time_limit: float = 20.0, gap_rel: float = 1e-4, solver: str = "highs",

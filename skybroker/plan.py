@@ -18,19 +18,22 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from skybroker.catalog.schema import Catalog, Offering
 from skybroker.models import ModelArch, from_gguf, from_hf_dir, lookup
-from skybroker.optimizer import OfferingClass, Problem, Solution, solve
+from skybroker.optimizer import OfferingClass, Options, Problem, Solution, solve
 from skybroker.perf.capacity import (
     CapacityResult,
     SLOTarget,
+    cached_rates,
     flush_disk_cache,
     max_rates,
     prefetch_disk_cache,
+    rate_bound,
 )
 from skybroker.perf.profile import find_profile
 from skybroker.perf.roofline import (
@@ -98,6 +101,9 @@ class SolverInfo:
     num_pruned: int = 0  # offering classes left after dominance pruning
     num_components: int = 1
     solver: str = ""
+    # GPU kinds whose capacities were searched (or cached); the others' offerings were ruled
+    # out on upper bounds of their capacity alone
+    searched: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -198,6 +204,7 @@ class ReplicaPerf:
     caps: tuple[CapacityResult, ...]  # per request class
     source: str
     notes: tuple[str, ...] = ()  # measured profiles skipped, and why
+    exact: bool = True  # False: caps are upper bounds (`rate_bound`), not searched yet
 
 
 def gpu_replica(arch: ModelArch, spec: DeploymentSpec, catalog: Catalog, gpu: str,
@@ -231,9 +238,11 @@ def replica_perf(arch: ModelArch, hw: Hardware, kv_tokens: int, spec: Deployment
 
 
 def replica_perfs(replicas: list[tuple[ModelArch, Hardware, int, RooflineModel | None]],
-                  spec: DeploymentSpec, classes: list[RequestClass]) -> list[ReplicaPerf]:  # fmt: skip
+                  spec: DeploymentSpec, classes: list[RequestClass], *,
+                  exact: bool = True) -> list[ReplicaPerf]:  # fmt: skip
     """Capacity per request class of each replica kind: a measured profile when one matches,
-    else the roofline. Every distinct search runs once (`max_rates`, in parallel when cold)."""
+    else the roofline. Every distinct search runs once (`max_rates`, in parallel when cold).
+    With exact=False nothing is searched: capacities not in the cache are upper bounds."""
     e, s = spec.engine, spec.slo
     slo = SLOTarget(s.ttft_ms / 1000, s.tpot_ms / 1000, s.percentile)
     steps, jobs = [], []
@@ -244,11 +253,18 @@ def replica_perfs(replicas: list[tuple[ModelArch, Hardware, int, RooflineModel |
                               kv_tokens // e.block_size, e.block_size)  # fmt: skip
         steps.append((step, notes))
         jobs += [(step, cfg, c, slo) for c in classes]
-    caps = max_rates(jobs, num_requests=SIM_REQUESTS)
+    if exact:
+        caps: list[CapacityResult | None] = list(max_rates(jobs, num_requests=SIM_REQUESTS))
+    else:
+        caps = cached_rates(jobs, num_requests=SIM_REQUESTS)
     k = len(classes)
-    return [ReplicaPerf(hw, hw.count if hw.kind == "gpu" else 1, kv, tuple(caps[i * k:(i + 1) * k]),
-                        step.source, tuple(notes))
-            for i, ((_, hw, kv, _), (step, notes)) in enumerate(zip(replicas, steps, strict=True))]  # fmt: skip
+    out = []
+    for i, ((_, hw, kv, _), (step, notes)) in enumerate(zip(replicas, steps, strict=True)):
+        mine = caps[i * k : (i + 1) * k]
+        got = tuple(c or rate_bound(*jobs[i * k + b]) for b, c in enumerate(mine))
+        out.append(ReplicaPerf(hw, hw.count if hw.kind == "gpu" else 1, kv, got, step.source,
+                               tuple(notes), all(c is not None for c in mine)))  # fmt: skip
+    return out
 
 
 # --- offerings and users --------------------------------------------------------------------
@@ -355,30 +371,61 @@ def make_plan(spec: DeploymentSpec, catalog: Catalog | None = None,
         rows = allowed_offerings(spec, catalog, blocklist)
     if not rows:
         raise InfeasibleError(_no_offering_reason(spec))
-    perf = _perf_per_gpu(arch, spec, catalog, classes, rows, need_len)
-    flush_disk_cache()
-    perf_s = time.perf_counter() - t0
+    perf = _perf_per_gpu(arch, spec, catalog, classes, rows, need_len, exact=False)
     problem, meta = build_problem(spec, catalog, classes, rows, perf)
     if not problem.offerings:  # no replica fits in memory
         raise InfeasibleError(_no_fit_reason(arch, need_len, rows, spec))
-    sol = solve(problem, time_limit=time_limit)
+    perf_s = [time.perf_counter() - t0]
+
+    def refine(gpus: set[str]) -> tuple[Problem, _Meta]:
+        """Search the capacities of these GPU kinds; the problem with them in."""
+        t1 = time.perf_counter()
+        todo = sorted(g for g in gpus if (rp := perf.get(g)) is not None and not rp.exact)
+        if todo:
+            exact = replica_perfs([(arch, perf[g].hw, perf[g].kv_tokens, None) for g in todo],
+                                  spec, classes)  # fmt: skip
+            perf.update(zip(todo, exact, strict=True))
+            flush_disk_cache()
+        perf_s[0] += time.perf_counter() - t1
+        return _with_perf(problem, meta, perf)
+
+    # Capacities are searched only where the optimum needs them: solved on upper bounds, the
+    # problem is a relaxation; when its optimum uses only searched offerings it is the real
+    # one. The LP relaxation (fast) picks what to search first, the MILP has the last word.
+    relax = True
+    while True:
+        sol = solve(problem, options=Options(time_limit=time_limit, relaxation=relax))
+        todo = {meta.rows[i][0].gpu for i in sol.counts if not meta.perf[i].exact}
+        if todo:
+            problem, meta = refine(todo)
+        elif relax and sol.status != "infeasible":
+            relax = False
+        else:
+            break
     if sol.status == "infeasible":
+        problem, meta = refine(set(perf))
         raise InfeasibleError(explain_infeasible(spec, arch, problem, classes, meta, time_limit))
-    info = SolverInfo(sol.status, sol.solve_time_s, sol.gap, sol.build_time_s, perf_s, len(rows),
-                      len(problem.offerings), sol.num_offerings, sol.num_components, sol.solver)  # fmt: skip
     plan = Plan(spec, _placements(problem, sol, meta, classes), sol.cost,
-                _egress(problem, sol), info, model=arch.describe(),
+                _egress(problem, sol), SolverInfo(sol.status, sol.solve_time_s, sol.gap),
+                model=arch.describe(),
                 request_classes=[{"name": c.name, "share": round(c.share, 4),
                                   "mean_input": round(c.mean_input, 1),
                                   "mean_output": round(c.mean_output, 1)} for c in classes])  # fmt: skip
-    plan.perf_notes = sorted({n for rp in perf.values() if rp for n in rp.notes})
     if baselines:
-        plan.baselines, plan.baseline_notes = compute_baselines(problem, meta, time_limit)
+        plan.baselines, plan.baseline_notes = compute_baselines(problem, meta, time_limit, refine)
+    plan.perf_notes = sorted({n for rp in perf.values() if rp for n in rp.notes})
+    plan.solver = SolverInfo(sol.status, sol.solve_time_s, sol.gap, sol.build_time_s, perf_s[0],
+                             len(rows), len(problem.offerings), sol.num_offerings,
+                             sol.num_components, sol.solver, sorted(g for g, rp in perf.items()
+                                                                    if rp and rp.exact))  # fmt: skip
     return plan
 
 
 def _perf_per_gpu(arch: ModelArch, spec: DeploymentSpec, catalog: Catalog,
-                  classes: list[RequestClass], rows: list, need_len: int) -> dict[str, ReplicaPerf | None]:  # fmt: skip
+                  classes: list[RequestClass], rows: list, need_len: int, *,
+                  exact: bool = True) -> dict[str, ReplicaPerf | None]:  # fmt: skip
+    """Per GPU kind, one replica's performance (None: the model does not fit); with
+    exact=False, upper bounds where the capacity searches have not run (`replica_perfs`)."""
     perf: dict[str, ReplicaPerf | None] = {}
     if spec.infra == "local":
         hw = cpu_hardware()
@@ -394,7 +441,8 @@ def _perf_per_gpu(arch: ModelArch, spec: DeploymentSpec, catalog: Catalog,
     fits = {gpu: gpu_replica(arch, spec, catalog, gpu, count, need_len)
             for gpu, count in sorted(max_count.items())}  # fmt: skip
     fitting = [(gpu, f) for gpu, f in fits.items() if f is not None]
-    done = replica_perfs([(arch, hw, kv, None) for _, (hw, kv) in fitting], spec, classes)
+    done = replica_perfs([(arch, hw, kv, None) for _, (hw, kv) in fitting], spec, classes,
+                         exact=exact)  # fmt: skip
     perf = {gpu: None for gpu in fits} | {g: rp for (g, _), rp in zip(fitting, done, strict=True)}
     return perf
 
@@ -412,16 +460,22 @@ def build_problem(spec: DeploymentSpec, catalog: Catalog, classes: list[RequestC
                   rows: list, perf: dict[str, ReplicaPerf | None]) -> tuple[Problem, _Meta]:  # fmt: skip
     c, w = spec.constraints, spec.workload
     offs, meta_rows, meta_perf, dps = [], [], [], []
-    mean_out = [cl.mean_output for cl in classes]
+    gb_out = [3600 * cl.mean_output * w.response_bytes_per_token / 1e9 for cl in classes]
+    egresses: dict[str, tuple[float, ...]] = {}  # per cloud
+    mus: dict[tuple[str, int], tuple[float, ...]] = {}  # per (GPU kind, data parallel)
     for o, spot, price in rows:
         rp = perf.get(o.gpu)
         if rp is None or (o.gpu_count and o.gpu_count < rp.tp):
             continue
         dp = o.gpu_count // rp.tp if o.gpu_count else 1
-        mu = tuple(dp * cap.rate for cap in rp.caps)  # all 0: kept so the reason can name the SLO
-        eg = catalog.egress.get(o.cloud)
-        per_gb = eg.internet_per_gb if eg else 0.0
-        egress = tuple(3600 * m * w.response_bytes_per_token / 1e9 * per_gb for m in mean_out)
+        mu = mus.get((o.gpu, dp))
+        if mu is None:  # all 0: kept so the reason can name the SLO
+            mu = mus[o.gpu, dp] = tuple(dp * cap.rate for cap in rp.caps)
+        egress = egresses.get(o.cloud)
+        if egress is None:
+            eg = catalog.egress.get(o.cloud)
+            egress = egresses[o.cloud] = tuple(g * (eg.internet_per_gb if eg else 0.0)
+                                               for g in gb_out)  # fmt: skip
         offs.append(OfferingClass((o.cloud, o.region, o.instance_type, spot), o.cloud,
                                   f"{o.cloud}/{o.region}", price, spot, mu, egress,
                                   max_count=1 if o.cloud == "local" else None))  # fmt: skip
@@ -435,6 +489,20 @@ def build_problem(spec: DeploymentSpec, catalog: Catalog, classes: list[RequestC
     problem = Problem(offs, demand, reach, c.min_replicas, c.spot_share_limit(),
                       c.max_region_share, c.max_cloud_share, c.budget_per_hour)  # fmt: skip
     return problem, _Meta(meta_rows, meta_perf, dps, perf, locations)
+
+
+def _with_perf(
+    p: Problem, meta: _Meta, perf: dict[str, ReplicaPerf | None]
+) -> tuple[Problem, _Meta]:
+    """`p` with each offering's capacity taken from `perf` (after some searches ran)."""
+    offs, rps = [], []
+    for oc, (o, _, _), old, dp in zip(p.offerings, meta.rows, meta.perf, meta.dp, strict=True):
+        rp = perf[o.gpu] or old
+        if rp is not old:
+            oc = replace(oc, mu=tuple(dp * cap.rate for cap in rp.caps))
+        offs.append(oc)
+        rps.append(rp)
+    return replace(p, offerings=offs), replace(meta, perf=rps, all_perf=perf)
 
 
 def _egress(p: Problem, s: Solution) -> float:
@@ -473,26 +541,52 @@ def _placements(
 # --- baselines ------------------------------------------------------------------------------
 
 
-def compute_baselines(p: Problem, meta: _Meta, time_limit: float) -> tuple[dict, dict]:
+Refine = Callable[[set[str]], tuple[Problem, _Meta]]
+
+
+def compute_baselines(p: Problem, meta: _Meta, time_limit: float,
+                      refine: Refine | None = None) -> tuple[dict, dict]:  # fmt: skip
+    """The two baselines' costs and notes. The cheapest single GPU kind is found best first:
+    every kind's fleet is bounded from below by its LP relaxation (on upper bounds of its
+    capacities where `p` holds only those), and only the most promising kind is searched
+    (`refine(gpus)`) and solved exactly, until an exact cost is the lowest bound."""
     costs: dict[str, float | None] = {}
     notes: dict[str, str] = {}
-    best = (math.inf, "")
-    for gpu in sorted({o.gpu for o, _, _ in meta.rows}):
+
+    def single(p: Problem, meta: _Meta, gpu: str, relax: bool) -> float:
         sub = [oc for oc, (o, _, _) in zip(p.offerings, meta.rows, strict=True) if o.gpu == gpu]
-        s = solve(replace(p, offerings=sub), time_limit=time_limit)
-        if s.status != "infeasible" and s.cost < best[0]:
-            best = (s.cost, gpu)
+        s = solve(replace(p, offerings=sub), options=Options(time_limit, relaxation=relax))
+        return s.cost if s.status != "infeasible" else math.inf
+
+    bound = {gpu: single(p, meta, gpu, True) for gpu in sorted({o.gpu for o, _, _ in meta.rows})}
+    solved: set[str] = set()  # kinds whose bound is their exact fleet cost
+    best = (math.inf, "")
+    while bound:
+        cost, gpu = min((c, g) for g, c in bound.items())
+        if not math.isfinite(cost):
+            break
+        if gpu in solved:
+            best = (cost, gpu)
+            break
+        rp = meta.all_perf[gpu]
+        if refine is not None and rp is not None and not rp.exact:
+            p, meta = refine({gpu})
+        bound[gpu] = single(p, meta, gpu, False)
+        solved.add(gpu)
     costs["cheapest_single_gpu"] = best[0] if best[1] else None
     notes["cheapest_single_gpu"] = (f"all replicas {best[1]} (best of each GPU kind solved alone)"
                                     if best[1] else "no single GPU kind meets the spec alone")  # fmt: skip
-    costs["skypilot"], notes["skypilot"] = skypilot_baseline(p, meta)
+    costs["skypilot"], notes["skypilot"] = skypilot_baseline(p, meta, refine)
     return costs, notes
 
 
-def skypilot_baseline(p: Problem, meta: _Meta) -> tuple[float | None, str]:
+def skypilot_baseline(p: Problem, meta: _Meta,
+                      refine: Refine | None = None) -> tuple[float | None, str]:  # fmt: skip
     """SkyPilot's way: the cheapest instance type that fits the model (and serves every request
     class within the SLO), replicated to meet the rate. It does not know RTT, so it is given
-    the cheapest such instance reachable by all users, else one per user region."""
+    the cheapest such instance reachable by all users, else one per user region. An offering
+    whose capacities are upper bounds is searched (`refine`) only when it would be chosen: on
+    bounds the candidates are a superset and each one's key (price, -capacity) no higher."""
 
     def mix_capacity(oc: OfferingClass, dem: list[float]) -> float:
         s = sum(dem)
@@ -501,12 +595,18 @@ def skypilot_baseline(p: Problem, meta: _Meta) -> tuple[float | None, str]:
         return 1 / sum(d / s / m for d, m in zip(dem, oc.mu, strict=True) if d > 0)
 
     def cheapest(users: list[str], min_n: int) -> tuple[float, str] | None:
+        nonlocal p, meta
         dem = [sum(p.demand[u][b] for u in users) for b in range(p.num_classes)]
-        cands = [oc for oc in p.offerings if all(oc.location in p.reach[u] for u in users)
-                 and (p.max_spot_share >= 1 or not oc.spot) and mix_capacity(oc, dem) > 0]  # fmt: skip
-        if not cands:
-            return None
-        oc = min(cands, key=lambda o: (o.price, -mix_capacity(o, dem)))
+        while True:
+            cands = [(i, oc) for i, oc in enumerate(p.offerings)
+                     if all(oc.location in p.reach[u] for u in users)
+                     and (p.max_spot_share >= 1 or not oc.spot) and mix_capacity(oc, dem) > 0]  # fmt: skip
+            if not cands:
+                return None
+            i, oc = min(cands, key=lambda c: (c[1].price, -mix_capacity(c[1], dem)))
+            if meta.perf[i].exact or refine is None:
+                break
+            p, meta = refine({meta.rows[i][0].gpu})
         n = max(math.ceil(sum(dem) / mix_capacity(oc, dem) - 1e-9), min_n)
         if oc.max_count is not None and n > oc.max_count:
             return None

@@ -109,7 +109,8 @@ def render_plan(plan: Plan) -> None:
               f"SLO TTFT {pct} <= {s.slo.ttft_ms:g} ms, TPOT {pct} <= {s.slo.tpot_ms:g} ms"
               + (f", RTT <= {s.slo.max_rtt_ms:g} ms" if s.slo.max_rtt_ms else ""))  # fmt: skip
     con.print(f"solver {sv.solver} {sv.status}, gap {gap}, solve {sv.solve_time_s:.2f} s, "
-              f"perf model {sv.perf_time_s:.1f} s; offerings {sv.num_offerings} -> classes "
+              f"perf model {sv.perf_time_s:.1f} s for {len(sv.searched)} GPU kind(s); "
+              f"offerings {sv.num_offerings} -> classes "
               f"{sv.num_classes} -> after pruning {sv.num_pruned}, {sv.num_components} component(s)")  # fmt: skip
     for note in plan.perf_notes:
         con.print(f"note: {note}")

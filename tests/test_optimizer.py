@@ -243,3 +243,31 @@ def test_cbc_fallback_agrees() -> None:
     highs = solve(p, gap_rel=1e-9)
     assert cbc.status != "infeasible" and cbc.solver == "CBC (pulp)"
     assert cbc.cost == pytest.approx(highs.cost, rel=1e-6)
+
+
+@pytest.mark.parametrize("support_mip", [True, False])
+def test_warm_start_outside_the_optimum_still_optimal(support_mip: bool) -> None:
+    """Without tightening rows (and without k-copy pruning, which would drop the big one) the
+    LP relaxation uses only the big offering (cheapest per req/s), so the warm start (rounded,
+    or the MILP on that support) costs $10; the solve must still reach the $3 optimum that
+    uses the other offering."""
+    offs = [_off("aws/a", 10.0, (10.0,)), _off("aws/a", 3.0, (1.0,))]
+    p = Problem(offs, {"u": (1.0,)}, {"u": frozenset({"aws/a"})})
+    s = solve(p, options=Options(tighten=False, multi_copy=False, support_mip=support_mip,
+                                     gap_rel=1e-9))  # fmt: skip
+    assert s.status == "optimal" and s.counts == {1: 1}
+    assert s.cost == pytest.approx(3.0) == pytest.approx(brute_force(p))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_relaxation_is_a_lower_bound(seed: int) -> None:
+    """Options(relaxation=True) solves the LP relaxation: never dearer than the MILP, and
+    infeasible only where the MILP is."""
+    p = _random_problem(random.Random(2000 + seed))
+    lp = solve(p, options=Options(relaxation=True))
+    milp = solve(p, options=Options(gap_rel=1e-9))
+    if lp.status == "infeasible":
+        assert milp.status == "infeasible"
+    elif milp.status != "infeasible":
+        assert lp.cost <= milp.cost + 1e-6
+        assert all(n >= 1 for n in lp.counts.values())

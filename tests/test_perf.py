@@ -271,8 +271,10 @@ def test_early_stop_gives_the_full_simulations_verdict() -> None:
     assert stopped >= 3
 
 
-def test_parallel_searches_equal_serial_ones() -> None:
+def test_parallel_searches_equal_serial_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     from skybroker.perf import capacity
+
+    monkeypatch.setattr(capacity, "MIN_PARALLEL_JOBS", 8)  # 8 jobs: through the pool
 
     arch = lookup("llama-3.1-8b")
     rng = np.random.default_rng(2)

@@ -178,3 +178,26 @@ def test_measured_profile_overrides_roofline(tmp_path: Path) -> None:
     )
     plan = make_plan(spec, _catalog())
     assert plan.placements and all(p.perf_source == f"profile:{path}" for p in plan.placements)
+
+
+def test_capacities_searched_only_where_needed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """make_plan searches the capacities of the GPU kinds the optimum and the baselines need
+    (the others are ruled out on closed-form upper bounds); the plan is the one planned with
+    every capacity searched."""
+    from skybroker.perf import capacity
+
+    spec = load_spec(SPEC.replace("engine:", "constraints: {spot: allowed}\nengine:"))
+    monkeypatch.setattr(capacity, "_memo", {})
+    lazy = make_plan(spec, _catalog())
+    everything = planmod._perf_per_gpu
+    monkeypatch.setattr(planmod, "_perf_per_gpu",
+                        lambda *a, exact=True: everything(*a, exact=True))  # fmt: skip
+    monkeypatch.setattr(capacity, "_memo", {})
+    full = make_plan(spec, _catalog())
+    assert full.solver.searched == ["A100-80GB", "H100", "L4"]
+    assert len(lazy.solver.searched) < len(full.solver.searched)
+    assert lazy.cost_per_hour == pytest.approx(full.cost_per_hour, rel=1e-9)
+    assert lazy.baselines == pytest.approx(full.baselines, rel=1e-9)
+    assert {p.key: p.replicas for p in lazy.placements} == {
+        p.key: p.replicas for p in full.placements
+    }

@@ -148,6 +148,20 @@ def saturated_throughput(model: StepTimeModel, cfg: SchedulerConfig, cls: Reques
     return float(b / (e_out * t))
 
 
+def rate_bound(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass,
+               slo: SLOTarget) -> CapacityResult:  # fmt: skip
+    """What `max_rate` answers at most, in closed form: 0 when the class misses the SLO even
+    unloaded (latencies: the unloaded ones), else the saturated throughput (the search never
+    probes above it)."""
+    idle_ttft, idle_tpot = idle_latency(model, cfg, cls, slo.percentile)
+    if idle_ttft > slo.ttft_s or idle_tpot > slo.tpot_s:  # misses the SLO even unloaded
+        return CapacityResult(0.0, idle_ttft, idle_tpot)
+    top = saturated_throughput(model, cfg, cls)
+    if top <= 0:  # not even one sequence fits
+        return CapacityResult(0.0, math.inf, math.inf)
+    return CapacityResult(top, idle_ttft, idle_tpot)
+
+
 def max_rate(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass, slo: SLOTarget, *,
              num_requests: int = 200, seed: int = 0, rel_tol: float = 0.05) -> CapacityResult:  # fmt: skip
     """Bisection for the highest rate whose TTFT and TPOT percentiles meet the SLO."""
@@ -168,7 +182,19 @@ def perf_workers() -> int:
 
 
 Job = tuple[StepTimeModel, SchedulerConfig, RequestClass, SLOTarget]
-MIN_PARALLEL_JOBS = 8  # below this a process pool's start-up costs more than it saves
+# Below this a process pool's start-up (fresh interpreters importing numpy and skybroker)
+# costs more than it saves: measured cold on chat-8b, 14 jobs took 3-5 s in one process and
+# 9-16 s through a pool on the shared 2-core box. The planner searches few GPU kinds at a
+# time (7 classes each), so it mostly stays in process.
+MIN_PARALLEL_JOBS = 24
+
+
+def cached_rates(jobs: list[Job], *, num_requests: int = 200, seed: int = 0,
+                 rel_tol: float = 0.05) -> list[CapacityResult | None]:  # fmt: skip
+    """`max_rate` of each job where it is known already (memory or disk cache), else None."""
+    keys = [_key(*j, num_requests, seed, rel_tol) for j in jobs]
+    with _lock:
+        return [_memo.get(k) for k in keys]
 
 
 def _job(args: tuple) -> CapacityResult:
@@ -217,12 +243,10 @@ def _max_rate(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass, slo
         ttft, tpot = r.percentile(slo.percentile)
         return math.log(max(ttft / slo.ttft_s, tpot / slo.tpot_s, 1e-12)), ttft, tpot
 
-    idle_ttft, idle_tpot = idle_latency(model, cfg, cls, slo.percentile)
-    if idle_ttft > slo.ttft_s or idle_tpot > slo.tpot_s:  # misses the SLO even unloaded
-        return CapacityResult(0.0, idle_ttft, idle_tpot)
-    top = saturated_throughput(model, cfg, cls)
-    if top <= 0:
-        return CapacityResult(0.0, float("inf"), float("inf"))
+    bound = rate_bound(model, cfg, cls, slo)
+    if bound.rate <= 0:
+        return bound
+    top = bound.rate
     hi, g_hi, best = top, math.inf, None
     for frac in (1.0, 0.5, 0.15, 0.04, 0.001):  # coarse bracket from above
         g, ttft, tpot = probe(frac * top)
