@@ -318,19 +318,23 @@ def run_offline(engine, items: list[WorkItem], tag: str) -> float:
     return tps
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its live descendants (Linux /proc; NaN
-    elsewhere): the server's HTTP process plus its engine process."""
+def _cpu_seconds(pid: int) -> float:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_seconds(pid: int) -> tuple[float, float]:
+    """User + system CPU seconds of the server process and of its children (the engine
+    process) from Linux /proc; NaN elsewhere."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            for child in (task / "children").read_text().split():
-                total += tree_cpu_seconds(int(child))
-        return total
+        children = [
+            int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+            for c in (t / "children").read_text().split()
+        ]  # fmt: skip
+        return _cpu_seconds(pid), sum(_cpu_seconds(c) for c in children)
     except (OSError, ValueError):
-        return float("nan")
+        return float("nan"), float("nan")
 
 
 def timed_load(
@@ -414,13 +418,13 @@ def main() -> None:
             if offline is not None and rep % 2 == 1:
                 offline_tps.append(run_offline(offline, items, f"offline{rep}"))
             print(f"\n## throughput pass {rep + 1}/{args.repeats}: all requests at once")
-            server_cpu = tree_cpu_seconds(proc.pid) if proc is not None else float("nan")
+            nan = (float("nan"),) * 2
+            cpu0 = server_cpu_seconds(proc.pid) if proc is not None else nan
             results, duration, cpu = timed_load(url, model, items, float("inf"), args.seed)
-            if proc is not None:
-                server_cpu = tree_cpu_seconds(proc.pid) - server_cpu
+            cpu1 = server_cpu_seconds(proc.pid) if proc is not None else nan
             figures = report(results, duration, args.slo_ttft_ms, args.slo_tpot_ms)
-            print(f"client CPU: {cpu:.1f} s over {duration:.1f} s; server CPU (HTTP + engine "
-                  f"processes): {server_cpu:.1f} s")  # fmt: skip
+            print(f"client CPU: {cpu:.1f} s over {duration:.1f} s; server CPU: HTTP process "
+                  f"{cpu1[0] - cpu0[0]:.1f} s, engine process {cpu1[1] - cpu0[1]:.1f} s")  # fmt: skip
             server_tps.append(figures["output_throughput"] if figures["failed"] == 0 else 0.0)
             if offline is not None and rep % 2 == 0:
                 offline_tps.append(run_offline(offline, items, f"offline{rep}"))
