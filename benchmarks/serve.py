@@ -12,9 +12,10 @@ Two passes over the same request set:
   ratio of median output tok/s, server / offline.
 
 Fairness: the server (`python -m engine.serve`, its engine in a child process by default) and
-this client are separate processes; the client is one asyncio loop on one HTTP/1.1 keep-alive
-connection per request (httpx), parsing each SSE line with json.loads and nothing else, and
-its CPU seconds are printed beside each pass so its share of the machine is visible. The
+this client are separate processes; the client is one asyncio loop with one plain HTTP/1.1
+connection per request (asyncio streams, chunked decoding by hand: cheap, as the client shares
+the machine's cores with the server), parsing each SSE event with json.loads and nothing else,
+and its CPU seconds are printed beside each pass so its share of the machine is visible. The
 offline engine runs with the same engine arguments and one torch thread.
 
     OMP_NUM_THREADS=1 python benchmarks/serve.py                   # tiny random Llama, ~3 min
@@ -36,8 +37,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -75,7 +78,42 @@ def make_workload(
 # ---- the HTTP client side -------------------------------------------------------------------
 
 
-async def _one(client: httpx.AsyncClient, url: str, model: str, item: WorkItem) -> RequestResult:
+class _HTTPError(Exception):
+    pass
+
+
+async def _post_stream(host: str, port: int, path: str, body: dict) -> AsyncIterator[bytes]:
+    """POST `body` as JSON over a plain HTTP/1.1 connection; yield the streamed body's chunks.
+
+    A minimal client on asyncio streams (chunked transfer decoding and nothing else): the
+    load generator shares this machine's cores with the server, and httpx's per-line
+    machinery cost it as much CPU as the server's own streaming did.
+    """
+    payload = json.dumps(body).encode()
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+            + payload
+        )
+        status = int((await reader.readline()).split()[1])
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            key, _, value = line.decode("latin-1").partition(":")
+            headers[key.strip().lower()] = value.strip().lower()
+        if status != 200:
+            raise _HTTPError(f"HTTP {status}: {(await reader.read(200))!r}")
+        if headers.get("transfer-encoding") != "chunked":
+            yield await reader.read()
+            return
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            yield (await reader.readexactly(size + 2))[:-2]
+    finally:
+        writer.close()
+
+
+async def _one(base: tuple[str, int], model: str, item: WorkItem) -> RequestResult:
     body = {
         "model": model, "prompt": item.prompt_token_ids, "max_tokens": item.output_len,
         "temperature": 0.0, "ignore_eos": True, "stream": True,
@@ -83,32 +121,32 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, item: WorkItem) 
     }  # fmt: skip
     res = RequestResult(ok=False, prompt_len=len(item.prompt_token_ids))
     start = last = time.perf_counter()
+    pending = b""
     try:
-        async with client.stream("POST", url, json=body) as r:
-            if r.status_code != 200:
-                res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
-                return res
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                data = json.loads(line[6:])
-                if "error" in data:
-                    res.error = data["error"]["message"]
+        async for data in _post_stream(*base, "/v1/completions", body):
+            now = time.perf_counter()
+            events = (pending + data).split(b"\n\n")
+            pending = events.pop()
+            for event in events:
+                if not event.startswith(b"data: {"):
+                    continue  # [DONE]
+                chunk = json.loads(event[6:])
+                if "error" in chunk:
+                    res.error = chunk["error"]["message"]
                     return res
-                now = time.perf_counter()
-                if data.get("choices") and data["choices"][0]["text"]:
+                if chunk.get("choices") and chunk["choices"][0]["text"]:
                     if res.ttft == 0.0:
                         res.ttft = now - start
                     else:
                         res.itl.append(now - last)
                     last = now
-                if data.get("usage"):
-                    res.output_len = data["usage"]["completion_tokens"]
+                if chunk.get("usage"):
+                    res.output_len = chunk["usage"]["completion_tokens"]
         res.latency = time.perf_counter() - start
         res.ok = res.output_len == item.output_len
         if not res.ok:
             res.error = f"got {res.output_len} tokens, expected {item.output_len}"
-    except httpx.HTTPError as e:
+    except (OSError, ValueError, IndexError, asyncio.IncompleteReadError, _HTTPError) as e:
         res.error = repr(e)
     return res
 
@@ -117,17 +155,18 @@ async def run_load(
     base_url: str, model: str, items: list[WorkItem], rate: float, seed: int
 ) -> tuple[list[RequestResult], float]:
     rng = np.random.default_rng(seed)
-    url = f"{base_url}/v1/completions"
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
-        tasks = []
-        start = time.perf_counter()
-        for item in items:
-            tasks.append(asyncio.create_task(_one(client, url, model, item)))
-            if math.isfinite(rate):
-                await asyncio.sleep(float(rng.exponential(1.0 / rate)))
-        results = await asyncio.gather(*tasks)
-        return list(results), time.perf_counter() - start
+    url = urlsplit(base_url)
+    if url.scheme != "http" or url.hostname is None:
+        raise SystemExit(f"--base-url must be http://HOST:PORT (plain HTTP), got {base_url!r}")
+    base = (url.hostname, url.port or 80)
+    tasks = []
+    start = time.perf_counter()
+    for item in items:
+        tasks.append(asyncio.create_task(_one(base, model, item)))
+        if math.isfinite(rate):
+            await asyncio.sleep(float(rng.exponential(1.0 / rate)))
+    results = await asyncio.gather(*tasks)
+    return list(results), time.perf_counter() - start
 
 
 def _free_port() -> int:
@@ -260,9 +299,11 @@ def load_offline(args: argparse.Namespace):  # -> LLMEngine (imported lazily)
 
 
 def run_offline(engine, items: list[WorkItem], tag: str) -> float:
-    """Output tokens/s of the offline engine on the workload (all requests added at once)."""
+    """Output tokens/s of the offline engine on the workload (all requests added at once);
+    prints the CPU seconds it took."""
     from engine import SamplingParams
 
+    cpu = time.process_time()
     start = time.perf_counter()
     for i, item in enumerate(items):
         params = SamplingParams(temperature=0.0, max_tokens=item.output_len, ignore_eos=True)
@@ -272,7 +313,28 @@ def run_offline(engine, items: list[WorkItem], tag: str) -> float:
         for out in engine.step():
             if out.finished:
                 tokens += len(out.outputs[0].token_ids)
-    return tokens / (time.perf_counter() - start)
+    tps = tokens / (time.perf_counter() - start)
+    print(f"offline engine CPU: {time.process_time() - cpu:.1f} s ({tag})")
+    return tps
+
+
+def _cpu_seconds(pid: int) -> float:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_seconds(pid: int) -> tuple[float, float]:
+    """User + system CPU seconds of the server process and of its children (the engine
+    process) from Linux /proc; NaN elsewhere."""
+    try:
+        children = [
+            int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+            for c in (t / "children").read_text().split()
+        ]  # fmt: skip
+        return _cpu_seconds(pid), sum(_cpu_seconds(c) for c in children)
+    except (OSError, ValueError):
+        return float("nan"), float("nan")
 
 
 def timed_load(
@@ -356,9 +418,13 @@ def main() -> None:
             if offline is not None and rep % 2 == 1:
                 offline_tps.append(run_offline(offline, items, f"offline{rep}"))
             print(f"\n## throughput pass {rep + 1}/{args.repeats}: all requests at once")
+            nan = (float("nan"),) * 2
+            cpu0 = server_cpu_seconds(proc.pid) if proc is not None else nan
             results, duration, cpu = timed_load(url, model, items, float("inf"), args.seed)
+            cpu1 = server_cpu_seconds(proc.pid) if proc is not None else nan
             figures = report(results, duration, args.slo_ttft_ms, args.slo_tpot_ms)
-            print(f"client CPU: {cpu:.1f} s over {duration:.1f} s")
+            print(f"client CPU: {cpu:.1f} s over {duration:.1f} s; server CPU: HTTP process "
+                  f"{cpu1[0] - cpu0[0]:.1f} s, engine process {cpu1[1] - cpu0[1]:.1f} s")  # fmt: skip
             server_tps.append(figures["output_throughput"] if figures["failed"] == 0 else 0.0)
             if offline is not None and rep % 2 == 0:
                 offline_tps.append(run_offline(offline, items, f"offline{rep}"))

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 from pydantic import ValidationError
 
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.server.engine_process import DeltaEncoder, apply_delta
 from engine.server.protocol import ChatCompletionRequest, CompletionRequest, ParamError
 from engine.server.serving import _new_part, _Sent, sse
 
@@ -86,3 +90,38 @@ def test_stream_deltas_hold_back_possible_stop_prefix() -> None:
 def test_sse_format() -> None:
     assert sse({"a": 1}) == 'data: {"a":1}\n\n'
     assert sse("[DONE]") == "data: [DONE]\n\n"
+
+
+def _out(rid: str, choices: list[CompletionOutput], finished: bool = False) -> RequestOutput:
+    return RequestOutput(rid, None, list(range(300)), choices, finished)
+
+
+def test_engine_process_sends_deltas_that_rebuild_the_outputs() -> None:
+    """Across the pipe each step carries only what it added (not the prompt, not the tokens
+    already sent), and the server side rebuilds the engine's cumulative outputs exactly,
+    including a stop string cut off text already sent, logprobs and n > 1."""
+    steps = [
+        [_out("a", [CompletionOutput(0, "He", [5], None, [{5: -0.1}], -0.1), CompletionOutput(1)])],
+        [_out("a", [CompletionOutput(0, "Hello E", [5, 6], None, [{5: -0.1}, {6: -0.2}], -0.3),
+                    CompletionOutput(1, "x", [9], None, [{9: -1.0}], -1.0)])],
+        [_out("a", [CompletionOutput(0, "Hello", [5, 6, 7], "stop", [{5: -0.1}, {6: -0.2},
+                                     {7: -0.3}], -0.6, "END"),
+                    CompletionOutput(1, "x", [9], None, [{9: -1.0}], -1.0)]),
+         _out("b", [CompletionOutput(0, "z", [3], "length")], finished=True)],
+    ]  # fmt: skip
+    enc = DeltaEncoder()
+    acc: dict[str, RequestOutput] = {}
+    for step in steps:
+        deltas = enc.encode(step)
+        for d in deltas:
+            acc[d[0]] = apply_delta(acc.get(d[0]), d)
+        for out in step:
+            got = acc[out.request_id]
+            assert got.finished == out.finished
+            assert got.outputs == out.outputs
+    wire = pickle.dumps(enc.encode([steps[-1][0]]))  # unchanged since the last step
+    assert b"Hello" not in wire and len(wire) < 120
+    second = [d for d in enc.encode(steps[1]) if d[0] == "a"]
+    assert enc._sent.keys() == {"a"}  # "b" finished: forgotten
+    enc.forget("a")
+    assert not enc._sent and second

@@ -3,8 +3,11 @@
 With the engine on a thread of the server process, every streamed chunk (request parsing, SSE
 encoding, socket writes) holds the GIL that the engine's scheduler, sampler and detokenizer
 need, so the engine steps slower than offline. Here a child process (spawned, as vLLM's
-EngineCore) owns the LLMEngine and loops: apply commands, step, send the step's outputs.
-The server side is AsyncLLMEngine's event-loop half, unchanged: commands go out through a
+EngineCore) owns the LLMEngine and loops: apply commands, step, send what the step added.
+Each step's outputs go in one message, as deltas (new token ids, new text, finish reason:
+`DeltaEncoder`), not the engine's cumulative RequestOutputs, whose pickles grow with every
+token (prompt ids included) and whose writes then block on a full pipe; the server side
+rebuilds the cumulative outputs (`apply_delta`). The server side is AsyncLLMEngine's event-loop half, unchanged: commands go out through a
 sender thread (a full pipe never blocks the event loop); a receiver thread unpickles each
 step's outputs and hands them to the loop, which fans them out to the same per-request streams.
 """
@@ -22,6 +25,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
+from engine.outputs import CompletionOutput, RequestOutput
 from engine.server.async_engine import (
     STATS_INTERVAL_S,
     AsyncLLMEngine,
@@ -34,6 +38,66 @@ if TYPE_CHECKING:
     from engine.config import EngineArgs
 
 logger = logging.getLogger(__name__)
+
+# One choice's part of a delta: (index, new token ids, chars of the text kept, text added,
+# finish reason, new logprobs or None, cumulative logprob, stop reason). The kept length is
+# below the text sent so far only when the engine cut a stop string off the end.
+ChoiceDelta = tuple[int, list[int], int, str, str | None, list | None, float | None, Any]
+# What one step added to one request: (request id, finished, n, its changed choices).
+Delta = tuple[str, bool, int, list[ChoiceDelta]]
+
+
+class DeltaEncoder:
+    """Engine side: turns the engine's cumulative RequestOutputs into what each step added."""
+
+    def __init__(self) -> None:
+        # request id -> choice index -> (token ids sent, text chars sent, finish sent)
+        self._sent: dict[str, dict[int, tuple[int, int, bool]]] = {}
+
+    def encode(self, outputs: list[RequestOutput]) -> list[Delta]:
+        deltas = []
+        for out in outputs:
+            sent = self._sent.setdefault(out.request_id, {})
+            parts = []
+            for c in out.outputs:
+                ntok, ntext, fin = sent.get(c.index, (0, 0, False))
+                keep = min(ntext, len(c.text))
+                ids, added, done = c.token_ids[ntok:], c.text[keep:], c.finish_reason is not None
+                if not ids and not added and keep == ntext and done == fin:
+                    continue  # unchanged (e.g. a sample not forked yet)
+                lps = c.logprobs[ntok:] if c.logprobs is not None else None
+                parts.append((c.index, ids, keep, added, c.finish_reason, lps,
+                              c.cumulative_logprob, c.stop_reason))  # fmt: skip
+                sent[c.index] = (len(c.token_ids), len(c.text), done)
+            if out.finished:
+                del self._sent[out.request_id]
+            deltas.append((out.request_id, out.finished, len(out.outputs), parts))
+        return deltas
+
+    def forget(self, request_id: str) -> None:
+        self._sent.pop(request_id, None)
+
+
+def apply_delta(acc: RequestOutput | None, delta: Delta) -> RequestOutput:
+    """Server side: add one delta to a request's cumulative output (made on its first one)."""
+    request_id, finished, n, parts = delta
+    if acc is None:
+        acc = RequestOutput(request_id, None, [], [], False)
+    outs = acc.outputs
+    while len(outs) < n:
+        outs.append(CompletionOutput(index=len(outs)))
+    for index, ids, keep, added, reason, lps, cum, stop in parts:
+        c = outs[index]
+        c.token_ids.extend(ids)
+        if added or keep != len(c.text):
+            c.text = c.text[:keep] + added
+        if lps is not None:
+            if c.logprobs is None:
+                c.logprobs = []
+            c.logprobs.extend(lps)
+        c.finish_reason, c.cumulative_logprob, c.stop_reason = reason, cum, stop
+    acc.finished = finished
+    return acc
 
 
 class ProcessLLMEngine(AsyncLLMEngine):
@@ -49,6 +113,7 @@ class ProcessLLMEngine(AsyncLLMEngine):
         self._tokenizer: Any = None
         self._max_model_len = 0
         self._receiver: threading.Thread | None = None
+        self._outputs: dict[str, RequestOutput] = {}  # cumulative, rebuilt from deltas
 
     @property
     def tokenizer(self) -> Any:
@@ -136,13 +201,29 @@ class ProcessLLMEngine(AsyncLLMEngine):
 
     def _on_message(self, msg: tuple[Any, ...]) -> None:
         if msg[0] == "out":
-            self._dispatch(msg[1])
+            self._dispatch(self._apply(msg[1]))
             if msg[2] is not None:
                 self._set_stats(*msg[2])
         elif msg[0] == "added":
             self._added(msg[1], msg[2])
         else:  # "dead": the engine loop failed; the process exits next
             self._died(EngineDeadError(msg[1]))
+
+    def _apply(self, deltas: list[Delta]) -> list[RequestOutput]:
+        outputs = []
+        for delta in deltas:
+            request_id, finished = delta[0], delta[1]
+            if request_id not in self._streams:  # aborted meanwhile
+                continue
+            out = apply_delta(self._outputs.pop(request_id, None), delta)
+            if not finished:
+                self._outputs[request_id] = out
+            outputs.append(out)
+        return outputs
+
+    def _forget(self, request_id: str, abort: bool) -> None:
+        super()._forget(request_id, abort)
+        self._outputs.pop(request_id, None)
 
     def _added(self, request_id: str, error: tuple[bool, str] | None) -> None:
         done = self._adds.pop(request_id, None)
@@ -162,6 +243,7 @@ class ProcessLLMEngine(AsyncLLMEngine):
             if not done.done():
                 done.set_exception(error)
         self._adds.clear()
+        self._outputs.clear()
         self._fail_all(error)
 
     async def _stop_backend(self) -> None:
@@ -207,6 +289,7 @@ def engine_main(args: EngineArgs, cmd: Connection, out: Connection) -> None:
 
 def _loop(engine: Any, cmd: Connection, out: Connection) -> None:
     last_stats = 0.0
+    deltas = DeltaEncoder()
     while True:
         if not engine.has_unfinished_requests():
             out.send(("out", [], stats_of(engine)))
@@ -225,6 +308,7 @@ def _loop(engine: Any, cmd: Connection, out: Connection) -> None:
                     out.send(("added", request_id, None))
             else:
                 engine.abort_request(msg[1])
+                deltas.forget(msg[1])
         if not engine.has_unfinished_requests():
             continue
         outputs = engine.step()
@@ -233,4 +317,4 @@ def _loop(engine: Any, cmd: Connection, out: Connection) -> None:
         if now - last_stats >= STATS_INTERVAL_S:
             stats, last_stats = stats_of(engine), now
         if outputs or stats is not None:
-            out.send(("out", outputs, stats))
+            out.send(("out", deltas.encode(outputs), stats))

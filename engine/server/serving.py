@@ -416,9 +416,13 @@ class SSEResponse(StreamingResponse):
             await self._gen.aclose()  # type: ignore[attr-defined]
 
 
+# One encoder for every chunk: json.dumps with non-default separators builds a new
+# JSONEncoder on each call, a cost paid once per streamed token.
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def sse(data: dict[str, Any] | str) -> str:
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return f"data: {payload}\n\n"
+    return f"data: {data if isinstance(data, str) else _ENCODE(data)}\n\n"
 
 
 @dataclass
@@ -456,9 +460,13 @@ async def _events(
     sent: dict[int, _Sent] = {}
     hold = max((len(s) for s in body.stop_list()), default=1) - 1
     base = {"id": sub.request_id, "created": sub.created, "model": sub.model}
+    # Each yield is one socket write: the chunks of one engine output go out together, and
+    # those of the last output together with the usage chunk and [DONE].
+    events: list[str] = []
+    unfinished = len(sub.streams)
+    if first:  # chat's role chunks go out before the first token
+        yield "".join(first)
     try:
-        for line in first or []:
-            yield line
         async for p, out in merged(state, sub):
             for c in out.outputs:
                 i = p * sub.n + c.index
@@ -472,19 +480,24 @@ async def _events(
                 data = {**base, **chunk(i, c, text, ids, lps)}
                 if sub.continuous_usage:
                     data["usage"] = usage_of(sub).model_dump()
-                yield sse(data)
+                events.append(sse(data))
+            unfinished -= out.finished
+            if events and unfinished:
+                yield "".join(events)
+                events.clear()
         if sub.include_usage:
-            yield sse(
-                {**base, **chunk(None, None, "", [], []), "usage": usage_of(sub).model_dump()}
+            events.append(
+                sse({**base, **chunk(None, None, "", [], []), "usage": usage_of(sub).model_dump()})
             )
     except EngineDeadError as e:
         err = APIError(503, str(e), "server_error", code="engine_unavailable")
-        yield sse({"error": err.info.model_dump()})
+        events.append(sse({"error": err.info.model_dump()}))
     except Exception as e:
         logger.exception("streaming request %s failed", sub.request_id)
         err = APIError(500, f"internal error: {type(e).__name__}", "server_error")
-        yield sse({"error": err.info.model_dump()})
-    yield sse("[DONE]")
+        events.append(sse({"error": err.info.model_dump()}))
+    events.append(sse("[DONE]"))
+    yield "".join(events)
 
 
 def completion_events(
