@@ -9,12 +9,14 @@ import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from engine.config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
 
 _GGUF_ARCHS = {
     "llama": "LlamaForCausalLM",
@@ -131,6 +133,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _iter_gguf(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    import torch
     from gguf.quants import dequantize
 
     reader = gguf_reader(path)
