@@ -3,17 +3,25 @@
 For a measured profile (`skybroker profile` / `python -m engine.profile`, with its "serving"
 section) and its model: a real `python -m engine.serve` (the profiled settings) gets the
 serving benchmark's workload (benchmarks/serve.py: long-tailed lengths, streamed
-/v1/completions, Poisson arrivals, fixed seed) at three request rates (light, near capacity,
-over capacity; capacity = the simulator's highest rate meeting the SLO); then the planner's
-simulator (`skybroker.perf.simulator` on the profile) replays the same requests at the times
-the client really sent them. Prints predicted, measured and the error of TTFT and TPOT at p50
-and p99, and whether the SLO verdict (met / missed) agrees at each rate.
+/v1/completions, Poisson arrivals, fixed seed) at three request rates: light, near and over
+capacity (0.3, 0.8, 1.5 x the simulator's saturated throughput on this workload). The planner's
+simulator (`skybroker.perf.simulator` on the profile, step noise seeded) replays the same
+requests at the times the client really sent them. Prints predicted, measured and the error of
+TTFT and TPOT at p50 and p99 (medians over --runs), and whether the SLO verdict (met / missed)
+agrees at each rate.
+
+The capacity boundary is a real test: unless --slo-ttft-ms is given, the TTFT limit is derived
+from the simulator (the geometric mean of its predicted p99 TTFT at the near and over rates),
+so the simulator calls the near rate feasible and the over rate infeasible with the same
+relative margin, and its capacity on this workload falls between them; the measured verdicts at
+both rates must agree. A measurement off from the prediction by more than that margin flips a
+verdict.
 
 With --measure-profile the profile is measured first in the same run (back to back, so
 machine load affects both alike). On a quiet machine, after merging engine changes:
 
     OMP_NUM_THREADS=1 python benchmarks/validate_perf.py --measure-profile \
-        --profile catalogs/profiles/tiny-llama-cpu.json          # ~5-8 min, rewrites it
+        --profile catalogs/profiles/tiny-llama-cpu.json          # ~8-10 min, rewrites it
 
     OMP_NUM_THREADS=1 python benchmarks/validate_perf.py \
         --profile catalogs/profiles/tiny-llama-cpu.json          # validation only
@@ -204,7 +212,15 @@ def main() -> None:
         rates = [float(r) for r in a.rates.split(",")] if a.rates else [0.3 * cap, 0.8 * cap,
                                                                           1.5 * cap]  # fmt: skip
         why = f"planner's max_rate at this SLO {cap:.2f} req/s"
-    cap = sim_capacity(predict, slo, min(rates), max(rates))
+    # met at one rate and missed at the next: the capacity is between them (with step noise
+    # the simulated verdict need not be monotone in the rate, so bracket the first crossing)
+    met = [slo_met(*predict(r), slo) for r in rates]
+    lo, hi = min(rates), max(rates)
+    for i in range(len(rates) - 1):
+        if met[i] and not met[i + 1]:
+            lo, hi = rates[i], rates[i + 1]
+            break
+    cap = sim_capacity(predict, slo, lo, hi)
     sv = prof.serving
     noise = "not measured"
     if prof.step_noise:
@@ -238,6 +254,7 @@ def main() -> None:
                                    "output_lens": outs.tolist(),
                                    "ttft": [r.ttft if r.ok else None for r in res],
                                    "latency": [r.latency if r.ok else None for r in res],
+                        "errors": [r.error for r in res if not r.ok],
                                    "pred_ttft": sim.ttft.tolist(), "pred_tpot": sim.tpot.tolist(),
                                    "pred": (sim.ttft, sim.tpot[outs > 1]), "meas": (ttft, tpot)})  # fmt: skip
     finally:

@@ -490,7 +490,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
     ap.add_argument("--no-serving", action="store_true",
                     help="skip timing a real engine.serve (the server's own overhead)")  # fmt: skip
+    ap.add_argument("--serving-only", action="store_true",
+                    help="keep --out's measured steps and re-measure only its serving section")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.serving_only and (args.no_serving or not Path(args.out).is_file()):
+        ap.error("--serving-only needs an existing --out profile (and not --no-serving)")
     if args.grid == "auto":
         cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         args.grid = "gpu" if cuda else "cpu"
@@ -529,13 +533,22 @@ def main(argv: list[str] | None = None) -> int:
     grid = grid.limited(args.max_batch, args.max_num_batched_tokens, max_len)
     hw = hardware_tag(engine.runner.device, args.tensor_parallel_size)
     print(f"profiling {args.model} on {hw['kind']} {hw['name']} x{hw['count']}", file=sys.stderr)
-    points, noise = measure(engine, grid, args.repeats)
-    serving = None
-    if not args.no_serving:
-        serving = measure_serving(Profiler(engine, args.repeats, seed=1), points, args, grid)
-    data = profile_dict(engine, points, time.perf_counter() - t0, serving, noise)
-    engine.shutdown()
     out = Path(args.out)
+    if args.serving_only:  # keep the file's steps, re-time the server against them
+        data = json.loads(out.read_text())
+        points = data["points"]
+        data["serving"] = measure_serving(
+            Profiler(engine, args.repeats, seed=1), points, args, grid
+        )
+        data["source"] += (f"; serving re-measured {datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} "
+                           f"(load average {os.getloadavg()[0]:.1f})")  # fmt: skip
+    else:
+        points, noise = measure(engine, grid, args.repeats)
+        serving = None
+        if not args.no_serving:
+            serving = measure_serving(Profiler(engine, args.repeats, seed=1), points, args, grid)
+        data = profile_dict(engine, points, time.perf_counter() - t0, serving, noise)
+    engine.shutdown()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1) + "\n")
     print(f"wrote {out} ({len(points)} points, {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
