@@ -72,17 +72,18 @@ def tiny_model() -> str:
 
 
 async def run_load(url: str, items: list, rate: float, seed: int) -> tuple[list, np.ndarray]:
-    """benchmarks/serve.py's Poisson load, also recording when each request was sent."""
-    rng = np.random.default_rng(seed)
+    """benchmarks/serve.py's Poisson load (same seeded gaps), each request sent at its time on
+    the schedule (not after a relative sleep: a client slowed by a busy machine would send at a
+    lower rate than asked); returns the results and when each request was really sent."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
         tasks, sent = [], []
         t0 = time.perf_counter()
-        for item in items:
+        for item, at in zip(items, unit_schedule(len(items), seed) / rate, strict=True):
+            await asyncio.sleep(max(t0 + at - time.perf_counter(), 0.0))
             sent.append(time.perf_counter() - t0)
             tasks.append(asyncio.create_task(bench._one(client, f"{url}/v1/completions",
                                                         "profile", item)))  # fmt: skip
-            await asyncio.sleep(float(rng.exponential(1.0 / rate)))
         return list(await asyncio.gather(*tasks)), np.array(sent)
 
 
@@ -100,8 +101,8 @@ def measured(results: list) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def unit_schedule(n: int, seed: int) -> np.ndarray:
-    """When run_load sends each request at rate 1 (its sleeps are seeded exponentials; at rate r
-    the schedule is this one / r)."""
+    """When each request is due at rate 1: seeded exponential gaps (benchmarks/serve.py's
+    `rng.exponential(1 / rate)` draws); at rate r the schedule is this one / r."""
     gaps = np.random.default_rng(seed).exponential(1.0, n)
     return np.concatenate([[0.0], np.cumsum(gaps[:-1])])
 
@@ -290,8 +291,9 @@ def report(runs: dict[float, list[dict]], rates: list[float], slo: SLOTarget, ca
         verdicts.append(majority(pred) == majority(meas))
         verdict = "agree" if verdicts[-1] else "DISAGREE"
         side = "feasible" if rate <= cap else "infeasible"
+        sent = ", ".join(f"{(len(r['sent']) - 1) / r['sent'][-1]:.2f}" for r in rs)
         print(f"{rate:6.2f}  {side}: SLO predicted {_tally(pred)}, measured {_tally(meas)}: "
-              f"{verdict}; {sum(r['failed'] for r in rs)} failed")  # fmt: skip
+              f"{verdict}; {sum(r['failed'] for r in rs)} failed; sent at {sent} req/s")  # fmt: skip
     worst = {k: max(v, default=float("nan")) for k, v in errors.items()}
     print(f"below capacity ({cap:.2f} req/s): worst |error| p50 {worst['p50']:.0%} (goal 10%), "
           f"p99 {worst['p99']:.0%} (goal 20%); SLO verdicts agree at {sum(verdicts)} of "
