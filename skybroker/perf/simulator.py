@@ -23,6 +23,7 @@ Results per request: TTFT (first token time - arrival) and TPOT ((finish - first
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from collections.abc import Callable
@@ -52,6 +53,16 @@ def step_fn(model: StepTimeModel) -> StepFn:
 NOISE_RING = 1 << 15  # step-noise factors drawn per simulation, reused cyclically
 
 
+@functools.lru_cache(maxsize=16)
+def _noise_prefix_sums(quantiles: tuple[float, ...], seed: int) -> list[float]:
+    """Prefix sums of NOISE_RING factors drawn by inverse CDF from the quantiles (a capacity
+    search simulates the same model many times: draw once)."""
+    q = np.asarray(quantiles, dtype=float)
+    u = np.random.default_rng(seed).random(NOISE_RING)
+    factors = np.interp(u, np.linspace(0.0, 1.0, len(q)), q)
+    return np.concatenate([[0.0], np.cumsum(factors)]).tolist()
+
+
 class StepNoise:
     """Multiplicative step-time factors from measured quantiles, drawn once per simulation;
     `take(k)` is the sum of the next k factors (one prefix-sum lookup, so a run of k identical
@@ -60,10 +71,7 @@ class StepNoise:
     __slots__ = ("cum", "pos")
 
     def __init__(self, quantiles: list[float] | tuple[float, ...], seed: int) -> None:
-        q = np.asarray(quantiles, dtype=float)
-        u = np.random.default_rng(seed).random(NOISE_RING)
-        factors = np.interp(u, np.linspace(0.0, 1.0, len(q)), q)
-        self.cum = np.concatenate([[0.0], np.cumsum(factors)]).tolist()
+        self.cum = _noise_prefix_sums(tuple(quantiles), seed)
         self.pos = 0
 
     def take(self, k: int) -> float:
