@@ -9,12 +9,16 @@ a serving replica pays per step) over a grid of batch shapes:
   KV cache directly at C tokens, so no prefill has to run first: step time does not depend on
   the cache's contents);
 - mixed steps: B decoding sequences plus one prefill chunk of P tokens.
-Each point is the median of `--repeats` steps. Then (unless --no-serving) it starts a real
-`python -m engine.serve` with the same settings and times streamed /v1/completions requests
-from a client (stdlib http.client): an idle request's TTFT minus the engine's prefill step
-gives the per-request server overhead; the TPOT of B concurrent streams minus the engine's
-decode step at B gives the server's per-step and per-sequence overhead (the profile's
-"serving" section, which the planner adds to the step times). The JSON follows the planner's measured
+Each point is the median of `--repeats` steps; `step_noise` keeps the spread of single steps
+around their shape's median (quantiles, pooled over the grid), which the simulator samples.
+Then (unless --no-serving) it starts a real `python -m engine.serve` with the same settings
+and times streamed /v1/completions requests from a client (stdlib http.client): an idle
+request's TTFT minus the engine's prefill step gives the per-request server overhead; the TPOT
+of B concurrent streams minus the engine's decode step at B gives the server's per-step and
+per-sequence overhead (the profile's "serving" section, which the planner adds to the step
+times). Each server timing is paired with the same shape's bare-engine step timed right after
+it in this process, so load that changes between the grid and the probe cancels out
+(`--serving-only` re-times just this section of an existing profile). The JSON follows the planner's measured
 profile format ("skybroker-engine-profile/1", see skybroker/perf/profile.py), written here
 without importing skybroker (the engine never does), tagged with the hardware (GPU kind and
 count on CUDA; CPU model, core count and torch threads on CPU) and the model's identity
