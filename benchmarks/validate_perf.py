@@ -3,17 +3,25 @@
 For a measured profile (`skybroker profile` / `python -m engine.profile`, with its "serving"
 section) and its model: a real `python -m engine.serve` (the profiled settings) gets the
 serving benchmark's workload (benchmarks/serve.py: long-tailed lengths, streamed
-/v1/completions, Poisson arrivals, fixed seed) at three request rates (light, near capacity,
-over capacity; capacity = the simulator's highest rate meeting the SLO); then the planner's
-simulator (`skybroker.perf.simulator` on the profile) replays the same requests at the times
-the client really sent them. Prints predicted, measured and the error of TTFT and TPOT at p50
-and p99, and whether the SLO verdict (met / missed) agrees at each rate.
+/v1/completions, Poisson arrivals, fixed seed) at three request rates: light, near and over
+capacity (0.3, 0.8, 1.5 x the simulator's saturated throughput on this workload). The planner's
+simulator (`skybroker.perf.simulator` on the profile, step noise seeded) replays the same
+requests at the times the client really sent them. Prints predicted, measured and the error of
+TTFT and TPOT at p50 and p99 (medians over --runs), and whether the SLO verdict (met / missed)
+agrees at each rate.
+
+The capacity boundary is a real test: unless --slo-ttft-ms is given, the TTFT limit is derived
+from the simulator (the geometric mean of its predicted p99 TTFT at the near and over rates),
+so the simulator calls the near rate feasible and the over rate infeasible with the same
+relative margin, and its capacity on this workload falls between them; the measured verdicts at
+both rates must agree. A measurement off from the prediction by more than that margin flips a
+verdict.
 
 With --measure-profile the profile is measured first in the same run (back to back, so
 machine load affects both alike). On a quiet machine, after merging engine changes:
 
     OMP_NUM_THREADS=1 python benchmarks/validate_perf.py --measure-profile \
-        --profile catalogs/profiles/tiny-llama-cpu.json          # ~5-8 min, rewrites it
+        --profile catalogs/profiles/tiny-llama-cpu.json          # ~8-10 min, rewrites it
 
     OMP_NUM_THREADS=1 python benchmarks/validate_perf.py \
         --profile catalogs/profiles/tiny-llama-cpu.json          # validation only
@@ -26,11 +34,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -61,17 +72,18 @@ def tiny_model() -> str:
 
 
 async def run_load(url: str, items: list, rate: float, seed: int) -> tuple[list, np.ndarray]:
-    """benchmarks/serve.py's Poisson load, also recording when each request was sent."""
-    rng = np.random.default_rng(seed)
+    """benchmarks/serve.py's Poisson load (same seeded gaps), each request sent at its time on
+    the schedule (not after a relative sleep: a client slowed by a busy machine would send at a
+    lower rate than asked); returns the results and when each request was really sent."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
         tasks, sent = [], []
         t0 = time.perf_counter()
-        for item in items:
+        for item, at in zip(items, unit_schedule(len(items), seed) / rate, strict=True):
+            await asyncio.sleep(max(t0 + at - time.perf_counter(), 0.0))
             sent.append(time.perf_counter() - t0)
             tasks.append(asyncio.create_task(bench._one(client, f"{url}/v1/completions",
                                                         "profile", item)))  # fmt: skip
-            await asyncio.sleep(float(rng.exponential(1.0 / rate)))
         return list(await asyncio.gather(*tasks)), np.array(sent)
 
 
@@ -86,6 +98,46 @@ def measured(results: list) -> tuple[np.ndarray, np.ndarray, int]:
     ttft = np.array([r.ttft for r in ok])
     tpot = np.array([(r.latency - r.ttft) / (r.output_len - 1) for r in ok if r.output_len > 1])
     return ttft, tpot, len(results) - len(ok)
+
+
+def unit_schedule(n: int, seed: int) -> np.ndarray:
+    """When each request is due at rate 1: seeded exponential gaps (benchmarks/serve.py's
+    `rng.exponential(1 / rate)` draws); at rate r the schedule is this one / r."""
+    gaps = np.random.default_rng(seed).exponential(1.0, n)
+    return np.concatenate([[0.0], np.cumsum(gaps[:-1])])
+
+
+def slo_met(ttft: np.ndarray, tpot: np.ndarray, slo: SLOTarget, failed: int = 0) -> bool:
+    """The SLO verdict: every request served and both percentiles within their limits."""
+    q = slo.percentile
+    return bool(failed == 0 and len(ttft) and np.percentile(ttft, q) <= slo.ttft_s
+                and (not len(tpot) or np.percentile(tpot, q) <= slo.tpot_s))  # fmt: skip
+
+
+def boundary_ttft_slo(p_near: float, p_over: float, min_ratio: float = 1.5) -> float:
+    """A TTFT limit the simulator puts between the near and the over rate: the geometric mean of
+    its predicted TTFT percentiles there, so both verdicts have the same relative margin (and a
+    measurement off by less than sqrt(p_over / p_near) agrees with both). ValueError when the
+    two predictions are too close for the boundary to be a test."""
+    if not p_over >= min_ratio * p_near > 0:
+        raise ValueError(f"predicted TTFT at the over rate ({p_over * 1e3:.1f} ms) is not "
+                         f">= {min_ratio:g}x the near rate's ({p_near * 1e3:.1f} ms): pick rates "
+                         "further apart (--rates)")  # fmt: skip
+    return math.sqrt(p_near * p_over)
+
+
+def sim_capacity(predict: Callable[[float], tuple[np.ndarray, np.ndarray]], slo: SLOTarget,
+                 lo: float, hi: float, rel_tol: float = 0.01) -> float:  # fmt: skip
+    """The highest rate in [lo, hi] whose simulated TTFT/TPOT meet the SLO (bisection on
+    log rate; `predict(rate)` gives the simulated per-request TTFT and TPOT)."""
+    if not slo_met(*predict(lo), slo):
+        return lo
+    if slo_met(*predict(hi), slo):
+        return hi
+    while hi / lo > 1 + rel_tol:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if slo_met(*predict(mid), slo) else (lo, mid)
+    return lo
 
 
 def measure_profile(a: argparse.Namespace) -> None:
@@ -104,18 +156,23 @@ def main() -> None:
     p.add_argument("--measure-profile", action="store_true",
                    help="measure --profile first (python -m engine.profile), then validate")  # fmt: skip
     p.add_argument("--repeats", type=int, default=7, help="profile: steps per point")
-    p.add_argument("--num-prompts", type=int, default=80, help="requests per rate")
+    p.add_argument("--num-prompts", type=int, default=200, help="requests per rate")
+    p.add_argument("--runs", type=int, default=3, help="measurements per rate (medians printed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-input-len", type=int, default=384)
     p.add_argument("--max-output-len", type=int, default=64)
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-gib", type=float, default=0.25)
-    p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
+    p.add_argument("--slo-ttft-ms", type=float, default=None,
+                   help="TTFT limit (default: derived from the simulator so that its capacity "
+                   "falls between the near and the over rate)")  # fmt: skip
     p.add_argument("--slo-tpot-ms", type=float, default=150.0)
     p.add_argument("--slo-percentile", type=float, default=99.0)
-    p.add_argument("--rates", default="", help="comma-separated req/s (default: 0.3, 0.8, 1.5 "
-                   "x the simulator's capacity)")  # fmt: skip
+    p.add_argument("--dump", help="write per-request sent/measured/predicted times (JSON) here")
+    p.add_argument("--rates", default="", help="comma-separated light,near,over req/s (default: "
+                   "0.3, 0.8, 1.5 x the simulator's saturated throughput; with --slo-ttft-ms, "
+                   "x its capacity at that SLO)")  # fmt: skip
     a = p.parse_args()
     a.model = a.model or tiny_model()
     t_start = time.perf_counter()
@@ -133,55 +190,123 @@ def main() -> None:
     model = ProfileModel.of(prof)
     blocks = int(prof.engine.get("num_kv_blocks") or 10_000)
     cfg = SchedulerConfig(a.max_num_seqs, a.max_num_batched_tokens, blocks, 16)
-    slo = SLOTarget(a.slo_ttft_ms / 1000, a.slo_tpot_ms / 1000, a.slo_percentile)
-    cls = RequestClass("workload", 1.0, tuple(map(int, ins)), tuple(map(int, outs)))
-    cap = max_rate(model, cfg, cls, slo, num_requests=a.num_prompts, seed=a.seed).rate
-    rates = [float(r) for r in a.rates.split(",")] if a.rates else [0.3 * cap, 0.8 * cap, 1.5 * cap]
+    unit = unit_schedule(len(items), a.seed)
+
+    def predict(rate: float) -> tuple[np.ndarray, np.ndarray]:
+        sim = simulate(model, cfg, unit / rate, ins, outs, seed=a.seed)
+        return sim.ttft, sim.tpot[outs > 1]
+
+    q = a.slo_percentile
+    if a.slo_ttft_ms is None:  # the boundary as a test: SLO between the near and over rates
+        sat = len(items) / simulate(model, cfg, 0 * unit, ins, outs, seed=a.seed).finish.max()
+        rates = [float(r) for r in a.rates.split(",")] if a.rates else [0.3 * sat, 0.8 * sat,
+                                                                          1.5 * sat]  # fmt: skip
+        near, over = (np.percentile(predict(r)[0], q) for r in rates[1:3])
+        slo = SLOTarget(boundary_ttft_slo(near, over), a.slo_tpot_ms / 1000, q)
+        why = (f"saturated throughput {sat:.2f} req/s; TTFT limit = geometric mean of the "
+               f"predicted p{q:g} at the near and over rates ({near * 1e3:.0f}, "
+               f"{over * 1e3:.0f} ms)")  # fmt: skip
+    else:
+        slo = SLOTarget(a.slo_ttft_ms / 1000, a.slo_tpot_ms / 1000, q)
+        cls = RequestClass("workload", 1.0, tuple(map(int, ins)), tuple(map(int, outs)))
+        cap = max_rate(model, cfg, cls, slo, num_requests=a.num_prompts, seed=a.seed).rate
+        rates = [float(r) for r in a.rates.split(",")] if a.rates else [0.3 * cap, 0.8 * cap,
+                                                                          1.5 * cap]  # fmt: skip
+        why = f"planner's max_rate at this SLO {cap:.2f} req/s"
+    # met at one rate and missed at the next: the capacity is between them (with step noise
+    # the simulated verdict need not be monotone in the rate, so bracket the first crossing)
+    met = [slo_met(*predict(r), slo) for r in rates]
+    lo, hi = min(rates), max(rates)
+    for i in range(len(rates) - 1):
+        if met[i] and not met[i + 1]:
+            lo, hi = rates[i], rates[i + 1]
+            break
+    cap = sim_capacity(predict, slo, lo, hi)
     sv = prof.serving
+    noise = "not measured"
+    if prof.step_noise:
+        qs = np.interp([0.5, 0.9, 0.99], np.linspace(0, 1, len(prof.step_noise)), prof.step_noise)
+        noise = "p50/p90/p99 " + "/".join(f"{x:.2f}" for x in qs)
     print(f"profile {a.profile} ({prof.hardware_tag}; serving overhead: request "
           f"{sv.get('request_overhead_s', 0) * 1e3:.1f} ms, step "
           f"{sv.get('step_overhead_s', 0) * 1e3:.2f} ms + "
-          f"{sv.get('per_seq_overhead_s', 0) * 1e3:.2f} ms/seq)\n{len(items)} requests per rate, "
-          f"mean {ins.mean():.0f} in / {outs.mean():.0f} out, seed {a.seed}; simulator capacity at "
-          f"SLO p{a.slo_percentile:g} TTFT <= {a.slo_ttft_ms:g} ms, TPOT <= {a.slo_tpot_ms:g} ms: "
-          f"{cap:.3f} req/s", flush=True)  # fmt: skip
+          f"{sv.get('per_seq_overhead_s', 0) * 1e3:.2f} ms/seq; step noise "
+          f"{noise})\n"
+          f"{len(items)} requests per rate, mean {ins.mean():.0f} in / {outs.mean():.0f} out, "
+          f"seed {a.seed}, {a.runs} runs; SLO p{q:g} TTFT <= {slo.ttft_s * 1e3:.0f} ms, TPOT <= "
+          f"{slo.tpot_s * 1e3:.0f} ms ({why}); simulator capacity at this SLO on this workload: "
+          f"{cap:.2f} req/s; rates {', '.join(f'{r:.2f}' for r in rates)}", flush=True)  # fmt: skip
 
     probe = ServingProbe(SimpleNamespace(model=a.model, max_num_batched_tokens=a.max_num_batched_tokens,
                                          kv_cache_gib=a.kv_cache_gib, device="cpu", threads=1),
                          a.max_num_seqs)  # fmt: skip
     url = f"http://127.0.0.1:{probe.port}"
-    rows = []
+    runs: dict[float, list[dict]] = {r: [] for r in rates}
     try:
         asyncio.run(run_load(url, items[:2], float("inf"), a.seed))  # warm-up
-        for rate in rates:
-            load_before = os.getloadavg()[0]
-            t0 = time.perf_counter()
-            res, sent = asyncio.run(run_load(url, items, rate, a.seed))
-            ttft, tpot, failed = measured(res)
-            sim = simulate(model, cfg, sent, ins, outs)
-            rows.append((rate, sim, ttft, tpot, failed, load_before, time.perf_counter() - t0))
+        for _ in range(a.runs):
+            for rate in rates:
+                la = os.getloadavg()[0]
+                res, sent = asyncio.run(run_load(url, items, rate, a.seed))
+                ttft, tpot, failed = measured(res)
+                sim = simulate(model, cfg, sent, ins, outs, seed=a.seed)
+                runs[rate].append({"rate": rate, "load": la, "failed": failed,
+                                   "sent": sent.tolist(), "input_lens": ins.tolist(),
+                                   "output_lens": outs.tolist(),
+                                   "ttft": [r.ttft if r.ok else None for r in res],
+                                   "latency": [r.latency if r.ok else None for r in res],
+                        "errors": [r.error for r in res if not r.ok],
+                                   "pred_ttft": sim.ttft.tolist(), "pred_tpot": sim.tpot.tolist(),
+                                   "pred": (sim.ttft, sim.tpot[outs > 1]), "meas": (ttft, tpot)})  # fmt: skip
     finally:
         probe.close()
-
-    print(f"\n{'rate':>6} {'metric':>6} {'pct':>4} {'predicted':>10} {'measured':>10} {'error':>7}"
-          f"   (load avg before)")  # fmt: skip
-    for rate, sim, ttft, tpot, failed, la, wall in rows:
-        sim_tpot = sim.tpot[outs > 1]
-        for name, pred, meas in (("TTFT", sim.ttft, ttft), ("TPOT", sim_tpot, tpot)):
-            for i, pct in enumerate(("p50", "p99")):
-                pv, mv = pcts(pred)[i], pcts(meas)[i]
-                print(f"{rate:6.3f} {name:>6} {pct:>4} {pv * 1e3:8.1f}ms {mv * 1e3:8.1f}ms "
-                      f"{(pv - mv) / mv:+7.0%}   ({la:.1f})")  # fmt: skip
-        q = a.slo_percentile
-        ok_pred = (
-            np.percentile(sim.ttft, q) <= slo.ttft_s and np.percentile(sim_tpot, q) <= slo.tpot_s
-        )
-        ok_meas = (len(ttft) > 0 and not failed and np.percentile(ttft, q) <= slo.ttft_s
-                   and np.percentile(tpot, q) <= slo.tpot_s)  # fmt: skip
-        verdict = "agree" if ok_pred == ok_meas else "DISAGREE"
-        print(f"{rate:6.3f}  SLO predicted {'met' if ok_pred else 'missed'}, measured "
-              f"{'met' if ok_meas else 'missed'}: {verdict}; {failed} failed, {wall:.0f} s")  # fmt: skip
+    report(runs, rates, slo, cap)
+    if a.dump:
+        out = [{k: v for k, v in r.items() if k not in ("pred", "meas")}
+               for rs in runs.values() for r in rs]  # fmt: skip
+        Path(a.dump).write_text(json.dumps({"profile": a.profile, "runs": out}) + "\n")
     print(f"total {time.perf_counter() - t_start:.0f} s")
+
+
+def report(runs: dict[float, list[dict]], rates: list[float], slo: SLOTarget, cap: float) -> None:
+    """The prediction-vs-measurement table (medians over runs) and the SLO verdicts."""
+    print(f"\n{'rate':>6} {'metric':>6} {'pct':>4} {'predicted':>10} {'measured':>10} {'error':>7}"
+          f"   (median of {len(runs[rates[0]])} runs; load avg before each)")  # fmt: skip
+    errors: dict[str, list[float]] = {"p50": [], "p99": []}
+    verdicts = []
+    for rate in rates:
+        rs = runs[rate]
+        loads = ", ".join(f"{r['load']:.1f}" for r in rs)
+        for m, name in enumerate(("TTFT", "TPOT")):
+            for i, pct in enumerate(("p50", "p99")):
+                pv = float(np.median([pcts(r["pred"][m])[i] for r in rs]))
+                mv = float(np.median([pcts(r["meas"][m])[i] for r in rs]))
+                err = (pv - mv) / mv
+                if rate < cap:
+                    errors[pct].append(abs(err))
+                print(f"{rate:6.2f} {name:>6} {pct:>4} {pv * 1e3:8.1f}ms {mv * 1e3:8.1f}ms "
+                      f"{err:+7.0%}   ({loads})")  # fmt: skip
+        pred = [slo_met(*r["pred"], slo) for r in rs]
+        meas = [slo_met(*r["meas"], slo, r["failed"]) for r in rs]
+        verdicts.append(majority(pred) == majority(meas))
+        verdict = "agree" if verdicts[-1] else "DISAGREE"
+        side = "feasible" if rate <= cap else "infeasible"
+        sent = ", ".join(f"{(len(r['sent']) - 1) / r['sent'][-1]:.2f}" for r in rs)
+        print(f"{rate:6.2f}  {side}: SLO predicted {_tally(pred)}, measured {_tally(meas)}: "
+              f"{verdict}; {sum(r['failed'] for r in rs)} failed; sent at {sent} req/s")  # fmt: skip
+    worst = {k: max(v, default=float("nan")) for k, v in errors.items()}
+    print(f"below capacity ({cap:.2f} req/s): worst |error| p50 {worst['p50']:.0%} (goal 10%), "
+          f"p99 {worst['p99']:.0%} (goal 20%); SLO verdicts agree at {sum(verdicts)} of "
+          f"{len(verdicts)} rates")  # fmt: skip
+
+
+def majority(met: list[bool]) -> bool:
+    """The verdict of most runs (a tie counts as missed)."""
+    return sum(met) * 2 > len(met)
+
+
+def _tally(met: list[bool]) -> str:
+    return "/".join("met" if m else "missed" for m in met)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,16 @@ a serving replica pays per step) over a grid of batch shapes:
   KV cache directly at C tokens, so no prefill has to run first: step time does not depend on
   the cache's contents);
 - mixed steps: B decoding sequences plus one prefill chunk of P tokens.
-Each point is the median of `--repeats` steps. Then (unless --no-serving) it starts a real
-`python -m engine.serve` with the same settings and times streamed /v1/completions requests
-from a client (stdlib http.client): an idle request's TTFT minus the engine's prefill step
-gives the per-request server overhead; the TPOT of B concurrent streams minus the engine's
-decode step at B gives the server's per-step and per-sequence overhead (the profile's
-"serving" section, which the planner adds to the step times). The JSON follows the planner's measured
+Each point is the median of `--repeats` steps; `step_noise` keeps the spread of single steps
+around their shape's median (quantiles, pooled over the grid), which the simulator samples.
+Then (unless --no-serving) it starts a real `python -m engine.serve` with the same settings
+and times streamed /v1/completions requests from a client (stdlib http.client): an idle
+request's TTFT minus the engine's prefill step gives the per-request server overhead; the TPOT
+of B concurrent streams minus the engine's decode step at B gives the server's per-step and
+per-sequence overhead (the profile's "serving" section, which the planner adds to the step
+times). Each server timing is paired with the same shape's bare-engine step timed right after
+it in this process, so load that changes between the grid and the probe cancels out
+(`--serving-only` re-times just this section of an existing profile). The JSON follows the planner's measured
 profile format ("skybroker-engine-profile/1", see skybroker/perf/profile.py), written here
 without importing skybroker (the engine never does), tagged with the hardware (GPU kind and
 count on CUDA; CPU model, core count and torch threads on CPU) and the model's identity
@@ -199,6 +203,14 @@ class Profiler:
                   f"{pts[-1]['seconds'] * 1e3:8.2f} ms  (median of {len(times)})", file=sys.stderr)  # fmt: skip
         return pts
 
+    def step_noise(self, num_quantiles: int = 21) -> list[float]:
+        """Quantiles (0, 5, ..., 100 %) of each timed step over its shape's median, pooled over
+        all shapes: how much one step varies around the profile's point (the simulator samples
+        step times from it)."""
+        ratios = [t / statistics.median(ts) for ts in self.samples.values() for t in ts]
+        qs = np.quantile(ratios, np.linspace(0, 1, num_quantiles)) if ratios else [1.0]
+        return [round(float(q), 4) for q in qs]
+
     def _abort(self, rids: list[str]) -> None:
         for rid in rids:
             self.engine.abort_request(rid)
@@ -230,9 +242,10 @@ class Profiler:
         self._abort(rids)
 
 
-def measure(engine: LLMEngine, grid: Grid, repeats: int) -> list[dict]:
+def measure(engine: LLMEngine, grid: Grid, repeats: int) -> tuple[list[dict], list[float]]:
     """`repeats` rounds over the whole grid, one step per shape per round (so a change in the
-    machine's load touches every shape alike), then the median per shape."""
+    machine's load touches every shape alike), then the median per shape; and the spread of
+    single steps around their shape's median (`Profiler.step_noise`)."""
     prof = Profiler(engine, 1)
     for _ in range(3):  # warm-up (allocator, caches, first-touch pages), not recorded
         prof.prefill(grid.prefill_tokens[-1])
@@ -246,7 +259,7 @@ def measure(engine: LLMEngine, grid: Grid, repeats: int) -> list[dict]:
                 prof.decode(b, c)
         for b, c, p in grid.mixed:
             prof.mixed(b, c, p)
-    return prof.points()
+    return prof.points(), prof.step_noise()
 
 
 # --- the server's own overhead ---------------------------------------------------------------
@@ -284,14 +297,6 @@ def _stream(port: int, prompt: list[int], max_tokens: int) -> tuple[float, float
             n = chunk["usage"]["completion_tokens"]
     conn.close()
     return first - t0, last - first, n
-
-
-def _fit(points: list[dict]) -> np.ndarray:
-    """Step time ~ (1, prefill, decode, context) . coef, relative error (as the planner fits)."""
-    x = np.array([[1.0, p["num_prefill_tokens"], p["num_decode_seqs"], p["total_context_tokens"]]
-                  for p in points])  # fmt: skip
-    t = np.array([p["seconds"] for p in points])
-    return np.linalg.lstsq(x / t[:, None], np.ones_like(t), rcond=None)[0]
 
 
 class ServingProbe:
@@ -348,12 +353,25 @@ def _point(points: list[dict], prefill: int, decode: int) -> dict | None:
     return min(match, key=lambda p: p["total_context_tokens"], default=None)
 
 
-def _busy_ttft_extra(probe: ServingProbe, prof: Profiler, points: list[dict], grid: Grid,
-                     repeats: int) -> list[float]:  # fmt: skip
+def _engine_step(ref: Profiler, prefill: int, batch: int, context: int) -> float:
+    """The bare engine's step of this shape timed now, in this process (median of ref.repeats
+    steps): the reference a server timing taken just before is compared with, so a change in
+    the machine's load between the grid and the server probe does not count as overhead."""
+    ref.samples.clear()
+    if batch and prefill:
+        ref.mixed(batch, context, prefill)
+    elif batch:
+        ref.decode(batch, context)
+    else:
+        ref.prefill(prefill)
+    return statistics.median(next(iter(ref.samples.values())))
+
+
+def _busy_ttft_extra(probe: ServingProbe, prof: Profiler, ref: Profiler, grid: Grid,
+                     repeats: int, settle_s: float) -> list[float]:  # fmt: skip
     """TTFT of short requests sent while other streams decode, minus what the engine alone
     takes: the rest of the step in flight (half a decode step on average) and the mixed step
-    that prefills the request beside the decodes (both from the fit of the points)."""
-    coef = _fit(points)
+    that prefills the request beside the decodes (both timed on the bare engine right after)."""
     b = min(4, max(grid.decode_batches))
     ctx, p = grid.decode_contexts[0], grid.prefill_tokens[0]
     longest = max(8 * repeats, 32)
@@ -362,40 +380,44 @@ def _busy_ttft_extra(probe: ServingProbe, prof: Profiler, points: list[dict], gr
     )
     bg.start()
     time.sleep(0.5)  # the background streams are decoding
-    extra = []
-    while bg.is_alive() and len(extra) < repeats:
-        ttft, _, _ = _stream(probe.port, prof._prompt(p), 2)
-        decode = coef @ [1, 0, b, b * (ctx + longest / 2)]
-        mixed = coef @ [1, p, b, b * (ctx + longest / 2) + p]
-        extra.append(ttft - decode / 2 - mixed)
-        time.sleep(float(decode) * 3)  # let the background batch settle between probes
+    ttfts = []
+    while bg.is_alive() and len(ttfts) < repeats:
+        ttfts.append(_stream(probe.port, prof._prompt(p), 2)[0])
+        time.sleep(settle_s)  # let the background batch settle between probes
     bg.join()
-    return extra or [0.0]
+    mid = ctx + longest // 2
+    engine = _engine_step(ref, 0, b, mid) / 2 + _engine_step(ref, p, b, mid)
+    return [t - engine for t in ttfts] or [0.0]
 
 
 def measure_serving(prof: Profiler, points: list[dict], args: argparse.Namespace,
                     grid: Grid) -> dict:  # fmt: skip
-    """The server's overhead over bare engine steps (see the module docstring)."""
+    """The server's overhead over bare engine steps (see the module docstring). Each server
+    timing is paired with the same shape's engine step timed right after it in this process
+    (`_engine_step`), not with the grid's points measured minutes before."""
     batches = [b for b in grid.decode_batches if _point(points, 0, b)][:4] or [1]
+    ref = Profiler(prof.engine, max(3, args.repeats // 2), seed=2)
     probe = ServingProbe(args, max(max(batches), 2))
     try:
         _stream(probe.port, prof._prompt(8), 4)  # warm-up
         ttft_extra = []
         for p in grid.prefill_tokens[:2]:
-            eng = _point(points, p, 0)
             for _ in range(args.repeats):
                 ttft, _, _ = _stream(probe.port, prof._prompt(p), 2)
-                ttft_extra.append(ttft - eng["seconds"])
+                ttft_extra.append(ttft - _engine_step(ref, p, 0, p))
         ctx = grid.decode_contexts[0]
-        busy_extra = _busy_ttft_extra(probe, prof, points, grid, args.repeats)
+        # settle for ~3 decode steps between probes
+        settle = 3 * statistics.median(q["seconds"] for q in points if not q["num_prefill_tokens"])
+        busy_extra = _busy_ttft_extra(probe, prof, ref, grid, args.repeats, settle)
         resid = []
         for b in batches:
-            eng = _point(points, 0, b)
-            tpots = []
+            diffs = []
             for _ in range(max(2, args.repeats // 2)):
-                res = probe.concurrent([prof._prompt(ctx) for _ in range(b)], 2 * args.repeats + 2)
-                tpots += [span / (n - 1) for _, span, n in res if n > 1]
-            resid.append((b, statistics.median(tpots) - eng["seconds"]))
+                steps = 2 * args.repeats + 2
+                res = probe.concurrent([prof._prompt(ctx) for _ in range(b)], steps)
+                tpot = statistics.median([span / (n - 1) for _, span, n in res if n > 1])
+                diffs.append(tpot - _engine_step(ref, 0, b, ctx + steps // 2))
+            resid.append((b, statistics.median(diffs)))
     finally:
         probe.close()
     # per-step + per-sequence overhead: least squares on (B, TPOT - engine step), clipped at 0
@@ -411,10 +433,10 @@ def measure_serving(prof: Profiler, points: list[dict], args: argparse.Namespace
     serving = {"request_overhead_s": max(statistics.median(ttft_extra), 0.0),
                "busy_request_overhead_s": max(statistics.median(busy_extra), 0.0),
                "step_overhead_s": icpt, "per_seq_overhead_s": slope,
-               "note": f"TTFT - prefill step over {len(ttft_extra)} idle requests; TTFT - "
-                       f"(half a decode step + the mixed step) over {len(busy_extra)} requests "
-                       f"beside running streams; TPOT - "
-                       f"decode step at batches {bs}: "
+               "note": f"paired with the bare engine's step timed right after: TTFT - "
+                       f"prefill step over {len(ttft_extra)} idle requests; TTFT - (half a "
+                       f"decode step + the mixed step) over {len(busy_extra)} requests beside "
+                       f"running streams; TPOT - decode step at batches {bs}: "
                        + ", ".join(f"{r * 1e3:+.1f} ms" for r in rs)}  # fmt: skip
     print(f"  serving overhead: request {serving['request_overhead_s'] * 1e3:.1f} ms idle, "
           f"{serving['busy_request_overhead_s'] * 1e3:.1f} ms busy, step "
@@ -423,7 +445,7 @@ def measure_serving(prof: Profiler, points: list[dict], args: argparse.Namespace
 
 
 def profile_dict(engine: LLMEngine, points: list[dict], wall_s: float,
-                 serving: dict | None = None) -> dict:  # fmt: skip
+                 serving: dict | None = None, step_noise: list[float] | None = None) -> dict:  # fmt: skip
     a = engine.args
     d = {
         "schema": SCHEMA,
@@ -437,6 +459,7 @@ def profile_dict(engine: LLMEngine, points: list[dict], wall_s: float,
             "max_model_len": engine.max_model_len,
         },
         "points": points,
+        **({"step_noise": step_noise} if step_noise else {}),
         "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "source": (
             f"python -m engine.profile (LLMEngine.step medians; torch "
@@ -471,7 +494,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
     ap.add_argument("--no-serving", action="store_true",
                     help="skip timing a real engine.serve (the server's own overhead)")  # fmt: skip
+    ap.add_argument("--serving-only", action="store_true",
+                    help="keep --out's measured steps and re-measure only its serving section")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.serving_only and (args.no_serving or not Path(args.out).is_file()):
+        ap.error("--serving-only needs an existing --out profile (and not --no-serving)")
     if args.grid == "auto":
         cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         args.grid = "gpu" if cuda else "cpu"
@@ -510,13 +537,22 @@ def main(argv: list[str] | None = None) -> int:
     grid = grid.limited(args.max_batch, args.max_num_batched_tokens, max_len)
     hw = hardware_tag(engine.runner.device, args.tensor_parallel_size)
     print(f"profiling {args.model} on {hw['kind']} {hw['name']} x{hw['count']}", file=sys.stderr)
-    points = measure(engine, grid, args.repeats)
-    serving = None
-    if not args.no_serving:
-        serving = measure_serving(Profiler(engine, args.repeats, seed=1), points, args, grid)
-    data = profile_dict(engine, points, time.perf_counter() - t0, serving)
-    engine.shutdown()
     out = Path(args.out)
+    if args.serving_only:  # keep the file's steps, re-time the server against them
+        data = json.loads(out.read_text())
+        points = data["points"]
+        data["serving"] = measure_serving(
+            Profiler(engine, args.repeats, seed=1), points, args, grid
+        )
+        data["source"] += (f"; serving re-measured {datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} "
+                           f"(load average {os.getloadavg()[0]:.1f})")  # fmt: skip
+    else:
+        points, noise = measure(engine, grid, args.repeats)
+        serving = None
+        if not args.no_serving:
+            serving = measure_serving(Profiler(engine, args.repeats, seed=1), points, args, grid)
+        data = profile_dict(engine, points, time.perf_counter() - t0, serving, noise)
+    engine.shutdown()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1) + "\n")
     print(f"wrote {out} ({len(points)} points, {time.perf_counter() - t0:.0f} s)", file=sys.stderr)

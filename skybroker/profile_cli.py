@@ -73,7 +73,12 @@ def profile_command(
     typer.echo(f"{out}: {prof.model['name']} on {prof.hardware_tag}, {len(prof.points)} points; "
                f"step = {f['intercept'] * 1e3:.2f} ms + {f['per_prefill_token'] * 1e6:.1f} us/"
                f"prompt token + {f['per_decode_seq'] * 1e3:.2f} ms/decode seq + "
-               f"{f['per_context_token'] * 1e9:.1f} ns/context token")  # fmt: skip
+               f"{f['per_context_token'] * 1e9:.1f} ns/context token + "
+               f"{f['per_attn_pair'] * 1e9:.2f} ns/prefill attention pair")  # fmt: skip
+    if prof.step_noise:
+        q = prof.step_noise
+        typer.echo(f"step-time spread over the shape's median: {q[0]:.2f}x .. {q[-1]:.2f}x "
+                   f"(middle {q[len(q) // 2]:.2f}x)")  # fmt: skip
     if prof.serving:
         s = prof.serving
         typer.echo(f"server overhead: {s['request_overhead_s'] * 1e3:.1f} ms/request, "

@@ -67,7 +67,7 @@ def test_round_trip_and_fit(tmp_path: Path) -> None:
     prof = validate(profile_dict())
     assert prof.fit == pytest.approx(
         {"intercept": 2e-3, "per_prefill_token": 1e-4, "per_decode_seq": 1e-3,
-         "per_context_token": 1e-6}, rel=1e-6, abs=1e-12)  # fmt: skip
+         "per_context_token": 1e-6, "per_attn_pair": 0.0}, rel=1e-6, abs=1e-12)  # fmt: skip
     path = tmp_path / "p.json"
     save(prof, path)
     again = load(path)
@@ -77,6 +77,32 @@ def test_round_trip_and_fit(tmp_path: Path) -> None:
     assert m.step_time(100, 4, 1000) == pytest.approx(2e-3 + 1e-2 + 4e-3 + 1e-3)
     assert m.source == f"profile:{path}"
     assert m.cache_key == ProfileModel.of(prof).cache_key
+
+
+def test_fit_recovers_the_quadratic_prefill_attention() -> None:
+    """A prompt of P tokens attends over P^2/2 (query, key) pairs: a long prompt costs more than
+    two halves of it, and the fit finds that term (the simulator passes the same pairs)."""
+    pts = [{"num_prefill_tokens": p, "num_decode_seqs": d, "total_context_tokens": c,
+            "seconds": 2e-3 + 1e-5 * p + 1e-4 * d + 1e-7 * c + 1e-7 * p * p / 2}
+           for p, d, c in [(16, 0, 16), (64, 0, 64), (256, 0, 256), (512, 0, 512), (0, 1, 64),
+                           (0, 8, 512), (0, 16, 4096), (64, 4, 1092)]]  # fmt: skip
+    fit = fit_points(pts)
+    assert fit["per_attn_pair"] == pytest.approx(1e-7, rel=1e-6)
+    assert fit["per_prefill_token"] == pytest.approx(1e-5, rel=1e-6)
+    m = ProfileModel.of(validate(profile_dict(points=pts)))
+    assert m.step_time(512, 0, 512, 512 * 256) == pytest.approx(pts[3]["seconds"])
+    assert m.fast_step()(512, 0, 512, 512 * 256) == pytest.approx(pts[3]["seconds"])
+    # a point may record its own pairs (a chunk after cached tokens attends to them too)
+    pts[3]["prefill_attn_pairs"] = 512 * 256
+    assert fit_points(pts) == pytest.approx(fit)
+
+
+def test_fit_written_before_the_attention_term_reads_as_zero() -> None:
+    old = {"intercept": 0.01, "per_prefill_token": 1e-4, "per_decode_seq": 1e-3,
+           "per_context_token": 1e-6}  # fmt: skip
+    prof = validate(profile_dict(fit=old))
+    assert prof.fit == {**old, "per_attn_pair": 0.0}
+    assert ProfileModel.of(prof).step_time(100, 0, 100, 5000) == pytest.approx(0.01 + 1e-2 + 1e-4)
 
 
 def test_fit_drops_negative_coefficients() -> None:

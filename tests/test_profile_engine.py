@@ -73,3 +73,13 @@ def test_profile_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     # the server's own overhead, timed against a real engine.serve
     assert set(prof.serving) >= {"request_overhead_s", "step_overhead_s", "per_seq_overhead_s"}
     assert 0 <= prof.serving["request_overhead_s"] < 5 and "server overhead" in r.stdout
+
+
+def test_serving_only_needs_an_existing_profile(tmp_path: Path) -> None:
+    from engine.profile import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--out", str(tmp_path / "none.json"), "--serving-only"])
+    (tmp_path / "p.json").write_text("{}")
+    args = parse_args(["--model", "m", "--out", str(tmp_path / "p.json"), "--serving-only"])
+    assert args.serving_only

@@ -20,11 +20,11 @@ Schema (version "skybroker-engine-profile/1"):
                  "num_kv_blocks": 4096},                               # optional: as measured
       "points": [                                                      # >= 4 measured steps
         {"num_prefill_tokens": 512, "num_decode_seqs": 0, "total_context_tokens": 512,
-         "seconds": 0.081},
+         "seconds": 0.081, "spread": 0.04},                            # spread: optional
         ...
       ],
       "fit": {"intercept": 0.01, "per_prefill_token": 1.4e-4, "per_decode_seq": 9e-4,
-              "per_context_token": 2e-7},                              # optional; fitted on load
+              "per_context_token": 2e-7, "per_attn_pair": 1e-9},       # optional; fitted on load
       "serving": {"request_overhead_s": 0.012, "step_overhead_s": 0.002,
                   "per_seq_overhead_s": 0.0004,
                   "busy_request_overhead_s": 0.03},                    # optional (see below)
@@ -33,8 +33,11 @@ Schema (version "skybroker-engine-profile/1"):
 
 A step runs `num_prefill_tokens` prompt tokens and `num_decode_seqs` decode tokens over
 `total_context_tokens` tokens of KV cache (all sequences of the batch, after the step). The
-step-time model is the linear fit t = intercept + a*prefill + b*decode + c*context (least
-squares of the relative error on the points, coefficients clipped at 0).
+step-time model is the linear fit t = intercept + a*prefill + b*decode + c*context + e*pairs
+(least squares of the relative error on the points, coefficients clipped at 0), where pairs
+counts the prefill attention's (query, key) pairs: P^2/2 for a prompt chunk of P tokens from an
+empty cache (a point may record `prefill_attn_pairs` itself). A fit without `per_attn_pair`
+(written before that term) reads as 0.
 
 `serving` holds what the HTTP server adds to the bare `LLMEngine.step()` (measured by the
 profiler against a real `engine.serve` process): `request_overhead_s` once per request before
@@ -51,6 +54,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +66,13 @@ from skybroker.perf.roofline import Hardware, skybroker_home
 
 SCHEMA = "skybroker-engine-profile/1"
 POINT_KEYS = ("num_prefill_tokens", "num_decode_seqs", "total_context_tokens", "seconds")
-FIT_KEYS = ("intercept", "per_prefill_token", "per_decode_seq", "per_context_token")
+FIT_KEYS = (
+    "intercept",
+    "per_prefill_token",
+    "per_decode_seq",
+    "per_context_token",
+    "per_attn_pair",
+)
 SERVING_KEYS = ("request_overhead_s", "step_overhead_s", "per_seq_overhead_s")
 
 
@@ -81,6 +91,7 @@ class EngineProfile:
     source: str = ""
     path: str = ""
     serving: dict[str, float] = field(default_factory=dict)
+    step_noise: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"schema": SCHEMA, "hardware": self.hardware, "model": self.model,
@@ -88,6 +99,8 @@ class EngineProfile:
              "created": self.created, "source": self.source}  # fmt: skip
         if self.serving:
             d["serving"] = self.serving
+        if self.step_noise:
+            d["step_noise"] = self.step_noise
         return d
 
     @property
@@ -127,16 +140,25 @@ class EngineProfile:
         return self.mismatch(arch, hw) is None
 
 
+def attn_pairs(point: dict[str, float]) -> float:
+    """A point's prefill attention (query, key) pairs: recorded, or P^2/2 for a prompt chunk of
+    P tokens prefilled from an empty cache (how the profiler measures prefill)."""
+    if "prefill_attn_pairs" in point:
+        return float(point["prefill_attn_pairs"])
+    return point["num_prefill_tokens"] ** 2 / 2
+
+
 def fit_points(points: list[dict[str, float]]) -> dict[str, float]:
     """Linear step-time model minimizing the relative error (small decode steps weigh as much
-    as big prefills); negative coefficients are dropped and refitted."""
-    x = np.array([[1.0, p["num_prefill_tokens"], p["num_decode_seqs"], p["total_context_tokens"]]
-                  for p in points])  # fmt: skip
+    as big prefills); negative coefficients are dropped and refitted. The attention term is
+    quadratic in a prompt's length: a long prompt costs more than two halves of it."""
+    x = np.array([[1.0, p["num_prefill_tokens"], p["num_decode_seqs"], p["total_context_tokens"],
+                   attn_pairs(p)] for p in points])  # fmt: skip
     t = np.array([p["seconds"] for p in points])
     x, t = x / t[:, None], np.ones_like(t)
-    active = np.ones(4, dtype=bool)
-    for _ in range(4):
-        coef = np.zeros(4)
+    active = np.ones(len(FIT_KEYS), dtype=bool)
+    for _ in range(len(FIT_KEYS)):
+        coef = np.zeros(len(FIT_KEYS))
         coef[active] = np.linalg.lstsq(x[:, active], t, rcond=None)[0]
         if (coef >= 0).all():
             break
@@ -171,18 +193,31 @@ def validate(data: Any, where: str = "profile") -> EngineProfile:
                     f"{where}: points[{i}].{k} must be a number >= 0 (seconds > 0), got {v!r}"
                 )
     fit = data.get("fit") or fit_points(points)
-    if set(fit) != set(FIT_KEYS) or any(
-        not isinstance(v, int | float) or v < 0 for v in fit.values()
+    if isinstance(fit, dict) and set(fit) == set(FIT_KEYS[:4]):
+        fit = {**fit, "per_attn_pair": 0.0}  # written before the attention term
+    if (
+        not isinstance(fit, dict)
+        or set(fit) != set(FIT_KEYS)
+        or any(not isinstance(v, int | float) or v < 0 for v in fit.values())
     ):
-        raise ProfileError(f"{where}: fit must have {', '.join(FIT_KEYS)} (numbers >= 0)")
+        raise ProfileError(
+            f"{where}: fit must have {', '.join(FIT_KEYS[:4])} (numbers >= 0) and optionally "
+            f"{FIT_KEYS[4]}"
+        )
     serving = data.get("serving") or {}
     if serving and (not set(SERVING_KEYS) <= set(serving) or any(
         not isinstance(serving[k], int | float) or serving[k] < 0 for k in SERVING_KEYS
     )):  # fmt: skip
         raise ProfileError(f"{where}: serving must have {', '.join(SERVING_KEYS)} (numbers >= 0)")
+    noise = data.get("step_noise") or []
+    if noise and (not isinstance(noise, list) or len(noise) < 2
+                  or any(not isinstance(q, int | float) or q <= 0 for q in noise)
+                  or any(b < a for a, b in pairwise(noise))):  # fmt: skip
+        raise ProfileError(f"{where}: step_noise must list >= 2 nondecreasing quantiles > 0 of a "
+                           f"step's time over its shape's median, got {noise!r}")  # fmt: skip
     return EngineProfile(hw, model, points, dict(fit), data.get("engine") or {},
                          data.get("created", ""), data.get("source", ""), where,
-                         dict(serving))  # fmt: skip
+                         dict(serving), list(noise))  # fmt: skip
 
 
 def load(path: str | Path) -> EngineProfile:
@@ -219,22 +254,28 @@ class ProfileModel:
         then shares the GIL with the engine thread); the idle figure when not measured."""
         return float(self.profile.serving.get("busy_request_overhead_s", self.request_overhead_s))
 
-    def _coefficients(self) -> tuple[float, float, float, float]:
+    @property
+    def step_noise(self) -> list[float]:
+        """Quantiles of one step's time over its shape's median (empty: not measured)."""
+        return self.profile.step_noise
+
+    def _coefficients(self) -> tuple[float, float, float, float, float]:
         f, s = self.profile.fit, self.profile.serving
         return (f["intercept"] + s.get("step_overhead_s", 0.0), f["per_prefill_token"],
                 f["per_decode_seq"] + s.get("per_seq_overhead_s", 0.0),
-                f["per_context_token"])  # fmt: skip
+                f["per_context_token"], f["per_attn_pair"])  # fmt: skip
 
     def step_time(self, num_prefill_tokens: float, num_decode_seqs: float,
                   total_context_tokens: float, prefill_attn_pairs: float = 0.0) -> float:  # fmt: skip
-        a, b, c, d = self._coefficients()
-        return a + b * num_prefill_tokens + c * num_decode_seqs + d * total_context_tokens
+        a, b, c, d, e = self._coefficients()
+        return (a + b * num_prefill_tokens + c * num_decode_seqs + d * total_context_tokens
+                + e * prefill_attn_pairs)  # fmt: skip
 
     def fast_step(self) -> Callable[[float, float, float, float], float]:
-        a, b, c, d = self._coefficients()
+        a, b, c, d, e = self._coefficients()
 
         def step(p: float, n: float, ctx: float, pairs: float = 0.0) -> float:
-            return a + b * p + c * n + d * ctx
+            return a + b * p + c * n + d * ctx + e * pairs
 
         return step
 

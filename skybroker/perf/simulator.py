@@ -12,7 +12,10 @@ The policy is the engine's (vLLM v1 / nano-vllm style):
 - the step's time comes from a step-time model (roofline or measured profile).
 
 A model with `request_overhead_s` (a measured profile's server overhead) delays each request's
-entry into the engine by it and counts it in the TTFT.
+entry into the engine by it and counts it in the TTFT. A model with `step_noise` (quantiles of
+one step's time over its shape's median, as the profiler measured them) has each step's time
+multiplied by a factor drawn from that distribution (inverse CDF, generator seeded by `seed`):
+a busy CPU's steps vary, and the tail latencies show it.
 
 Results per request: TTFT (first token time - arrival) and TPOT ((finish - first token) /
 (output tokens - 1)), as vLLM's benchmarks define them.
@@ -20,6 +23,7 @@ Results per request: TTFT (first token time - arrival) and TPOT ((finish - first
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from collections.abc import Callable
@@ -44,6 +48,37 @@ def step_fn(model: StepTimeModel) -> StepFn:
     constants bound once) than the numpy-friendly `step_time`."""
     fast = getattr(model, "fast_step", None)
     return fast() if fast is not None else model.step_time
+
+
+NOISE_RING = 1 << 15  # step-noise factors drawn per simulation, reused cyclically
+
+
+@functools.lru_cache(maxsize=16)
+def _noise_prefix_sums(quantiles: tuple[float, ...], seed: int) -> list[float]:
+    """Prefix sums of NOISE_RING factors drawn by inverse CDF from the quantiles (a capacity
+    search simulates the same model many times: draw once)."""
+    q = np.asarray(quantiles, dtype=float)
+    u = np.random.default_rng(seed).random(NOISE_RING)
+    factors = np.interp(u, np.linspace(0.0, 1.0, len(q)), q)
+    return np.concatenate([[0.0], np.cumsum(factors)]).tolist()
+
+
+class StepNoise:
+    """Multiplicative step-time factors from measured quantiles, drawn once per simulation;
+    `take(k)` is the sum of the next k factors (one prefix-sum lookup, so a run of k identical
+    decode steps costs O(1))."""
+
+    __slots__ = ("cum", "pos")
+
+    def __init__(self, quantiles: list[float] | tuple[float, ...], seed: int) -> None:
+        self.cum = _noise_prefix_sums(tuple(quantiles), seed)
+        self.pos = 0
+
+    def take(self, k: int) -> float:
+        if self.pos + k > NOISE_RING:
+            self.pos = 0
+        j, self.pos = self.pos, self.pos + k
+        return self.cum[j + k] - self.cum[j]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,14 +120,18 @@ class SimResult:
 
 def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
              input_lens: np.ndarray, output_lens: np.ndarray, *,
-             max_steps: int = 5_000_000, stop: StopRule | None = None) -> SimResult:  # fmt: skip
+             max_steps: int = 5_000_000, stop: StopRule | None = None,
+             seed: int = 0) -> SimResult:  # fmt: skip
     """Run the requests (sorted by arrival) through the scheduler; times in seconds.
 
     State lives in numpy arrays indexed by request; `run` holds the running requests in
     admission order, so one step costs a few vector operations whatever the batch size.
-    With `stop`, the run ends as soon as the SLO is surely missed (`SimResult.stopped`)."""
+    With `stop`, the run ends as soon as the SLO is surely missed (`SimResult.stopped`).
+    `seed` seeds the step-time noise of a model that has some (same seed, same result)."""
     n = len(arrivals)
     st = step_fn(model)
+    q = getattr(model, "step_noise", None)
+    noise = StepNoise(q, seed) if q else None
     # a request reaches the engine `off` seconds after it was sent (server overhead)
     off = float(getattr(model, "request_overhead_s", 0.0))
     # ... and its first token reaches the client `busy_off` later when the engine was busy
@@ -159,7 +198,7 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
             k, dt = _decode_run(st, run, computed, generated, out, blocks, free, bs, cfg,
                                 arrival[nxt] - now if nxt < n else math.inf)  # fmt: skip
             if k > 1:
-                now += dt
+                now += dt if noise is None else dt / k * noise.take(k)
                 steps += k
                 computed[run] += k
                 generated[run] += k
@@ -223,8 +262,9 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
         dec = (ks == 1) & (c > 0)
         pre = ~dec
         kp = ks[pre]
-        now += st(float(kp.sum()), float(dec.sum()), float((c + ks).sum()),
-                  float((kp * (c[pre] + kp / 2)).sum()))  # fmt: skip
+        dt = st(float(kp.sum()), float(dec.sum()), float((c + ks).sum()),
+                float((kp * (c[pre] + kp / 2)).sum()))  # fmt: skip
+        now += dt if noise is None else dt * noise.take(1)
         steps += 1
         computed[s] += ks
         emit = s[computed[s] == prompt[s] + generated[s]]

@@ -1,0 +1,187 @@
+"""Step-time noise (measured by the profiler, sampled by the simulator) and the validation
+benchmark's verdict logic (benchmarks/validate_perf.py: the capacity boundary as a test)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_profile import profile_dict
+
+from engine.profile import Profiler, _engine_step
+from skybroker.perf.capacity import SLOTarget
+from skybroker.perf.profile import ProfileError, ProfileModel, validate
+from skybroker.perf.simulator import NOISE_RING, SchedulerConfig, StepNoise, simulate
+
+ROOT = Path(__file__).resolve().parents[1]
+BIG = SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=4096, num_kv_blocks=10_000)
+
+
+def noisy_profile(step_s: float, noise: list[float] | None) -> ProfileModel:
+    fit = {"intercept": step_s, "per_prefill_token": 0.0, "per_decode_seq": 0.0,
+           "per_context_token": 0.0}  # fmt: skip
+    return ProfileModel.of(validate(profile_dict(fit=fit, step_noise=noise)))
+
+
+# --- the noise term ---------------------------------------------------------------------------
+
+
+def test_step_noise_reproduces_the_measured_distribution() -> None:
+    """Quantiles 0..100% of a uniform [0.5, 1.5] factor: draws are uniform on it."""
+    qs = np.linspace(0.5, 1.5, 21).tolist()
+    noise = StepNoise(qs, seed=3)
+    draws = np.diff(noise.cum)
+    assert len(draws) == NOISE_RING
+    assert draws.min() >= 0.5 and draws.max() <= 1.5
+    assert np.quantile(draws, [0.1, 0.5, 0.9]) == pytest.approx([0.6, 1.0, 1.4], abs=0.01)
+    assert noise.take(3) == pytest.approx(draws[:3].sum())
+    assert noise.take(1) == pytest.approx(draws[3])
+    noise.pos = NOISE_RING - 1  # a run past the end starts over
+    assert noise.take(2) == pytest.approx(draws[:2].sum())
+
+
+def test_constant_factor_scales_every_step() -> None:
+    """A factor always 2 (quantiles [2, 2]): the hand-computed single request, twice as slow."""
+    r = simulate(noisy_profile(0.25, [2.0, 2.0]), BIG, np.array([1.0]), np.array([10]),
+                 np.array([5]))  # fmt: skip
+    assert r.ttft[0] == pytest.approx(0.5) and r.tpot[0] == pytest.approx(0.5)
+    assert r.finish[0] == pytest.approx(1.0 + 5 * 0.5)
+
+
+def test_noise_mean_and_seed() -> None:
+    """Uniform factor on [1, 3]: a long decode averages 2 steps' time per token; the same seed
+    gives the same run, another seed another, and a model without noise ignores the seed."""
+    model = noisy_profile(0.01, [1.0, 3.0])
+    args = (np.array([0.0, 0.0]), np.array([8, 8]), np.array([2000, 3]))
+    r = simulate(model, BIG, *args, seed=1)
+    assert r.tpot[0] == pytest.approx(0.02, rel=0.03)
+    assert 0.01 <= r.tpot[1] <= 0.03 and 0.01 <= r.ttft[0] <= 0.03
+    again = simulate(model, BIG, *args, seed=1)
+    assert np.array_equal(r.tpot, again.tpot) and np.array_equal(r.ttft, again.ttft)
+    assert not np.array_equal(r.finish, simulate(model, BIG, *args, seed=2).finish)
+    plain = noisy_profile(0.01, None)
+    assert np.array_equal(simulate(plain, BIG, *args, seed=1).finish,
+                          simulate(plain, BIG, *args, seed=2).finish)  # fmt: skip
+    assert simulate(plain, BIG, *args).tpot[0] == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("bad", [[1.0], [1.2, 0.9], [0.0, 1.0], "wide"])
+def test_bad_step_noise_is_rejected(bad: object) -> None:
+    with pytest.raises(ProfileError, match="step_noise must list"):
+        validate(profile_dict(step_noise=bad))
+
+
+def test_profiler_step_noise_pools_ratios_to_each_shape_median() -> None:
+    prof = Profiler(None, 1)  # type: ignore[arg-type]  (only the samples are used here)
+    prof.samples = {(16, 0, 16): [1.0, 2.0, 3.0], (0, 4, 100): [0.1, 0.1, 0.2]}
+    qs = prof.step_noise(5)  # ratios 0.5, 1, 1.5, 1, 1, 2 -> quantiles 0, 25, ..., 100 %
+    assert qs == pytest.approx(np.quantile([0.5, 1, 1.5, 1, 1, 2], [0, 0.25, 0.5, 0.75, 1]))
+    assert qs[0] == 0.5 and qs[-1] == 2.0
+
+
+def test_serving_reference_is_the_same_shape_timed_now() -> None:
+    """The serving probe subtracts a bare-engine step of the request's own shape (prefill,
+    decode or mixed), timed right after the server timing: the median of its steps."""
+
+    class FakeRef(Profiler):
+        def __init__(self) -> None:
+            super().__init__(None, 3)  # type: ignore[arg-type]
+            self.calls: list[tuple] = []
+
+        def prefill(self, tokens: int) -> None:
+            self.calls.append(("prefill", tokens))
+            self._record(tokens, 0, tokens, [0.3, 0.1, 0.2])
+
+        def decode(self, batch: int, context: int) -> None:
+            self.calls.append(("decode", batch, context))
+            self._record(0, batch, batch * context, [0.5, 0.4, 0.9])
+
+        def mixed(self, batch: int, context: int, tokens: int) -> None:
+            self.calls.append(("mixed", batch, context, tokens))
+            self._record(tokens, batch, batch * context + tokens, [1.0, 2.0, 3.0])
+
+    ref = FakeRef()
+    assert _engine_step(ref, 16, 0, 16) == pytest.approx(0.2)
+    assert _engine_step(ref, 0, 4, 64) == pytest.approx(0.5)
+    assert _engine_step(ref, 16, 4, 64) == pytest.approx(2.0)
+    assert ref.calls == [("prefill", 16), ("decode", 4, 64), ("mixed", 4, 64, 16)]
+
+
+# --- the validation's verdicts ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vp():
+    """benchmarks/validate_perf.py as a module (it puts benchmarks/ on sys.path itself)."""
+    spec = importlib.util.spec_from_file_location(
+        "validate_perf", ROOT / "benchmarks/validate_perf.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["validate_perf"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_unit_schedule_is_when_run_load_sends(vp) -> None:
+    """run_load sleeps rng.exponential(1/rate) after each request: the schedule at rate r is
+    the unit schedule / r (same seeded draws)."""
+    rng = np.random.default_rng(7)
+    sent, t = [], 0.0
+    for _ in range(5):
+        sent.append(t)
+        t += float(rng.exponential(1.0 / 4.0))
+    assert vp.unit_schedule(5, 7) / 4.0 == pytest.approx(sent)
+
+
+def test_slo_verdict(vp) -> None:
+    slo = SLOTarget(ttft_s=1.0, tpot_s=0.1, percentile=50)
+    ttft, tpot = np.array([0.5, 0.9, 3.0]), np.array([0.05, 0.08, 0.5])
+    assert vp.slo_met(ttft, tpot, slo)
+    assert not vp.slo_met(ttft, tpot, slo, failed=1)  # a lost request misses the SLO
+    assert not vp.slo_met(ttft + 0.2, tpot, slo)
+    assert not vp.slo_met(ttft, tpot * 2, slo)
+    assert not vp.slo_met(np.array([]), np.array([]), slo)
+    assert vp.majority([True, True, False]) and not vp.majority([True, False])
+
+
+def test_boundary_slo_is_between_the_near_and_over_predictions(vp) -> None:
+    assert vp.boundary_ttft_slo(0.1, 0.4) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="further apart"):
+        vp.boundary_ttft_slo(0.1, 0.12)
+
+
+def test_sim_capacity_bisects_the_verdict(vp) -> None:
+    """A latency that grows with the rate (p99 TTFT = rate / 10 s): at a 1 s limit the
+    capacity is 10 req/s; a range entirely on one side returns that end."""
+    slo = SLOTarget(ttft_s=1.0, tpot_s=1.0, percentile=99)
+
+    def predict(rate: float) -> tuple[np.ndarray, np.ndarray]:
+        return np.full(10, rate / 10), np.full(10, 0.01)
+
+    assert vp.sim_capacity(predict, slo, 2.0, 30.0) == pytest.approx(10.0, rel=0.011)
+    assert vp.sim_capacity(predict, slo, 2.0, 5.0) == 5.0
+    assert vp.sim_capacity(predict, slo, 20.0, 30.0) == 20.0
+
+
+def test_boundary_on_a_simulated_replica(vp) -> None:
+    """End to end on the simulator: the SLO derived from the near and over rates is met at
+    the near rate, missed at the over rate, and the capacity lies between them."""
+    model = noisy_profile(0.01, [0.8, 1.0, 1.6])
+    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256, num_kv_blocks=1000)
+    rng = np.random.default_rng(0)
+    ins, outs = rng.integers(8, 64, 100), rng.integers(2, 20, 100)
+    unit = vp.unit_schedule(100, 0)
+
+    def predict(rate: float) -> tuple[np.ndarray, np.ndarray]:
+        sim = simulate(model, cfg, unit / rate, ins, outs, seed=0)
+        return sim.ttft, sim.tpot[outs > 1]
+
+    sat = 100 / simulate(model, cfg, 0 * unit, ins, outs, seed=0).finish.max()
+    near, over = 0.8 * sat, 1.5 * sat
+    p = [float(np.percentile(predict(r)[0], 99)) for r in (near, over)]
+    slo = SLOTarget(vp.boundary_ttft_slo(*p), 1.0, 99)
+    assert vp.slo_met(*predict(near), slo) and not vp.slo_met(*predict(over), slo)
+    assert near < vp.sim_capacity(predict, slo, near, over) < over
