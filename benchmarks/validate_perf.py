@@ -44,8 +44,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import urlsplit
 
-import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,16 +75,14 @@ async def run_load(url: str, items: list, rate: float, seed: int) -> tuple[list,
     """benchmarks/serve.py's Poisson load (same seeded gaps), each request sent at its time on
     the schedule (not after a relative sleep: a client slowed by a busy machine would send at a
     lower rate than asked); returns the results and when each request was really sent."""
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
-        tasks, sent = [], []
-        t0 = time.perf_counter()
-        for item, at in zip(items, unit_schedule(len(items), seed) / rate, strict=True):
-            await asyncio.sleep(max(t0 + at - time.perf_counter(), 0.0))
-            sent.append(time.perf_counter() - t0)
-            tasks.append(asyncio.create_task(bench._one(client, f"{url}/v1/completions",
-                                                        "profile", item)))  # fmt: skip
-        return list(await asyncio.gather(*tasks)), np.array(sent)
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    tasks, sent = [], []
+    t0 = time.perf_counter()
+    for item, at in zip(items, unit_schedule(len(items), seed) / rate, strict=True):
+        await asyncio.sleep(max(t0 + at - time.perf_counter(), 0.0))
+        sent.append(time.perf_counter() - t0)
+        tasks.append(asyncio.create_task(bench._one((host, port), "profile", item)))
+    return list(await asyncio.gather(*tasks)), np.array(sent)
 
 
 def pcts(x: np.ndarray) -> tuple[float, float]:
