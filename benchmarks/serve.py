@@ -134,7 +134,7 @@ async def _one(base: tuple[str, int], model: str, item: WorkItem) -> RequestResu
                 if "error" in chunk:
                     res.error = chunk["error"]["message"]
                     return res
-                if chunk.get("choices") and chunk["choices"][0]["text"]:
+                if chunk.get("choices"):  # a token (its text may be empty: half a character)
                     if res.ttft == 0.0:
                         res.ttft = now - start
                     else:

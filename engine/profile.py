@@ -290,7 +290,7 @@ def _stream(port: int, prompt: list[int], max_tokens: int) -> tuple[float, float
         if not line.startswith("data: {"):
             continue
         chunk = json.loads(line[6:])
-        if chunk.get("choices") and chunk["choices"][0].get("text"):
+        if chunk.get("choices"):  # a token (its text may be empty: half a character)
             last = time.perf_counter()
             first = first or last
         if chunk.get("usage"):

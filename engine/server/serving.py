@@ -474,7 +474,10 @@ async def _events(
                 if s.finished:
                     continue
                 text, ids, lps = _new_part(c, s, hold)
-                if not text and c.finish_reason is None and not lps:
+                # A token whose text is still incomplete (part of a UTF-8 character) is sent
+                # with empty text, as vLLM does: clients time the first token, not the first
+                # character.
+                if not text and not ids and c.finish_reason is None and not lps:
                     continue
                 s.finished = c.finish_reason is not None
                 data = {**base, **chunk(i, c, text, ids, lps)}
