@@ -336,6 +336,11 @@ def test_server_overhead_adds_to_ttft() -> None:
     # enters at 0.4 during A's step 0.35-0.6, prefilled in 0.6-0.85: 0.85 - 0.3 + 0.3
     assert r.ttft[1] == pytest.approx(0.85)
     assert r.tpot[0] == pytest.approx(0.25)  # TPOT unchanged
+    # a busy figure below the idle one (probe noise) never makes a busy arrival faster
+    low = ProfileModel.of(validate(profile_dict(fit=fit, serving=dict(
+        serving, busy_request_overhead_s=0.0))))  # fmt: skip
+    r = run(low, BIG, [0.0, 0.3], [8, 8], [8, 2])
+    assert r.ttft[1] == pytest.approx(0.85 - 0.3)  # the idle path: enters 0.4, done 0.85
     steps = dict(serving, step_overhead_s=0.05, per_seq_overhead_s=0.01)
     slow = ProfileModel.of(validate(profile_dict(fit=fit, serving=steps)))
     assert slow.step_time(0, 4, 100) == pytest.approx(0.25 + 0.05 + 4 * 0.01)

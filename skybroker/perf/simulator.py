@@ -134,8 +134,10 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
     noise = StepNoise(q, seed) if q else None
     # a request reaches the engine `off` seconds after it was sent (server overhead)
     off = float(getattr(model, "request_overhead_s", 0.0))
-    # ... and its first token reaches the client `busy_off` later when the engine was busy
-    busy_off = float(getattr(model, "busy_request_overhead_s", off)) - off
+    # ... and its first token reaches the client `busy_off` later when the engine was busy.
+    # Never earlier: a request that arrives mid-step takes the same HTTP and pipe path, and
+    # the wait for the step in progress is simulated; a busy probe below the idle one is noise.
+    busy_off = max(float(getattr(model, "busy_request_overhead_s", off)) - off, 0.0)
     late_first = np.zeros(n)
     arrival = np.asarray(arrivals, dtype=float) + off
     prompt = np.asarray(input_lens, dtype=np.int64)
