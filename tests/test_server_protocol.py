@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import pickle
+from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
 
 from engine.outputs import CompletionOutput, RequestOutput
+from engine.server import serving
 from engine.server.engine_process import DeltaEncoder, apply_delta
 from engine.server.protocol import ChatCompletionRequest, CompletionRequest, ParamError
 from engine.server.serving import _new_part, _Sent, sse
@@ -85,6 +89,38 @@ def test_stream_deltas_hold_back_possible_stop_prefix() -> None:
     assert _new_part(C("hello wor", 4), sent, hold=2)[0] == "w"
     assert _new_part(C("hello wor", 5, "stop"), sent, hold=2)[0] == "or"
     assert sent.text == len("hello wor")
+
+
+def test_a_token_with_half_a_character_still_streams_a_chunk(monkeypatch) -> None:
+    """The first token's text is half of 'é' (nothing to show yet): it still gets a chunk,
+    with empty text, so a client times the first token, not the first character (vLLM does
+    the same)."""
+    steps = [("", [7]), ("\u00e9", [7, 8]), ("\u00e9!", [7, 8, 9])]
+    outs = [
+        RequestOutput(
+            "r", None, [1], [CompletionOutput(0, t, ids, "length" if k == 2 else None)], k == 2
+        )
+        for k, (t, ids) in enumerate(steps)
+    ]
+
+    async def merged(_state, _sub):
+        for out in outs:
+            yield 0, out
+
+    monkeypatch.setattr(serving, "merged", merged)
+    sub = SimpleNamespace(request_id="r", created=0, model="m", streams=[None], n=1,
+                          continuous_usage=False, include_usage=False)  # fmt: skip
+    body = SimpleNamespace(stop_list=lambda: [])
+
+    def chunk(i, c, text, ids, lps):
+        return {"choices": [{"index": i, "text": text}]}
+
+    async def collect() -> list[str]:
+        return [e async for e in serving._events(None, sub, body, chunk)]
+
+    events = "".join(asyncio.run(collect())).split("\n\n")
+    texts = [json.loads(e[6:])["choices"][0]["text"] for e in events if e.startswith("data: {")]
+    assert texts == ["", "\u00e9", "!"]
 
 
 def test_sse_format() -> None:
