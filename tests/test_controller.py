@@ -353,15 +353,20 @@ def test_hung_replica_goes_not_ready_then_is_replaced(env) -> None:
     assert process_start_time(victim.handle["info"]["pid"]) is None
 
 
+def _crash_loop(env, tmp_path: Path, probe: ProbeConfig) -> Controller:
+    """A one-replica deployment whose engine exits at every start."""
+    (tmp_path / "fakeroot" / "engine" / "serve.py").write_text(CRASHING_SERVE)
+    c = env[0](replicas=1, probe=probe)
+    spec = _spec()
+    c.create(spec, c.planner(spec))
+    return c
+
+
 def test_crash_loop_backs_off_then_fails_with_exit_code_and_log(env, tmp_path: Path) -> None:
     """A replica that dies at every start is replaced with growing delays, and after the
     failure budget the deployment is FAILED with the exit code and log tail, launches stop."""
-    controller, _cloud, _store = env
-    (tmp_path / "fakeroot" / "engine" / "serve.py").write_text(CRASHING_SERVE)
     probe = ProbeConfig(timeout_s=1, max_launch_failures=4, backoff_base_s=0.3, backoff_max_s=0.6)
-    c = controller(replicas=1, probe=probe)
-    spec = _spec()
-    c.create(spec, c.planner(spec))
+    c = _crash_loop(env, tmp_path, probe)
     with pytest.raises(ProvisionError, match="4 failures in a row, giving up"):
         c.wait_ready("demo", timeout_s=60, interval_s=0.05)
     dep = c.get("demo")
@@ -387,12 +392,9 @@ def test_crash_loop_backs_off_then_fails_with_exit_code_and_log(env, tmp_path: P
 def test_restarted_broker_keeps_counting_a_crash_loop(env, tmp_path: Path) -> None:
     """The failure run lives in the event log: a broker restarted in the middle of a crash
     loop goes on from the count and the backoff the previous one left."""
-    controller, _cloud, _store = env
-    (tmp_path / "fakeroot" / "engine" / "serve.py").write_text(CRASHING_SERVE)
+    controller = env[0]
     probe = ProbeConfig(timeout_s=1, max_launch_failures=3, backoff_base_s=30, backoff_max_s=30)
-    c1 = controller(replicas=1, probe=probe)
-    spec = _spec()
-    c1.create(spec, c1.planner(spec))
+    c1 = _crash_loop(env, tmp_path, probe)
     _wait(lambda: c1.describe("demo")["failures"] == 1, 30, c1)
     c1.close()
     c2 = controller(replicas=1, probe=dataclasses.replace(probe, backoff_base_s=0.2))
