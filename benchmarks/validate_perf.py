@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -71,18 +72,48 @@ def tiny_model() -> str:
     return str(d)
 
 
-async def run_load(url: str, items: list, rate: float, seed: int) -> tuple[list, np.ndarray]:
+async def run_load(url: str, items: list, rate: float,
+                   seed: int) -> tuple[list, np.ndarray, float]:  # fmt: skip
     """benchmarks/serve.py's Poisson load (same seeded gaps), each request sent at its time on
     the schedule (not after a relative sleep: a client slowed by a busy machine would send at a
-    lower rate than asked); returns the results and when each request was really sent."""
+    lower rate than asked); returns the results, when each request was really sent (seconds
+    from the start) and the start on the monotonic clock (the engine's step log's)."""
     host, port = urlsplit(url).hostname, urlsplit(url).port
     tasks, sent = [], []
-    t0 = time.perf_counter()
+    t0, t0_mono = time.perf_counter(), time.monotonic()
     for item, at in zip(items, unit_schedule(len(items), seed) / rate, strict=True):
         await asyncio.sleep(max(t0 + at - time.perf_counter(), 0.0))
         sent.append(time.perf_counter() - t0)
         tasks.append(asyncio.create_task(bench._one((host, port), "profile", item)))
-    return list(await asyncio.gather(*tasks)), np.array(sent)
+    return list(await asyncio.gather(*tasks)), np.array(sent), t0_mono
+
+
+def speed_trace(steps: list[dict], bare: ProfileModel, t0: float,
+                window_s: float = 1.0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The machine's speed while it served: per `window_s` window from t0, the median of
+    (engine step time / the profile's bare step time at that shape) over the window's
+    decode-only steps (a prefill's attention cost depends on chunk lengths the log does not
+    keep); a window with fewer than 3 such steps takes the run's median."""
+    dec = [s for s in steps if s["num_prefill_tokens"] == 0 and s["num_decode_seqs"] > 0]
+    if not dec:
+        return np.zeros(1), np.ones(1)
+    at = np.array([s["start"] - t0 for s in dec])
+    ratio = np.array([s["duration_s"] / bare.step_time(0, s["num_decode_seqs"],
+                                                       s["num_context_tokens"]) for s in dec])  # fmt: skip
+    starts = np.arange(0.0, max(at.max(), 0.0) + window_s, window_s)
+    which = np.clip(np.searchsorted(starts, at, side="right") - 1, 0, len(starts) - 1)
+    overall = float(np.median(ratio))
+    factors = np.array([float(np.median(r)) if len(r := ratio[which == i]) >= 3 else overall
+                        for i in range(len(starts))])  # fmt: skip
+    return starts, factors
+
+
+def read_steps(path: Path, offset: int) -> tuple[list[dict], int]:
+    """The step log's lines from byte `offset` on, and the new end offset."""
+    with path.open("rb") as f:
+        f.seek(offset)
+        data = f.read()
+    return [json.loads(line) for line in data.splitlines() if line.strip()], offset + len(data)
 
 
 def pcts(x: np.ndarray) -> tuple[float, float]:
@@ -235,9 +266,12 @@ def main() -> None:
           f"{slo.tpot_s * 1e3:.0f} ms ({why}); simulator capacity at this SLO on this workload: "
           f"{cap:.2f} req/s; rates {', '.join(f'{r:.2f}' for r in rates)}", flush=True)  # fmt: skip
 
+    bare = ProfileModel.of(dataclasses.replace(prof, serving={}))
+    step_log = Path(tempfile.mkdtemp(prefix="validate-steps-")) / "steps.jsonl"
+    step_log.touch()
     probe = ServingProbe(SimpleNamespace(model=a.model, max_num_batched_tokens=a.max_num_batched_tokens,
                                          kv_cache_gib=a.kv_cache_gib, device="cpu", threads=1),
-                         a.max_num_seqs)  # fmt: skip
+                         a.max_num_seqs, step_log=str(step_log))  # fmt: skip
     url = f"http://127.0.0.1:{probe.port}"
     runs: dict[float, list[dict]] = {r: [] for r in rates}
     try:
@@ -245,57 +279,75 @@ def main() -> None:
         for _ in range(a.runs):
             for rate in rates:
                 la = os.getloadavg()[0]
-                res, sent = asyncio.run(run_load(url, items, rate, a.seed))
+                offset = step_log.stat().st_size
+                res, sent, t0 = asyncio.run(run_load(url, items, rate, a.seed))
                 ttft, tpot, failed = measured(res)
                 sim = simulate(model, cfg, sent, ins, outs, seed=a.seed)
+                steps, _ = read_steps(step_log, offset)
+                speed = speed_trace(steps, bare, t0)
+                adj = simulate(model, cfg, sent, ins, outs, seed=a.seed, speed=speed)
                 runs[rate].append({"rate": rate, "load": la, "failed": failed,
                                    "sent": sent.tolist(), "input_lens": ins.tolist(),
                                    "output_lens": outs.tolist(),
                                    "ttft": [r.ttft if r.ok else None for r in res],
                                    "latency": [r.latency if r.ok else None for r in res],
-                        "errors": [r.error for r in res if not r.ok],
+                                   "errors": [r.error for r in res if not r.ok],
                                    "pred_ttft": sim.ttft.tolist(), "pred_tpot": sim.tpot.tolist(),
-                                   "pred": (sim.ttft, sim.tpot[outs > 1]), "meas": (ttft, tpot)})  # fmt: skip
+                                   "speed": speed[1].tolist(), "steps": steps,
+                                   "pred": (sim.ttft, sim.tpot[outs > 1]),
+                                   "adj": (adj.ttft, adj.tpot[outs > 1]),
+                                   "meas": (ttft, tpot)})  # fmt: skip
     finally:
         probe.close()
     report(runs, rates, slo, cap)
     if a.dump:
-        out = [{k: v for k, v in r.items() if k not in ("pred", "meas")}
+        out = [{k: v for k, v in r.items() if k not in ("pred", "adj", "meas")}
                for rs in runs.values() for r in rs]  # fmt: skip
         Path(a.dump).write_text(json.dumps({"profile": a.profile, "runs": out}) + "\n")
     print(f"total {time.perf_counter() - t_start:.0f} s")
 
 
 def report(runs: dict[float, list[dict]], rates: list[float], slo: SLOTarget, cap: float) -> None:
-    """The prediction-vs-measurement table (medians over runs) and the SLO verdicts."""
-    print(f"\n{'rate':>6} {'metric':>6} {'pct':>4} {'predicted':>10} {'measured':>10} {'error':>7}"
-          f"   (median of {len(runs[rates[0]])} runs; load avg before each)")  # fmt: skip
-    errors: dict[str, list[float]] = {"p50": [], "p99": []}
-    verdicts = []
+    """The prediction-vs-measurement table (medians over runs) and the SLO verdicts: the
+    profile's prediction as the planner makes it, and the same with the machine's speed as the
+    engine's steps measured it during the run (the drift of a shared machine taken out)."""
+    print(f"\n{'rate':>6} {'metric':>6} {'pct':>4} {'profile':>9} {'x speed':>9} {'measured':>9}"
+          f" {'error':>6} {'x speed':>7}   (median of {len(runs[rates[0]])} runs)")  # fmt: skip
+    errors: dict[str, dict[str, list[float]]] = {k: {"p50": [], "p99": []} for k in ("pred", "adj")}
+    verdicts: dict[str, list[bool]] = {"pred": [], "adj": []}
     for rate in rates:
         rs = runs[rate]
-        loads = ", ".join(f"{r['load']:.1f}" for r in rs)
         for m, name in enumerate(("TTFT", "TPOT")):
             for i, pct in enumerate(("p50", "p99")):
-                pv = float(np.median([pcts(r["pred"][m])[i] for r in rs]))
-                mv = float(np.median([pcts(r["meas"][m])[i] for r in rs]))
-                err = (pv - mv) / mv
-                if rate < cap:
-                    errors[pct].append(abs(err))
-                print(f"{rate:6.2f} {name:>6} {pct:>4} {pv * 1e3:8.1f}ms {mv * 1e3:8.1f}ms "
-                      f"{err:+7.0%}   ({loads})")  # fmt: skip
-        pred = [slo_met(*r["pred"], slo) for r in rs]
+                v = {k: float(np.median([pcts(r[k][m])[i] for r in rs]))
+                     for k in ("pred", "adj", "meas")}  # fmt: skip
+                err = {k: (v[k] - v["meas"]) / v["meas"] for k in ("pred", "adj")}
+                for k in err:
+                    if rate < cap:
+                        errors[k][pct].append(abs(err[k]))
+                print(f"{rate:6.2f} {name:>6} {pct:>4} {v['pred'] * 1e3:7.1f}ms "
+                      f"{v['adj'] * 1e3:7.1f}ms {v['meas'] * 1e3:7.1f}ms {err['pred']:+6.0%} "
+                      f"{err['adj']:+7.0%}")  # fmt: skip
         meas = [slo_met(*r["meas"], slo, r["failed"]) for r in rs]
-        verdicts.append(majority(pred) == majority(meas))
-        verdict = "agree" if verdicts[-1] else "DISAGREE"
+        tally = []
+        for k in ("pred", "adj"):
+            pred = [slo_met(*r[k], slo) for r in rs]
+            verdicts[k].append(majority(pred) == majority(meas))
+            tally.append(f"{_tally(pred)} ({'agree' if verdicts[k][-1] else 'DISAGREE'})")
         side = "feasible" if rate <= cap else "infeasible"
         sent = ", ".join(f"{(len(r['sent']) - 1) / r['sent'][-1]:.2f}" for r in rs)
-        print(f"{rate:6.2f}  {side}: SLO predicted {_tally(pred)}, measured {_tally(meas)}: "
-              f"{verdict}; {sum(r['failed'] for r in rs)} failed; sent at {sent} req/s")  # fmt: skip
-    worst = {k: max(v, default=float("nan")) for k, v in errors.items()}
-    print(f"below capacity ({cap:.2f} req/s): worst |error| p50 {worst['p50']:.0%} (goal 10%), "
-          f"p99 {worst['p99']:.0%} (goal 20%); SLO verdicts agree at {sum(verdicts)} of "
-          f"{len(verdicts)} rates")  # fmt: skip
+        loads = ", ".join(f"{r['load']:.1f}" for r in rs)
+        speed = "; ".join("/".join(f"{q:.2f}" for q in np.percentile(r["speed"], [10, 50, 90]))
+                          for r in rs)  # fmt: skip
+        print(f"{rate:6.2f}  {side}: SLO measured {_tally(meas)}; predicted {tally[0]}, x speed "
+              f"{tally[1]}; {sum(r['failed'] for r in rs)} failed; sent at {sent} req/s; load "
+              f"{loads}; speed p10/50/90 per 1-s window "
+              f"{speed}")  # fmt: skip
+    for k, what in (("pred", "profile"), ("adj", "profile x measured speed")):
+        worst = {p: max(v, default=float("nan")) for p, v in errors[k].items()}
+        print(f"{what}: below capacity ({cap:.2f} req/s) worst |error| p50 {worst['p50']:.0%} "
+              f"(goal 10%), p99 {worst['p99']:.0%} (goal 20%); SLO verdicts agree at "
+              f"{sum(verdicts[k])} of {len(verdicts[k])} rates")  # fmt: skip
 
 
 def majority(met: list[bool]) -> bool:

@@ -44,6 +44,7 @@ class EngineArgs:
     seed: int = 0
     num_kv_blocks: int | None = None  # overrides kv_cache_gib / gpu_memory_utilization (tests)
     served_model_name: str | None = None
+    step_log: str | None = None  # append one JSON line per step here (engine.metrics.StepLog)
 
     def __post_init__(self) -> None:
         if not Path(self.model).exists():

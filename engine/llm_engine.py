@@ -11,7 +11,7 @@ from pathlib import Path
 from engine.block_manager import BlockManager
 from engine.config import EngineArgs, ModelConfig
 from engine.loader import load_generation_config, load_model_config
-from engine.metrics import Counters, EngineMetrics, StepStats
+from engine.metrics import Counters, EngineMetrics, StepLog, StepStats
 from engine.model_runner import ModelRunner, free_port, prepare_inputs, worker_main
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampler import Sampler
@@ -82,6 +82,7 @@ class LLMEngine:
         self.sampler = Sampler(self.runner.device, args.seed)
         self.requests: dict[str, Request] = {}
         self.counters = Counters()
+        self.step_log = StepLog(args.step_log) if args.step_log else None
         self._closed = False
         atexit.register(self.shutdown)
 
@@ -93,6 +94,8 @@ class LLMEngine:
         if getattr(self, "_closed", True) and not self._workers:
             return
         self._closed = True
+        if getattr(self, "step_log", None) is not None:
+            self.step_log.close()
         if self._workers and hasattr(self, "runner"):
             self.runner.call("exit")
         for p in self._workers:
@@ -271,15 +274,12 @@ class LLMEngine:
         c.num_steps += 1
         c.prompt_tokens_total += sum(out.num_prefill_tokens)
         ctx = sum(s.num_computed_tokens for s in out.seqs)
-        c.recent_steps.append(
-            StepStats(
-                len(out.decode_seqs),
-                len(out.prefill_seqs),
-                sum(out.num_prefill_tokens),
-                ctx,
-                duration,
-            )
+        st = StepStats(
+            len(out.decode_seqs), len(out.prefill_seqs), sum(out.num_prefill_tokens), ctx, duration
         )
+        c.recent_steps.append(st)
+        if self.step_log is not None:
+            self.step_log.write(st)
 
     def get_metrics(self) -> EngineMetrics:
         bm, c = self.block_manager, self.counters

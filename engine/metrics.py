@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import TextIO
 
 
 @dataclass
@@ -47,3 +50,19 @@ class Counters:
     generation_tokens_total: int = 0
     requests_finished_total: int = 0
     recent_steps: deque[StepStats] = field(default_factory=lambda: deque(maxlen=1024))
+
+
+class StepLog:
+    """One JSON line per step: `start` (time.monotonic(), comparable across processes on one
+    machine) and the StepStats fields. Line-buffered, so a reader sees whole steps."""
+
+    def __init__(self, path: str) -> None:
+        self._file: TextIO = open(path, "a", buffering=1)  # noqa: SIM115 (closed by close())
+
+    def write(self, st: StepStats) -> None:
+        self._file.write(
+            json.dumps({"start": time.monotonic() - st.duration_s, **asdict(st)}) + "\n"
+        )
+
+    def close(self) -> None:
+        self._file.close()

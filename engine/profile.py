@@ -302,14 +302,15 @@ def _stream(port: int, prompt: list[int], max_tokens: int) -> tuple[float, float
 class ServingProbe:
     """A real `engine.serve` process with the profiled engine's settings."""
 
-    def __init__(self, args: argparse.Namespace, max_num_seqs: int) -> None:
+    def __init__(self, args: argparse.Namespace, max_num_seqs: int,
+                 step_log: str | None = None) -> None:  # fmt: skip
         self.port = _free_port()
         cmd = [sys.executable, "-m", "engine.serve", "--model", args.model,
                "--port", str(self.port), "--served-model-name", "profile",
                "--max-num-seqs", str(max_num_seqs),
                "--max-num-batched-tokens", str(args.max_num_batched_tokens),
                "--kv-cache-gib", str(args.kv_cache_gib), "--device", args.device,
-               "--log-level", "warning"]  # fmt: skip
+               "--log-level", "warning"] + (["--step-log", step_log] if step_log else [])  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         self.proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).resolve().parents[1])
         deadline = time.monotonic() + 600

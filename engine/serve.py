@@ -69,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "process (--no-engine-process), where the HTTP work slows its steps",
     )
     p.add_argument(
+        "--step-log",
+        default=None,
+        help="append one JSON line per engine step to this file (start on the monotonic "
+        "clock, seconds, batch shape): to check a performance model against real serving",
+    )
+    p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     return p.parse_args(argv)
@@ -86,6 +92,7 @@ ENGINE_FLAGS = (
     "dtype",
     "seed",
     "enable_prefix_caching",
+    "step_log",
 )
 
 

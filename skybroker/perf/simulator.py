@@ -15,7 +15,9 @@ A model with `request_overhead_s` (a measured profile's server overhead) delays 
 entry into the engine by it and counts it in the TTFT. A model with `step_noise` (quantiles of
 one step's time over its shape's median, as the profiler measured them) has each step's time
 multiplied by a factor drawn from that distribution (inverse CDF, generator seeded by `seed`):
-a busy CPU's steps vary, and the tail latencies show it.
+a busy CPU's steps vary, and the tail latencies show it. A `speed` trace (window start
+times, factors) scales every step starting in a window by its factor: a machine whose speed
+drifts, as measured while it served (benchmarks/validate_perf.py); the planner passes none.
 
 Results per request: TTFT (first token time - arrival) and TPOT ((finish - first token) /
 (output tokens - 1)), as vLLM's benchmarks define them.
@@ -121,7 +123,8 @@ class SimResult:
 def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
              input_lens: np.ndarray, output_lens: np.ndarray, *,
              max_steps: int = 5_000_000, stop: StopRule | None = None,
-             seed: int = 0) -> SimResult:  # fmt: skip
+             seed: int = 0, speed: tuple[np.ndarray, np.ndarray] | None = None,
+             ) -> SimResult:  # fmt: skip
     """Run the requests (sorted by arrival) through the scheduler; times in seconds.
 
     State lives in numpy arrays indexed by request; `run` holds the running requests in
@@ -130,6 +133,8 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
     `seed` seeds the step-time noise of a model that has some (same seed, same result)."""
     n = len(arrivals)
     st = step_fn(model)
+    if speed is not None:
+        st = _with_speed(st, *speed, clock=lambda: now)
     q = getattr(model, "step_noise", None)
     noise = StepNoise(q, seed) if q else None
     # a request reaches the engine `off` seconds after it was sent (server overhead)
@@ -284,6 +289,18 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
         if len(over_ttft) > allowed or len(over_tpot) > allowed:
             return _stopped(ttft, tpot, finish, steps, preemptions, over_ttft, over_tpot, allowed)
     return SimResult(ttft, tpot, finish, steps, preemptions)
+
+
+def _with_speed(st: StepFn, starts: np.ndarray, factors: np.ndarray,
+                clock: Callable[[], float]) -> StepFn:  # fmt: skip
+    """`st` scaled by the factor of the speed window that `clock()` (the step's start) is in."""
+    starts, factors = np.asarray(starts, dtype=float), np.asarray(factors, dtype=float)
+
+    def step(p: float, n: float, ctx: float, pairs: float = 0.0) -> float:
+        i = max(int(np.searchsorted(starts, clock(), side="right")) - 1, 0)
+        return st(p, n, ctx, pairs) * float(factors[i])
+
+    return step
 
 
 def _stopped(ttft: np.ndarray, tpot: np.ndarray, finish: np.ndarray, steps: int,
