@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -306,9 +308,16 @@ def test_bad_requests_raise_value_error(llama_llm: LLM, tiny_llama_dir: Path) ->
     assert not eng.has_unfinished_requests()
 
 
-def test_engine_step_api_abort_and_metrics(tiny_llama_dir: Path) -> None:
+def test_engine_step_api_abort_and_metrics(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    log = tmp_path / "steps.jsonl"
     eng = LLMEngine.from_args(
-        EngineArgs(model=str(tiny_llama_dir), num_kv_blocks=64, block_size=4, max_model_len=256)
+        EngineArgs(
+            model=str(tiny_llama_dir),
+            num_kv_blocks=64,
+            block_size=4,
+            max_model_len=256,
+            step_log=str(log),
+        )
     )
     assert eng.model_name == tiny_llama_dir.name and eng.max_model_len == 256
     eng.add_request(
@@ -329,6 +338,14 @@ def test_engine_step_api_abort_and_metrics(tiny_llama_dir: Path) -> None:
     assert [o.request_id for o in finals] == ["keep"]
     assert len(finals[0].outputs[0].token_ids) == 5
     assert eng.get_metrics().kv_blocks_used == 0
+    # --step-log: one JSON line per step, the same figures as recent_steps, in start order
+    eng.shutdown()
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    steps = eng.get_metrics().recent_steps
+    assert len(lines) == len(steps) == 5
+    assert [x["num_decode_seqs"] for x in lines] == [s.num_decode_seqs for s in steps]
+    assert lines[0]["num_prefill_seqs"] == 2 and lines[1]["num_decode_seqs"] == 1
+    assert all(a["start"] + a["duration_s"] <= b["start"] for a, b in pairwise(lines))
 
 
 def test_chat_applies_template(llama_llm: LLM) -> None:

@@ -51,6 +51,17 @@ def test_constant_factor_scales_every_step() -> None:
     assert r.finish[0] == pytest.approx(1.0 + 5 * 0.5)
 
 
+def test_speed_trace_scales_the_steps_in_its_windows() -> None:
+    """Steps of 0.25 s; the machine runs at speed 1 until t=2 s, then 2x slower. One request
+    at t=1 with 5 output tokens: the prefill at [1, 1.25] at speed 1, then decode steps that
+    start at 1.25, 1.5, 1.75 (0.25 s each) and at 2.0 (0.5 s): done at 2.5 s."""
+    speed = (np.array([0.0, 2.0]), np.array([1.0, 2.0]))
+    r = simulate(noisy_profile(0.25, None), BIG, np.array([1.0]), np.array([10]), np.array([5]),
+                 speed=speed)  # fmt: skip
+    assert r.ttft[0] == pytest.approx(0.25)
+    assert r.finish[0] == pytest.approx(2.5)
+
+
 def test_noise_mean_and_seed() -> None:
     """Uniform factor on [1, 3]: a long decode averages 2 steps' time per token; the same seed
     gives the same run, another seed another, and a model without noise ignores the seed."""
@@ -134,6 +145,23 @@ def test_unit_schedule_is_when_run_load_sends(vp) -> None:
         sent.append(t)
         t += float(rng.exponential(1.0 / 4.0))
     assert vp.unit_schedule(5, 7) / 4.0 == pytest.approx(sent)
+
+
+def test_speed_trace_is_the_engine_over_the_profile_per_window(vp) -> None:
+    """Decode steps 2x the profile's bare time in the first second, 1x in the second; a window
+    with too few decode steps (the third) and prefill steps take the run's median."""
+    model = noisy_profile(0.01, None)
+
+    def step(start: float, seconds: float, prefill: int = 0) -> dict:
+        return {"start": 100.0 + start, "duration_s": seconds, "num_prefill_tokens": prefill,
+                "num_decode_seqs": 2, "num_prefill_seqs": int(prefill > 0),
+                "num_context_tokens": 50}  # fmt: skip
+
+    steps = [step(0.1 * i, 0.02) for i in range(4)] + [step(1 + 0.1 * i, 0.01) for i in range(3)]
+    steps += [step(2.5, 0.05), step(2.6, 0.5, prefill=64)]
+    starts, factors = vp.speed_trace(steps, model, t0=100.0)
+    assert starts.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert factors.tolist() == pytest.approx([2.0, 1.0, 2.0, 2.0])
 
 
 def test_slo_verdict(vp) -> None:

@@ -133,8 +133,14 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
     `seed` seeds the step-time noise of a model that has some (same seed, same result)."""
     n = len(arrivals)
     st = step_fn(model)
+    edges = np.append(np.asarray(speed[0], dtype=float)[1:], math.inf) if speed else None
     if speed is not None:
         st = _with_speed(st, *speed, clock=lambda: now)
+
+    def next_edge(t: float) -> float:
+        """When the speed window `t` is in ends (a decode run must not outlast its factor)."""
+        return math.inf if edges is None else float(edges[np.searchsorted(edges, t, "right")])
+
     q = getattr(model, "step_noise", None)
     noise = StepNoise(q, seed) if q else None
     # a request reaches the engine `off` seconds after it was sent (server overhead)
@@ -203,7 +209,8 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
         need = prompt[run] + generated[run] - computed[run]
         if len(run) and (not waiting or len(run) >= cfg.max_num_seqs) and (need == 1).all():
             k, dt = _decode_run(st, run, computed, generated, out, blocks, free, bs, cfg,
-                                arrival[nxt] - now if nxt < n else math.inf)  # fmt: skip
+                                arrival[nxt] - now if nxt < n else math.inf,
+                                next_edge(now) - now)  # fmt: skip
             if k > 1:
                 now += dt if noise is None else dt / k * noise.take(k)
                 steps += k
@@ -313,9 +320,10 @@ def _stopped(ttft: np.ndarray, tpot: np.ndarray, finish: np.ndarray, steps: int,
 
 def _decode_run(st: StepFn, run: np.ndarray, computed: np.ndarray, generated: np.ndarray,
                 out: np.ndarray, blocks: np.ndarray, free: int, bs: int, cfg: SchedulerConfig,
-                until_arrival: float) -> tuple[int, float]:  # fmt: skip
+                until_arrival: float, until_speed: float = math.inf) -> tuple[int, float]:  # fmt: skip
     """(k, seconds) of the k identical decode steps that can run before anything changes: a
-    sequence finishes, a new request arrives (and could be admitted), or KV blocks run short.
+    sequence finishes, a new request arrives (and could be admitted), KV blocks run short, or
+    the machine's speed changes (the last of the k steps starts before it does).
     Step times grow linearly with the context, so their sum is the trapezoid rule."""
     d = len(run)
     if d > cfg.max_num_batched_tokens:
@@ -328,6 +336,8 @@ def _decode_run(st: StepFn, run: np.ndarray, computed: np.ndarray, generated: np
     t1 = st(0.0, d, ctx + d, 0.0)
     if until_arrival < math.inf and d < cfg.max_num_seqs:
         k = min(k, max(1, math.ceil(until_arrival / t1)))
+    if until_speed < math.inf:
+        k = min(k, max(1, math.ceil(until_speed / t1)))
     if k <= 1:
         return k, t1
     tk = st(0.0, d, ctx + k * d, 0.0)
