@@ -11,6 +11,7 @@ gated MLP (three `hidden x intermediate` matrices), RMSNorm.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -77,13 +78,18 @@ class ModelArch:
     @property
     def arch_hash(self) -> str:
         """Stable id of the shape (name excluded) so profiles match renamed copies."""
-        fields = asdict(self)
-        fields.pop("name")
-        blob = json.dumps(fields, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return _arch_hash(self)
 
     def describe(self) -> str:
         return f"{self.name} ({self.num_params / 1e9:.2f}B params, {self.dtype})"
+
+
+@functools.lru_cache(maxsize=256)
+def _arch_hash(arch: ModelArch) -> str:
+    fields = asdict(arch)
+    fields.pop("name")
+    blob = json.dumps(fields, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _arch(name: str, L: int, h: int, H: int, kv: int, inter: int, vocab: int, *, d: int = 0,

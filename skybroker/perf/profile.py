@@ -285,6 +285,29 @@ class ProfileModel:
         return cls(profile, "profile:" + hashlib.sha256(blob).hexdigest()[:16])
 
 
+_LOADED: dict[tuple[str, int, int], tuple[EngineProfile, ProfileModel]] = {}
+
+
+def _stat_key(path: str | Path) -> tuple[str, int, int] | None:
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return str(path), st.st_mtime_ns, st.st_size
+
+
+def _load_model(path: str | Path) -> tuple[EngineProfile, ProfileModel]:
+    """The profile at `path` and its model, read again only when the file changed (a planner
+    looks at every profile file for every GPU kind, and fitting one costs a least squares)."""
+    key = _stat_key(path)
+    if key is None or key not in _LOADED:
+        prof = load(path)
+        if key is None:
+            return prof, ProfileModel.of(prof)
+        _LOADED[key] = prof, ProfileModel.of(prof)
+    return _LOADED[key]
+
+
 BUNDLED_DIR = CATALOG_DIR / "profiles"  # catalogs/profiles, also inside a wheel
 
 
@@ -305,10 +328,10 @@ def find_profile(
     arch + hw. Skipped profiles worth knowing about (named in the spec, or of the same model
     and device kind) get a line in `notes` saying why they were not used."""
     for f, named in profile_files(paths):
-        prof = load(f)
+        prof, model = _load_model(f)
         why = prof.mismatch(arch, hw)
         if why is None:
-            return ProfileModel.of(prof)
+            return model
         near = prof.model_mismatch(arch) is None and prof.hardware["kind"] == hw.kind
         if notes is not None and (named or near):
             notes.append(f"profile {f} not used for {hw.tag}: {why}")
