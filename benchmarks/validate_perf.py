@@ -88,18 +88,29 @@ async def run_load(url: str, items: list, rate: float,
     return list(await asyncio.gather(*tasks)), np.array(sent), t0_mono
 
 
+def step_ratios(steps: list[dict], bare: ProfileModel) -> np.ndarray:
+    """Each logged engine step's time over the profile's bare step time at its shape."""
+    pred = [bare.step_time(s["num_prefill_tokens"], s["num_decode_seqs"], s["num_context_tokens"],
+                           s.get("prefill_attn_pairs", 0.0)) for s in steps]  # fmt: skip
+    return np.array([s["duration_s"] for s in steps]) / np.array(pred)
+
+
+def step_ratio_medians(steps: list[dict], bare: ProfileModel) -> tuple[float, float]:
+    """Median engine step time over the profile's, for decode-only and for prefill steps."""
+    r = step_ratios(steps, bare) if steps else np.ones(0)
+    pre = np.array([s["num_prefill_tokens"] > 0 for s in steps], dtype=bool)
+    return tuple(float(np.median(x)) if len(x) else float("nan") for x in (r[~pre], r[pre]))
+
+
 def speed_trace(steps: list[dict], bare: ProfileModel, t0: float,
                 window_s: float = 1.0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """The machine's speed while it served: per `window_s` window from t0, the median of
-    (engine step time / the profile's bare step time at that shape) over the window's
-    decode-only steps (a prefill's attention cost depends on chunk lengths the log does not
-    keep); a window with fewer than 3 such steps takes the run's median."""
-    dec = [s for s in steps if s["num_prefill_tokens"] == 0 and s["num_decode_seqs"] > 0]
-    if not dec:
+    (engine step time / the profile's bare step time at that shape) over the window's steps;
+    a window with fewer than 3 steps takes the run's median."""
+    if not steps:
         return np.zeros(1), np.ones(1)
-    at = np.array([s["start"] - t0 for s in dec])
-    ratio = np.array([s["duration_s"] / bare.step_time(0, s["num_decode_seqs"],
-                                                       s["num_context_tokens"]) for s in dec])  # fmt: skip
+    at = np.array([s["start"] - t0 for s in steps])
+    ratio = step_ratios(steps, bare)
     starts = np.arange(0.0, max(at.max(), 0.0) + window_s, window_s)
     which = np.clip(np.searchsorted(starts, at, side="right") - 1, 0, len(starts) - 1)
     overall = float(np.median(ratio))
@@ -169,13 +180,23 @@ def sim_capacity(predict: Callable[[float], tuple[np.ndarray, np.ndarray]], slo:
     return lo
 
 
+def pin_tree(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of `pid` and of its descendants to `cpus`."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
+        for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
+            pin_tree(int(child), cpus)
+
+
 def measure_profile(a: argparse.Namespace) -> None:
     cmd = [sys.executable, "-m", "engine.profile", "--model", a.model, "--out", a.profile,
            "--max-batch", str(a.max_num_seqs), "--max-context", "1024", "--repeats",
            str(a.repeats), "--kv-cache-gib", str(a.kv_cache_gib),
            "--max-num-batched-tokens", str(a.max_num_batched_tokens)]  # fmt: skip
     print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    engine_cpus = {a.pin[1]} if a.pin else None
+    subprocess.run(cmd, check=True, cwd=ROOT,
+                   preexec_fn=(lambda: os.sched_setaffinity(0, engine_cpus)) if a.pin else None)  # fmt: skip
 
 
 def main() -> None:
@@ -198,12 +219,18 @@ def main() -> None:
                    "falls between the near and the over rate)")  # fmt: skip
     p.add_argument("--slo-tpot-ms", type=float, default=150.0)
     p.add_argument("--slo-percentile", type=float, default=99.0)
+    p.add_argument("--pin", type=lambda v: [int(c) for c in v.split(",")], default=None,
+                   metavar="CLIENT,ENGINE", help="pin this client and the HTTP process to CPU "
+                   "CLIENT, the engine process (and the profiler) to CPU ENGINE, e.g. 0,1: the "
+                   "load generator then takes no CPU from the engine")  # fmt: skip
     p.add_argument("--dump", help="write per-request sent/measured/predicted times (JSON) here")
     p.add_argument("--rates", default="", help="comma-separated light,near,over req/s (default: "
                    "0.3, 0.8, 1.5 x the simulator's saturated throughput; with --slo-ttft-ms, "
                    "x its capacity at that SLO)")  # fmt: skip
     a = p.parse_args()
     a.model = a.model or tiny_model()
+    if a.pin:
+        os.sched_setaffinity(0, {a.pin[0]})
     t_start = time.perf_counter()
     if a.measure_profile:
         measure_profile(a)
@@ -273,6 +300,11 @@ def main() -> None:
                                          kv_cache_gib=a.kv_cache_gib, device="cpu", threads=1),
                          a.max_num_seqs, step_log=str(step_log))  # fmt: skip
     url = f"http://127.0.0.1:{probe.port}"
+    if a.pin:  # the engine runs in the server's child process
+        for child in (
+            Path(f"/proc/{probe.proc.pid}/task/{probe.proc.pid}/children").read_text().split()
+        ):
+            pin_tree(int(child), {a.pin[1]})
     runs: dict[float, list[dict]] = {r: [] for r in rates}
     try:
         asyncio.run(run_load(url, items[:2], float("inf"), a.seed))  # warm-up
@@ -294,6 +326,7 @@ def main() -> None:
                                    "errors": [r.error for r in res if not r.ok],
                                    "pred_ttft": sim.ttft.tolist(), "pred_tpot": sim.tpot.tolist(),
                                    "speed": speed[1].tolist(), "steps": steps,
+                                   "step_ratio": step_ratio_medians(steps, bare),
                                    "pred": (sim.ttft, sim.tpot[outs > 1]),
                                    "adj": (adj.ttft, adj.tpot[outs > 1]),
                                    "meas": (ttft, tpot)})  # fmt: skip
@@ -337,12 +370,13 @@ def report(runs: dict[float, list[dict]], rates: list[float], slo: SLOTarget, ca
         side = "feasible" if rate <= cap else "infeasible"
         sent = ", ".join(f"{(len(r['sent']) - 1) / r['sent'][-1]:.2f}" for r in rs)
         loads = ", ".join(f"{r['load']:.1f}" for r in rs)
+        ratios = "; ".join("/".join(f"{x:.2f}" for x in r["step_ratio"]) for r in rs)
         speed = "; ".join("/".join(f"{q:.2f}" for q in np.percentile(r["speed"], [10, 50, 90]))
                           for r in rs)  # fmt: skip
         print(f"{rate:6.2f}  {side}: SLO measured {_tally(meas)}; predicted {tally[0]}, x speed "
               f"{tally[1]}; {sum(r['failed'] for r in rs)} failed; sent at {sent} req/s; load "
               f"{loads}; speed p10/50/90 per 1-s window "
-              f"{speed}")  # fmt: skip
+              f"{speed}; engine steps / profile's, median decode/prefill {ratios}")  # fmt: skip
     for k, what in (("pred", "profile"), ("adj", "profile x measured speed")):
         worst = {p: max(v, default=float("nan")) for p, v in errors[k].items()}
         print(f"{what}: below capacity ({cap:.2f} req/s) worst |error| p50 {worst['p50']:.0%} "

@@ -274,8 +274,17 @@ class LLMEngine:
         c.num_steps += 1
         c.prompt_tokens_total += sum(out.num_prefill_tokens)
         ctx = sum(s.num_computed_tokens for s in out.seqs)
+        pairs = sum(
+            n * (s.num_computed_tokens - n / 2)
+            for s, n in zip(out.prefill_seqs, out.num_prefill_tokens, strict=True)
+        )
         st = StepStats(
-            len(out.decode_seqs), len(out.prefill_seqs), sum(out.num_prefill_tokens), ctx, duration
+            len(out.decode_seqs),
+            len(out.prefill_seqs),
+            sum(out.num_prefill_tokens),
+            ctx,
+            duration,
+            pairs,
         )
         c.recent_steps.append(st)
         if self.step_log is not None:

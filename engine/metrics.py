@@ -18,6 +18,7 @@ class StepStats:
     num_prefill_tokens: int
     num_context_tokens: int  # sum of context lengths attended over (decode + prefill)
     duration_s: float
+    prefill_attn_pairs: float = 0.0  # prefill (query, key) pairs: chunk x (cached + chunk / 2)
 
 
 @dataclass

@@ -345,6 +345,8 @@ def test_engine_step_api_abort_and_metrics(tiny_llama_dir: Path, tmp_path: Path)
     assert len(lines) == len(steps) == 5
     assert [x["num_decode_seqs"] for x in lines] == [s.num_decode_seqs for s in steps]
     assert lines[0]["num_prefill_seqs"] == 2 and lines[1]["num_decode_seqs"] == 1
+    lens = [len(eng.tokenizer.encode(p)) for p in PROMPTS[:2]]
+    assert lines[0]["prefill_attn_pairs"] == pytest.approx(sum(n * n / 2 for n in lens))
     assert all(a["start"] + a["duration_s"] <= b["start"] for a, b in pairwise(lines))
 
 

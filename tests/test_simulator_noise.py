@@ -148,8 +148,8 @@ def test_unit_schedule_is_when_run_load_sends(vp) -> None:
 
 
 def test_speed_trace_is_the_engine_over_the_profile_per_window(vp) -> None:
-    """Decode steps 2x the profile's bare time in the first second, 1x in the second; a window
-    with too few decode steps (the third) and prefill steps take the run's median."""
+    """Steps 2x the profile's bare time in the first second, 1x in the second; a window with
+    fewer than 3 steps (the third, the fourth) takes the run's median."""
     model = noisy_profile(0.01, None)
 
     def step(start: float, seconds: float, prefill: int = 0) -> dict:
@@ -162,6 +162,7 @@ def test_speed_trace_is_the_engine_over_the_profile_per_window(vp) -> None:
     starts, factors = vp.speed_trace(steps, model, t0=100.0)
     assert starts.tolist() == [0.0, 1.0, 2.0, 3.0]
     assert factors.tolist() == pytest.approx([2.0, 1.0, 2.0, 2.0])
+    assert vp.step_ratio_medians(steps, model) == pytest.approx((2.0, 50.0))
 
 
 def test_slo_verdict(vp) -> None:
