@@ -114,6 +114,7 @@ class ProcessLLMEngine(AsyncLLMEngine):
         self._max_model_len = 0
         self._receiver: threading.Thread | None = None
         self._outputs: dict[str, RequestOutput] = {}  # cumulative, rebuilt from deltas
+        self._eof = False  # the output pipe ended: the engine process is gone
 
     @property
     def tokenizer(self) -> Any:
@@ -125,7 +126,10 @@ class ProcessLLMEngine(AsyncLLMEngine):
 
     @property
     def is_running(self) -> bool:
-        return self._proc is not None and self._proc.is_alive() and self.dead_error is None
+        # Asked several times per request: the pipe's EOF (seen by the receiver thread the
+        # moment the process exits) tells what Process.is_alive's waitpid would, without a
+        # system call.
+        return self._proc is not None and not self._eof and self.dead_error is None
 
     async def launch(self) -> None:
         """Spawn the engine process, load the tokenizer here meanwhile, wait until it is ready."""
@@ -195,6 +199,7 @@ class ProcessLLMEngine(AsyncLLMEngine):
             while True:
                 self._loop.call_soon_threadsafe(self._on_message, self._out.recv())
         except (EOFError, OSError) as e:
+            self._eof = True
             error = EngineDeadError(f"the engine process exited ({e!r})")
             with contextlib.suppress(RuntimeError):  # the loop is already closed
                 self._loop.call_soon_threadsafe(self._died, error)
