@@ -4,16 +4,19 @@ Starts `python -m engine.serve` on the random tiny Llama (built as benchmarks/va
 builds it), drives it with benchmarks/serve.py's client and workload (long-tailed lengths,
 streamed /v1/completions, fixed seed) and reads user+system CPU seconds from /proc of the HTTP
 process and of its children (the engine process) before and after each pass, and this client's
-own. CPU seconds hardly depend on how loaded the machine is, unlike wall time, so the HTTP
-process's CPU per streamed token is the figure to optimise: on a machine with few cores, every
-millisecond of it is taken from the engine's steps.
+own. The HTTP process's CPU per streamed token is the figure to optimise: on a machine with
+few cores every millisecond of it is taken from the engine's steps. CPU seconds depend less on
+the machine's load than wall time, but not nothing (on a shared 2-core machine they moved by
+up to 2x between passes): --baseline-root serves the same passes from a second checkout too,
+interleaved pass by pass, and prints the median ratio of the pairs, the figure to compare.
 
 Passes: all requests at once (request setup dominates), then Poisson arrivals at each
 --request-rate (per-token streaming dominates); each --repeats times, medians printed.
 
     OMP_NUM_THREADS=1 python benchmarks/server_cpu.py                  # ~1-2 min
     OMP_NUM_THREADS=1 python benchmarks/server_cpu.py --request-rate 4 --request-rate 16
-    OMP_NUM_THREADS=1 python benchmarks/server_cpu.py --py-spy DIR     # also profile the HTTP process
+    OMP_NUM_THREADS=1 python benchmarks/server_cpu.py --baseline-root /work/main --repeats 3
+    OMP_NUM_THREADS=1 python benchmarks/server_cpu.py --py-spy DIR     # profile the HTTP process
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import serve as bench  # noqa: E402  (benchmarks/serve.py: workload, streamed request client)
 
 TICK = os.sysconf("SC_CLK_TCK")
-RATE = int(os.environ.get("PYSPY_RATE", "50"))
 
 
 def tiny_model() -> str:
@@ -120,15 +122,15 @@ def show(name: str, runs: list[dict[str, float]]) -> None:
     )
 
 
-def py_spy(pid: int, out: Path, native: bool) -> subprocess.Popen | None:
-    """py-spy sampling the thread that holds the GIL (where the CPU goes), 50 Hz."""
+def py_spy(pid: int, out: Path, rate: int, native: bool) -> subprocess.Popen | None:
+    """py-spy sampling the thread that holds the GIL (where the CPU goes), `rate` per second."""
     exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(exe).exists():
         print("py-spy not found; not profiling")
         return None
     # --native needs py-spy to pause the process per sample (it then costs the server CPU).
     mode = ["--native"] if native else ["--nonblocking"]
-    cmd = [exe, "record", "-p", str(pid), "-r", str(RATE), "-f", "raw", "-o", str(out), "--gil",
+    cmd = [exe, "record", "-p", str(pid), "-r", str(rate), "-f", "raw", "-o", str(out), "--gil",
            *mode]  # fmt: skip
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -151,6 +153,7 @@ def main() -> None:
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
     p.add_argument("--py-spy", type=Path, default=None,
                    help="record the HTTP process with py-spy (raw folded stacks) per pass here")  # fmt: skip
+    p.add_argument("--py-spy-rate", type=int, default=50, help="py-spy samples per second")
     p.add_argument(
         "--native",
         action="store_true",
@@ -183,7 +186,9 @@ def main() -> None:
                     if a.py_spy is not None and k == 0 and rep == 0:
                         a.py_spy.mkdir(parents=True, exist_ok=True)
                         tag = "inf" if math.isinf(rate) else f"{rate:g}"
-                        spy = py_spy(proc.pid, a.py_spy / f"http-{tag}.txt", a.native)
+                        spy = py_spy(
+                            proc.pid, a.py_spy / f"http-{tag}.txt", a.py_spy_rate, a.native
+                        )
                         time.sleep(1.0)  # py-spy attaches
                     runs[k].append(one_pass(url, proc.pid, items, rate, a.seed + rep))
                     if spy is not None:
