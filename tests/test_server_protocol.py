@@ -113,7 +113,7 @@ def test_a_token_with_half_a_character_still_streams_a_chunk(monkeypatch) -> Non
     body = SimpleNamespace(stop_list=lambda: [])
 
     def chunk(i, c, text, ids, lps):
-        return {"choices": [{"index": i, "text": text}]}
+        return f'"choices":[{{"index":{i},"text":{json.dumps(text)}}}]'
 
     async def collect() -> list[str]:
         return [e async for e in serving._events(None, sub, body, chunk)]
@@ -121,6 +121,57 @@ def test_a_token_with_half_a_character_still_streams_a_chunk(monkeypatch) -> Non
     events = "".join(asyncio.run(collect())).split("\n\n")
     texts = [json.loads(e[6:])["choices"][0]["text"] for e in events if e.startswith("data: {")]
     assert texts == ["", "\u00e9", "!"]
+
+
+def _stream_of(monkeypatch, events_of, outs: list[RequestOutput]) -> list[str]:
+    async def merged(_state, _sub):
+        for out in outs:
+            yield 0, out
+
+    monkeypatch.setattr(serving, "merged", merged)
+
+    async def collect() -> list[str]:
+        return [e async for e in events_of()]
+
+    return asyncio.run(collect())
+
+
+def test_stream_chunks_are_the_json_of_the_openai_objects(monkeypatch) -> None:
+    """Chunks are assembled from JSON pieces: byte for byte what encoding the OpenAI chunk
+    objects (compact separators, ASCII escapes) gives; the last write ends with [DONE]."""
+    steps = [('he said "hi"\n', [7, 8], None), ('he said "hi"\n\u00e9\u20ac', [7, 8, 9], "length")]
+    outs = [RequestOutput("r", None, [1], [CompletionOutput(0, t, ids, fin)], fin is not None)
+            for t, ids, fin in steps]  # fmt: skip
+    sub = SimpleNamespace(request_id="cmpl-\u00e9", created=12, model='m"1', streams=[None], n=1,
+                          continuous_usage=True, include_usage=True, prompt_lens=[1],
+                          last={})  # fmt: skip
+    usage = {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}
+    enc = json.JSONEncoder(separators=(",", ":")).encode
+
+    def expect(obj: str, choices: list[dict]) -> str:
+        head = {"id": sub.request_id, "created": 12, "model": 'm"1', "object": obj}
+        return f"data: {enc({**head, 'choices': choices, 'usage': usage})}\n\n"
+
+    body = SimpleNamespace(stop_list=lambda: [], echo=False, logprobs=None)
+    got = _stream_of(monkeypatch, lambda: serving.completion_events(None, sub, body, []), outs)
+    texts = ['he said "hi"\n', "\u00e9\u20ac"]
+    want = [expect("text_completion", [{"index": 0, "text": t, "logprobs": None,
+                                         "finish_reason": f}])
+            for t, f in zip(texts, [None, "length"], strict=True)]  # fmt: skip
+    want.append(expect("text_completion", []))
+    assert got == [want[0], "".join(want[1:]) + "data: [DONE]\n\n"]
+
+    body = SimpleNamespace(stop_list=lambda: [], engine_logprobs=lambda: None)
+    got = _stream_of(monkeypatch, lambda: serving.chat_events(None, sub, body), outs)
+    role = {"id": sub.request_id, "object": "chat.completion.chunk", "created": 12, "model": 'm"1',
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                         "logprobs": None, "finish_reason": None}]}  # fmt: skip
+    want = [f"data: {enc(role)}\n\n"]
+    want += [expect("chat.completion.chunk", [{"index": 0, "delta": {"content": t},
+                                               "logprobs": None, "finish_reason": f}])
+             for t, f in zip(texts, [None, "length"], strict=True)]  # fmt: skip
+    want.append(expect("chat.completion.chunk", []))
+    assert got == [want[0], want[1], "".join(want[2:]) + "data: [DONE]\n\n"]
 
 
 def test_sse_format() -> None:

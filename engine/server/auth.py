@@ -9,8 +9,11 @@ from fastapi import Request
 from engine.server.errors import APIError
 
 
-def check_api_key(request: Request) -> None:
-    """FastAPI dependency: raise 401 unless the request carries the server's key (if any)."""
+async def check_api_key(request: Request) -> None:
+    """FastAPI dependency: raise 401 unless the request carries the server's key (if any).
+
+    Async although it never awaits: FastAPI runs a sync dependency on a worker thread, a
+    thread hop per request."""
     key: str | None = request.app.state.server.config.api_key
     if not key:
         return

@@ -19,6 +19,7 @@ import concurrent.futures
 import contextlib
 import logging
 import multiprocessing as mp
+import queue
 import signal
 import threading
 import time
@@ -114,6 +115,7 @@ class ProcessLLMEngine(AsyncLLMEngine):
         self._max_model_len = 0
         self._receiver: threading.Thread | None = None
         self._outputs: dict[str, RequestOutput] = {}  # cumulative, rebuilt from deltas
+        self._eof = False  # the output pipe ended: the engine process is gone
 
     @property
     def tokenizer(self) -> Any:
@@ -125,7 +127,10 @@ class ProcessLLMEngine(AsyncLLMEngine):
 
     @property
     def is_running(self) -> bool:
-        return self._proc is not None and self._proc.is_alive() and self.dead_error is None
+        # Asked several times per request: the pipe's EOF (seen by the receiver thread the
+        # moment the process exits) tells what Process.is_alive's waitpid would, without a
+        # system call.
+        return self._proc is not None and not self._eof and self.dead_error is None
 
     async def launch(self) -> None:
         """Spawn the engine process, load the tokenizer here meanwhile, wait until it is ready."""
@@ -168,20 +173,29 @@ class ProcessLLMEngine(AsyncLLMEngine):
     # ---- sender thread: commands to the engine process ----------------------------------------
 
     def _send_loop(self) -> None:
+        """Send what the inbox holds as one message: requests that arrive together (a burst)
+        cost the engine process one read, and this side one reply, not one each."""
         assert self._cmd is not None
         try:
             while True:
-                cmd = self._inbox.get()
-                if cmd is None:
+                cmds = [self._inbox.get()]
+                with contextlib.suppress(queue.Empty):
+                    while cmds[-1] is not None:
+                        cmds.append(self._inbox.get_nowait())
+                batch: list[tuple[Any, ...]] = []
+                for cmd in cmds:
+                    if isinstance(cmd, _Abort):
+                        batch.append(("abort", cmd.request_id))
+                    elif cmd is not None and cmd.done.set_running_or_notify_cancel():
+                        self._adds[cmd.request_id] = cmd.done
+                        batch.append(
+                            ("add", cmd.request_id, cmd.prompt, cmd.params, cmd.arrival_time)
+                        )
+                if batch:
+                    self._cmd.send(batch)
+                if cmds[-1] is None:
                     self._cmd.send(None)
                     return
-                if isinstance(cmd, _Abort):
-                    self._cmd.send(("abort", cmd.request_id))
-                elif cmd.done.set_running_or_notify_cancel():
-                    self._adds[cmd.request_id] = cmd.done
-                    self._cmd.send(
-                        ("add", cmd.request_id, cmd.prompt, cmd.params, cmd.arrival_time)
-                    )
         except (OSError, EOFError) as e:  # the engine process is gone; the reader reports it
             logger.debug("engine command pipe closed: %r", e)
 
@@ -195,6 +209,7 @@ class ProcessLLMEngine(AsyncLLMEngine):
             while True:
                 self._loop.call_soon_threadsafe(self._on_message, self._out.recv())
         except (EOFError, OSError) as e:
+            self._eof = True
             error = EngineDeadError(f"the engine process exited ({e!r})")
             with contextlib.suppress(RuntimeError):  # the loop is already closed
                 self._loop.call_soon_threadsafe(self._died, error)
@@ -205,7 +220,8 @@ class ProcessLLMEngine(AsyncLLMEngine):
             if msg[2] is not None:
                 self._set_stats(*msg[2])
         elif msg[0] == "added":
-            self._added(msg[1], msg[2])
+            for request_id, error in msg[1]:
+                self._added(request_id, error)
         else:  # "dead": the engine loop failed; the process exits next
             self._died(EngineDeadError(msg[1]))
 
@@ -295,20 +311,24 @@ def _loop(engine: Any, cmd: Connection, out: Connection) -> None:
             out.send(("out", [], stats_of(engine)))
             cmd.poll(None)  # idle: wait for a command
         while cmd.poll():
-            msg = cmd.recv()
-            if msg is None:
+            batch = cmd.recv()
+            if batch is None:
                 return
-            if msg[0] == "add":
-                _, request_id, prompt, params, arrival = msg
-                try:
-                    engine.add_request(request_id, prompt, params, arrival)
-                except Exception as e:  # bad input: the server turns a ValueError into a 400
-                    out.send(("added", request_id, (type(e) is ValueError, str(e))))
+            added = []
+            for msg in batch:
+                if msg[0] == "add":
+                    _, request_id, prompt, params, arrival = msg
+                    try:
+                        engine.add_request(request_id, prompt, params, arrival)
+                    except Exception as e:  # bad input: the server turns a ValueError into a 400
+                        added.append((request_id, (type(e) is ValueError, str(e))))
+                    else:
+                        added.append((request_id, None))
                 else:
-                    out.send(("added", request_id, None))
-            else:
-                engine.abort_request(msg[1])
-                deltas.forget(msg[1])
+                    engine.abort_request(msg[1])
+                    deltas.forget(msg[1])
+            if added:
+                out.send(("added", added))
         if not engine.has_unfinished_requests():
             continue
         outputs = engine.step()

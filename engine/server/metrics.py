@@ -163,8 +163,14 @@ class ServerMetrics:
             buckets=E2E_BUCKETS,
             **kw,
         )
-        for outcome in OUTCOMES:  # export zeros so dashboards see every series from the start
-            self.requests.labels(model_name, outcome)
+        # The labelled children, looked up once (labels() takes a lock and builds a key per
+        # call); every outcome exported from the start, so dashboards see zeros, not gaps.
+        self._by_outcome = {o: self.requests.labels(model_name, o) for o in OUTCOMES}
+        self._prompt_tokens = self.prompt_tokens.labels(model_name)
+        self._generation_tokens = self.generation_tokens.labels(model_name)
+        self._ttft = self.ttft.labels(model_name)
+        self._tpot = self.tpot.labels(model_name)
+        self._e2e = self.e2e.labels(model_name)
         self.registry.register(_EngineCollector(stats, model_name))
 
     def observe_finished(
@@ -180,19 +186,18 @@ class ServerMetrics:
         output_lens holds the token count of each of its n samples; TPOT is taken over the
         longest, the one that decided the request's end-to-end time.
         """
-        m = self.model_name
-        self.requests.labels(m, outcome).inc()
-        self.prompt_tokens.labels(m).inc(prompt_tokens)
-        self.generation_tokens.labels(m).inc(sum(output_lens))
-        self.e2e.labels(m).observe(e2e)
+        self._by_outcome[outcome].inc()
+        self._prompt_tokens.inc(prompt_tokens)
+        self._generation_tokens.inc(sum(output_lens))
+        self._e2e.observe(e2e)
         longest = max(output_lens, default=0)
         if ttft is not None:
-            self.ttft.labels(m).observe(ttft)
+            self._ttft.observe(ttft)
             if longest > 1:
-                self.tpot.labels(m).observe((e2e - ttft) / (longest - 1))
+                self._tpot.observe((e2e - ttft) / (longest - 1))
 
     def observe_rejected(self) -> None:
-        self.requests.labels(self.model_name, "rejected").inc()
+        self._by_outcome["rejected"].inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -401,7 +401,12 @@ async def chat_response(
 
 
 class SSEResponse(StreamingResponse):
-    """Server-sent events; closing the body generator always runs (and so aborts requests)."""
+    """Server-sent events; closing the body generator always runs (and so aborts requests).
+
+    Streams on the request's own task, with a plain asyncio watcher for the client's
+    disconnect (which cancels it), not Starlette's anyio task group per response; the write
+    with [DONE] ends the body too, so a stream ends in one socket write, not two.
+    """
 
     media_type = "text/event-stream"
 
@@ -410,19 +415,58 @@ class SSEResponse(StreamingResponse):
         self._gen = content
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        state = {"streaming": True, "disconnected": False}
+
+        def on_disconnect(watcher: asyncio.Task[None]) -> None:
+            if not watcher.cancelled() and state["streaming"]:
+                state["disconnected"] = True
+                task.cancel()
+
+        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        watcher.add_done_callback(on_disconnect)
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})  # fmt: skip
+            more = True
+            async for chunk in self._gen:
+                more = not chunk.endswith(_DONE)  # the stream's last write ends the body too
+                await send({"type": "http.response.body", "body": chunk.encode(),
+                            "more_body": more})  # fmt: skip
+            if more:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not state["disconnected"]:
+                raise
+            task.uncancel()  # the client left: a normal end for this request
         finally:
+            state["streaming"] = False
+            watcher.cancel()
             await self._gen.aclose()  # type: ignore[attr-defined]
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 # One encoder for every chunk: json.dumps with non-default separators builds a new
 # JSONEncoder on each call, a cost paid once per streamed token.
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+# A str as JSON, as _ENCODE writes it (ASCII, escaped): chunks are assembled from pieces.
+_STR = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
 
 def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else _ENCODE(data)}\n\n"
+
+
+_DONE = sse("[DONE]")
+
+
+def _json_or_null(value: str | None) -> str:
+    return "null" if value is None else _STR(value)
 
 
 @dataclass
@@ -452,14 +496,16 @@ async def _events(
     chunk: Any,
     first: list[str] | None = None,
 ) -> AsyncIterator[str]:
-    """Shared SSE loop: `chunk(choice_index, c, text, ids, lps)` makes one chunk's dict.
+    """Shared SSE loop: `chunk(choice_index, c, text, ids, lps)` makes one chunk's fields
+    past id, created and model, as JSON text (`"object":...,"choices":[...]`): chunks are
+    assembled from JSON pieces, one per streamed token, not built as dicts and encoded.
 
     Errors after the 200 header went out can only be told in-band: an `error` event, then
     [DONE].
     """
     sent: dict[int, _Sent] = {}
     hold = max((len(s) for s in body.stop_list()), default=1) - 1
-    base = {"id": sub.request_id, "created": sub.created, "model": sub.model}
+    head = f'data: {{"id":{_STR(sub.request_id)},"created":{sub.created},"model":{_STR(sub.model)},'
     # Each yield is one socket write: the chunks of one engine output go out together, and
     # those of the last output together with the usage chunk and [DONE].
     events: list[str] = []
@@ -480,18 +526,14 @@ async def _events(
                 if not text and not ids and c.finish_reason is None and not lps:
                     continue
                 s.finished = c.finish_reason is not None
-                data = {**base, **chunk(i, c, text, ids, lps)}
-                if sub.continuous_usage:
-                    data["usage"] = usage_of(sub).model_dump()
-                events.append(sse(data))
+                usage = _usage(sub) if sub.continuous_usage else ""
+                events.append(f"{head}{chunk(i, c, text, ids, lps)}{usage}}}\n\n")
             unfinished -= out.finished
             if events and unfinished:
                 yield "".join(events)
                 events.clear()
         if sub.include_usage:
-            events.append(
-                sse({**base, **chunk(None, None, "", [], []), "usage": usage_of(sub).model_dump()})
-            )
+            events.append(f"{head}{chunk(None, None, '', [], [])}{_usage(sub)}}}\n\n")
     except EngineDeadError as e:
         err = APIError(503, str(e), "server_error", code="engine_unavailable")
         events.append(sse({"error": err.info.model_dump()}))
@@ -499,8 +541,12 @@ async def _events(
         logger.exception("streaming request %s failed", sub.request_id)
         err = APIError(500, f"internal error: {type(e).__name__}", "server_error")
         events.append(sse({"error": err.info.model_dump()}))
-    events.append(sse("[DONE]"))
+    events.append(_DONE)
     yield "".join(events)
+
+
+def _usage(sub: Submitted) -> str:
+    return f',"usage":{_ENCODE(usage_of(sub).model_dump())}'
 
 
 def completion_events(
@@ -514,19 +560,20 @@ def completion_events(
         text: str,
         ids: list[int],
         lps: list[dict[int, float]],
-    ) -> dict[str, Any]:
+    ) -> str:
         if i is None or c is None:
-            return {"object": "text_completion", "choices": []}
+            return '"object":"text_completion","choices":[]'
         if body.echo and i not in offsets:
             text = echo_texts[i // sub.n] + text
-        logprobs = None
+        logprobs = "null"
         if body.logprobs is not None and lps:
-            logprobs = completion_logprobs(
-                state, ids, lps, body.logprobs, offsets.get(i, 0)
-            ).model_dump()
+            lp = completion_logprobs(state, ids, lps, body.logprobs, offsets.get(i, 0))
+            logprobs = _ENCODE(lp.model_dump())
         offsets[i] = offsets.get(i, 0) + len(text)
-        choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
-        return {"object": "text_completion", "choices": [choice]}
+        return (
+            f'"object":"text_completion","choices":[{{"index":{i},"text":{_STR(text)},'
+            f'"logprobs":{logprobs},"finish_reason":{_json_or_null(c.finish_reason)}}}]'
+        )
 
     return _events(state, sub, body, chunk)
 
@@ -564,19 +611,16 @@ def chat_events(
         text: str,
         ids: list[int],
         lps: list[dict[int, float]],
-    ) -> dict[str, Any]:
+    ) -> str:
         if i is None or c is None:
-            return {"object": "chat.completion.chunk", "choices": []}
-        logprobs = None
+            return '"object":"chat.completion.chunk","choices":[]'
+        logprobs = "null"
         if k is not None and lps:
-            logprobs = chat_logprobs(state, ids, lps, k).model_dump()
-        delta = {"content": text} if text else {}
-        choice = {
-            "index": i,
-            "delta": delta,
-            "logprobs": logprobs,
-            "finish_reason": c.finish_reason,
-        }
-        return {"object": "chat.completion.chunk", "choices": [choice]}
+            logprobs = _ENCODE(chat_logprobs(state, ids, lps, k).model_dump())
+        delta = f'{{"content":{_STR(text)}}}' if text else "{}"
+        return (
+            f'"object":"chat.completion.chunk","choices":[{{"index":{i},"delta":{delta},'
+            f'"logprobs":{logprobs},"finish_reason":{_json_or_null(c.finish_reason)}}}]'
+        )
 
     return _events(state, sub, body, chunk, first)
