@@ -197,15 +197,20 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_server(
+    args: argparse.Namespace, root: Path | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`python -m engine.serve` with the benchmark's engine arguments, served from `root` (a
+    checkout; default this one), once healthy: (process, base URL)."""
     port = _free_port()
     cmd = [sys.executable, "-m", "engine.serve", "--model", args.model, "--port", str(port),
            "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
            "--kv-cache-gib", str(args.kv_cache_gib), "--log-level", "warning",
            "--served-model-name", "bench",
-           "--engine-process" if args.engine_process else "--no-engine-process"]  # fmt: skip
+           "--engine-process" if getattr(args, "engine_process", True)
+           else "--no-engine-process"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen(cmd, env=env, cwd=root or Path(__file__).resolve().parents[1])
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:

@@ -28,11 +28,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,42 +38,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import serve as bench  # noqa: E402  (benchmarks/serve.py: workload, streamed request client)
+from validate_perf import tiny_model  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def tiny_model() -> str:
-    """The random tiny Llama of benchmarks/validate_perf.py (same seed, same shape, same dir)."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from fixtures_models import build_tiny_model
-
-    d = Path(tempfile.gettempdir()) / "skybroker-validate-tiny-llama"
-    if not (d / "config.json").is_file():
-        build_tiny_model(d, "llama", max_position_embeddings=2048)
-    return str(d)
-
-
-def start_server(a: argparse.Namespace, root: Path = ROOT) -> tuple[subprocess.Popen, str]:
-    port = bench._free_port()
-    cmd = [sys.executable, "-m", "engine.serve", "--model", a.model, "--port", str(port),
-           "--max-model-len", str(a.max_model_len), "--max-num-seqs", str(a.max_num_seqs),
-           "--kv-cache-gib", str(a.kv_cache_gib), "--log-level", "warning",
-           "--served-model-name", "bench"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.Popen(cmd, env=env, cwd=root)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.terminate()
-    raise RuntimeError("server did not become healthy in 300 s")
 
 
 def cpu_times(pid: int) -> tuple[float, float, float]:
@@ -172,7 +137,7 @@ def main() -> None:
     servers = []
     try:
         for root in roots:
-            servers.append(start_server(a, root))
+            servers.append(bench.start_server(a, root))
             bench.timed_load(servers[-1][1], "bench", items[:4], math.inf, a.seed)  # warm-up
         print(f"workload: {len(items)} requests, output mean "
               f"{np.mean([w.output_len for w in items]):.0f} tokens; servers from "
