@@ -377,11 +377,33 @@ def report(runs: dict[float, list[dict]], rates: list[float], slo: SLOTarget, ca
               f"{tally[1]}; {sum(r['failed'] for r in rs)} failed; sent at {sent} req/s; load "
               f"{loads}; speed p10/50/90 per 1-s window "
               f"{speed}; engine steps / profile's, median decode/prefill {ratios}")  # fmt: skip
+    steady_errors(runs, rates, cap)
     for k, what in (("pred", "profile"), ("adj", "profile x measured speed")):
         worst = {p: max(v, default=float("nan")) for p, v in errors[k].items()}
         print(f"{what}: below capacity ({cap:.2f} req/s) worst |error| p50 {worst['p50']:.0%} "
               f"(goal 10%), p99 {worst['p99']:.0%} (goal 20%); SLO verdicts agree at "
               f"{sum(verdicts[k])} of {len(verdicts[k])} rates")  # fmt: skip
+
+
+def steady_errors(runs: dict[float, list[dict]], rates: list[float], cap: float,
+                  tol: float = 0.15) -> None:  # fmt: skip
+    """The profile's errors over only the runs whose engine decode steps ran at the profile's
+    speed (median step ratio within `tol` of 1): on a machine whose speed moves between the
+    profile and the run, what is left is the model's error."""
+    worst = {"p50": 0.0, "p99": 0.0}
+    kept = []
+    for rate in (r for r in rates if r < cap):
+        rs = [r for r in runs[rate] if abs(r["step_ratio"][0] - 1) <= tol]
+        kept.append(f"{rate:.2f}: {len(rs)} of {len(runs[rate])}")
+        for m in range(2):
+            for i, pct in enumerate(("p50", "p99")):
+                if rs:
+                    pv = float(np.median([pcts(r["pred"][m])[i] for r in rs]))
+                    mv = float(np.median([pcts(r["meas"][m])[i] for r in rs]))
+                    worst[pct] = max(worst[pct], abs(pv - mv) / mv)
+    print(f"runs at the profile's speed (decode step ratio within {tol:.0%} of 1), per rate "
+          f"below capacity: {'; '.join(kept)}; worst |error| over them p50 {worst['p50']:.0%}, "
+          f"p99 {worst['p99']:.0%}")  # fmt: skip
 
 
 def majority(met: list[bool]) -> bool:
