@@ -38,6 +38,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -332,6 +333,7 @@ def main() -> None:
                                    "meas": (ttft, tpot)})  # fmt: skip
     finally:
         probe.close()
+        shutil.rmtree(step_log.parent, ignore_errors=True)
     report(runs, rates, slo, cap)
     if a.dump:
         out = [{k: v for k, v in r.items() if k not in ("pred", "adj", "meas")}

@@ -300,10 +300,11 @@ def _load_model(path: str | Path) -> tuple[EngineProfile, ProfileModel]:
     """The profile at `path` and its model, read again only when the file changed (a planner
     looks at every profile file for every GPU kind, and fitting one costs a least squares)."""
     key = _stat_key(path)
-    if key is None or key not in _LOADED:
+    if key is None:  # cannot be stat-ed: load() says why it cannot be read
         prof = load(path)
-        if key is None:
-            return prof, ProfileModel.of(prof)
+        return prof, ProfileModel.of(prof)
+    if key not in _LOADED:
+        prof = load(path)
         _LOADED[key] = prof, ProfileModel.of(prof)
     return _LOADED[key]
 
