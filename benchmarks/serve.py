@@ -209,6 +209,11 @@ def start_server(
            "--served-model-name", "bench",
            "--engine-process" if getattr(args, "engine_process", True)
            else "--no-engine-process"]  # fmt: skip
+    device = getattr(args, "device", None)
+    if device:
+        cmd += ["--device", device]
+    if device == "cuda":  # the offline engine, loaded after, takes the rest (up to its 0.9)
+        cmd += ["--gpu-memory-utilization", "0.45"]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.Popen(cmd, env=env, cwd=root or Path(__file__).resolve().parents[1])
     url = f"http://127.0.0.1:{port}"
@@ -299,6 +304,7 @@ def load_offline(args: argparse.Namespace):  # -> LLMEngine (imported lazily)
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
             kv_cache_gib=args.kv_cache_gib,
+            device=args.device or "auto",
         )
     )
 
@@ -366,7 +372,9 @@ def main() -> None:
     p.add_argument("--max-output-len", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--kv-cache-gib", type=float, default=1.0)
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size (CPU)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="the server's and the offline engine's (default: CUDA if there is one)")  # fmt: skip
     p.add_argument("--vocab-size", type=int, default=None, help="default: read from the model")
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=200.0)

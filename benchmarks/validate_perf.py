@@ -193,7 +193,7 @@ def measure_profile(a: argparse.Namespace) -> None:
     cmd = [sys.executable, "-m", "engine.profile", "--model", a.model, "--out", a.profile,
            "--max-batch", str(a.max_num_seqs), "--max-context", "1024", "--repeats",
            str(a.repeats), "--kv-cache-gib", str(a.kv_cache_gib),
-           "--max-num-batched-tokens", str(a.max_num_batched_tokens)]  # fmt: skip
+           "--max-num-batched-tokens", str(a.max_num_batched_tokens), "--device", a.device]  # fmt: skip
     print("$", " ".join(cmd), flush=True)
     engine_cpus = {a.pin[1]} if a.pin else None
     subprocess.run(cmd, check=True, cwd=ROOT,
@@ -212,9 +212,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-input-len", type=int, default=384)
     p.add_argument("--max-output-len", type=int, default=64)
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="prompt token ids are drawn below this (default: the model's vocabulary)")  # fmt: skip
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--kv-cache-gib", type=float, default=0.25)
+    p.add_argument("--kv-cache-gib", type=float, default=0.25, help="KV cache size (CPU)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the profiler and the server run the engine")  # fmt: skip
     p.add_argument("--slo-ttft-ms", type=float, default=None,
                    help="TTFT limit (default: derived from the simulator so that its capacity "
                    "falls between the near and the over rate)")  # fmt: skip
@@ -239,7 +243,7 @@ def main() -> None:
     from engine.loader import load_model_config
     from engine.profile import ServingProbe
 
-    vocab = load_model_config(a.model).vocab_size
+    vocab = a.vocab_size or load_model_config(a.model).vocab_size
     items = bench.make_workload(a.num_prompts, vocab, a.seed, a.max_input_len, a.max_output_len)
     ins = np.array([len(i.prompt_token_ids) for i in items])
     outs = np.array([i.output_len for i in items])
@@ -298,7 +302,7 @@ def main() -> None:
     step_log = Path(tempfile.mkdtemp(prefix="validate-steps-")) / "steps.jsonl"
     step_log.touch()
     probe = ServingProbe(SimpleNamespace(model=a.model, max_num_batched_tokens=a.max_num_batched_tokens,
-                                         kv_cache_gib=a.kv_cache_gib, device="cpu", threads=1),
+                                         kv_cache_gib=a.kv_cache_gib, device=a.device, threads=1),
                          a.max_num_seqs, step_log=str(step_log))  # fmt: skip
     url = f"http://127.0.0.1:{probe.port}"
     if a.pin:  # the engine runs in the server's child process

@@ -160,8 +160,9 @@ class Profiler:
         self.samples: dict[tuple[int, int, int], list[float]] = {}
 
     def _prompt(self, n: int) -> list[int]:
-        # random ids: no prefix-cache hits between requests
-        vocab = self.engine.model_config.vocab_size
+        # random ids: no prefix-cache hits between requests; below both vocabularies, since
+        # the server takes only ids its tokenizer knows (random-weight models ship a small one)
+        vocab = min(self.engine.model_config.vocab_size, self.engine.tokenizer.vocab_size)
         return torch.randint(0, vocab, (n,), generator=self.gen).tolist()
 
     def _add(self, n: int, max_tokens: int) -> str:
@@ -492,6 +493,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="prefill token budget per step (default: 2048 cpu, 8192 gpu)")  # fmt: skip
     ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU KV cache size")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None,
+                    help="share of the GPU the profiled engine takes (default 0.9; 0.45 when the "
+                    "serving probe, a second engine, shares the GPU)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
     ap.add_argument("--no-serving", action="store_true",
                     help="skip timing a real engine.serve (the server's own overhead)")  # fmt: skip
@@ -511,6 +515,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ):
         if getattr(args, name) is None:
             setattr(args, name, gpu_default if gpu else cpu_default)
+    if args.gpu_memory_utilization is None:
+        args.gpu_memory_utilization = 0.9 if args.no_serving else 0.45
     for name in ("max_batch", "max_context", "repeats", "threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -525,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = LLMEngine.from_args(EngineArgs(
             model=args.model, device=args.device, dtype=args.dtype,
             tensor_parallel_size=args.tensor_parallel_size, kv_cache_gib=args.kv_cache_gib,
+            gpu_memory_utilization=args.gpu_memory_utilization,
             max_num_seqs=max(args.max_batch + 1, 2),
             max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=False))  # fmt: skip
