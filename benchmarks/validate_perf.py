@@ -195,9 +195,12 @@ def measure_profile(a: argparse.Namespace) -> None:
            str(a.repeats), "--kv-cache-gib", str(a.kv_cache_gib),
            "--max-num-batched-tokens", str(a.max_num_batched_tokens), "--device", a.device]  # fmt: skip
     print("$", " ".join(cmd), flush=True)
-    engine_cpus = {a.pin[1]} if a.pin else None
+    # Pinned, the profiler gets both CPUs: its serving probe's HTTP process then runs beside
+    # the probe's engine, as the validated server's does (on one CPU with it, the server's
+    # per-token work would count as engine time the served engine never spends).
+    cpus = set(a.pin) if a.pin else None
     subprocess.run(cmd, check=True, cwd=ROOT,
-                   preexec_fn=(lambda: os.sched_setaffinity(0, engine_cpus)) if a.pin else None)  # fmt: skip
+                   preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if a.pin else None)  # fmt: skip
 
 
 def main() -> None:
@@ -226,8 +229,8 @@ def main() -> None:
     p.add_argument("--slo-percentile", type=float, default=99.0)
     p.add_argument("--pin", type=lambda v: [int(c) for c in v.split(",")], default=None,
                    metavar="CLIENT,ENGINE", help="pin this client and the HTTP process to CPU "
-                   "CLIENT, the engine process (and the profiler) to CPU ENGINE, e.g. 0,1: the "
-                   "load generator then takes no CPU from the engine")  # fmt: skip
+                   "CLIENT, the engine process to CPU ENGINE, e.g. 0,1 (the profiler gets both): "
+                   "the load generator then takes no CPU from the engine")  # fmt: skip
     p.add_argument("--dump", help="write per-request sent/measured/predicted times (JSON) here")
     p.add_argument("--rates", default="", help="comma-separated light,near,over req/s (default: "
                    "0.3, 0.8, 1.5 x the simulator's saturated throughput; with --slo-ttft-ms, "

@@ -67,16 +67,21 @@ class Grid:
     mixed: tuple[tuple[int, int, int], ...] = ((4, 256, 64), (8, 256, 128))  # (B, C, P)
 
     def limited(self, max_batch: int, max_tokens: int, max_len: int) -> Grid:
+        """The grid within the engine's limits. Mixed points are clamped into them, not
+        dropped: a profile without one cannot tell what a step that prefills beside running
+        decodes costs (on CUDA, a prefill and a decode pass)."""
         ctxs = tuple(c for c in self.decode_contexts if c < max_len) or (max_len // 2,)
+        mixed: list[tuple[int, int, int]] = []
+        for b, c, p in self.mixed:
+            b = min(b, max_batch)
+            point = (b, min(c, ctxs[-1]), min(p, max_tokens - b, max_len - 1))
+            if point[2] > 0 and point not in mixed:
+                mixed.append(point)
         return Grid(
             tuple(p for p in self.prefill_tokens if p <= min(max_tokens, max_len - 1)),
             tuple(b for b in self.decode_batches if b <= max_batch),
             ctxs,
-            tuple(
-                m
-                for m in self.mixed
-                if m[0] <= max_batch and m[2] + m[0] <= max_tokens and m[1] < max_len
-            ),
+            tuple(mixed),
         )
 
 
