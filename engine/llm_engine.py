@@ -171,6 +171,7 @@ class LLMEngine:
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq)
             touched[seq.request_id] = self.requests[seq.request_id]
+        shape = self._step_shape(out)  # before a finishing sequence frees its blocks
         rows: list[int] = []
         sample_seqs: list[Sequence] = []
         for row, i in enumerate(sampling):
@@ -196,7 +197,7 @@ class LLMEngine:
                 if req.first_token_time is None:
                     req.first_token_time = now
                 self._check_stop(seq, token)
-        self._record_step(out, time.perf_counter() - t0)
+        self._record_step(out, shape, time.perf_counter() - t0)
         outputs = [self._make_output(req) for req in touched.values()]
         for o in outputs:
             if o.finished:
@@ -269,15 +270,21 @@ class LLMEngine:
             num_cached_tokens=req.seqs[0].num_cached_tokens,
         )
 
-    def _record_step(self, out, duration: float) -> None:
-        c = self.counters
-        c.num_steps += 1
-        c.prompt_tokens_total += sum(out.num_prefill_tokens)
+    @staticmethod
+    def _step_shape(out) -> tuple[int, float]:
+        """(context tokens, prefill attention pairs) of the step just run."""
         ctx = sum(s.num_computed_tokens for s in out.seqs)
         pairs = sum(
             n * (s.num_computed_tokens - n / 2)
             for s, n in zip(out.prefill_seqs, out.num_prefill_tokens, strict=True)
         )
+        return ctx, pairs
+
+    def _record_step(self, out, shape: tuple[int, float], duration: float) -> None:
+        c = self.counters
+        c.num_steps += 1
+        c.prompt_tokens_total += sum(out.num_prefill_tokens)
+        ctx, pairs = shape
         st = StepStats(
             len(out.decode_seqs),
             len(out.prefill_seqs),

@@ -347,6 +347,8 @@ def test_engine_step_api_abort_and_metrics(tiny_llama_dir: Path, tmp_path: Path)
     assert lines[0]["num_prefill_seqs"] == 2 and lines[1]["num_decode_seqs"] == 1
     lens = [len(eng.tokenizer.encode(p)) for p in PROMPTS[:2]]
     assert lines[0]["prefill_attn_pairs"] == pytest.approx(sum(n * n / 2 for n in lens))
+    # the step that finishes "keep" counts its context before the blocks are freed
+    assert lines[-1]["num_context_tokens"] == lens[0] + 4
     assert all(a["start"] + a["duration_s"] <= b["start"] for a, b in pairwise(lines))
 
 
