@@ -12,14 +12,16 @@ a serving replica pays per step) over a grid of batch shapes:
 Each point is the median of `--repeats` steps; `step_noise` keeps the spread of single steps
 around their shape's median (quantiles, pooled over the grid), which the simulator samples.
 Then (unless --no-serving) it starts a real `python -m engine.serve` with the same settings
-and times streamed /v1/completions requests from a client (stdlib http.client): an idle
-request's TTFT minus the engine's prefill step gives the per-request server overhead; the TPOT
-of B concurrent streams minus the engine's decode step at B gives the server's per-step and
-per-sequence overhead (the profile's "serving" section, which the planner adds to the step
-times). Each server timing is paired with the same shape's bare-engine step timed right after
-it in this process, so load that changes between the grid and the probe cancels out
-(`--serving-only` re-times just this section of an existing profile). The JSON follows the planner's measured
-profile format ("skybroker-engine-profile/1", see skybroker/perf/profile.py), written here
+and a step log, and times streamed /v1/completions requests from a client (stdlib
+http.client): an idle request's TTFT minus the engine's prefill step gives the per-request
+server overhead (each paired with the same shape's bare-engine step timed right after it in
+this process, so load that changes between the grid and the probe cancels out). A staggered
+streaming load follows; from the server's step log come the engine loop's gaps between
+back-to-back decode steps (the per-step and per-sequence overhead of serving) and the steps the
+served engine ran (`serving_steps`: the simulator draws its step-time factors from their
+ratio to the grid's fit, which carries what serving costs the engine beyond the grid).
+`--serving-only` re-times just these sections of an existing profile. The JSON follows the
+planner's measured profile format ("skybroker-engine-profile/1", see skybroker/perf/profile.py), written here
 without importing skybroker (the engine never does), tagged with the hardware (GPU kind and
 count on CUDA; CPU model, core count and torch threads on CPU) and the model's identity
 (name, arch_hash computed as skybroker.models.ModelArch.arch_hash, dtype).
@@ -34,15 +36,18 @@ import json
 import os
 import platform
 import re
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -397,62 +402,92 @@ def _busy_ttft_extra(probe: ServingProbe, prof: Profiler, ref: Profiler, grid: G
     return [t - engine for t in ttfts] or [0.0]
 
 
+def _staggered(probe: ServingProbe, prompts: list[list[int]], max_tokens: list[int],
+               gap_s: float) -> None:  # fmt: skip
+    """Stream each prompt, the i-th starting i * gap_s after the first: requests arrive while
+    others decode, so the server runs prefill, mixed and decode steps of many batch sizes."""
+
+    def one(i: int) -> None:
+        time.sleep(i * gap_s)
+        _stream(probe.port, prompts[i], max_tokens[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def loop_overhead(steps: list[dict]) -> tuple[float, float]:
+    """(per step, per sequence) seconds the serving engine's loop spends between two
+    back-to-back decode steps of the same batch (sending the step's tokens to the HTTP process,
+    taking in commands): least squares over the median gap per batch size, clipped at 0."""
+    gaps: dict[int, list[float]] = {}
+    for a, b in pairwise(steps):
+        n = a["num_decode_seqs"]
+        if a["num_prefill_tokens"] == b["num_prefill_tokens"] == 0 and b["num_decode_seqs"] == n:
+            gaps.setdefault(n, []).append(max(b["start"] - a["start"] - a["duration_s"], 0.0))
+    med = [(n, statistics.median(g)) for n, g in sorted(gaps.items()) if len(g) >= 5]
+    if not med:
+        return 0.0, 0.0
+    if len(med) == 1:
+        return med[0][1], 0.0
+    ns, gs = np.array([n for n, _ in med], float), np.array([g for _, g in med])
+    slope = max(float(np.polyfit(ns, gs, 1)[0]), 0.0)
+    return max(float(np.mean(gs - slope * ns)), 0.0), slope
+
+
 def measure_serving(prof: Profiler, points: list[dict], args: argparse.Namespace,
-                    grid: Grid) -> dict:  # fmt: skip
-    """The server's overhead over bare engine steps (see the module docstring). Each server
-    timing is paired with the same shape's engine step timed right after it in this process
-    (`_engine_step`), not with the grid's points measured minutes before."""
-    batches = [b for b in grid.decode_batches if _point(points, 0, b)][:4] or [1]
+                    grid: Grid) -> tuple[dict, list[list[float]]]:  # fmt: skip
+    """The server's overhead over bare engine steps (see the module docstring), and the steps
+    the served engine ran under a streaming load (from its step log). Each TTFT is paired with
+    the same shape's engine step timed right after it in this process (`_engine_step`), not
+    with the grid's points measured minutes before."""
     ref = Profiler(prof.engine, max(3, args.repeats // 2), seed=2)
-    probe = ServingProbe(args, max(max(batches), 2))
+    max_seqs = max(max(grid.decode_batches), 2)
+    log = Path(tempfile.mkdtemp(prefix="profile-steps-")) / "steps.jsonl"
+    probe = ServingProbe(args, max_seqs, step_log=str(log))
     try:
         _stream(probe.port, prof._prompt(8), 4)  # warm-up
+        warm = len(log.read_text().splitlines())
         ttft_extra = []
         for p in grid.prefill_tokens[:2]:
             for _ in range(args.repeats):
                 ttft, _, _ = _stream(probe.port, prof._prompt(p), 2)
                 ttft_extra.append(ttft - _engine_step(ref, p, 0, p))
-        ctx = grid.decode_contexts[0]
         # settle for ~3 decode steps between probes
-        settle = 3 * statistics.median(q["seconds"] for q in points if not q["num_prefill_tokens"])
-        busy_extra = _busy_ttft_extra(probe, prof, ref, grid, args.repeats, settle)
-        resid = []
-        for b in batches:
-            diffs = []
-            for _ in range(max(2, args.repeats // 2)):
-                steps = 2 * args.repeats + 2
-                res = probe.concurrent([prof._prompt(ctx) for _ in range(b)], steps)
-                tpot = statistics.median([span / (n - 1) for _, span, n in res if n > 1])
-                diffs.append(tpot - _engine_step(ref, 0, b, ctx + steps // 2))
-            resid.append((b, statistics.median(diffs)))
+        step_s = statistics.median(q["seconds"] for q in points if not q["num_prefill_tokens"])
+        busy_extra = _busy_ttft_extra(probe, prof, ref, grid, args.repeats, 3 * step_s)
+        n = min(3 * max_seqs, 48)
+        lens = grid.prefill_tokens[:3]
+        _staggered(probe, [prof._prompt(lens[i % len(lens)]) for i in range(n)],
+                   [16 + 8 * (i % 4) for i in range(n)], step_s)  # fmt: skip
+        steps = [json.loads(line) for line in log.read_text().splitlines()[warm:]]
     finally:
         probe.close()
-    # per-step + per-sequence overhead: least squares on (B, TPOT - engine step), clipped at 0
-    bs = [b for b, _ in resid]
-    rs = [r for _, r in resid]
-    if len(set(bs)) > 1:
-        mb, mr = statistics.fmean(bs), statistics.fmean(rs)
-        slope = sum((b - mb) * (r - mr) for b, r in resid) / sum((b - mb) ** 2 for b in bs)
-        slope = max(slope, 0.0)
-        icpt = max(mr - slope * mb, 0.0)
-    else:
-        slope, icpt = 0.0, max(rs[0], 0.0)
+        shutil.rmtree(log.parent, ignore_errors=True)
+    icpt, slope = loop_overhead(steps)
     serving = {"request_overhead_s": max(statistics.median(ttft_extra), 0.0),
                "busy_request_overhead_s": max(statistics.median(busy_extra), 0.0),
                "step_overhead_s": icpt, "per_seq_overhead_s": slope,
-               "note": f"paired with the bare engine's step timed right after: TTFT - "
-                       f"prefill step over {len(ttft_extra)} idle requests; TTFT - (half a "
-                       f"decode step + the mixed step) over {len(busy_extra)} requests beside "
-                       f"running streams; TPOT - decode step at batches {bs}: "
-                       + ", ".join(f"{r * 1e3:+.1f} ms" for r in rs)}  # fmt: skip
+               "note": f"TTFT - prefill step over {len(ttft_extra)} idle requests (paired with "
+                       f"the bare engine's step timed right after); TTFT - (half a decode step + "
+                       f"the mixed step) over {len(busy_extra)} requests beside running streams; "
+                       f"step and per-sequence overhead: the engine loop's gaps between "
+                       f"back-to-back decode steps over {len(steps)} served steps"}  # fmt: skip
+    served = [[s["num_prefill_tokens"], s["num_decode_seqs"], s["num_context_tokens"],
+               round(s.get("prefill_attn_pairs", 0.0), 1), round(s["duration_s"], 7)]
+              for s in steps]  # fmt: skip
     print(f"  serving overhead: request {serving['request_overhead_s'] * 1e3:.1f} ms idle, "
-          f"{serving['busy_request_overhead_s'] * 1e3:.1f} ms busy, step "
-          f"{icpt * 1e3:.2f} ms + {slope * 1e3:.2f} ms/seq", file=sys.stderr)  # fmt: skip
-    return serving
+          f"{serving['busy_request_overhead_s'] * 1e3:.1f} ms busy, engine loop "
+          f"{icpt * 1e3:.3f} ms + {slope * 1e3:.3f} ms/seq per step; {len(served)} served "
+          f"steps", file=sys.stderr)  # fmt: skip
+    return serving, served
 
 
 def profile_dict(engine: LLMEngine, points: list[dict], wall_s: float,
-                 serving: dict | None = None, step_noise: list[float] | None = None) -> dict:  # fmt: skip
+                 serving: dict | None = None, step_noise: list[float] | None = None,
+                 serving_steps: list[list[float]] | None = None) -> dict:  # fmt: skip
     a = engine.args
     d = {
         "schema": SCHEMA,
@@ -476,6 +511,8 @@ def profile_dict(engine: LLMEngine, points: list[dict], wall_s: float,
     }
     if serving:
         d["serving"] = serving
+    if serving_steps:
+        d["serving_steps"] = serving_steps
     return d
 
 
@@ -554,17 +591,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.serving_only:  # keep the file's steps, re-time the server against them
         data = json.loads(out.read_text())
         points = data["points"]
-        data["serving"] = measure_serving(
+        data["serving"], data["serving_steps"] = measure_serving(
             Profiler(engine, args.repeats, seed=1), points, args, grid
         )
         data["source"] += (f"; serving re-measured {datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} "
                            f"(load average {os.getloadavg()[0]:.1f})")  # fmt: skip
     else:
         points, noise = measure(engine, grid, args.repeats)
-        serving = None
+        serving, served = None, None
         if not args.no_serving:
-            serving = measure_serving(Profiler(engine, args.repeats, seed=1), points, args, grid)
-        data = profile_dict(engine, points, time.perf_counter() - t0, serving, noise)
+            serving, served = measure_serving(
+                Profiler(engine, args.repeats, seed=1), points, args, grid
+            )
+        data = profile_dict(engine, points, time.perf_counter() - t0, serving, noise, served)
     engine.shutdown()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1) + "\n")

@@ -11,9 +11,16 @@ import numpy as np
 import pytest
 from test_profile import profile_dict
 
-from engine.profile import Profiler, _engine_step
+from engine.profile import Profiler, _engine_step, loop_overhead
 from skybroker.perf.capacity import SLOTarget
-from skybroker.perf.profile import ProfileError, ProfileModel, validate
+from skybroker.perf.profile import (
+    MIN_SERVING_STEPS,
+    ProfileError,
+    ProfileModel,
+    load,
+    save,
+    validate,
+)
 from skybroker.perf.simulator import NOISE_RING, SchedulerConfig, StepNoise, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +90,60 @@ def test_noise_mean_and_seed() -> None:
 def test_bad_step_noise_is_rejected(bad: object) -> None:
     with pytest.raises(ProfileError, match="step_noise must list"):
         validate(profile_dict(step_noise=bad))
+
+
+def served_profile(step_s: float, served: list[list[float]]) -> ProfileModel:
+    fit = {"intercept": step_s, "per_prefill_token": 0.0, "per_decode_seq": 0.0,
+           "per_context_token": 0.0}  # fmt: skip
+    return ProfileModel.of(validate(profile_dict(fit=fit, step_noise=[1.0, 1.0],
+                                                 serving_steps=served)))  # fmt: skip
+
+
+def test_served_steps_set_the_simulated_step_factors(tmp_path: Path) -> None:
+    """Served steps at 1.5x and 2.5x the fit's 0.01 s (alternating): the simulator's factors
+    come from them, not from the grid's step_noise: a long decode averages 2 x 0.01 s per
+    token. The steps survive a save/load round trip."""
+    served = [[0, 1, 100, 0, 0.015 if i % 2 else 0.025] for i in range(MIN_SERVING_STEPS)]
+    model = served_profile(0.01, served)
+    assert model.step_noise[0] == pytest.approx(1.5) and model.step_noise[-1] == 2.5
+    assert len(model.step_noise) == 101
+    r = simulate(model, BIG, np.array([0.0]), np.array([8]), np.array([2000]), seed=1)
+    assert r.tpot[0] == pytest.approx(0.02, rel=0.03)
+    save(model.profile, tmp_path / "p.json")
+    assert load(tmp_path / "p.json").serving_steps == served
+    few = served_profile(0.01, served[: MIN_SERVING_STEPS - 1])  # too few: the grid's noise
+    assert few.step_noise == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("bad", [[[0, 1, 100, 0]], [[0, 1, 100, 0, 0.0]], [[0, -1, 1, 0, 1.0]],
+                                 "steps"])  # fmt: skip
+def test_bad_serving_steps_are_rejected(bad: object) -> None:
+    with pytest.raises(ProfileError, match="serving_steps must list"):
+        validate(profile_dict(serving_steps=bad))
+
+
+def _log(shapes: list[tuple[int, int, float, float]]) -> list[dict]:
+    """Step-log lines from (prefill tokens, decode seqs, start, duration)."""
+    return [{"num_prefill_tokens": p, "num_decode_seqs": n, "start": t, "duration_s": d}
+            for p, n, t, d in shapes]  # fmt: skip
+
+
+def test_loop_overhead_fits_the_gaps_between_back_to_back_decode_steps() -> None:
+    """Gaps of 0.1 ms + 0.02 ms per sequence between decode steps of the same batch; a gap
+    after a prefill step, one where the batch changes and an idle wait do not count."""
+    shapes, t = [], 0.0
+    for n in (1, 2, 4, 8):
+        for _ in range(6):
+            shapes.append((0, n, t, 0.002))
+            t += 0.002 + 1e-4 + 2e-5 * n
+        t += 5.0  # idle: the next batch starts later (its first gap crosses a batch change)
+    shapes.insert(3, (64, 1, shapes[2][2] + 0.0021, 0.004))  # a prefill step inside batch 1
+    for i in range(4, len(shapes)):
+        if shapes[i][1] == 1:
+            shapes[i] = (0, 1, shapes[i][2] + 0.0041 + 1e-4 + 2e-5, 0.002)
+    step, per_seq = loop_overhead(_log(shapes))
+    assert step == pytest.approx(1e-4, rel=1e-3) and per_seq == pytest.approx(2e-5, rel=1e-3)
+    assert loop_overhead(_log([(0, 1, 0.0, 0.002)])) == (0.0, 0.0)
 
 
 def test_profiler_step_noise_pools_ratios_to_each_shape_median() -> None:

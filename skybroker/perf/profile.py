@@ -28,6 +28,8 @@ Schema (version "skybroker-engine-profile/1"):
       "serving": {"request_overhead_s": 0.012, "step_overhead_s": 0.002,
                   "per_seq_overhead_s": 0.0004,
                   "busy_request_overhead_s": 0.03},                    # optional (see below)
+      "step_noise": [0.9, 1.0, 1.3],                                   # optional (see below)
+      "serving_steps": [[0, 4, 1040, 0, 0.0021], ...],                 # optional (see below)
       "created": "2026-11-26T01:00:00Z", "source": "benchmarks/engine_profile.py"
     }
 
@@ -43,9 +45,18 @@ empty cache (a point may record `prefill_attn_pairs` itself). A fit without `per
 profiler against a real `engine.serve` process): `request_overhead_s` once per request before
 its first token (HTTP, JSON, tokenization, the hop to the engine thread and back, the first
 SSE chunk) on an idle server, `busy_request_overhead_s` (optional) the same while the engine
-is stepping (the event loop then waits on the GIL the engine thread holds), `step_overhead_s` per engine step and `per_seq_overhead_s` per sequence per step
-(streaming each token: detokenized text, an SSE chunk, the event loop sharing the GIL with
-the engine thread). A profile without it predicts the bare engine.
+is stepping, and `step_overhead_s` + `per_seq_overhead_s` x sequences: the engine loop's time
+between two back-to-back steps (sending the step's tokens to the HTTP process, taking in new
+requests). A profile without it predicts the bare engine.
+
+`step_noise` lists quantiles (evenly spaced from 0 to 1) of one grid step's time over its
+shape's median; the simulator draws each step's time factor from them. `serving_steps` lists
+the steps the served engine ran under the profiler's streaming load, each
+[prefill tokens, decode sequences, context tokens, prefill attention pairs, seconds] from the
+server's step log. When there are enough, the simulator's factors come from them instead: each
+served step's time over the fit's time for its shape. That carries what serving costs the
+engine beyond the grid's steps (a neighbour process on a small machine, caches the grid's
+back-to-back steps keep warm), not only the spread.
 """
 
 from __future__ import annotations
@@ -74,6 +85,8 @@ FIT_KEYS = (
     "per_attn_pair",
 )
 SERVING_KEYS = ("request_overhead_s", "step_overhead_s", "per_seq_overhead_s")
+MIN_SERVING_STEPS = 50  # fewer served steps: the grid's step_noise stands
+NOISE_QUANTILES = 101  # served-step factors kept for the simulator (1% apart: a fine tail)
 
 
 class ProfileError(ValueError):
@@ -92,6 +105,7 @@ class EngineProfile:
     path: str = ""
     serving: dict[str, float] = field(default_factory=dict)
     step_noise: list[float] = field(default_factory=list)
+    serving_steps: list[list[float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"schema": SCHEMA, "hardware": self.hardware, "model": self.model,
@@ -101,6 +115,8 @@ class EngineProfile:
             d["serving"] = self.serving
         if self.step_noise:
             d["step_noise"] = self.step_noise
+        if self.serving_steps:
+            d["serving_steps"] = self.serving_steps
         return d
 
     @property
@@ -215,9 +231,17 @@ def validate(data: Any, where: str = "profile") -> EngineProfile:
                   or any(b < a for a, b in pairwise(noise))):  # fmt: skip
         raise ProfileError(f"{where}: step_noise must list >= 2 nondecreasing quantiles > 0 of a "
                            f"step's time over its shape's median, got {noise!r}")  # fmt: skip
+    served = data.get("serving_steps") or []
+    if served and (not isinstance(served, list) or any(
+        not isinstance(r, list) or len(r) != 5 or any(not isinstance(v, int | float) or v < 0
+                                                      for v in r) or r[4] <= 0 for r in served
+    )):  # fmt: skip
+        raise ProfileError(f"{where}: serving_steps must list [prefill tokens, decode seqs, "
+                           f"context tokens, attention pairs, seconds] (numbers >= 0, seconds "
+                           f"> 0)")  # fmt: skip
     return EngineProfile(hw, model, points, dict(fit), data.get("engine") or {},
                          data.get("created", ""), data.get("source", ""), where,
-                         dict(serving), list(noise))  # fmt: skip
+                         dict(serving), list(noise), [list(r) for r in served])  # fmt: skip
 
 
 def load(path: str | Path) -> EngineProfile:
@@ -230,6 +254,19 @@ def load(path: str | Path) -> EngineProfile:
 
 def save(profile: EngineProfile, path: str | Path) -> None:
     Path(path).write_text(json.dumps(profile.to_dict(), indent=1) + "\n")
+
+
+_SERVED_NOISE: dict[str, list[float]] = {}
+
+
+def _served_noise(key: str, profile: EngineProfile) -> list[float]:
+    """NOISE_QUANTILES quantiles of (served step seconds / the fit's seconds for its shape)."""
+    if key not in _SERVED_NOISE:
+        model = ProfileModel(profile, key)
+        ratios = [r[4] / max(model.bare_step_time(*r[:4]), 1e-9) for r in profile.serving_steps]
+        qs = np.quantile(ratios, np.linspace(0.0, 1.0, NOISE_QUANTILES))
+        _SERVED_NOISE[key] = [round(float(q), 4) for q in qs]
+    return _SERVED_NOISE[key]
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,8 +293,22 @@ class ProfileModel:
 
     @property
     def step_noise(self) -> list[float]:
-        """Quantiles of one step's time over its shape's median (empty: not measured)."""
-        return self.profile.step_noise
+        """The simulator's step-time factors, as quantiles: of the served engine's steps over
+        the fit (`serving_steps`, when there are enough), else of the grid's steps over their
+        shape's median (empty: not measured)."""
+        served = self.profile.serving_steps
+        if len(served) < MIN_SERVING_STEPS:
+            return self.profile.step_noise
+        return _served_noise(self.cache_key, self.profile)
+
+    def bare_step_time(self, num_prefill_tokens: float, num_decode_seqs: float,
+                       total_context_tokens: float, prefill_attn_pairs: float = 0.0) -> float:  # fmt: skip
+        """The fit alone: one `LLMEngine.step()` of this shape, without the server's share."""
+        f = self.profile.fit
+        return (f["intercept"] + f["per_prefill_token"] * num_prefill_tokens
+                + f["per_decode_seq"] * num_decode_seqs
+                + f["per_context_token"] * total_context_tokens
+                + f["per_attn_pair"] * prefill_attn_pairs)  # fmt: skip
 
     def _coefficients(self) -> tuple[float, float, float, float, float]:
         f, s = self.profile.fit, self.profile.serving
