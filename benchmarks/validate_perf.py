@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gzip
 import json
 import math
 import os
@@ -57,7 +58,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import serve as bench  # noqa: E402  (benchmarks/serve.py: workload, streamed request timing)
 
 from skybroker.perf.capacity import SLOTarget, max_rate  # noqa: E402
-from skybroker.perf.profile import ProfileModel, load  # noqa: E402
+from skybroker.perf.profile import EngineProfile, ProfileModel, load  # noqa: E402
 from skybroker.perf.simulator import SchedulerConfig, simulate  # noqa: E402
 from skybroker.perf.workload import RequestClass  # noqa: E402
 
@@ -118,14 +119,6 @@ def speed_trace(steps: list[dict], bare: ProfileModel, t0: float,
     factors = np.array([float(np.median(r)) if len(r := ratio[which == i]) >= 3 else overall
                         for i in range(len(starts))])  # fmt: skip
     return starts, factors
-
-
-def read_steps(path: Path, offset: int) -> tuple[list[dict], int]:
-    """The step log's lines from byte `offset` on, and the new end offset."""
-    with path.open("rb") as f:
-        f.seek(offset)
-        data = f.read()
-    return [json.loads(line) for line in data.splitlines() if line.strip()], offset + len(data)
 
 
 def pcts(x: np.ndarray) -> tuple[float, float]:
@@ -232,25 +225,41 @@ def main() -> None:
                    "CLIENT, the engine process to CPU ENGINE, e.g. 0,1 (the profiler gets both): "
                    "the load generator then takes no CPU from the engine")  # fmt: skip
     p.add_argument("--dump", help="write per-request sent/measured/predicted times (JSON) here")
+    p.add_argument("--replay", metavar="DUMP", help="predict a --dump's recorded runs again with "
+                   "--profile instead of measuring (no server; a .gz dump is read too)")  # fmt: skip
+    p.add_argument("--serving-from-run", type=int, default=None, metavar="K",
+                   help="with --replay: take the profile's engine-loop overhead and served steps "
+                   "from recorded run K (0-based) and predict the other runs (a held-out test of "
+                   "profiling under serving load)")  # fmt: skip
     p.add_argument("--rates", default="", help="comma-separated light,near,over req/s (default: "
                    "0.3, 0.8, 1.5 x the simulator's saturated throughput; with --slo-ttft-ms, "
                    "x its capacity at that SLO)")  # fmt: skip
     a = p.parse_args()
-    a.model = a.model or tiny_model()
+    recorded = read_dump(a.replay) if a.replay else None
+    if recorded:  # the recorded runs' rates and workload; nothing is measured
+        a.rates = ",".join(repr(r) for r in sorted({r["rate"] for r in recorded}))
+        a.measure_profile = False
+    a.model = a.model or (None if recorded else tiny_model())
     if a.pin:
         os.sched_setaffinity(0, {a.pin[0]})
     t_start = time.perf_counter()
     if a.measure_profile:
         measure_profile(a)
 
-    from engine.loader import load_model_config
-    from engine.profile import ServingProbe
+    if recorded:
+        items = recorded[0]["input_lens"]
+        ins, outs = np.array(recorded[0]["input_lens"]), np.array(recorded[0]["output_lens"])
+    else:
+        from engine.loader import load_model_config
 
-    vocab = a.vocab_size or load_model_config(a.model).vocab_size
-    items = bench.make_workload(a.num_prompts, vocab, a.seed, a.max_input_len, a.max_output_len)
-    ins = np.array([len(i.prompt_token_ids) for i in items])
-    outs = np.array([i.output_len for i in items])
+        vocab = a.vocab_size or load_model_config(a.model).vocab_size
+        items = bench.make_workload(a.num_prompts, vocab, a.seed, a.max_input_len,
+                                    a.max_output_len)  # fmt: skip
+        ins = np.array([len(i.prompt_token_ids) for i in items])
+        outs = np.array([i.output_len for i in items])
     prof = load(a.profile)
+    if recorded and a.serving_from_run is not None:
+        prof, recorded = served_from(prof, recorded, a.serving_from_run)
     model = ProfileModel.of(prof)
     blocks = int(prof.engine.get("num_kv_blocks") or 10_000)
     cfg = SchedulerConfig(a.max_num_seqs, a.max_num_batched_tokens, blocks, 16)
@@ -288,9 +297,11 @@ def main() -> None:
     cap = sim_capacity(predict, slo, lo, hi)
     sv = prof.serving
     noise = "not measured"
-    if prof.step_noise:
-        qs = np.interp([0.5, 0.9, 0.99], np.linspace(0, 1, len(prof.step_noise)), prof.step_noise)
-        noise = "p50/p90/p99 " + "/".join(f"{x:.2f}" for x in qs)
+    if model.step_noise:  # the factors the simulator draws: from served steps when there are
+        qs = np.interp([0.5, 0.9, 0.99], np.linspace(0, 1, len(model.step_noise)),
+                       model.step_noise)  # fmt: skip
+        where = "served steps / fit" if model.step_noise is not prof.step_noise else "grid"
+        noise = f"{where} p50/p90/p99 " + "/".join(f"{x:.2f}" for x in qs)
     print(f"profile {a.profile} ({prof.hardware_tag}; serving overhead: request "
           f"{sv.get('request_overhead_s', 0) * 1e3:.1f} ms, step "
           f"{sv.get('step_overhead_s', 0) * 1e3:.2f} ms + "
@@ -302,6 +313,15 @@ def main() -> None:
           f"{cap:.2f} req/s; rates {', '.join(f'{r:.2f}' for r in rates)}", flush=True)  # fmt: skip
 
     bare = ProfileModel.of(dataclasses.replace(prof, serving={}))
+    if recorded:
+        runs = {r: [replayed(x, model, bare, cfg, a.seed) for x in recorded if x["rate"] == r]
+                for r in rates}  # fmt: skip
+        report(runs, rates, slo, cap)
+        print(f"total {time.perf_counter() - t_start:.0f} s (replayed {a.replay})")
+        return
+    from engine.metrics import read_step_log
+    from engine.profile import ServingProbe
+
     step_log = Path(tempfile.mkdtemp(prefix="validate-steps-")) / "steps.jsonl"
     step_log.touch()
     probe = ServingProbe(SimpleNamespace(model=a.model, max_num_batched_tokens=a.max_num_batched_tokens,
@@ -323,10 +343,10 @@ def main() -> None:
                 res, sent, t0 = asyncio.run(run_load(url, items, rate, a.seed))
                 ttft, tpot, failed = measured(res)
                 sim = simulate(model, cfg, sent, ins, outs, seed=a.seed)
-                steps, _ = read_steps(step_log, offset)
+                steps, _ = read_step_log(step_log, offset)
                 speed = speed_trace(steps, bare, t0)
                 adj = simulate(model, cfg, sent, ins, outs, seed=a.seed, speed=speed)
-                runs[rate].append({"rate": rate, "load": la, "failed": failed,
+                runs[rate].append({"rate": rate, "load": la, "failed": failed, "t0": t0,
                                    "sent": sent.tolist(), "input_lens": ins.tolist(),
                                    "output_lens": outs.tolist(),
                                    "ttft": [r.ttft if r.ok else None for r in res],
@@ -347,6 +367,48 @@ def main() -> None:
                for rs in runs.values() for r in rs]  # fmt: skip
         Path(a.dump).write_text(json.dumps({"profile": a.profile, "runs": out}) + "\n")
     print(f"total {time.perf_counter() - t_start:.0f} s")
+
+
+def read_dump(path: str) -> list[dict]:
+    """The runs a --dump recorded (plain or gzipped JSON)."""
+    raw = Path(path).read_bytes()
+    return json.loads(gzip.decompress(raw) if path.endswith(".gz") else raw)["runs"]
+
+
+def served_from(prof: EngineProfile, recorded: list[dict],
+                k: int) -> tuple[EngineProfile, list[dict]]:  # fmt: skip
+    """The profile with its serving overheads per step and its served steps taken from run k's
+    step log (as the profiler's serving probe takes them from its own), and the other runs."""
+    from engine.profile import loop_overhead
+
+    steps = recorded[k]["steps"]
+    step_s, per_seq_s = loop_overhead(steps)
+    served = [[s["num_prefill_tokens"], s["num_decode_seqs"], s["num_context_tokens"],
+               s.get("prefill_attn_pairs", 0.0), s["duration_s"]] for s in steps]  # fmt: skip
+    serving = {**prof.serving, "step_overhead_s": step_s, "per_seq_overhead_s": per_seq_s}
+    print(f"served steps and loop overhead from run {k} (rate {recorded[k]['rate']:.2f}): "
+          f"{len(served)} steps, {step_s * 1e3:.3f} ms + {per_seq_s * 1e3:.3f} ms/seq per step")  # fmt: skip
+    rest = recorded[:k] + recorded[k + 1 :]
+    return dataclasses.replace(prof, serving=serving, serving_steps=served), rest
+
+
+def replayed(run: dict, model: ProfileModel, bare: ProfileModel, cfg: SchedulerConfig,
+             seed: int) -> dict:  # fmt: skip
+    """A recorded run with the predictions of `model` in place of the recorded ones."""
+    sent, ins, outs = (np.array(run[k]) for k in ("sent", "input_lens", "output_lens"))
+    ok = [i for i, t in enumerate(run["ttft"]) if t is not None]
+    ttft = np.array([run["ttft"][i] for i in ok])
+    lat = np.array([run["latency"][i] for i in ok])
+    many = outs[ok] > 1
+    tpot = (lat[many] - ttft[many]) / (outs[ok][many] - 1)
+    sim = simulate(model, cfg, sent, ins, outs, seed=seed)
+    steps = run.get("steps") or []
+    t0 = run.get("t0", steps[0]["start"] - sent[0] if steps else 0.0)
+    speed = speed_trace(steps, bare, t0)
+    adj = simulate(model, cfg, sent, ins, outs, seed=seed, speed=speed)
+    return {**run, "speed": speed[1].tolist(), "step_ratio": step_ratio_medians(steps, bare),
+            "pred": (sim.ttft, sim.tpot[outs > 1]), "adj": (adj.ttft, adj.tpot[outs > 1]),
+            "meas": (ttft, tpot)}  # fmt: skip
 
 
 def report(runs: dict[float, list[dict]], rates: list[float], slo: SLOTarget, cap: float) -> None:

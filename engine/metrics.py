@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -67,3 +68,11 @@ class StepLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def read_step_log(path: str | os.PathLike, offset: int = 0) -> tuple[list[dict], int]:
+    """The step log's lines from byte `offset` on, and the new end offset (to read on from)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    return [json.loads(line) for line in data.splitlines() if line.strip()], offset + len(data)

@@ -30,6 +30,7 @@ count on CUDA; CPU model, core count and torch threads on CPU) and the model's i
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import http.client
 import json
@@ -55,6 +56,7 @@ import torch
 
 from engine.config import EngineArgs, ModelConfig
 from engine.llm_engine import LLMEngine
+from engine.metrics import read_step_log
 from engine.sampling_params import SamplingParams
 from engine.sequence import SequenceStatus
 
@@ -343,18 +345,29 @@ class ServingProbe:
         self.proc.terminate()
         self.proc.wait(timeout=60)
 
-    def concurrent(self, prompts: list[list[int]], max_tokens: int) -> list[tuple]:
-        out: list[tuple] = [None] * len(prompts)
+    def load(self, prompts: list[list[int]], max_tokens: list[int], gap_s: float = 0.0) -> None:
+        """Stream each prompt (the i-th sent i * gap_s after the first) with the lightest client
+        there is: one asyncio loop that reads each response to its end without parsing it, so
+        the load costs the machine about what remote clients would (a thread per stream
+        parsing SSE would take CPU from the server it measures)."""
 
-        def one(i: int) -> None:
-            out[i] = _stream(self.port, prompts[i], max_tokens)
+        async def one(i: int) -> None:
+            await asyncio.sleep(i * gap_s)
+            body = json.dumps({"model": "profile", "prompt": prompts[i], "stream": True,
+                               "max_tokens": max_tokens[i], "temperature": 0.0,
+                               "ignore_eos": True}).encode()  # fmt: skip
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))  # fmt: skip
+            while await reader.read(1 << 16):
+                pass
+            writer.close()
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return out
+        async def all_of() -> None:
+            await asyncio.gather(*(one(i) for i in range(len(prompts))))
+
+        asyncio.run(all_of())
 
 
 def _point(points: list[dict], prefill: int, decode: int) -> dict | None:
@@ -388,7 +401,7 @@ def _busy_ttft_extra(probe: ServingProbe, prof: Profiler, ref: Profiler, grid: G
     ctx, p = grid.decode_contexts[0], grid.prefill_tokens[0]
     longest = max(8 * repeats, 32)
     bg = threading.Thread(
-        target=probe.concurrent, args=([prof._prompt(ctx) for _ in range(b)], longest)
+        target=probe.load, args=([prof._prompt(ctx) for _ in range(b)], [longest] * b)
     )
     bg.start()
     time.sleep(0.5)  # the background streams are decoding
@@ -400,22 +413,6 @@ def _busy_ttft_extra(probe: ServingProbe, prof: Profiler, ref: Profiler, grid: G
     mid = ctx + longest // 2
     engine = _engine_step(ref, 0, b, mid) / 2 + _engine_step(ref, p, b, mid)
     return [t - engine for t in ttfts] or [0.0]
-
-
-def _staggered(probe: ServingProbe, prompts: list[list[int]], max_tokens: list[int],
-               gap_s: float) -> None:  # fmt: skip
-    """Stream each prompt, the i-th starting i * gap_s after the first: requests arrive while
-    others decode, so the server runs prefill, mixed and decode steps of many batch sizes."""
-
-    def one(i: int) -> None:
-        time.sleep(i * gap_s)
-        _stream(probe.port, prompts[i], max_tokens[i])
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
 
 
 def loop_overhead(steps: list[dict]) -> tuple[float, float]:
@@ -449,20 +446,28 @@ def measure_serving(prof: Profiler, points: list[dict], args: argparse.Namespace
     probe = ServingProbe(args, max_seqs, step_log=str(log))
     try:
         _stream(probe.port, prof._prompt(8), 4)  # warm-up
-        warm = len(log.read_text().splitlines())
+        _, offset = read_step_log(log)
+        warm_end = offset
         ttft_extra = []
         for p in grid.prefill_tokens[:2]:
             for _ in range(args.repeats):
                 ttft, _, _ = _stream(probe.port, prof._prompt(p), 2)
-                ttft_extra.append(ttft - _engine_step(ref, p, 0, p))
+                new, offset = read_step_log(log, offset)
+                # the served engine's own prefill step (the step log), not a bare one: what it
+                # costs the engine while serving is the step-time factors' part
+                ttft_extra.append(ttft - sum(s["duration_s"] for s in new
+                                             if s["num_prefill_tokens"]))  # fmt: skip
         # settle for ~3 decode steps between probes
         step_s = statistics.median(q["seconds"] for q in points if not q["num_prefill_tokens"])
         busy_extra = _busy_ttft_extra(probe, prof, ref, grid, args.repeats, 3 * step_s)
-        n = min(3 * max_seqs, 48)
+        n = min(4 * max_seqs, 64)  # a few hundred served steps
         lens = grid.prefill_tokens[:3]
-        _staggered(probe, [prof._prompt(lens[i % len(lens)]) for i in range(n)],
-                   [16 + 8 * (i % 4) for i in range(n)], step_s)  # fmt: skip
-        steps = [json.loads(line) for line in log.read_text().splitlines()[warm:]]
+        probe.load(
+            [prof._prompt(lens[i % len(lens)]) for i in range(n)],
+            [16 + 8 * (i % 5) for i in range(n)],
+            step_s,
+        )  # staggered arrivals
+        steps, _ = read_step_log(log, warm_end)
     finally:
         probe.close()
         shutil.rmtree(log.parent, ignore_errors=True)
@@ -470,8 +475,8 @@ def measure_serving(prof: Profiler, points: list[dict], args: argparse.Namespace
     serving = {"request_overhead_s": max(statistics.median(ttft_extra), 0.0),
                "busy_request_overhead_s": max(statistics.median(busy_extra), 0.0),
                "step_overhead_s": icpt, "per_seq_overhead_s": slope,
-               "note": f"TTFT - prefill step over {len(ttft_extra)} idle requests (paired with "
-                       f"the bare engine's step timed right after); TTFT - (half a decode step + "
+               "note": f"TTFT - the served prefill step over {len(ttft_extra)} idle requests "
+                       f"(the server's step log); TTFT - (half a decode step + "
                        f"the mixed step) over {len(busy_extra)} requests beside running streams; "
                        f"step and per-sequence overhead: the engine loop's gaps between "
                        f"back-to-back decode steps over {len(steps)} served steps"}  # fmt: skip

@@ -4,6 +4,7 @@ benchmark's verdict logic (benchmarks/validate_perf.py: the capacity boundary as
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -275,3 +276,16 @@ def test_boundary_on_a_simulated_replica(vp) -> None:
     slo = SLOTarget(vp.boundary_ttft_slo(*p), 1.0, 99)
     assert vp.slo_met(*predict(near), slo) and not vp.slo_met(*predict(over), slo)
     assert near < vp.sim_capacity(predict, slo, near, over) < over
+
+
+def test_replay_predicts_a_recorded_validation_again() -> None:
+    """benchmarks/data's recorded validation (the H100 host's CPU, session 5), predicted again
+    with served steps and loop gaps taken from its first run: the table for the other runs."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks/validate_perf.py"), "--replay",
+                        str(ROOT / "benchmarks/data/validate-h100-host-cpu.json.gz"), "--profile",
+                        str(ROOT / "benchmarks/data/tiny-llama-h100-host-cpu.json"),
+                        "--slo-ttft-ms", "155", "--serving-from-run", "0"],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "2425 steps" in r.stdout and "(median of 2 runs)" in r.stdout
+    assert "SLO verdicts agree at 3 of 3 rates" in r.stdout
