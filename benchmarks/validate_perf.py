@@ -27,7 +27,17 @@ machine load affects both alike). On a quiet machine, after merging engine chang
         --profile catalogs/profiles/tiny-llama-cpu.json          # validation only
 
 --model defaults to the random tiny Llama the shipped profile was measured on (built with
-tests/fixtures_models.build_tiny_model into a temp dir; needs `transformers`).
+tests/fixtures_models.build_tiny_model into a temp dir; needs `transformers`). --device cuda
+runs the profiler and the server on the GPU (give --model and, for a random-weight model with
+the tests' small tokenizer, --vocab-size).
+
+--dump FILE keeps every run (send times, measured times, the engine's step log); --replay FILE
+predicts those runs again with --profile, no server (--serving-from-run K: a held-out test, the
+profile's served steps and engine-loop gaps taken from recorded run K):
+
+    python benchmarks/validate_perf.py --replay benchmarks/data/validate-h100-host-cpu.json.gz \
+        --profile benchmarks/data/tiny-llama-h100-host-cpu.json --slo-ttft-ms 155 \
+        --serving-from-run 0
 """
 
 from __future__ import annotations
