@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Serving checks on a lent GPU machine (~6 min): the planner's prediction against a real
+# Serving checks on a lent GPU machine (~7 min): the planner's prediction against a real
 # server (#10) and the engine server against the offline engine (#7), on a quiet many-core host.
 # From the repo root, with the project's pure-Python deps importable (fastapi, uvicorn, ...):
 #   bash benchmarks/gpu_serving_check.sh
@@ -45,8 +45,10 @@ step "random SmolLM2-135M" 120 $PY benchmarks/random_model.py SmolLM2-135M-Instr
 # the random model's tokenizer is the tests' small one: prompts are drawn below its vocabulary
 VOCAB=$($PY -c "from engine.tokenizer import EngineTokenizer as T
 print(T.from_pretrained('$SMOL').vocab_size)")
-step "D: validate_perf on CUDA" "${T_D:-180}" $PY benchmarks/validate_perf.py --device cuda \
+# ~40 s per light-rate run of 120 requests (the GPU engine is host-bound: ~17 req/s saturated)
+step "D: validate_perf on CUDA" "${T_D:-240}" $PY benchmarks/validate_perf.py --device cuda \
   --model "$SMOL" --vocab-size "$VOCAB" --measure-profile --pin "$C0,$C1" --runs 2 --repeats 3 \
+  --num-prompts 120 \
   --profile "$RESULTS/smollm2-135m-random-gpu.json" --dump "$RESULTS/validate_gpu.json"
 step "A: validate_perf on the CPU" "${T_A:-150}" $PY benchmarks/validate_perf.py --device cpu \
   --measure-profile --pin "$C0,$C1" --runs 3 --repeats 3 \
