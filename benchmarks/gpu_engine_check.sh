@@ -7,17 +7,8 @@
 #    grid (python -m engine.profile): the profile lands in $OUT (or /tmp/skybroker_gpu);
 # 3) the kernel tests on CUDA, if time is left.
 # Each step has a timeout, prints its own failure, and the script goes on.
-set -u
-cd "$(dirname "$0")/.."
-RESULTS="${OUT:-/tmp/skybroker_gpu}"
-mkdir -p "$RESULTS"
-exec > >(tee "$RESULTS/gpu_engine_check.log") 2>&1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
-unset TRITON_INTERPRET SKYBROKER_KERNELS
-PY="${PYTHON:-python3}"
-MODELS="${MODELS_DIR:-/tmp/skybroker_models}"
-
-source benchmarks/gpu_lib.sh
+source "$(dirname "$0")/gpu_lib.sh"
+gpu_setup gpu_engine_check.log 4
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'

@@ -17,3 +17,18 @@ step() {
   fi
   return $rc
 }
+
+# `gpu_setup LOG [OMP_THREADS]`, from a script in benchmarks/: the repo root as the working
+# directory, RESULTS ($OUT, else /tmp/skybroker_gpu) with all further output teed to
+# RESULTS/LOG, the engine's environment (the repo on PYTHONPATH, real kernels), PY and MODELS.
+gpu_setup() {
+  set -u
+  cd "$(dirname "${BASH_SOURCE[1]}")/.." || exit 1
+  RESULTS="${OUT:-/tmp/skybroker_gpu}"
+  mkdir -p "$RESULTS"
+  exec > >(tee "$RESULTS/$1") 2>&1
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${2:-1}
+  unset TRITON_INTERPRET SKYBROKER_KERNELS
+  PY="${PYTHON:-python3}"
+  MODELS="${MODELS_DIR:-/tmp/skybroker_models}"
+}

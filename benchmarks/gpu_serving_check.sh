@@ -12,18 +12,9 @@
 # The validations pin the client to one CPU and the engine to another, of different physical
 # cores. Logs, profiles and the validation dumps (per-request times and step logs) land in
 # $OUT (or /tmp/skybroker_gpu). Each step has a timeout and reports its outcome.
-set -u
-cd "$(dirname "$0")/.."
-RESULTS="${OUT:-/tmp/skybroker_gpu}"
-mkdir -p "$RESULTS"
-exec > >(tee "$RESULTS/gpu_serving_check.log") 2>&1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
-unset TRITON_INTERPRET SKYBROKER_KERNELS
-PY="${PYTHON:-python3}"
-MODELS="${MODELS_DIR:-/tmp/skybroker_models}"
+source "$(dirname "$0")/gpu_lib.sh"
+gpu_setup gpu_serving_check.log
 SMOL="$MODELS/SmolLM2-135M-Instruct"
-
-source benchmarks/gpu_lib.sh
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -c 'import torch, fastapi, uvicorn, pydantic; print("torch", torch.__version__,
