@@ -691,7 +691,15 @@ def explain_infeasible(spec: DeploymentSpec, arch: ModelArch, p: Problem,
                     f"{math.ceil(1 / c.max_cloud_share)} clouds; {nc} cloud(s) qualify")  # fmt: skip
         return f"min_replicas {c.min_replicas} cannot be placed within the other constraints"
     if any(oc.max_count for oc in p.offerings):
-        cap = sum(oc.mu[b] * cl.share for oc in p.offerings for b, cl in enumerate(classes))
+        # a replica serving the mix: sum_b rate * share_b / mu_b <= 1 (the ILP's capacity row)
+        cap = 0.0
+        for oc in p.offerings:
+            load = sum(cl.share / m if m > 0 else math.inf
+                       for m, cl in zip(oc.mu, classes, strict=True) if cl.share > 0)  # fmt: skip
+            cap += (oc.max_count or 1) / load if load > 0 else 0.0
+        if cap == 0:
+            return ("this machine cannot meet the SLO for every request class of the workload "
+                    "at any rate")  # fmt: skip
         return (f"this machine sustains about {cap:.2f} req/s of this workload within the SLO; "
                 f"the spec asks for {spec.workload.rate:g} req/s")  # fmt: skip
     return "the constraints together admit no placement (each one alone can be met)"

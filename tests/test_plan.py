@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -156,8 +157,16 @@ def test_local_infra_plans_this_machine(monkeypatch: pytest.MonkeyPatch) -> None
     too_much = load_spec(
         Path("examples/smollm2-local.yaml").read_text().replace("rate: 0.03 ", "rate: 500 ")
     )
-    with pytest.raises(InfeasibleError, match="this machine sustains about"):
+    with pytest.raises(InfeasibleError, match="this machine sustains about") as err:
         make_plan(too_much)
+    # the rate it names is the mix's (harmonic over the request classes, as the ILP's capacity
+    # row): plannable 2% below it, not 2% above
+    cap = float(re.search(r"sustains about ([0-9.]+) req/s", str(err.value)).group(1))
+    text = Path("examples/smollm2-local.yaml").read_text()
+    at = lambda rate: load_spec(text.replace("rate: 0.03 ", f"rate: {rate:.4f} "))  # noqa: E731
+    assert make_plan(at(cap * 0.98)).placements[0].replicas == 1
+    with pytest.raises(InfeasibleError):
+        make_plan(at(cap * 1.02))
 
 
 def test_measured_profile_overrides_roofline(tmp_path: Path) -> None:
