@@ -20,7 +20,8 @@ streaming load follows; from the server's step log come the engine loop's gaps b
 back-to-back decode steps (the per-step and per-sequence overhead of serving) and the steps the
 served engine ran (`serving_steps`: the simulator draws its step-time factors from their
 ratio to the grid's fit, which carries what serving costs the engine beyond the grid).
-`--serving-only` re-times just these sections of an existing profile. The JSON follows the
+`--serving-only` re-times just the `serving` section of an existing profile (and drops its
+`serving_steps`, which are only meaningful against a grid measured beside them). The JSON follows the
 planner's measured profile format ("skybroker-engine-profile/1", see skybroker/perf/profile.py), written here
 without importing skybroker (the engine never does), tagged with the hardware (GPU kind and
 count on CUDA; CPU model, core count and torch threads on CPU) and the model's identity
@@ -596,9 +597,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.serving_only:  # keep the file's steps, re-time the server against them
         data = json.loads(out.read_text())
         points = data["points"]
-        data["serving"], data["serving_steps"] = measure_serving(
+        data["serving"], _ = measure_serving(
             Profiler(engine, args.repeats, seed=1), points, args, grid
         )
+        # served steps are factors over the grid's fit: only with a grid measured beside them
+        # (this machine's speed moves between runs), so a re-timed section drops them
+        data.pop("serving_steps", None)
         data["source"] += (f"; serving re-measured {datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} "
                            f"(load average {os.getloadavg()[0]:.1f})")  # fmt: skip
     else:
