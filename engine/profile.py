@@ -238,20 +238,22 @@ class Profiler:
         self._record(tokens, 0, tokens, times)
 
     def decode(self, batch: int, context: int) -> None:
-        rids = self._place_decoding(batch, context, self.repeats)
+        rids = self._place_decoding(batch, context, self.repeats + 1)
+        self._timed_step()  # not kept: the first step after placing a batch costs more
         times = [self._timed_step() for _ in range(self.repeats)]
-        mid = context + 1 + (self.repeats - 1) / 2  # context after the middle step
+        mid = context + 2 + (self.repeats - 1) / 2  # context after the middle timed step
         self._record(0, batch, batch * mid, times)
         self._abort(rids)
 
     def mixed(self, batch: int, context: int, tokens: int) -> None:
-        rids = self._place_decoding(batch, context, 2 * self.repeats + 1)
+        rids = self._place_decoding(batch, context, 2 * self.repeats + 2)
+        self._timed_step()  # not kept: the first step after placing a batch costs more
         times = []
         for _ in range(self.repeats):
             rid = self._add(tokens, 1)
             times.append(self._timed_step())
             self._abort([rid])
-        mid = context + 1 + (self.repeats - 1) / 2
+        mid = context + 2 + (self.repeats - 1) / 2
         self._record(tokens, batch, batch * mid + tokens, times)
         self._abort(rids)
 
