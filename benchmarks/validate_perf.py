@@ -308,10 +308,15 @@ def main() -> None:
     sv = prof.serving
     noise = "not measured"
     if model.step_noise:  # the factors the simulator draws: from served steps when there are
-        qs = np.interp([0.5, 0.9, 0.99], np.linspace(0, 1, len(model.step_noise)),
-                       model.step_noise)  # fmt: skip
-        where = "served steps / fit" if model.step_noise is not prof.step_noise else "grid"
-        noise = f"{where} p50/p90/p99 " + "/".join(f"{x:.2f}" for x in qs)
+
+        def q3(qs: list[float]) -> str:
+            at = np.interp([0.5, 0.9, 0.99], np.linspace(0, 1, len(qs)), qs)
+            return "/".join(f"{x:.2f}" for x in at)
+
+        noise = f"grid p50/p90/p99 {q3(model.step_noise)}"
+        if model.step_noise is not prof.step_noise:
+            noise = (f"served steps / fit p50/p90/p99: decode {q3(model.step_noise)}, with "
+                     f"prefill {q3(model.prefill_step_noise)}")  # fmt: skip
     print(f"profile {a.profile} ({prof.hardware_tag}; serving overhead: request "
           f"{sv.get('request_overhead_s', 0) * 1e3:.1f} ms, step "
           f"{sv.get('step_overhead_s', 0) * 1e3:.2f} ms + "

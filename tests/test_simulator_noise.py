@@ -116,6 +116,19 @@ def test_served_steps_set_the_simulated_step_factors(tmp_path: Path) -> None:
     assert few.step_noise == [1.0, 1.0]
 
 
+def test_decode_and_prefill_steps_get_their_own_served_factors() -> None:
+    """Served decode steps at 1.5x the fit and steps with prefill at 3x: a request's prefill
+    step is simulated 3x as long, its decode steps 1.5x (hand-computed: fit 0.01 s per step)."""
+    served = [[0, 1, 100, 0, 0.015]] * 40 + [[64, 0, 64, 2048, 0.03]] * 30
+    model = served_profile(0.01, served)
+    assert set(model.step_noise) == {1.5} and set(model.prefill_step_noise) == {3.0}
+    r = simulate(model, BIG, np.array([0.0]), np.array([8]), np.array([11]), seed=1)
+    assert r.ttft[0] == pytest.approx(0.03) and r.tpot[0] == pytest.approx(0.015)
+    few = served_profile(0.01, served[:1] * 50 + served[40:45])  # 5 prefills: pooled factors
+    assert set(few.step_noise) == {1.5}
+    assert few.prefill_step_noise[0] == 1.5 and few.prefill_step_noise[-1] == 3.0
+
+
 @pytest.mark.parametrize("bad", [[[0, 1, 100, 0]], [[0, 1, 100, 0, 0.0]], [[0, -1, 1, 0, 1.0]],
                                  "steps"])  # fmt: skip
 def test_bad_serving_steps_are_rejected(bad: object) -> None:

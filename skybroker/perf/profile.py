@@ -54,7 +54,8 @@ shape's median; the simulator draws each step's time factor from them. `serving_
 the steps the served engine ran under the profiler's streaming load, each
 [prefill tokens, decode sequences, context tokens, prefill attention pairs, seconds] from the
 server's step log. When there are enough, the simulator's factors come from them instead: each
-served step's time over the fit's time for its shape. That carries what serving costs the
+served step's time over the fit's time for its shape, in two sets (decode-only steps, steps
+with prefill tokens), each drawn for its own kind of step. That carries what serving costs the
 engine beyond the grid's steps (a neighbour process on a small machine, caches the grid's
 back-to-back steps keep warm), not only the spread.
 """
@@ -86,6 +87,7 @@ FIT_KEYS = (
 )
 SERVING_KEYS = ("request_overhead_s", "step_overhead_s", "per_seq_overhead_s")
 MIN_SERVING_STEPS = 50  # fewer served steps: the grid's step_noise stands
+MIN_KIND_STEPS = 20  # fewer served steps of one kind (decode-only / with prefill): pooled factors
 NOISE_QUANTILES = 101  # served-step factors kept for the simulator (1% apart: a fine tail)
 
 
@@ -256,16 +258,27 @@ def save(profile: EngineProfile, path: str | Path) -> None:
     Path(path).write_text(json.dumps(profile.to_dict(), indent=1) + "\n")
 
 
-_SERVED_NOISE: dict[str, list[float]] = {}
+_SERVED_NOISE: dict[str, tuple[list[float], list[float]]] = {}
 
 
-def _served_noise(key: str, profile: EngineProfile) -> list[float]:
-    """NOISE_QUANTILES quantiles of (served step seconds / the fit's seconds for its shape)."""
+def _served_noise(key: str, profile: EngineProfile) -> tuple[list[float], list[float]]:
+    """NOISE_QUANTILES quantiles of (served step seconds / the fit's seconds for its shape), for
+    decode-only steps and for steps with prefill: serving slows the two kinds differently (on
+    the dev VM decodes ran 1.3-1.5x the grid and prefills 1.6-2.2x in one run), and a
+    workload's mix of them need not be the probe's. A kind with too few steps gets the pooled
+    quantiles."""
     if key not in _SERVED_NOISE:
         model = ProfileModel(profile, key)
-        ratios = [r[4] / max(model.bare_step_time(*r[:4]), 1e-9) for r in profile.serving_steps]
-        qs = np.quantile(ratios, np.linspace(0.0, 1.0, NOISE_QUANTILES))
-        _SERVED_NOISE[key] = [round(float(q), 4) for q in qs]
+        rows = profile.serving_steps
+        ratio = np.array([r[4] / max(model.bare_step_time(*r[:4]), 1e-9) for r in rows])
+        pre = np.array([r[0] > 0 for r in rows], dtype=bool)
+        qs = np.linspace(0.0, 1.0, NOISE_QUANTILES)
+
+        def quantiles(x: np.ndarray) -> list[float]:
+            x = x if len(x) >= MIN_KIND_STEPS else ratio
+            return [round(float(q), 4) for q in np.quantile(x, qs)]
+
+        _SERVED_NOISE[key] = quantiles(ratio[~pre]), quantiles(ratio[pre])
     return _SERVED_NOISE[key]
 
 
@@ -293,13 +306,20 @@ class ProfileModel:
 
     @property
     def step_noise(self) -> list[float]:
-        """The simulator's step-time factors, as quantiles: of the served engine's steps over
-        the fit (`serving_steps`, when there are enough), else of the grid's steps over their
-        shape's median (empty: not measured)."""
-        served = self.profile.serving_steps
-        if len(served) < MIN_SERVING_STEPS:
+        """The simulator's step-time factors, as quantiles: of the served engine's decode-only
+        steps over the fit (`serving_steps`, when there are enough), else of the grid's steps
+        over their shape's median (empty: not measured)."""
+        if len(self.profile.serving_steps) < MIN_SERVING_STEPS:
             return self.profile.step_noise
-        return _served_noise(self.cache_key, self.profile)
+        return _served_noise(self.cache_key, self.profile)[0]
+
+    @property
+    def prefill_step_noise(self) -> list[float]:
+        """The same for steps that run prefill tokens (the grid's pooled noise without served
+        steps)."""
+        if len(self.profile.serving_steps) < MIN_SERVING_STEPS:
+            return self.profile.step_noise
+        return _served_noise(self.cache_key, self.profile)[1]
 
     def bare_step_time(self, num_prefill_tokens: float, num_decode_seqs: float,
                        total_context_tokens: float, prefill_attn_pairs: float = 0.0) -> float:  # fmt: skip

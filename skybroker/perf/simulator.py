@@ -143,6 +143,8 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
 
     q = getattr(model, "step_noise", None)
     noise = StepNoise(q, seed) if q else None
+    qp = getattr(model, "prefill_step_noise", None) or q  # steps with prefill tokens
+    pnoise = StepNoise(qp, seed + 1) if qp else None
     # a request reaches the engine `off` seconds after it was sent (server overhead)
     off = float(getattr(model, "request_overhead_s", 0.0))
     # ... and its first token reaches the client `busy_off` later when the engine was busy.
@@ -278,7 +280,8 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
         kp = ks[pre]
         dt = st(float(kp.sum()), float(dec.sum()), float((c + ks).sum()),
                 float((kp * (c[pre] + kp / 2)).sum()))  # fmt: skip
-        now += dt if noise is None else dt * noise.take(1)
+        factors = pnoise if len(kp) else noise
+        now += dt if factors is None else dt * factors.take(1)
         steps += 1
         computed[s] += ks
         emit = s[computed[s] == prompt[s] + generated[s]]
