@@ -9,20 +9,21 @@ a serving replica pays per step) over a grid of batch shapes:
   KV cache directly at C tokens, so no prefill has to run first: step time does not depend on
   the cache's contents);
 - mixed steps: B decoding sequences plus one prefill chunk of P tokens.
-Each point is the median of `--repeats` steps; `step_noise` keeps the spread of single steps
+A placed batch's first step is not timed (it costs more than the steady steps a serving batch
+runs). Each point is the median of `--repeats` steps; `step_noise` keeps the spread of single steps
 around their shape's median (quantiles, pooled over the grid), which the simulator samples.
 Then (unless --no-serving) it starts a real `python -m engine.serve` with the same settings
-and a step log, and times streamed /v1/completions requests from a client (stdlib
-http.client): an idle request's TTFT minus the engine's prefill step gives the per-request
-server overhead (each paired with the same shape's bare-engine step timed right after it in
-this process, so load that changes between the grid and the probe cancels out). A staggered
-streaming load follows; from the server's step log come the engine loop's gaps between
-back-to-back decode steps (the per-step and per-sequence overhead of serving) and the steps the
-served engine ran (`serving_steps`: the simulator draws its step-time factors from their
-ratio to the grid's fit, which carries what serving costs the engine beyond the grid).
-`--serving-only` re-times just the `serving` section of an existing profile (and drops its
-`serving_steps`, which are only meaningful against a grid measured beside them). The JSON follows the
-planner's measured profile format ("skybroker-engine-profile/1", see skybroker/perf/profile.py), written here
+and a step log, and serves streamed /v1/completions requests from it: an idle request's TTFT
+minus its own served prefill step (the step log) is the per-request server overhead; a
+request's TTFT beside running streams, minus half a decode step and the mixed step (both timed
+on the bare engine right after it), is the busy one. A staggered streaming load follows; from
+the step log come the engine loop's gaps between back-to-back decode steps (the per-step and
+per-sequence overhead of serving) and the steps the served engine ran (`serving_steps`: the
+simulator draws its step-time factors from their ratio to the grid's fit, which carries what
+serving costs the engine beyond the grid). `--serving-only` re-times just the `serving` section
+of an existing profile (and drops its `serving_steps`, which mean something only beside a grid
+measured with them). The JSON follows the planner's measured profile format
+("skybroker-engine-profile/1", see skybroker/perf/profile.py), written here
 without importing skybroker (the engine never does), tagged with the hardware (GPU kind and
 count on CUDA; CPU model, core count and torch threads on CPU) and the model's identity
 (name, arch_hash computed as skybroker.models.ModelArch.arch_hash, dtype).
@@ -371,14 +372,6 @@ class ServingProbe:
             await asyncio.gather(*(one(i) for i in range(len(prompts))))
 
         asyncio.run(all_of())
-
-
-def _point(points: list[dict], prefill: int, decode: int) -> dict | None:
-    """The measured engine point with this shape (the smallest context, for decode)."""
-    match = [
-        p for p in points if (p["num_prefill_tokens"], p["num_decode_seqs"]) == (prefill, decode)
-    ]
-    return min(match, key=lambda p: p["total_context_tokens"], default=None)
 
 
 def _engine_step(ref: Profiler, prefill: int, batch: int, context: int) -> float:
