@@ -394,12 +394,11 @@ def served_from(prof: EngineProfile, recorded: list[dict],
                 k: int) -> tuple[EngineProfile, list[dict]]:  # fmt: skip
     """The profile with its serving overheads per step and its served steps taken from run k's
     step log (as the profiler's serving probe takes them from its own), and the other runs."""
-    from engine.profile import loop_overhead
+    from engine.profile import loop_overhead, served_rows
 
     steps = recorded[k]["steps"]
     step_s, per_seq_s = loop_overhead(steps)
-    served = [[s["num_prefill_tokens"], s["num_decode_seqs"], s["num_context_tokens"],
-               s.get("prefill_attn_pairs", 0.0), s["duration_s"]] for s in steps]  # fmt: skip
+    served = served_rows(steps)
     serving = {**prof.serving, "step_overhead_s": step_s, "per_seq_overhead_s": per_seq_s}
     print(f"served steps and loop overhead from run {k} (rate {recorded[k]['rate']:.2f}): "
           f"{len(served)} steps, {step_s * 1e3:.3f} ms + {per_seq_s * 1e3:.3f} ms/seq per step")  # fmt: skip

@@ -430,6 +430,14 @@ def loop_overhead(steps: list[dict]) -> tuple[float, float]:
     return max(float(np.mean(gs - slope * ns)), 0.0), slope
 
 
+def served_rows(steps: list[dict]) -> list[list[float]]:
+    """Step-log lines as a profile's `serving_steps` rows: [prefill tokens, decode seqs,
+    context tokens, prefill attention pairs, seconds]."""
+    return [[s["num_prefill_tokens"], s["num_decode_seqs"], s["num_context_tokens"],
+             round(s.get("prefill_attn_pairs", 0.0), 1), round(s["duration_s"], 7)]
+            for s in steps]  # fmt: skip
+
+
 def measure_serving(prof: Profiler, points: list[dict], args: argparse.Namespace,
                     grid: Grid) -> tuple[dict, list[list[float]]]:  # fmt: skip
     """The server's overhead over bare engine steps (see the module docstring), and the steps
@@ -476,9 +484,7 @@ def measure_serving(prof: Profiler, points: list[dict], args: argparse.Namespace
                        f"the mixed step) over {len(busy_extra)} requests beside running streams; "
                        f"step and per-sequence overhead: the engine loop's gaps between "
                        f"back-to-back decode steps over {len(steps)} served steps"}  # fmt: skip
-    served = [[s["num_prefill_tokens"], s["num_decode_seqs"], s["num_context_tokens"],
-               round(s.get("prefill_attn_pairs", 0.0), 1), round(s["duration_s"], 7)]
-              for s in steps]  # fmt: skip
+    served = served_rows(steps)
     print(f"  serving overhead: request {serving['request_overhead_s'] * 1e3:.1f} ms idle, "
           f"{serving['busy_request_overhead_s'] * 1e3:.1f} ms busy, engine loop "
           f"{icpt * 1e3:.3f} ms + {slope * 1e3:.3f} ms/seq per step; {len(served)} served "
