@@ -65,7 +65,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -268,9 +268,9 @@ def _served_noise(key: str, profile: EngineProfile) -> tuple[list[float], list[f
     workload's mix of them need not be the probe's. A kind with too few steps gets the pooled
     quantiles."""
     if key not in _SERVED_NOISE:
-        model = ProfileModel(profile, key)
+        bare = ProfileModel(replace(profile, serving={}), key)  # the fit alone: a bare step
         rows = profile.serving_steps
-        ratio = np.array([r[4] / max(model.bare_step_time(*r[:4]), 1e-9) for r in rows])
+        ratio = np.array([r[4] / max(bare.step_time(*r[:4]), 1e-9) for r in rows])
         pre = np.array([r[0] > 0 for r in rows], dtype=bool)
         qs = np.linspace(0.0, 1.0, NOISE_QUANTILES)
 
@@ -320,15 +320,6 @@ class ProfileModel:
         if len(self.profile.serving_steps) < MIN_SERVING_STEPS:
             return self.profile.step_noise
         return _served_noise(self.cache_key, self.profile)[1]
-
-    def bare_step_time(self, num_prefill_tokens: float, num_decode_seqs: float,
-                       total_context_tokens: float, prefill_attn_pairs: float = 0.0) -> float:  # fmt: skip
-        """The fit alone: one `LLMEngine.step()` of this shape, without the server's share."""
-        f = self.profile.fit
-        return (f["intercept"] + f["per_prefill_token"] * num_prefill_tokens
-                + f["per_decode_seq"] * num_decode_seqs
-                + f["per_context_token"] * total_context_tokens
-                + f["per_attn_pair"] * prefill_attn_pairs)  # fmt: skip
 
     def _coefficients(self) -> tuple[float, float, float, float, float]:
         f, s = self.profile.fit, self.profile.serving
