@@ -144,6 +144,39 @@ def measured(results: list) -> tuple[np.ndarray, np.ndarray, int]:
     return ttft, tpot, len(results) - len(ok)
 
 
+def fresh_prompts(items: list, vocab: int, seed: int, k: int) -> list:
+    """The workload's requests with new random prompt ids (same lengths, same output lengths)
+    for pass k: a prompt the server saw in an earlier pass would hit its prefix cache and skip
+    most of its prefill, which the planner (no shared prefixes) does not predict."""
+    rng = np.random.default_rng([seed, k])
+    return [dataclasses.replace(i, prompt_token_ids=rng.integers(
+        100, vocab - 100, len(i.prompt_token_ids)).tolist()) for i in items]  # fmt: skip
+
+
+def cached_lens(run: dict, block_size: int) -> np.ndarray:
+    """Prompt tokens a recorded run found in the server's prefix cache. Runs recorded with
+    fresh prompts per pass found none; older dumps sent the same prompts in every pass, so
+    every pass after the first (and the first's two warm-up requests) found all their whole
+    blocks but the last token's (as engine.block_manager matches them)."""
+    ins = np.array(run["input_lens"])
+    warm = (ins - 1) // block_size * block_size
+    if run.get("fresh_prompts"):
+        return np.zeros_like(ins)
+    if run.get("first_pass"):
+        return np.where(np.arange(len(ins)) < 2, warm, 0)
+    return warm
+
+
+def read_dump(path: str) -> list[dict]:
+    """The runs a --dump recorded (plain or gzipped JSON); the earliest is marked
+    `first_pass` (dumps are in rate order, and the first rate's first run came first)."""
+    raw = Path(path).read_bytes()
+    runs = json.loads(gzip.decompress(raw) if path.endswith(".gz") else raw)["runs"]
+    first = min(range(len(runs)), key=lambda i: (runs[i].get("t0", 0.0), i))
+    runs[first]["first_pass"] = True
+    return runs
+
+
 def unit_schedule(n: int, seed: int) -> np.ndarray:
     """When each request is due at rate 1: seeded exponential gaps (benchmarks/serve.py's
     `rng.exponential(1 / rate)` draws); at rate r the schedule is this one / r."""
@@ -307,16 +340,15 @@ def main() -> None:
     cap = sim_capacity(predict, slo, lo, hi)
     sv = prof.serving
     noise = "not measured"
-    if model.step_noise:  # the factors the simulator draws: from served steps when there are
-
-        def q3(qs: list[float]) -> str:
-            at = np.interp([0.5, 0.9, 0.99], np.linspace(0, 1, len(qs)), qs)
-            return "/".join(f"{x:.2f}" for x in at)
-
-        noise = f"grid p50/p90/p99 {q3(model.step_noise)}"
-        if model.step_noise is not prof.step_noise:
-            noise = (f"served steps / fit p50/p90/p99: decode {q3(model.step_noise)}, with "
-                     f"prefill {q3(model.prefill_step_noise)}")  # fmt: skip
+    if (sf := model.served_factors) is not None:  # the factors the simulator draws
+        buckets = ", ".join(f"{b}: {m:.2f}" for b, m in sorted(sf.by_batch.items()))
+        res = "/".join(f"{x:.2f}" for x in np.percentile(sf.residual, [50, 90, 99]))
+        noise = (f"served steps / model, median: prefill {sf.prefill:.2f}, decode "
+                 f"{sf.decode:.2f} (per batch bucket {buckets or 'none'}); residual p50/p90/p99 "
+                 f"{res}, read in blocks of consecutive steps")  # fmt: skip
+    elif qs := model.step_noise:
+        at = np.interp([0.5, 0.9, 0.99], np.linspace(0, 1, len(qs)), qs)
+        noise = "grid p50/p90/p99 " + "/".join(f"{x:.2f}" for x in at)
     print(f"profile {a.profile} ({prof.hardware_tag}; serving overhead: request "
           f"{sv.get('request_overhead_s', 0) * 1e3:.1f} ms, step "
           f"{sv.get('step_overhead_s', 0) * 1e3:.2f} ms + "
@@ -329,8 +361,8 @@ def main() -> None:
 
     bare = ProfileModel.of(dataclasses.replace(prof, serving={}))
     if recorded:
-        runs = {r: [replayed(x, model, bare, cfg, a.seed) for x in recorded if x["rate"] == r]
-                for r in rates}  # fmt: skip
+        runs = {r: [replayed(x, model, bare, cfg, a.seed, cached_lens(x, 16))
+                    for x in recorded if x["rate"] == r] for r in rates}  # fmt: skip
         report(runs, rates, slo, cap)
         print(f"total {time.perf_counter() - t_start:.0f} s (replayed {a.replay})")
         return
@@ -351,17 +383,19 @@ def main() -> None:
     runs: dict[float, list[dict]] = {r: [] for r in rates}
     try:
         asyncio.run(run_load(url, items[:2], float("inf"), a.seed))  # warm-up
-        for _ in range(a.runs):
-            for rate in rates:
+        for run in range(a.runs):
+            for j, rate in enumerate(rates):
                 la = os.getloadavg()[0]
                 offset = step_log.stat().st_size
-                res, sent, t0 = asyncio.run(run_load(url, items, rate, a.seed))
+                fresh = fresh_prompts(items, vocab, a.seed, run * len(rates) + j)
+                res, sent, t0 = asyncio.run(run_load(url, fresh, rate, a.seed))
                 ttft, tpot, failed = measured(res)
                 sim = simulate(model, cfg, sent, ins, outs, seed=a.seed)
                 steps, _ = read_step_log(step_log, offset)
                 speed = speed_trace(steps, bare, t0)
                 adj = simulate(model, cfg, sent, ins, outs, seed=a.seed, speed=speed)
                 runs[rate].append({"rate": rate, "load": la, "failed": failed, "t0": t0,
+                                   "fresh_prompts": True,
                                    "sent": sent.tolist(), "input_lens": ins.tolist(),
                                    "output_lens": outs.tolist(),
                                    "ttft": [r.ttft if r.ok else None for r in res],
@@ -384,12 +418,6 @@ def main() -> None:
     print(f"total {time.perf_counter() - t_start:.0f} s")
 
 
-def read_dump(path: str) -> list[dict]:
-    """The runs a --dump recorded (plain or gzipped JSON)."""
-    raw = Path(path).read_bytes()
-    return json.loads(gzip.decompress(raw) if path.endswith(".gz") else raw)["runs"]
-
-
 def served_from(prof: EngineProfile, recorded: list[dict],
                 k: int) -> tuple[EngineProfile, list[dict]]:  # fmt: skip
     """The profile with its serving overheads per step and its served steps taken from run k's
@@ -407,19 +435,20 @@ def served_from(prof: EngineProfile, recorded: list[dict],
 
 
 def replayed(run: dict, model: ProfileModel, bare: ProfileModel, cfg: SchedulerConfig,
-             seed: int) -> dict:  # fmt: skip
-    """A recorded run with the predictions of `model` in place of the recorded ones."""
+             seed: int, cached: np.ndarray) -> dict:  # fmt: skip
+    """A recorded run with the predictions of `model` in place of the recorded ones (the
+    simulator told which prompt tokens the server's prefix cache held: `cached`)."""
     sent, ins, outs = (np.array(run[k]) for k in ("sent", "input_lens", "output_lens"))
     ok = [i for i, t in enumerate(run["ttft"]) if t is not None]
     ttft = np.array([run["ttft"][i] for i in ok])
     lat = np.array([run["latency"][i] for i in ok])
     many = outs[ok] > 1
     tpot = (lat[many] - ttft[many]) / (outs[ok][many] - 1)
-    sim = simulate(model, cfg, sent, ins, outs, seed=seed)
+    sim = simulate(model, cfg, sent, ins, outs, seed=seed, cached_lens=cached)
     steps = run.get("steps") or []
     t0 = run.get("t0", steps[0]["start"] - sent[0] if steps else 0.0)
     speed = speed_trace(steps, bare, t0)
-    adj = simulate(model, cfg, sent, ins, outs, seed=seed, speed=speed)
+    adj = simulate(model, cfg, sent, ins, outs, seed=seed, speed=speed, cached_lens=cached)
     return {**run, "speed": speed[1].tolist(), "step_ratio": step_ratio_medians(steps, bare),
             "pred": (sim.ttft, sim.tpot[outs > 1]), "adj": (adj.ttft, adj.tpot[outs > 1]),
             "meas": (ttft, tpot)}  # fmt: skip

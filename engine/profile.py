@@ -430,12 +430,19 @@ def loop_overhead(steps: list[dict]) -> tuple[float, float]:
     return max(float(np.mean(gs - slope * ns)), 0.0), slope
 
 
-def served_rows(steps: list[dict]) -> list[list[float]]:
+def served_rows(steps: list[dict]) -> list[list[float | None]]:
     """Step-log lines as a profile's `serving_steps` rows: [prefill tokens, decode seqs,
-    context tokens, prefill attention pairs, seconds]."""
-    return [[s["num_prefill_tokens"], s["num_decode_seqs"], s["num_context_tokens"],
-             round(s.get("prefill_attn_pairs", 0.0), 1), round(s["duration_s"], 7)]
-            for s in steps]  # fmt: skip
+    context tokens, prefill attention pairs, seconds, gap]. The gap is the loop's time from the
+    step's end to the next step's start when the next step decodes (a sequence went on, so the
+    loop did not wait for work), else None (the engine went idle)."""
+    rows: list[list[float | None]] = []
+    for s, nxt in zip(steps, [*steps[1:], None], strict=True):
+        gap = None
+        if nxt is not None and nxt["num_decode_seqs"] > 0:
+            gap = round(max(nxt["start"] - s["start"] - s["duration_s"], 0.0), 7)
+        rows.append([s["num_prefill_tokens"], s["num_decode_seqs"], s["num_context_tokens"],
+                     round(s.get("prefill_attn_pairs", 0.0), 1), round(s["duration_s"], 7), gap])  # fmt: skip
+    return rows
 
 
 def measure_serving(prof: Profiler, points: list[dict], args: argparse.Namespace,

@@ -117,6 +117,29 @@ def test_single_request_latencies() -> None:
     assert r.num_steps == 12
 
 
+def test_prefix_cached_prompt_tokens_are_not_prefilled() -> None:
+    cfg = SchedulerConfig(8, 64, 100, 16)
+    one = (np.array([0.0]), np.array([100]), np.array([11]))
+    r = simulate(ConstStep(), cfg, *one, cached_lens=np.array([96]))
+    # 96 of 100 prompt tokens in the cache: one 4-token prefill step, then 10 decode steps
+    assert r.ttft[0] == pytest.approx(0.01 + 0.004)
+    assert r.tpot[0] == pytest.approx(0.011)
+    assert r.num_steps == 11
+    cold = simulate(ConstStep(), cfg, *one, cached_lens=np.array([0]))
+    assert cold.ttft[0] == simulate(ConstStep(), cfg, *one).ttft[0]
+
+
+def test_a_preempted_request_finds_its_cached_prefix_again() -> None:
+    rng = np.random.default_rng(0)
+    n = 40
+    ins, outs = rng.integers(20, 60, n), rng.integers(20, 80, n)
+    cfg = SchedulerConfig(16, 256, 30, 16)
+    cold = simulate(ConstStep(), cfg, np.zeros(n), ins, outs)
+    warm = simulate(ConstStep(), cfg, np.zeros(n), ins, outs, cached_lens=(ins - 1) // 16 * 16)
+    assert warm.num_preemptions > 0 and np.isfinite(warm.finish).all()
+    assert warm.finish.max() < cold.finish.max()  # recompute only the uncached tail
+
+
 def test_preemption_recomputes_and_loses_nothing() -> None:
     rng = np.random.default_rng(0)
     n = 40

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_profile import profile_dict
 
-from engine.profile import Profiler, _engine_step, loop_overhead
+from engine.profile import Profiler, _engine_step, loop_overhead, served_rows
 from skybroker.perf.capacity import SLOTarget
 from skybroker.perf.profile import (
     MIN_SERVING_STEPS,
@@ -106,14 +106,15 @@ def test_served_steps_set_the_simulated_step_factors(tmp_path: Path) -> None:
     token. The steps survive a save/load round trip."""
     served = [[0, 1, 100, 0, 0.015 if i % 2 else 0.025] for i in range(MIN_SERVING_STEPS)]
     model = served_profile(0.01, served)
-    assert model.step_noise[0] == pytest.approx(1.5) and model.step_noise[-1] == 2.5
-    assert len(model.step_noise) == 101
+    f = model.served_factors
+    assert f is not None and f.decode == pytest.approx(2.0)
+    assert set(f.residual) == {0.75, 1.25} and len(f.residual) == MIN_SERVING_STEPS
     r = simulate(model, BIG, np.array([0.0]), np.array([8]), np.array([2000]), seed=1)
     assert r.tpot[0] == pytest.approx(0.02, rel=0.03)
     save(model.profile, tmp_path / "p.json")
     assert load(tmp_path / "p.json").serving_steps == served
     few = served_profile(0.01, served[: MIN_SERVING_STEPS - 1])  # too few: the grid's noise
-    assert few.step_noise == [1.0, 1.0]
+    assert few.served_factors is None and few.step_noise == [1.0, 1.0]
 
 
 def test_decode_and_prefill_steps_get_their_own_served_factors() -> None:
@@ -121,15 +122,60 @@ def test_decode_and_prefill_steps_get_their_own_served_factors() -> None:
     step is simulated 3x as long, its decode steps 1.5x (hand-computed: fit 0.01 s per step)."""
     served = [[0, 1, 100, 0, 0.015]] * 40 + [[64, 0, 64, 2048, 0.03]] * 30
     model = served_profile(0.01, served)
-    assert set(model.step_noise) == {1.5} and set(model.prefill_step_noise) == {3.0}
+    f = model.served_factors
+    assert (f.decode, f.prefill, set(f.residual)) == (1.5, 3.0, {1.0})
     r = simulate(model, BIG, np.array([0.0]), np.array([8]), np.array([11]), seed=1)
     assert r.ttft[0] == pytest.approx(0.03) and r.tpot[0] == pytest.approx(0.015)
-    few = served_profile(0.01, served[:1] * 50 + served[40:45])  # 5 prefills: pooled factors
-    assert set(few.step_noise) == {1.5}
-    assert few.prefill_step_noise[0] == 1.5 and few.prefill_step_noise[-1] == 3.0
+    few = served_profile(0.01, served[:1] * 50 + served[40:45])  # 5 prefills: pooled median
+    assert few.served_factors.prefill == 1.5
+    assert sorted(set(few.served_factors.residual)) == [1.0, 2.0]
+
+
+def test_decode_batches_get_their_bucket_factor() -> None:
+    """Served decode steps of 1, 2 and 8 sequences at 1.0x, 1.2x and 2x the fit: a batch takes
+    its power-of-two bucket's factor, or the nearest measured bucket's (3 -> bucket 4: 2 and 8
+    are as near, the smaller wins; 16 -> 8). Eight requests at once, 11 tokens each: one
+    prefill step (no served prefills: the median of all, 1.2x), then ten decode steps of 8."""
+    served = ([[0, 1, 100, 0, 0.010]] * 30 + [[0, 2, 200, 0, 0.012]] * 30
+              + [[0, 8, 800, 0, 0.020]] * 30)  # fmt: skip
+    f = served_profile(0.01, served).served_factors
+    assert [f.median(False, n) for n in (1, 2, 3, 5, 8, 16)] == [1.0, 1.2, 1.2, 2.0, 2.0, 2.0]
+    assert f.prefill == 1.2
+    r = simulate(served_profile(0.01, served), BIG, np.zeros(8), np.full(8, 8), np.full(8, 11))
+    assert r.ttft == pytest.approx(np.full(8, 0.012)) and r.tpot == pytest.approx(np.full(8, 0.02))
+
+
+def test_served_period_counts_the_loop_gap() -> None:
+    """A served step's period is its seconds + the loop's gap after it; without a gap (the
+    engine went idle after it) + the profile's loop overhead, which the model's step time
+    has too."""
+    fit = {"intercept": 0.01, "per_prefill_token": 0.0, "per_decode_seq": 0.0,
+           "per_context_token": 0.0}  # fmt: skip
+    served = [[0, 1, 100, 0, 0.010, 0.008]] * 30 + [[0, 2, 100, 0, 0.010, None]] * 30
+    model = ProfileModel.of(validate(profile_dict(
+        fit=fit, serving={"request_overhead_s": 0.0, "step_overhead_s": 0.002,
+                          "per_seq_overhead_s": 0.0}, serving_steps=served)))  # fmt: skip
+    f = model.served_factors
+    assert f.median(False, 1) == pytest.approx(0.018 / 0.012)
+    assert f.median(False, 2) == pytest.approx(1.0)
+
+
+def test_served_residuals_are_read_in_runs_of_consecutive_steps() -> None:
+    """A served series with one slow patch of 5 steps: the simulator's factors keep the patch
+    together (blocks of consecutive steps), which independent draws would break up."""
+    series = [1.0] * 95 + [5.0] * 5
+    draws = np.diff(StepNoise(series, seed=0, block=64).cum)
+    assert set(draws) == {1.0, 5.0} and 0.02 < np.mean(draws == 5.0) < 0.08
+    edges = np.diff(np.concatenate([[0], (draws == 5.0).astype(int), [0]]))
+    runs = np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)
+    assert np.mean(runs == 5) > 0.8  # most patches whole (a block edge may cut one)
+    iid = np.diff(StepNoise(np.quantile(series, np.linspace(0, 1, 101)), seed=0).cum)
+    edges = np.diff(np.concatenate([[0], (iid > 4.0).astype(int), [0]]))
+    assert (np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)).max() < 5
 
 
 @pytest.mark.parametrize("bad", [[[0, 1, 100, 0]], [[0, 1, 100, 0, 0.0]], [[0, -1, 1, 0, 1.0]],
+                                 [[0, 1, 100, 0, 1.0, -0.1]], [[0, 1, 100, 0, 1.0, 0, 0]],
                                  "steps"])  # fmt: skip
 def test_bad_serving_steps_are_rejected(bad: object) -> None:
     with pytest.raises(ProfileError, match="serving_steps must list"):
@@ -138,8 +184,8 @@ def test_bad_serving_steps_are_rejected(bad: object) -> None:
 
 def _log(shapes: list[tuple[int, int, float, float]]) -> list[dict]:
     """Step-log lines from (prefill tokens, decode seqs, start, duration)."""
-    return [{"num_prefill_tokens": p, "num_decode_seqs": n, "start": t, "duration_s": d}
-            for p, n, t, d in shapes]  # fmt: skip
+    return [{"num_prefill_tokens": p, "num_decode_seqs": n, "start": t, "duration_s": d,
+             "num_context_tokens": 100} for p, n, t, d in shapes]  # fmt: skip
 
 
 def test_loop_overhead_fits_the_gaps_between_back_to_back_decode_steps() -> None:
@@ -158,6 +204,14 @@ def test_loop_overhead_fits_the_gaps_between_back_to_back_decode_steps() -> None
     step, per_seq = loop_overhead(_log(shapes))
     assert step == pytest.approx(1e-4, rel=1e-3) and per_seq == pytest.approx(2e-5, rel=1e-3)
     assert loop_overhead(_log([(0, 1, 0.0, 0.002)])) == (0.0, 0.0)
+
+
+def test_served_rows_keep_the_loop_gap_when_the_engine_went_on() -> None:
+    """The gap after a step counts when the next step decodes (a sequence went on); before a
+    prefill-only step (the engine may have waited for a request) and after the last it is None."""
+    rows = served_rows(_log([(16, 0, 0.0, 0.002), (0, 1, 0.0025, 0.001), (0, 0, 1.0, 0.001),
+                             (16, 0, 2.0, 0.002), (0, 1, 2.0021, 0.001)]))  # fmt: skip
+    assert [r[5] for r in rows] == [pytest.approx(0.0005), None, None, pytest.approx(0.0001), None]
 
 
 def test_profiler_step_noise_pools_ratios_to_each_shape_median() -> None:
@@ -289,6 +343,23 @@ def test_boundary_on_a_simulated_replica(vp) -> None:
     slo = SLOTarget(vp.boundary_ttft_slo(*p), 1.0, 99)
     assert vp.slo_met(*predict(near), slo) and not vp.slo_met(*predict(over), slo)
     assert near < vp.sim_capacity(predict, slo, near, over) < over
+
+
+def test_each_pass_sends_prompts_the_server_has_not_cached(vp) -> None:
+    """Every (run, rate) pass gets new prompt ids of the same lengths: a prompt sent again
+    would hit the server's prefix cache and skip its prefill, which the planner does not
+    predict. Replays of older dumps (the same prompts every pass) tell the simulator which
+    whole blocks each pass found cached."""
+    items = [vp.bench.WorkItem(list(range(100, 100 + n)), 4) for n in (5, 16, 17, 40)]
+    a, b = vp.fresh_prompts(items, 384, 0, 0), vp.fresh_prompts(items, 384, 0, 1)
+    assert [len(i.prompt_token_ids) for i in a] == [5, 16, 17, 40]
+    assert [i.output_len for i in a] == [4] * 4
+    assert all(x.prompt_token_ids != y.prompt_token_ids for x, y in zip(a, b, strict=True))
+    assert a == vp.fresh_prompts(items, 384, 0, 0)  # seeded
+    run = {"input_lens": [5, 16, 17, 40]}
+    assert vp.cached_lens(run, 16).tolist() == [0, 0, 16, 32]  # never the last token's block
+    assert vp.cached_lens({**run, "first_pass": True}, 16).tolist() == [0, 0, 0, 0]
+    assert vp.cached_lens({**run, "fresh_prompts": True}, 16).tolist() == [0, 0, 0, 0]
 
 
 def test_replay_predicts_a_recorded_validation_again() -> None:

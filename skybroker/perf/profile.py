@@ -29,7 +29,7 @@ Schema (version "skybroker-engine-profile/1"):
                   "per_seq_overhead_s": 0.0004,
                   "busy_request_overhead_s": 0.03},                    # optional (see below)
       "step_noise": [0.9, 1.0, 1.3],                                   # optional (see below)
-      "serving_steps": [[0, 4, 1040, 0, 0.0021], ...],                 # optional (see below)
+      "serving_steps": [[0, 4, 1040, 0, 0.0021, 0.0002], ...],         # optional (see below)
       "created": "2026-11-26T01:00:00Z", "source": "benchmarks/engine_profile.py"
     }
 
@@ -52,18 +52,23 @@ requests). A profile without it predicts the bare engine.
 `step_noise` lists quantiles (evenly spaced from 0 to 1) of one grid step's time over its
 shape's median; the simulator draws each step's time factor from them. `serving_steps` lists
 the steps the served engine ran under the profiler's streaming load, each
-[prefill tokens, decode sequences, context tokens, prefill attention pairs, seconds] from the
-server's step log. When there are enough, the simulator's factors come from them instead: each
-served step's time over the fit's time for its shape, in two sets (decode-only steps, steps
-with prefill tokens), each drawn for its own kind of step. That carries what serving costs the
-engine beyond the grid's steps (a neighbour process on a small machine, caches the grid's
-back-to-back steps keep warm), not only the spread.
+[prefill tokens, decode sequences, context tokens, prefill attention pairs, seconds, gap] from
+the server's step log; the optional gap is the engine loop's time after the step until the
+next one when the loop went straight on (null when it went idle: the step ended the work).
+When there are enough, the simulator's factors come from them instead: each served step's
+period (seconds + gap, or + the `serving` loop overhead when the gap is unknown) over the
+model's time for its shape (the fit + the loop overhead), in sets per kind of step: steps
+with prefill tokens, and decode-only steps per batch size (powers of two: 1, 2, 3-4, 5-8 ...).
+That carries what serving costs the engine beyond the grid's steps (a neighbour process on a
+small machine, caches the grid's back-to-back steps keep warm, a batch's sequences at
+different positions, the loop's rare long pauses), not only the spread.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
@@ -87,8 +92,7 @@ FIT_KEYS = (
 )
 SERVING_KEYS = ("request_overhead_s", "step_overhead_s", "per_seq_overhead_s")
 MIN_SERVING_STEPS = 50  # fewer served steps: the grid's step_noise stands
-MIN_KIND_STEPS = 20  # fewer served steps of one kind (decode-only / with prefill): pooled factors
-NOISE_QUANTILES = 101  # served-step factors kept for the simulator (1% apart: a fine tail)
+MIN_KIND_STEPS = 20  # fewer served steps of one kind or batch bucket: a wider set's factor
 
 
 class ProfileError(ValueError):
@@ -235,12 +239,14 @@ def validate(data: Any, where: str = "profile") -> EngineProfile:
                            f"step's time over its shape's median, got {noise!r}")  # fmt: skip
     served = data.get("serving_steps") or []
     if served and (not isinstance(served, list) or any(
-        not isinstance(r, list) or len(r) != 5 or any(not isinstance(v, int | float) or v < 0
-                                                      for v in r) or r[4] <= 0 for r in served
+        not isinstance(r, list) or len(r) not in (5, 6) or r[4] <= 0
+        or any(not isinstance(v, int | float) or v < 0 for v in r[:5])
+        or (len(r) == 6 and r[5] is not None and (not isinstance(r[5], int | float) or r[5] < 0))
+        for r in served
     )):  # fmt: skip
         raise ProfileError(f"{where}: serving_steps must list [prefill tokens, decode seqs, "
-                           f"context tokens, attention pairs, seconds] (numbers >= 0, seconds "
-                           f"> 0)")  # fmt: skip
+                           f"context tokens, attention pairs, seconds, gap seconds or null] "
+                           f"(numbers >= 0, seconds > 0; the gap is optional)")  # fmt: skip
     return EngineProfile(hw, model, points, dict(fit), data.get("engine") or {},
                          data.get("created", ""), data.get("source", ""), where,
                          dict(serving), list(noise), [list(r) for r in served])  # fmt: skip
@@ -258,28 +264,67 @@ def save(profile: EngineProfile, path: str | Path) -> None:
     Path(path).write_text(json.dumps(profile.to_dict(), indent=1) + "\n")
 
 
-_SERVED_NOISE: dict[str, tuple[list[float], list[float]]] = {}
+def batch_bucket(num_decode_seqs: float) -> int:
+    """The served-step factor bucket of a decode batch: the next power of two (1, 2, 4, 8 ...)."""
+    return 1 << max(math.ceil(math.log2(max(num_decode_seqs, 1))), 0)
 
 
-def _served_noise(key: str, profile: EngineProfile) -> tuple[list[float], list[float]]:
-    """NOISE_QUANTILES quantiles of (served step seconds / the fit's seconds for its shape), for
-    decode-only steps and for steps with prefill: serving slows the two kinds differently (on
-    the dev VM decodes ran 1.3-1.5x the grid and prefills 1.6-2.2x in one run), and a
-    workload's mix of them need not be the probe's. A kind with too few steps gets the pooled
-    quantiles."""
-    if key not in _SERVED_NOISE:
-        bare = ProfileModel(replace(profile, serving={}), key)  # the fit alone: a bare step
+@dataclass(frozen=True, slots=True)
+class ServedFactors:
+    """What serving multiplies the model's step time by, from a profile's served steps: a
+    median per kind of step (with prefill tokens; decode-only per batch bucket) times a
+    residual, the served step's factor over its kind's median, kept in the order the engine
+    ran the steps. The simulator reads the residuals in runs of consecutive steps: a slow patch
+    of the machine lasts several steps (on a quiet 16-vCPU host, runs of 2-7 steps at 3-7x),
+    and a request's TTFT and TPOT average over neighbouring steps, so independent draws would
+    smooth away the tails it sees."""
+
+    prefill: float
+    decode: float  # all decode-only steps
+    by_batch: dict[int, float]  # decode-only steps per batch_bucket with enough of them
+    residual: tuple[float, ...]
+
+    def median(self, has_prefill: bool, num_decode_seqs: float) -> float:
+        """The factor of a step of this kind: its own, or the nearest measured bucket's."""
+        if has_prefill:
+            return self.prefill
+        if not self.by_batch:
+            return self.decode
+        b = batch_bucket(num_decode_seqs)
+        return self.by_batch[min(self.by_batch, key=lambda k: (abs(math.log2(k / b)), k))]
+
+
+_SERVED: dict[str, ServedFactors] = {}
+
+
+def _served_factors(key: str, profile: EngineProfile) -> ServedFactors:
+    """Each served step's period (seconds + the loop's gap after it, or + the `serving` loop
+    overhead when the gap is unknown) over the model's time for its shape (fit + loop
+    overhead); its kind's median, and the residuals. A kind or bucket with fewer than
+    MIN_KIND_STEPS steps takes the wider set's median (all decodes; all steps). Serving slows
+    the kinds differently: on the dev VM decodes ran 1.3-1.5x the grid and prefills 1.6-2.2x in
+    one run; on a quiet 16-vCPU host batch-1 decodes 0.7-0.85x the fit, batches of 9-16 1.2x."""
+    if key not in _SERVED:
+        served = ProfileModel(profile, key)
+        loop = ProfileModel(replace(profile, fit=dict.fromkeys(profile.fit, 0.0)), key)
         rows = profile.serving_steps
-        ratio = np.array([r[4] / max(bare.step_time(*r[:4]), 1e-9) for r in rows])
+        ratio = np.array([(r[4] + (r[5] if len(r) > 5 and r[5] is not None
+                                   else loop.step_time(0, r[1], 0)))
+                          / max(served.step_time(*r[:4]), 1e-9) for r in rows])  # fmt: skip
         pre = np.array([r[0] > 0 for r in rows], dtype=bool)
-        qs = np.linspace(0.0, 1.0, NOISE_QUANTILES)
+        bucket = np.array([batch_bucket(r[1]) for r in rows])
+        pooled = float(np.median(ratio))
 
-        def quantiles(x: np.ndarray) -> list[float]:
-            x = x if len(x) >= MIN_KIND_STEPS else ratio
-            return [round(float(q), 4) for q in np.quantile(x, qs)]
+        def med(sel: np.ndarray, wider: float) -> float:
+            return float(np.median(ratio[sel])) if sel.sum() >= MIN_KIND_STEPS else wider
 
-        _SERVED_NOISE[key] = quantiles(ratio[~pre]), quantiles(ratio[pre])
-    return _SERVED_NOISE[key]
+        decode = med(~pre, pooled)
+        by_batch = {int(b): med(~pre & (bucket == b), decode) for b in np.unique(bucket[~pre])
+                    if (~pre & (bucket == b)).sum() >= MIN_KIND_STEPS}  # fmt: skip
+        f = ServedFactors(med(pre, pooled), decode, by_batch, ())
+        kind = np.array([f.median(bool(r[0] > 0), r[1]) for r in rows])
+        _SERVED[key] = replace(f, residual=tuple(round(float(x), 4) for x in ratio / kind))
+    return _SERVED[key]
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,20 +351,17 @@ class ProfileModel:
 
     @property
     def step_noise(self) -> list[float]:
-        """The simulator's step-time factors, as quantiles: of the served engine's decode-only
-        steps over the fit (`serving_steps`, when there are enough), else of the grid's steps
-        over their shape's median (empty: not measured)."""
-        if len(self.profile.serving_steps) < MIN_SERVING_STEPS:
-            return self.profile.step_noise
-        return _served_noise(self.cache_key, self.profile)[0]
+        """Quantiles of the grid's steps over their shape's median (empty: not measured): the
+        simulator's step factors when the profile has too few served steps."""
+        return self.profile.step_noise
 
     @property
-    def prefill_step_noise(self) -> list[float]:
-        """The same for steps that run prefill tokens (the grid's pooled noise without served
-        steps)."""
+    def served_factors(self) -> ServedFactors | None:
+        """The simulator's step factors from the served steps (`serving_steps`), when there
+        are at least MIN_SERVING_STEPS of them."""
         if len(self.profile.serving_steps) < MIN_SERVING_STEPS:
-            return self.profile.step_noise
-        return _served_noise(self.cache_key, self.profile)[1]
+            return None
+        return _served_factors(self.cache_key, self.profile)
 
     def _coefficients(self) -> tuple[float, float, float, float, float]:
         f, s = self.profile.fit, self.profile.serving

@@ -66,14 +66,17 @@ def _noise_prefix_sums(quantiles: tuple[float, ...], seed: int) -> list[float]:
 
 
 class StepNoise:
-    """Multiplicative step-time factors from measured quantiles, drawn once per simulation;
-    `take(k)` is the sum of the next k factors (one prefix-sum lookup, so a run of k identical
-    decode steps costs O(1))."""
+    """Multiplicative step-time factors, drawn once per simulation: from measured quantiles
+    (inverse CDF), or with `block`, read from a measured series in blocks of consecutive
+    entries; `take(k)` is the sum of the next k factors (one prefix-sum lookup, so a run of k
+    identical decode steps costs O(1))."""
 
     __slots__ = ("cum", "pos")
 
-    def __init__(self, quantiles: list[float] | tuple[float, ...], seed: int) -> None:
-        self.cum = _noise_prefix_sums(tuple(quantiles), seed)
+    def __init__(self, values: list[float] | tuple[float, ...], seed: int,
+                 block: int = 0) -> None:  # fmt: skip
+        v = tuple(values)
+        self.cum = _block_prefix_sums(v, seed, block) if block else _noise_prefix_sums(v, seed)
         self.pos = 0
 
     def take(self, k: int) -> float:
@@ -81,6 +84,44 @@ class StepNoise:
             self.pos = 0
         j, self.pos = self.pos, self.pos + k
         return self.cum[j + k] - self.cum[j]
+
+
+@functools.lru_cache(maxsize=16)
+def _block_prefix_sums(series: tuple[float, ...], seed: int, block: int) -> list[float]:
+    """Prefix sums of NOISE_RING factors read from `series` in blocks of `block` consecutive
+    entries, each block starting at a seeded random place (wrapping around): a block
+    bootstrap, which keeps the series' runs of slow steps together."""
+    x = np.asarray(series, dtype=float)
+    starts = np.random.default_rng(seed).integers(0, len(x), -(-NOISE_RING // block))
+    idx = (starts[:, None] + np.arange(block)[None, :]).ravel()[:NOISE_RING] % len(x)
+    return np.concatenate([[0.0], np.cumsum(x[idx])]).tolist()
+
+
+SERVED_BLOCK = 64  # served steps read in a row (slow patches last 2-7 steps; 64 keeps drift too)
+
+
+def _step_factors(model: StepTimeModel, seed: int) -> Callable[[int, bool, int], float]:
+    """`factors(k, has_prefill, decode_seqs)`: the sum of the next k steps' time factors (k
+    when the model has no noise). A profile's served steps give a median per kind of step
+    times residuals read in blocks of consecutive served steps; else its grid's `step_noise`
+    is drawn independently per step (one stream for decode steps, one for prefill steps)."""
+    served = getattr(model, "served_factors", None)
+    if served is not None:
+        ring = StepNoise(served.residual, seed, block=SERVED_BLOCK)
+        med: dict[tuple[bool, int], float] = {}
+
+        def from_served(k: int, has_prefill: bool, d: int) -> float:
+            m = med.get((has_prefill, d))
+            if m is None:
+                m = med[has_prefill, d] = served.median(has_prefill, d)
+            return m * ring.take(k)
+
+        return from_served
+    q = getattr(model, "step_noise", None)
+    if not q:
+        return lambda k, has_prefill, d: float(k)
+    noise, pnoise = StepNoise(q, seed), StepNoise(q, seed + 1)
+    return lambda k, has_prefill, d: (pnoise if has_prefill else noise).take(k)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,13 +165,15 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
              input_lens: np.ndarray, output_lens: np.ndarray, *,
              max_steps: int = 5_000_000, stop: StopRule | None = None,
              seed: int = 0, speed: tuple[np.ndarray, np.ndarray] | None = None,
-             ) -> SimResult:  # fmt: skip
+             cached_lens: np.ndarray | None = None) -> SimResult:  # fmt: skip
     """Run the requests (sorted by arrival) through the scheduler; times in seconds.
 
     State lives in numpy arrays indexed by request; `run` holds the running requests in
     admission order, so one step costs a few vector operations whatever the batch size.
     With `stop`, the run ends as soon as the SLO is surely missed (`SimResult.stopped`).
-    `seed` seeds the step-time noise of a model that has some (same seed, same result)."""
+    `seed` seeds the step-time noise of a model that has some (same seed, same result).
+    `cached_lens`: prompt tokens each request finds in the engine's prefix cache (whole
+    blocks; they take KV blocks but no prefill work, again after a preemption); default none."""
     n = len(arrivals)
     st = step_fn(model)
     edges = np.append(np.asarray(speed[0], dtype=float)[1:], math.inf) if speed else None
@@ -141,10 +184,7 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
         """When the speed window `t` is in ends (a decode run must not outlast its factor)."""
         return math.inf if edges is None else float(edges[np.searchsorted(edges, t, "right")])
 
-    q = getattr(model, "step_noise", None)
-    noise = StepNoise(q, seed) if q else None
-    qp = getattr(model, "prefill_step_noise", None) or q  # steps with prefill tokens
-    pnoise = StepNoise(qp, seed + 1) if qp else None
+    factors = _step_factors(model, seed)
     # a request reaches the engine `off` seconds after it was sent (server overhead)
     off = float(getattr(model, "request_overhead_s", 0.0))
     # ... and its first token reaches the client `busy_off` later when the engine was busy.
@@ -155,7 +195,8 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
     arrival = np.asarray(arrivals, dtype=float) + off
     prompt = np.asarray(input_lens, dtype=np.int64)
     out = np.maximum(np.asarray(output_lens, dtype=np.int64), 1)
-    computed = np.zeros(n, np.int64)
+    cached = np.zeros(n, np.int64) if cached_lens is None else np.asarray(cached_lens, np.int64)
+    computed = cached.copy()
     generated = np.zeros(n, np.int64)
     blocks = np.zeros(n, np.int64)
     first = np.full(n, -1.0)
@@ -214,7 +255,7 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
                                 arrival[nxt] - now if nxt < n else math.inf,
                                 next_edge(now) - now)  # fmt: skip
             if k > 1:
-                now += dt if noise is None else dt / k * noise.take(k)
+                now += dt / k * factors(k, False, len(run))
                 steps += k
                 computed[run] += k
                 generated[run] += k
@@ -241,7 +282,8 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
             j = int(np.flatnonzero(fits)[-1]) + 1 if fits.any() else 0
             victims = run[j:]
             free += int(blocks[victims].sum())
-            blocks[victims] = computed[victims] = 0
+            blocks[victims] = 0
+            computed[victims] = cached[victims]
             waiting.extendleft(victims[::-1].tolist())
             preemptions += len(victims)
             run, k, newb = run[:j], k[:j], newb[:j]
@@ -280,8 +322,7 @@ def simulate(model: StepTimeModel, cfg: SchedulerConfig, arrivals: np.ndarray,
         kp = ks[pre]
         dt = st(float(kp.sum()), float(dec.sum()), float((c + ks).sum()),
                 float((kp * (c[pre] + kp / 2)).sum()))  # fmt: skip
-        factors = pnoise if len(kp) else noise
-        now += dt if factors is None else dt * factors.take(1)
+        now += dt * factors(1, len(kp) > 0, int(dec.sum()))
         steps += 1
         computed[s] += ks
         emit = s[computed[s] == prompt[s] + generated[s]]
