@@ -16,11 +16,13 @@ Then (unless --no-serving) it starts a real `python -m engine.serve` with the sa
 and a step log, and serves streamed /v1/completions requests from it: an idle request's TTFT
 minus its own served prefill step (the step log) is the per-request server overhead; a
 request's TTFT beside running streams, minus half a decode step and the mixed step (both timed
-on the bare engine right after it), is the busy one. A staggered streaming load follows; from
+on the bare engine right after it), is the busy one. Closed-loop streaming loads follow
+(1, 2, 4 ... max-batch streams, each sending its next request when one ends); from
 the step log come the engine loop's gaps between back-to-back decode steps (the per-step and
-per-sequence overhead of serving) and the steps the served engine ran (`serving_steps`: the
-simulator draws its step-time factors from their ratio to the grid's fit, which carries what
-serving costs the engine beyond the grid). `--serving-only` re-times just the `serving` section
+per-sequence overhead of serving) and the steps the served engine ran (`serving_steps`: each
+step's shape, seconds and the loop's gap after it; the simulator takes its step-time factors
+from their ratio to the grid's fit, which carries what serving costs the engine beyond the
+grid, per kind of step and in the order the steps ran). `--serving-only` re-times just the `serving` section
 of an existing profile (and drops its `serving_steps`, which mean something only beside a grid
 measured with them). The JSON follows the planner's measured profile format
 ("skybroker-engine-profile/1", see skybroker/perf/profile.py), written here
@@ -349,14 +351,21 @@ class ServingProbe:
         self.proc.terminate()
         self.proc.wait(timeout=60)
 
-    def load(self, prompts: list[list[int]], max_tokens: list[int], gap_s: float = 0.0) -> None:
-        """Stream each prompt (the i-th sent i * gap_s after the first) with the lightest client
-        there is: one asyncio loop that reads each response to its end without parsing it, so
-        the load costs the machine about what remote clients would (a thread per stream
+    def load(self, prompts: list[list[int]], max_tokens: list[int], gap_s: float = 0.0,
+             concurrency: int | None = None) -> None:  # fmt: skip
+        """Stream each prompt (the i-th sent i * gap_s after the first; with `concurrency`, at
+        most that many at once, the next sent as one ends: a closed loop) with the lightest
+        client there is: one asyncio loop that reads each response to its end without parsing
+        it, so the load costs the machine about what remote clients would (a thread per stream
         parsing SSE would take CPU from the server it measures)."""
+        slots = asyncio.Semaphore(concurrency or len(prompts))
 
         async def one(i: int) -> None:
             await asyncio.sleep(i * gap_s)
+            async with slots:
+                await stream(i)
+
+        async def stream(i: int) -> None:
             body = json.dumps({"model": "profile", "prompt": prompts[i], "stream": True,
                                "max_tokens": max_tokens[i], "temperature": 0.0,
                                "ignore_eos": True}).encode()  # fmt: skip
@@ -471,13 +480,13 @@ def measure_serving(prof: Profiler, points: list[dict], args: argparse.Namespace
         # settle for ~3 decode steps between probes
         step_s = statistics.median(q["seconds"] for q in points if not q["num_prefill_tokens"])
         busy_extra = _busy_ttft_extra(probe, prof, ref, grid, args.repeats, 3 * step_s)
-        n = min(4 * max_seqs, 64)  # a few hundred served steps
+        # closed loops of 1, 2, 4 ... max_seqs streams: steady batches of each size, a new
+        # request's prefill joining the batch whenever one ends, as under a steady load
         lens = grid.prefill_tokens[:3]
-        probe.load(
-            [prof._prompt(lens[i % len(lens)]) for i in range(n)],
-            [16 + 8 * (i % 5) for i in range(n)],
-            step_s,
-        )  # staggered arrivals
+        for c in sorted({*grid.decode_batches, max_seqs}):
+            n = 4 * c + 4
+            probe.load([prof._prompt(lens[i % len(lens)]) for i in range(n)],
+                       [16 + 8 * (i % 5) for i in range(n)], concurrency=c)  # fmt: skip
         steps, _ = read_step_log(log, warm_end)
     finally:
         probe.close()
