@@ -38,6 +38,7 @@ import asyncio
 import hashlib
 import http.client
 import json
+import math
 import os
 import platform
 import re
@@ -420,6 +421,19 @@ def _busy_ttft_extra(probe: ServingProbe, prof: Profiler, ref: Profiler, grid: G
     return [t - engine for t in ttfts] or [0.0]
 
 
+def loop_requests(points: list[dict], streams: int, budget_s: float, mean_tokens: int = 32,
+                  min_steps: int = 24, max_steps: int = 128) -> int:  # fmt: skip
+    """Requests for a closed loop of `streams` streams: enough for about `budget_s` of decode
+    steps at that batch (the grid's fastest point of that batch size, or the nearest larger
+    one), within [min_steps, max_steps] steps; each request decodes ~mean_tokens tokens."""
+    decode = [q for q in points if not q["num_prefill_tokens"] and q["num_decode_seqs"]]
+    at = [q for q in decode if q["num_decode_seqs"] >= streams] or decode
+    batch = min(q["num_decode_seqs"] for q in at)
+    step_s = min(q["seconds"] for q in at if q["num_decode_seqs"] == batch)
+    steps = min(max(int(budget_s / max(step_s, 1e-6)), min_steps), max_steps)
+    return streams + math.ceil(steps * streams / mean_tokens)
+
+
 def loop_overhead(steps: list[dict]) -> tuple[float, float]:
     """(per step, per sequence) seconds the serving engine's loop spends between two
     back-to-back decode steps of the same batch (sending the step's tokens to the HTTP process,
@@ -483,8 +497,9 @@ def measure_serving(prof: Profiler, points: list[dict], args: argparse.Namespace
         # closed loops of 1, 2, 4 ... max_seqs streams: steady batches of each size, a new
         # request's prefill joining the batch whenever one ends, as under a steady load
         lens = grid.prefill_tokens[:3]
-        for c in sorted({*grid.decode_batches, max_seqs}):
-            n = 4 * c + 4
+        loops = sorted({*grid.decode_batches, max_seqs})
+        for c in loops:
+            n = loop_requests(points, c, args.serving_seconds / len(loops))
             probe.load([prof._prompt(lens[i % len(lens)]) for i in range(n)],
                        [16 + 8 * (i % 5) for i in range(n)], concurrency=c)  # fmt: skip
         steps, _ = read_step_log(log, warm_end)
@@ -564,6 +579,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
     ap.add_argument("--no-serving", action="store_true",
                     help="skip timing a real engine.serve (the server's own overhead)")  # fmt: skip
+    ap.add_argument("--serving-seconds", type=float, default=60.0,
+                    help="about how long the serving probe's closed loops step in all (each "
+                    "loop runs 24-128 steps within its share)")  # fmt: skip
     ap.add_argument("--serving-only", action="store_true",
                     help="keep --out's measured steps and re-measure only its serving section")  # fmt: skip
     args = ap.parse_args(argv)

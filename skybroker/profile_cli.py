@@ -40,6 +40,9 @@ def profile_command(
     serving: bool = typer.Option(
         True, "--serving/--no-serving", help="also time a real engine.serve (its own overhead)"
     ),
+    serving_seconds: float = typer.Option(
+        60.0, "--serving-seconds", min=1.0, help="about how long the serving probe's loads step"
+    ),
 ) -> None:
     """Measure the engine's step times on this hardware; the planner then uses them."""
     if not model.exists():
@@ -55,7 +58,7 @@ def profile_command(
     cmd = [sys.executable, "-m", "engine.profile", "--model", str(model), "--out", str(out),
            "--grid", grid, "--repeats", str(repeats), "--device", device,
            "--tensor-parallel-size", str(tensor_parallel_size), "--kv-cache-gib",
-           str(kv_cache_gib)]  # fmt: skip
+           str(kv_cache_gib), "--serving-seconds", str(serving_seconds)]  # fmt: skip
     for flag, value in (("--max-batch", max_batch), ("--max-context", max_context),
                         ("--max-num-batched-tokens", max_num_batched_tokens)):  # fmt: skip
         if value is not None:

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 from test_profile import profile_dict
 
-from engine.profile import Profiler, _engine_step, loop_overhead, served_rows
+from engine.profile import (
+    Profiler,
+    _engine_step,
+    loop_overhead,
+    loop_requests,
+    served_rows,
+)
 from skybroker.perf.capacity import SLOTarget
 from skybroker.perf.profile import (
     MIN_SERVING_STEPS,
@@ -204,6 +210,19 @@ def test_loop_overhead_fits_the_gaps_between_back_to_back_decode_steps() -> None
     step, per_seq = loop_overhead(_log(shapes))
     assert step == pytest.approx(1e-4, rel=1e-3) and per_seq == pytest.approx(2e-5, rel=1e-3)
     assert loop_overhead(_log([(0, 1, 0.0, 0.002)])) == (0.0, 0.0)
+
+
+def test_closed_loops_are_sized_to_the_time_budget() -> None:
+    """Each closed loop runs about its budget of decode steps at its batch (24-128 steps):
+    a fast machine stops at 128 steps, a slow one (SmolLM2 on 2 vCPUs: 4.7 s per step at
+    batch 16) at 24; a batch the grid lacks takes the nearest larger point."""
+    pts = [{"num_prefill_tokens": 0, "num_decode_seqs": b, "seconds": t}
+           for b, t in ((1, 0.01), (1, 0.02), (4, 0.5), (16, 4.7))]  # fmt: skip
+    pts.append({"num_prefill_tokens": 64, "num_decode_seqs": 4, "seconds": 9.0})
+    assert loop_requests(pts, 1, 12.0) == 1 + 4  # 128 steps at 0.01 s, 32 tokens each
+    assert loop_requests(pts, 4, 12.0) == 4 + 3  # 24 steps at 0.5 s: 24 x 4 / 32 = 3
+    assert loop_requests(pts, 2, 12.0) == 2 + 2  # batch 2 -> the batch-4 point: 24 steps
+    assert loop_requests(pts, 16, 12.0) == 16 + 12  # 24 steps (the floor) x 16 / 32
 
 
 def test_served_rows_keep_the_loop_gap_when_the_engine_went_on() -> None:
