@@ -100,29 +100,31 @@ async def run_load(url: str, items: list, rate: float,
     return list(await asyncio.gather(*tasks)), np.array(sent), t0_mono
 
 
-def step_ratios(steps: list[dict], bare: ProfileModel) -> np.ndarray:
-    """Each logged engine step's time over the profile's bare step time at its shape."""
-    pred = [bare.step_time(s["num_prefill_tokens"], s["num_decode_seqs"], s["num_context_tokens"],
-                           s.get("prefill_attn_pairs", 0.0)) for s in steps]  # fmt: skip
-    return np.array([s["duration_s"] for s in steps]) / np.array(pred)
+def step_ratios(steps: list[dict], model: ProfileModel) -> np.ndarray:
+    """Each logged engine step's speed against the profile (`ProfileModel.speed_of`): its
+    period over what the profile expects of a served step of its shape and kind; 1 is the
+    speed of the profile's serving probe."""
+    from engine.profile import served_rows
+
+    return model.speed_of(served_rows(steps))
 
 
-def step_ratio_medians(steps: list[dict], bare: ProfileModel) -> tuple[float, float]:
-    """Median engine step time over the profile's, for decode-only and for prefill steps."""
-    r = step_ratios(steps, bare) if steps else np.ones(0)
+def step_ratio_medians(steps: list[dict], model: ProfileModel) -> tuple[float, float]:
+    """Median speed against the profile of the decode-only and of the prefill steps."""
+    r = step_ratios(steps, model) if steps else np.ones(0)
     pre = np.array([s["num_prefill_tokens"] > 0 for s in steps], dtype=bool)
     return tuple(float(np.median(x)) if len(x) else float("nan") for x in (r[~pre], r[pre]))
 
 
-def speed_trace(steps: list[dict], bare: ProfileModel, t0: float,
+def speed_trace(steps: list[dict], model: ProfileModel, t0: float,
                 window_s: float = 1.0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """The machine's speed while it served: per `window_s` window from t0, the median of
-    (engine step time / the profile's bare step time at that shape) over the window's steps;
+    the steps' speed against the profile (`step_ratios`) over the window's steps;
     a window with fewer than 3 steps takes the run's median."""
     if not steps:
         return np.zeros(1), np.ones(1)
     at = np.array([s["start"] - t0 for s in steps])
-    ratio = step_ratios(steps, bare)
+    ratio = step_ratios(steps, model)
     starts = np.arange(0.0, max(at.max(), 0.0) + window_s, window_s)
     which = np.clip(np.searchsorted(starts, at, side="right") - 1, 0, len(starts) - 1)
     overall = float(np.median(ratio))
@@ -175,6 +177,12 @@ def read_dump(path: str) -> list[dict]:
     first = min(range(len(runs)), key=lambda i: (runs[i].get("t0", 0.0), i))
     runs[first]["first_pass"] = True
     return runs
+
+
+def write_dump(path: str, profile: str, runs: list[dict]) -> None:
+    """The recorded runs as JSON for --replay; gzipped when the name ends in .gz."""
+    raw = (json.dumps({"profile": profile, "runs": runs}) + "\n").encode()
+    Path(path).write_bytes(gzip.compress(raw) if path.endswith(".gz") else raw)
 
 
 def unit_schedule(n: int, seed: int) -> np.ndarray:
@@ -359,9 +367,8 @@ def main() -> None:
           f"{slo.tpot_s * 1e3:.0f} ms ({why}); simulator capacity at this SLO on this workload: "
           f"{cap:.2f} req/s; rates {', '.join(f'{r:.2f}' for r in rates)}", flush=True)  # fmt: skip
 
-    bare = ProfileModel.of(dataclasses.replace(prof, serving={}))
     if recorded:
-        runs = {r: [replayed(x, model, bare, cfg, a.seed, cached_lens(x, 16))
+        runs = {r: [replayed(x, model, cfg, a.seed, cached_lens(x, 16))
                     for x in recorded if x["rate"] == r] for r in rates}  # fmt: skip
         report(runs, rates, slo, cap)
         print(f"total {time.perf_counter() - t_start:.0f} s (replayed {a.replay})")
@@ -392,7 +399,7 @@ def main() -> None:
                 ttft, tpot, failed = measured(res)
                 sim = simulate(model, cfg, sent, ins, outs, seed=a.seed)
                 steps, _ = read_step_log(step_log, offset)
-                speed = speed_trace(steps, bare, t0)
+                speed = speed_trace(steps, model, t0)
                 adj = simulate(model, cfg, sent, ins, outs, seed=a.seed, speed=speed)
                 runs[rate].append({"rate": rate, "load": la, "failed": failed, "t0": t0,
                                    "fresh_prompts": True,
@@ -403,7 +410,7 @@ def main() -> None:
                                    "errors": [r.error for r in res if not r.ok],
                                    "pred_ttft": sim.ttft.tolist(), "pred_tpot": sim.tpot.tolist(),
                                    "speed": speed[1].tolist(), "steps": steps,
-                                   "step_ratio": step_ratio_medians(steps, bare),
+                                   "step_ratio": step_ratio_medians(steps, model),
                                    "pred": (sim.ttft, sim.tpot[outs > 1]),
                                    "adj": (adj.ttft, adj.tpot[outs > 1]),
                                    "meas": (ttft, tpot)})  # fmt: skip
@@ -414,7 +421,7 @@ def main() -> None:
     if a.dump:
         out = [{k: v for k, v in r.items() if k not in ("pred", "adj", "meas")}
                for rs in runs.values() for r in rs]  # fmt: skip
-        Path(a.dump).write_text(json.dumps({"profile": a.profile, "runs": out}) + "\n")
+        write_dump(a.dump, a.profile, out)
     print(f"total {time.perf_counter() - t_start:.0f} s")
 
 
@@ -434,7 +441,7 @@ def served_from(prof: EngineProfile, recorded: list[dict],
     return dataclasses.replace(prof, serving=serving, serving_steps=served), rest
 
 
-def replayed(run: dict, model: ProfileModel, bare: ProfileModel, cfg: SchedulerConfig,
+def replayed(run: dict, model: ProfileModel, cfg: SchedulerConfig,
              seed: int, cached: np.ndarray) -> dict:  # fmt: skip
     """A recorded run with the predictions of `model` in place of the recorded ones (the
     simulator told which prompt tokens the server's prefix cache held: `cached`)."""
@@ -447,17 +454,18 @@ def replayed(run: dict, model: ProfileModel, bare: ProfileModel, cfg: SchedulerC
     sim = simulate(model, cfg, sent, ins, outs, seed=seed, cached_lens=cached)
     steps = run.get("steps") or []
     t0 = run.get("t0", steps[0]["start"] - sent[0] if steps else 0.0)
-    speed = speed_trace(steps, bare, t0)
+    speed = speed_trace(steps, model, t0)
     adj = simulate(model, cfg, sent, ins, outs, seed=seed, speed=speed, cached_lens=cached)
-    return {**run, "speed": speed[1].tolist(), "step_ratio": step_ratio_medians(steps, bare),
+    return {**run, "speed": speed[1].tolist(), "step_ratio": step_ratio_medians(steps, model),
             "pred": (sim.ttft, sim.tpot[outs > 1]), "adj": (adj.ttft, adj.tpot[outs > 1]),
             "meas": (ttft, tpot)}  # fmt: skip
 
 
 def report(runs: dict[float, list[dict]], rates: list[float], slo: SLOTarget, cap: float) -> None:
     """The prediction-vs-measurement table (medians over runs) and the SLO verdicts: the
-    profile's prediction as the planner makes it, and the same with the machine's speed as the
-    engine's steps measured it during the run (the drift of a shared machine taken out)."""
+    profile's prediction as the planner makes it, and the same with the machine's speed during
+    the run against the serving probe's, from the engine's own steps (`x speed`: the drift of a
+    shared machine between the profile and the run taken out; a diagnostic)."""
     print(f"\n{'rate':>6} {'metric':>6} {'pct':>4} {'profile':>9} {'x speed':>9} {'measured':>9}"
           f" {'error':>6} {'x speed':>7}   (median of {len(runs[rates[0]])} runs)")  # fmt: skip
     errors: dict[str, dict[str, list[float]]] = {k: {"p50": [], "p99": []} for k in ("pred", "adj")}
@@ -490,7 +498,7 @@ def report(runs: dict[float, list[dict]], rates: list[float], slo: SLOTarget, ca
         print(f"{rate:6.2f}  {side}: SLO measured {_tally(meas)}; predicted {tally[0]}, x speed "
               f"{tally[1]}; {sum(r['failed'] for r in rs)} failed; sent at {sent} req/s; load "
               f"{loads}; speed p10/50/90 per 1-s window "
-              f"{speed}; engine steps / profile's, median decode/prefill {ratios}")  # fmt: skip
+              f"{speed}; engine speed vs the probe's, median decode/prefill {ratios}")  # fmt: skip
     steady_errors(runs, rates, cap)
     for k, what in (("pred", "profile"), ("adj", "profile x measured speed")):
         worst = {p: max(v, default=float("nan")) for p, v in errors[k].items()}
@@ -501,9 +509,9 @@ def report(runs: dict[float, list[dict]], rates: list[float], slo: SLOTarget, ca
 
 def steady_errors(runs: dict[float, list[dict]], rates: list[float], cap: float,
                   tol: float = 0.15) -> None:  # fmt: skip
-    """The profile's errors over only the runs whose engine decode steps ran at the profile's
-    speed (median step ratio within `tol` of 1): on a machine whose speed moves between the
-    profile and the run, what is left is the model's error."""
+    """The profile's errors over only the runs whose engine decode steps ran at the serving
+    probe's speed (median `step_ratios` within `tol` of 1): on a machine whose speed moves
+    between the profile and the run, what is left is the model's error."""
     worst = {"p50": 0.0, "p99": 0.0}
     kept = []
     for rate in (r for r in rates if r < cap):
@@ -515,7 +523,7 @@ def steady_errors(runs: dict[float, list[dict]], rates: list[float], cap: float,
                     pv = float(np.median([pcts(r["pred"][m])[i] for r in rs]))
                     mv = float(np.median([pcts(r["meas"][m])[i] for r in rs]))
                     worst[pct] = max(worst[pct], abs(pv - mv) / mv)
-    print(f"runs at the profile's speed (decode step ratio within {tol:.0%} of 1), per rate "
+    print(f"runs at the probe's speed (decode speed within {tol:.0%} of 1), per rate "
           f"below capacity: {'; '.join(kept)}; worst |error| over them p50 {worst['p50']:.0%}, "
           f"p99 {worst['p99']:.0%}")  # fmt: skip
 

@@ -295,22 +295,39 @@ def test_unit_schedule_is_when_run_load_sends(vp) -> None:
     assert vp.unit_schedule(5, 7) / 4.0 == pytest.approx(sent)
 
 
+def _back_to_back(pieces: list[tuple[int, int, float, float]]) -> list[dict]:
+    """A step log from t=100 of (steps, prefill tokens, seconds, gap) pieces: decode steps of 2
+    sequences (prefill-only steps when prefill tokens), each `gap` after the last one ended."""
+    shapes, t = [], 100.0
+    for n, prefill, seconds, gap in pieces:
+        for _ in range(n):
+            shapes.append((prefill, 0 if prefill else 2, t, seconds))
+            t += seconds + gap
+    return _log(shapes)
+
+
 def test_speed_trace_is_the_engine_over_the_profile_per_window(vp) -> None:
-    """Steps 2x the profile's bare time in the first second, 1x in the second; a window with
-    fewer than 3 steps (the third, the fourth) takes the run's median."""
+    """Against a profile without served steps (fit 0.01 s a step): 50 steps of 0.015 s + 0.005
+    s of loop gap in the first second (periods 2x), 100 steps of 0.01 s in the second (1x),
+    then one prefill of 0.5 s (50x; its window has fewer than 3 steps, so it takes the run's
+    median)."""
+    steps = _back_to_back([(50, 0, 0.015, 0.005), (100, 0, 0.01, 0.0), (1, 64, 0.5, 0.0)])
     model = noisy_profile(0.01, None)
-
-    def step(start: float, seconds: float, prefill: int = 0) -> dict:
-        return {"start": 100.0 + start, "duration_s": seconds, "num_prefill_tokens": prefill,
-                "num_decode_seqs": 2, "num_prefill_seqs": int(prefill > 0),
-                "num_context_tokens": 50}  # fmt: skip
-
-    steps = [step(0.1 * i, 0.02) for i in range(4)] + [step(1 + 0.1 * i, 0.01) for i in range(3)]
-    steps += [step(2.5, 0.05), step(2.6, 0.5, prefill=64)]
     starts, factors = vp.speed_trace(steps, model, t0=100.0)
-    assert starts.tolist() == [0.0, 1.0, 2.0, 3.0]
-    assert factors.tolist() == pytest.approx([2.0, 1.0, 2.0, 2.0])
-    assert vp.step_ratio_medians(steps, model) == pytest.approx((2.0, 50.0))
+    assert starts.tolist() == pytest.approx([0.0, 1.0, 2.0, 3.0])
+    assert factors.tolist() == pytest.approx([2.0, 1.0, 1.0, 1.0])
+    assert vp.step_ratio_medians(steps, model) == pytest.approx((1.0, 50.0))
+
+
+def test_speed_is_against_the_serving_probes_steps(vp) -> None:
+    """The profile's own served steps run at speed 1 per kind; a run whose decodes take 2x as
+    long as the probe's runs at 2 (so `x speed` does not count the served factors twice)."""
+    served = [[0, 2, 50, 0, 0.015, 0.0]] * 30 + [[64, 0, 50, 0, 0.03, None]] * 30
+    model = served_profile(0.01, served)
+    assert model.speed_of(served).tolist() == pytest.approx([1.0] * 60)
+    steps = _back_to_back([(40, 0, 0.03, 0.0), (1, 64, 0.03, 0.0)])
+    assert vp.step_ratio_medians(steps, model) == pytest.approx((2.0, 1.0))
+    assert vp.speed_trace(steps, model, t0=100.0)[1].tolist() == pytest.approx([2.0] * 3)
 
 
 def test_slo_verdict(vp) -> None:
@@ -379,6 +396,13 @@ def test_each_pass_sends_prompts_the_server_has_not_cached(vp) -> None:
     assert vp.cached_lens(run, 16).tolist() == [0, 0, 16, 32]  # never the last token's block
     assert vp.cached_lens({**run, "first_pass": True}, 16).tolist() == [0, 0, 0, 0]
     assert vp.cached_lens({**run, "fresh_prompts": True}, 16).tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("name", ["runs.json", "runs.json.gz"])
+def test_a_dump_reads_back_plain_or_gzipped(vp, tmp_path: Path, name: str) -> None:
+    runs = [{"rate": 2.0, "t0": 5.0}, {"rate": 1.0, "t0": 1.0}]
+    vp.write_dump(str(tmp_path / name), "p.json", runs)
+    assert vp.read_dump(str(tmp_path / name)) == [runs[0], {**runs[1], "first_pass": True}]
 
 
 def test_replay_predicts_a_recorded_validation_again() -> None:

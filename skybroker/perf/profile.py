@@ -69,7 +69,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
@@ -297,6 +297,17 @@ class ServedFactors:
 _SERVED: dict[str, ServedFactors] = {}
 
 
+def _period_ratios(model: ProfileModel, rows: Sequence[Sequence[float | None]]) -> np.ndarray:
+    """Each `serving_steps` row's period (seconds + the loop's gap after it, or + the model's
+    loop overhead when the gap is unknown) over the model's time for its shape (fit + loop
+    overhead)."""
+    no_fit = replace(model.profile, fit=dict.fromkeys(model.profile.fit, 0.0))
+    loop = ProfileModel(no_fit, model.cache_key + ":loop")
+    return np.array([(r[4] + (r[5] if len(r) > 5 and r[5] is not None
+                              else loop.step_time(0, r[1], 0)))
+                     / max(model.step_time(*r[:4]), 1e-9) for r in rows])  # fmt: skip
+
+
 def _served_factors(key: str, profile: EngineProfile) -> ServedFactors:
     """Each served step's period (seconds + the loop's gap after it, or + the `serving` loop
     overhead when the gap is unknown) over the model's time for its shape (fit + loop
@@ -305,12 +316,8 @@ def _served_factors(key: str, profile: EngineProfile) -> ServedFactors:
     the kinds differently: on the dev VM decodes ran 1.3-1.5x the grid and prefills 1.6-2.2x in
     one run; on a quiet 16-vCPU host batch-1 decodes 0.7-0.85x the fit, batches of 9-16 1.2x."""
     if key not in _SERVED:
-        served = ProfileModel(profile, key)
-        loop = ProfileModel(replace(profile, fit=dict.fromkeys(profile.fit, 0.0)), key)
         rows = profile.serving_steps
-        ratio = np.array([(r[4] + (r[5] if len(r) > 5 and r[5] is not None
-                                   else loop.step_time(0, r[1], 0)))
-                          / max(served.step_time(*r[:4]), 1e-9) for r in rows])  # fmt: skip
+        ratio = _period_ratios(ProfileModel(profile, key), rows)
         pre = np.array([r[0] > 0 for r in rows], dtype=bool)
         bucket = np.array([batch_bucket(r[1]) for r in rows])
         pooled = float(np.median(ratio))
@@ -362,6 +369,17 @@ class ProfileModel:
         if len(self.profile.serving_steps) < MIN_SERVING_STEPS:
             return None
         return _served_factors(self.cache_key, self.profile)
+
+    def speed_of(self, rows: Sequence[Sequence[float | None]]) -> np.ndarray:
+        """How fast the engine ran these steps (`serving_steps` rows, e.g. from a step log)
+        against the profile: each step's period over the model's time for its shape and its
+        kind's served factor (1 without served steps). 1 is the speed the serving probe saw;
+        the profile's own served steps have a median of 1 per kind."""
+        ratio = _period_ratios(self, rows)
+        f = self.served_factors
+        if f is None or not len(ratio):
+            return ratio
+        return ratio / np.array([f.median(bool(r[0] > 0), r[1]) for r in rows])
 
     def _coefficients(self) -> tuple[float, float, float, float, float]:
         f, s = self.profile.fit, self.profile.serving
