@@ -17,7 +17,8 @@ and a step log, and serves streamed /v1/completions requests from it: an idle re
 minus its own served prefill step (the step log) is the per-request server overhead; a
 request's TTFT beside running streams, minus half a decode step and the mixed step (both timed
 on the bare engine right after it), is the busy one. Closed-loop streaming loads follow
-(1, 2, 4 ... max-batch streams, each sending its next request when one ends); from
+(1, 2, 4 ... max-batch streams, each sending its next request when one ends; in up to 4
+rounds while --serving-seconds lasts); from
 the step log come the engine loop's gaps between back-to-back decode steps (the per-step and
 per-sequence overhead of serving) and the steps the served engine ran (`serving_steps`: each
 step's shape, seconds and the loop's gap after it; the simulator takes its step-time factors
@@ -66,6 +67,11 @@ from engine.sampling_params import SamplingParams
 from engine.sequence import SequenceStatus
 
 SCHEMA = "skybroker-engine-profile/1"
+# Idle requests per prompt length that time the server's per-request overhead, whatever
+# --repeats: its median over 6 (--repeats 3) moved 2.6-6.5 ms between runs minutes apart on
+# the dev VM, a third of the tiny model's TTFT.
+IDLE_REQUESTS = 10
+MAX_LOOP_ROUNDS = 4
 # The planner's GPU kinds (catalogs/gpus.csv names).
 GPU_KINDS = ("A100-80GB", "V100-32GB", "GH200", "B200", "H200", "H100", "A100", "A10G", "A10",
              "A6000", "A40", "L40S", "L40", "L4", "RTX6000", "T4", "V100")  # fmt: skip
@@ -434,6 +440,15 @@ def loop_requests(points: list[dict], streams: int, budget_s: float, mean_tokens
     return streams + math.ceil(steps * streams / mean_tokens)
 
 
+def another_round(elapsed_s: float, rounds: int, budget_s: float) -> bool:
+    """Whether the serving probe runs its closed loops once more: up to MAX_LOOP_ROUNDS rounds
+    while another fits in the budget. A fast model's loops hit their step cap in seconds; the
+    rounds spread its served steps over the budget, so a machine whose speed moves from one
+    minute to the next is not sampled in one short patch (on the dev VM the served decode
+    factor of one 4-s probe came out 0.74-1.12 in runs minutes apart)."""
+    return rounds < MAX_LOOP_ROUNDS and elapsed_s * (rounds + 1) / rounds <= budget_s
+
+
 def loop_overhead(steps: list[dict]) -> tuple[float, float]:
     """(per step, per sequence) seconds the serving engine's loop spends between two
     back-to-back decode steps of the same batch (sending the step's tokens to the HTTP process,
@@ -484,7 +499,7 @@ def measure_serving(prof: Profiler, points: list[dict], args: argparse.Namespace
         warm_end = offset
         ttft_extra = []
         for p in grid.prefill_tokens[:2]:
-            for _ in range(args.repeats):
+            for _ in range(max(args.repeats, IDLE_REQUESTS)):
                 ttft, _, _ = _stream(probe.port, prof._prompt(p), 2)
                 new, offset = read_step_log(log, offset)
                 # the served engine's own prefill step (the step log), not a bare one: what it
@@ -498,10 +513,14 @@ def measure_serving(prof: Profiler, points: list[dict], args: argparse.Namespace
         # request's prefill joining the batch whenever one ends, as under a steady load
         lens = grid.prefill_tokens[:3]
         loops = sorted({*grid.decode_batches, max_seqs})
-        for c in loops:
-            n = loop_requests(points, c, args.serving_seconds / len(loops))
-            probe.load([prof._prompt(lens[i % len(lens)]) for i in range(n)],
-                       [16 + 8 * (i % 5) for i in range(n)], concurrency=c)  # fmt: skip
+        started, rounds = time.monotonic(), 0
+        while rounds == 0 or another_round(time.monotonic() - started, rounds,
+                                           args.serving_seconds):  # fmt: skip
+            for c in loops:
+                n = loop_requests(points, c, args.serving_seconds / len(loops))
+                probe.load([prof._prompt(lens[i % len(lens)]) for i in range(n)],
+                           [16 + 8 * (i % 5) for i in range(n)], concurrency=c)  # fmt: skip
+            rounds += 1
         steps, _ = read_step_log(log, warm_end)
     finally:
         probe.close()
@@ -554,6 +573,17 @@ def profile_dict(engine: LLMEngine, points: list[dict], wall_s: float,
     return d
 
 
+_NUMBER = r"(?:-?[0-9][0-9.eE+-]*|null)"
+_NUMBERS = re.compile(rf"\[\s+({_NUMBER}(?:,\s+{_NUMBER})*)\s+\]")
+
+
+def profile_json(data: dict) -> str:
+    """The profile as indented JSON with each list of numbers on one line (a served step is a
+    line, not eight)."""
+    text = json.dumps(data, indent=1)
+    return _NUMBERS.sub(lambda m: "[" + re.sub(r",\s+", ", ", m[1]) + "]", text) + "\n"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m engine.profile", description=__doc__.split("\n")[0]
@@ -581,7 +611,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="skip timing a real engine.serve (the server's own overhead)")  # fmt: skip
     ap.add_argument("--serving-seconds", type=float, default=60.0,
                     help="about how long the serving probe's closed loops step in all (each "
-                    "loop runs 24-128 steps within its share)")  # fmt: skip
+                    "loop runs 24-128 steps within its share; the loops run again, up to 4 "
+                    "rounds, while the budget lasts)")  # fmt: skip
     ap.add_argument("--serving-only", action="store_true",
                     help="keep --out's measured steps and re-measure only its serving section")  # fmt: skip
     args = ap.parse_args(argv)
@@ -650,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
         data = profile_dict(engine, points, time.perf_counter() - t0, serving, noise, served)
     engine.shutdown()
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=1) + "\n")
+    out.write_text(profile_json(data))
     print(f"wrote {out} ({len(points)} points, {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return 0
 

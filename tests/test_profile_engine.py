@@ -12,12 +12,22 @@ from pathlib import Path
 import pytest
 
 from engine.config import ModelConfig
-from engine.profile import arch_hash, gpu_kind, hardware_tag
+from engine.profile import arch_hash, gpu_kind, hardware_tag, profile_json
 from skybroker.models import from_hf_dir
 from skybroker.perf.profile import load
 from skybroker.perf.roofline import Hardware, cpu_model_name
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_profile_json_puts_each_served_step_on_a_line() -> None:
+    data = {"source": "a, b", "serving_steps": [[16, 0, 16, 128.0, 0.0047, None],
+                                                [0, 2, 40, 0, 1.5e-05, 0.0003]],
+            "notes": ["x,  y"]}  # fmt: skip
+    text = profile_json(data)
+    assert json.loads(text) == data
+    assert "  [16, 0, 16, 128.0, 0.0047, null],\n  [0, 2, 40, 0, 1.5e-05, 0.0003]\n" in text
+    assert '"x,  y"' in text  # strings are left alone
 
 
 def test_arch_hash_agrees_with_planner(tiny_llama_dir: Path) -> None:

@@ -15,6 +15,7 @@ from test_profile import profile_dict
 from engine.profile import (
     Profiler,
     _engine_step,
+    another_round,
     loop_overhead,
     loop_requests,
     served_rows,
@@ -223,6 +224,14 @@ def test_closed_loops_are_sized_to_the_time_budget() -> None:
     assert loop_requests(pts, 4, 12.0) == 4 + 3  # 24 steps at 0.5 s: 24 x 4 / 32 = 3
     assert loop_requests(pts, 2, 12.0) == 2 + 2  # batch 2 -> the batch-4 point: 24 steps
     assert loop_requests(pts, 16, 12.0) == 16 + 12  # 24 steps (the floor) x 16 / 32
+
+
+def test_probe_rounds_fill_the_budget_up_to_four() -> None:
+    """A round of 4 s in a 60-s budget: four rounds; one of 25 s: two (a third would end at
+    75 s); one of 55 s: one."""
+    assert [another_round(4.0 * r, r, 60.0) for r in (1, 2, 3, 4)] == [True, True, True, False]
+    assert [another_round(25.0 * r, r, 60.0) for r in (1, 2)] == [True, False]
+    assert not another_round(55.0, 1, 60.0)
 
 
 def test_served_rows_keep_the_loop_gap_when_the_engine_went_on() -> None:
