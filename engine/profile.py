@@ -445,7 +445,7 @@ def another_round(elapsed_s: float, rounds: int, budget_s: float) -> bool:
     while another fits in the budget. A fast model's loops hit their step cap in seconds; the
     rounds spread its served steps over the budget, so a machine whose speed moves from one
     minute to the next is not sampled in one short patch (on the dev VM the served decode
-    factor of one 4-s probe came out 0.74-1.12 in runs minutes apart)."""
+    factor of one probe of 3 s of steps came out 0.74-1.12 in runs minutes apart)."""
     return rounds < MAX_LOOP_ROUNDS and elapsed_s * (rounds + 1) / rounds <= budget_s
 
 
