@@ -4,31 +4,33 @@ Desired state is the plan's placements ("targets": offering, replicas, tensor pa
 planned capacity); actual state is the store's replica rows plus what provisioners and
 `/health` probes report. `reconcile_once()` closes the gap: it launches missing replicas
 (in worker threads, so probing goes on), marks replicas ready when /health answers 200 (after
-an initial delay), replaces dead, preempted or long-unhealthy ones, and on a CapacityError
-blocklists the offering and re-solves the plan without it (failover), recording events.
+an initial delay), replaces dead, preempted or long-unhealthy ones (backing off crash loops,
+`skybroker.health`), drains replicas the plan no longer wants before it stops them, and on a
+CapacityError blocklists the offering and re-solves the plan without it (failover), recording
+events.
 
 A replica row exists before its launch starts and names everything the provisioner creates,
 so a launch that fails half-way (or a broker that dies mid-launch) leaves nothing running the
 store does not know about. A restarted controller re-adopts live replicas and cleans up the
-rest. One router per deployment (`skybroker.router`) serves its OpenAI endpoint.
+rest. One router per deployment serves its OpenAI endpoint, as a process of its own
+(`skybroker.routers`) that outlives the broker; its key is `api_key(name)`. Every replica
+gets an API key of its own (`skybroker.keys`), passed in its environment, never stored.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
+from skybroker.health import FailureRun, Failures, ProbeConfig, crash_reason
+from skybroker.keys import endpoint_api_key, replica_api_key
 from skybroker.provision import (
     CapacityError,
     Provisioner,
@@ -38,8 +40,8 @@ from skybroker.provision import (
     ReplicaState,
     get_provisioner,
 )
-from skybroker.provision.local import free_port
-from skybroker.router import ReplicaTarget, Router, RouterServer
+from skybroker.router import ReplicaTarget, Router
+from skybroker.routers import RouterProcess, RouterProcessError, RouterProcesses
 from skybroker.state import (
     Deployment,
     DeploymentStatus,
@@ -48,42 +50,15 @@ from skybroker.state import (
     ReplicaStatus,
     StateError,
     Store,
-    default_home,
 )
 
 log = logging.getLogger(__name__)
 
 RUNNING_STATUSES = (ReplicaStatus.STARTING, ReplicaStatus.READY, ReplicaStatus.NOT_READY)
 SECRET_ENVS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # passed to replicas, never stored
-
-
-@dataclass
-class ProbeConfig:
-    """Readiness probing of replicas' /health."""
-
-    timeout_s: float = 2.0  # per probe
-    initial_delay_s: float = 0.0  # after launch, before the first probe
-    startup_timeout_s: float = 900.0  # launch -> first 200, else replaced
-    failure_threshold: int = 2  # failed probes in a row: READY -> NOT_READY
-    unhealthy_timeout_s: float = 30.0  # NOT_READY this long -> replaced
-    # Crash loops: failures in a row (launch errors, replicas that die or never get ready)
-    # delay the next launch by backoff_base_s * 2**(n-1), at most backoff_max_s; after
-    # max_launch_failures the deployment is FAILED. A replica launched after the last
-    # failure that stays ready for stable_s ends the run. Preemptions do not count.
-    max_launch_failures: int = 5
-    backoff_base_s: float = 2.0
-    backoff_max_s: float = 120.0
-    stable_s: float = 60.0
-
-
-@dataclass
-class FailureRun:
-    """A deployment's failures in a row, and when its next launch may start."""
-
-    count: int = 0
-    last_at: float = 0.0
-    next_launch_at: float = 0.0
-    last: str = ""
+# The engine reads its key from ENGINE_API_KEY (SKYBROKER_API_KEY in older engines).
+REPLICA_KEY_ENVS = ("ENGINE_API_KEY", "SKYBROKER_API_KEY")
+__all__ = ["Controller", "FailureRun", "ProbeConfig", "replica_api_key", "targets_from_plan"]
 
 
 Planner = Callable[..., Any]  # (spec, blocklist=frozenset) -> Plan
@@ -104,6 +79,7 @@ def targets_from_plan(plan: Any) -> list[dict[str, Any]]:
                 "data_parallel": int(getattr(p, "data_parallel", 1) or 1),
                 "capacity_rps": float(p.capacity_rps),
                 "price_per_hour": float(getattr(p, "price_per_hour", 0.0) or 0.0),
+                "vcpus": float(getattr(o, "vcpus", 0) or 0),
             }
         )
     return targets
@@ -152,10 +128,12 @@ class Controller:
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_parallel_launches, thread_name_prefix="launch")
         self._launches: dict[str, Future[ReplicaHandle]] = {}
-        self._routers: dict[str, Router] = {}
-        self._servers: dict[str, RouterServer] = {}
+        self._routers: dict[str, Router | RouterProcess] = {}
+        self._router_procs = RouterProcesses()
         self._probed_at: dict[str, float] = {}  # replica -> last 200 from /health
-        self._failures: dict[str, FailureRun] = {}  # deployment -> its failures in a row
+        self._drain_since: dict[str, float] = {}  # replica -> when it began draining
+        self.failures = Failures(store, self.probe)
+        self._failures = self.failures.runs  # deployment -> its failures in a row
         self._http = httpx.Client(timeout=self.probe.timeout_s)
         if adopt:
             self.adopt()
@@ -185,9 +163,27 @@ class Controller:
             self.store.add_event(
                 dep.name, "created", f"plan: {_plan_summary(targets)}", data={"targets": targets}
             )
-            dep = self._start_router(dep)
+            try:
+                dep = self._start_router(dep)
+            except ProvisionError:
+                self.store.delete_deployment(dep.name)
+                raise
             self._fill(dep, self.store.list_replicas(dep.name))
             return dep
+
+    def scale(self, name: str, target: int, replicas: int) -> Deployment:
+        """Set how many replicas one of the plan's targets wants (an autoscaler's lever); the
+        next reconcile launches the missing ones or drains the extra ones."""
+        with self._lock:
+            dep = self.store.get_deployment(name)
+            if dep is None:
+                raise StateError(f"unknown deployment {name!r}")
+            if not 0 <= target < len(dep.targets) or replicas < 0:
+                raise StateError(f"target {target} of {len(dep.targets)}, replicas {replicas}")
+            targets = [dict(t) for t in dep.targets]
+            old, targets[target]["replicas"] = targets[target]["replicas"], replicas
+            self.store.add_event(name, "scaled", f"target {target}: {old} -> {replicas} replicas")
+            return self.store.update_deployment(name, targets=targets)
 
     def list(self) -> list[Deployment]:
         return self.store.list_deployments()
@@ -201,8 +197,15 @@ class Controller:
     def events(self, name: str, limit: int | None = 100) -> list[Event]:
         return self.store.list_events(name, limit=limit)
 
-    def router(self, name: str) -> Router | None:
+    def router(self, name: str) -> Router | RouterProcess | None:
+        """The deployment's router (`set_replicas`, `snapshot`): its process, or in-process
+        with serve_routers=False."""
         return self._routers.get(name)
+
+    def api_key(self, name: str) -> str | None:
+        """The key clients of `name`'s endpoint send (None: no such deployment)."""
+        dep = self.get(name)
+        return None if dep is None else endpoint_api_key(dep.name, dep.created_at)
 
     def describe(self, name: str) -> dict[str, Any] | None:
         """A JSON-able status of one deployment: replicas, health, $/h, endpoint, events."""
@@ -212,7 +215,7 @@ class Controller:
         reps = self.replicas(name)
         price = {i: t["price_per_hour"] for i, t in enumerate(dep.targets)}
         running = [r for r in reps if r.status in RUNNING_STATUSES]
-        run = self._failures.get(name) or FailureRun()
+        run = self.failures.get(name)
         wait = run.next_launch_at - time.time()
         return {
             "name": dep.name,
@@ -283,6 +286,7 @@ class Controller:
                 fut.exception()
         with self._lock:
             self._collect_launches(name)
+            self._drain_all(dep)
             prov = self._provisioner(dep.infra)
             for rep in self.store.list_replicas(name, live_only=False):
                 if rep.status != ReplicaStatus.TERMINATED or rep.handle:
@@ -330,9 +334,12 @@ class Controller:
             time.sleep(interval_s)
 
     def close(self) -> None:
-        """Stop routers and threads; replicas keep running (a new controller re-adopts them)."""
-        for name in list(self._servers):
-            self._stop_router(name)
+        """Stop threads; replicas and router processes keep running (a new controller
+        re-adopts them), so the endpoints keep serving meanwhile."""
+        for router in self._routers.values():
+            if isinstance(router, RouterProcess):
+                router.close()
+        self._routers.clear()
         self._pool.shutdown(wait=True)
         with self._lock:  # launches that finished meanwhile: record their handles
             for dep in self.store.list_deployments():
@@ -355,12 +362,13 @@ class Controller:
         if dep.status == DeploymentStatus.DELETING:
             self.delete(dep.name)
             return
-        run = self._restore_failures(dep.name)
-        if run is not None:
-            self._failures[dep.name] = run
+        self.failures.restore(dep.name)
         prov = self._provisioner(dep.infra)
         for rep in self.store.list_replicas(dep.name):
             if rep.status == ReplicaStatus.PENDING:
+                continue
+            if rep.status == ReplicaStatus.DRAINING:  # drains on, from now
+                self._drain_since[rep.name] = time.time()
                 continue
             handle = self._handle(rep, dep.infra)
             alive = rep.status in RUNNING_STATUSES and self._state(prov, handle) in (
@@ -379,15 +387,18 @@ class Controller:
     def _reconcile(self, dep: Deployment) -> None:
         self._collect_launches(dep.name)
         dep = self.store.get_deployment(dep.name) or dep
+        if dep.name not in self._routers:  # its adoption failed: try again
+            dep = self._start_router(dep)
         prov = self._provisioner(dep.infra)
         for rep in self.store.list_replicas(dep.name):
             if rep.status in RUNNING_STATUSES:
                 self._check(prov, dep, rep)
+            elif rep.status == ReplicaStatus.DRAINING:
+                self._check_drained(prov, dep, rep)
         dep = self.store.get_deployment(dep.name) or dep
         if dep.status != DeploymentStatus.FAILED:
             reps = self._fill(dep, self.store.list_replicas(dep.name))
-            run = self._failures.get(dep.name)
-            if run is None or time.time() >= run.next_launch_at:  # else: backing off
+            if self.failures.may_launch(dep.name):  # else: backing off
                 for rep in reps:
                     if rep.status == ReplicaStatus.PENDING:
                         self._launch(prov, dep, rep)
@@ -395,20 +406,65 @@ class Controller:
         self._update_status(dep)
 
     def _fill(self, dep: Deployment, reps: list[Replica]) -> list[Replica]:
-        """Add PENDING rows for missing replicas, terminate ones no target wants."""
-        prov = self._provisioner(dep.infra)
+        """Add PENDING rows for missing replicas, drain (then stop) ones no target wants."""
+        reps = [r for r in reps if r.status != ReplicaStatus.DRAINING]
         for i, t in enumerate(dep.targets):
             have = [r for r in reps if r.target == i and r.offering_key == tuple(t["key"])]
             for _ in range(t["replicas"] - len(have)):
                 self.store.add_replica(dep.name, i, tuple(t["key"]))
             extra = sorted(have, key=lambda r: r.status == ReplicaStatus.READY)
             for rep in extra[: max(0, len(have) - t["replicas"])]:
-                self._terminate(prov, rep, dep.infra, event="scaled down")
+                self._retire(dep, rep, "scaled down")
         for rep in reps:
             t = dep.targets[rep.target] if rep.target < len(dep.targets) else None
             if t is None or tuple(t["key"]) != rep.offering_key:
-                self._terminate(prov, rep, dep.infra, event="no longer in the plan")
+                self._retire(dep, rep, "no longer in the plan")
         return self.store.list_replicas(dep.name)
+
+    # -- draining ----------------------------------------------------------------------------
+
+    def _retire(self, dep: Deployment, rep: Replica, why: str) -> None:
+        """Stop a replica the plan no longer wants: at once if it never served, else drain it
+        first (the router sends it nothing new; in-flight requests finish)."""
+        if rep.status not in (ReplicaStatus.READY, ReplicaStatus.NOT_READY):
+            self._terminate(self._provisioner(dep.infra), rep, dep.infra, event=why)
+            return
+        self.store.update_replica(rep.name, status=ReplicaStatus.DRAINING, message=why)
+        self._drain_since[rep.name] = time.time()
+        self.store.add_event(dep.name, "draining", f"{why}: no new requests", rep.name)
+        self._update_router(dep)
+
+    def _in_flight(self, name: str, replicas: set[str]) -> int | None:
+        """Requests the router has in flight on these replicas (None: it cannot tell)."""
+        router = self._routers.get(name)
+        if router is None:
+            return None
+        rows = router.snapshot()
+        if not rows and isinstance(router, RouterProcess) and not router.alive():
+            return None
+        return sum(r["outstanding"] for r in rows if r["name"].split("/")[0] in replicas)
+
+    def _check_drained(self, prov: Provisioner, dep: Deployment, rep: Replica) -> None:
+        since = self._drain_since.setdefault(rep.name, time.time())
+        busy = self._in_flight(dep.name, {rep.name})
+        late = time.time() - since > self.probe.drain_timeout_s
+        if not busy or late:
+            what = f"drained; {rep.message}" if not late else f"{rep.message} (drain timed out)"
+            self._drain_since.pop(rep.name, None)
+            self._terminate(prov, rep, dep.infra, event=what)
+
+    def _drain_all(self, dep: Deployment) -> None:
+        """Before `down`: every replica drains (until the drain timeout)."""
+        reps = [r for r in self.store.list_replicas(dep.name) if r.status in RUNNING_STATUSES]
+        if not reps or dep.name not in self._routers:
+            return
+        for rep in reps:
+            self.store.update_replica(rep.name, status=ReplicaStatus.DRAINING)
+        self._update_router(dep)
+        names = {r.name for r in reps}
+        deadline = time.monotonic() + self.probe.drain_timeout_s
+        while (self._in_flight(dep.name, names) or 0) > 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     def _replica_spec(self, dep: Deployment, rep: Replica) -> ReplicaSpec:
         t = dep.targets[rep.target]
@@ -425,8 +481,10 @@ class Controller:
         else:
             args["gpu_memory_utilization"] = eng.get("gpu_memory_utilization")
         secrets_ = {k: os.environ[k] for k in SECRET_ENVS if os.environ.get(k)}
-        if dep.infra != "local":  # cloud replicas are reachable from outside: require a key
-            secrets_["SKYBROKER_API_KEY"] = replica_api_key(dep.name)
+        secrets_ |= dict.fromkeys(REPLICA_KEY_ENVS, replica_api_key(dep.name))
+        envs = {}
+        if dep.infra == "local":  # replicas share this machine: each its share of the cores
+            envs["OMP_NUM_THREADS"] = str(max(1, int(t.get("vcpus") or 1)))
         cloud, region, instance_type, spot = t["key"]
         return ReplicaSpec(
             name=rep.name,
@@ -442,6 +500,7 @@ class Controller:
             tensor_parallel_size=int(t.get("tensor_parallel") or 1),
             data_parallel=int(t.get("data_parallel") or 1),
             engine_args={k: v for k, v in args.items() if v is not None},
+            envs=envs,
             secrets=secrets_,
         )
 
@@ -501,51 +560,12 @@ class Controller:
         current = self.store.get_deployment(dep.name)
         if current is None or current.status == DeploymentStatus.FAILED:
             return
-        run = self._failures.setdefault(dep.name, FailureRun())
-        now = time.time()
-        run.count += 1
-        run.last_at, run.last = now, reason
-        if run.count >= self.probe.max_launch_failures:
-            self._fail(dep, f"{run.count} failures in a row, giving up; last: {reason}")
-            return
-        delay = min(self.probe.backoff_max_s, self.probe.backoff_base_s * 2 ** (run.count - 1))
-        run.next_launch_at = now + delay
-        self.store.add_event(
-            dep.name,
-            "backoff",
-            f"failure {run.count} of {self.probe.max_launch_failures} in a row; "
-            f"next launch in {delay:.1f}s",
-            data={"failures": run.count, "delay_s": delay, "reason": reason},
-        )
-
-    def _restore_failures(self, name: str) -> FailureRun | None:
-        """The failures in a row a previous broker counted, from the event log: the last
-        `backoff` event, unless a `recovered` one came after it. A restart neither forgets a
-        crash loop nor resets its backoff."""
-        for e in reversed(self.store.list_events(name, limit=500)):
-            if e.kind == "recovered":
-                return None
-            if e.kind == "backoff":
-                count = int(e.data.get("failures", 0))
-                delay = float(e.data.get("delay_s", 0.0))
-                reason = str(e.data.get("reason", ""))
-                return FailureRun(count, e.time, e.time + delay, reason) if count else None
-        return None
+        give_up = self.failures.count(dep.name, reason)
+        if give_up is not None:
+            self._fail(dep, give_up)
 
     def _crash_reason(self, prov: Provisioner, rep: Replica, infra: str, what: str) -> str:
-        """`what`, with the replica's exit code and last log lines where the provider knows."""
-        handle = self._handle(rep, infra)
-        parts = [f"replica {rep.name} {what}"]
-        code = getattr(prov, "exit_code", lambda _h: None)(handle)
-        if code is not None:
-            parts.append(f"exit code {code}" if code >= 0 else f"killed by signal {-code}")
-        try:
-            tail = prov.logs(handle, tail=5).strip()
-        except ProvisionError:
-            tail = ""
-        if tail:
-            parts.append("log tail: " + " | ".join(tail.splitlines())[-400:])
-        return "; ".join(parts)
+        return crash_reason(prov, self._handle(rep, infra), what)
 
     def _failover(self, dep: Deployment, key: Any) -> None:
         """Blocklist the offering and re-solve the plan without it (once per offering)."""
@@ -605,7 +625,8 @@ class Controller:
                 self.store.add_event(dep.name, "ready", f"{rep.url}/health answers 200", rep.name)
             elif rep.failures:
                 self.store.update_replica(rep.name, failures=0)
-            self._maybe_recovered(dep, rep, now)
+            launched = rep.launched_at or rep.created_at
+            self.failures.ready_for(dep.name, rep.name, launched, rep.ready_at or now)
             return
         if rep.status == ReplicaStatus.STARTING:
             if now - launched > self.probe.startup_timeout_s:
@@ -627,18 +648,6 @@ class Controller:
             self._count_failure(dep, reason)
         else:
             self.store.update_replica(rep.name, failures=failures)
-
-    def _maybe_recovered(self, dep: Deployment, rep: Replica, now: float) -> None:
-        """End a run of failures once a replica launched after it has stayed ready."""
-        run = self._failures.get(dep.name)
-        if run is None or not run.count or rep.ready_at is None:
-            return
-        launched = rep.launched_at or rep.created_at
-        if launched >= run.last_at and now - rep.ready_at >= self.probe.stable_s:
-            self._failures.pop(dep.name)
-            self.store.add_event(
-                dep.name, "recovered", f"ready for {self.probe.stable_s:.0f}s", rep.name
-            )
 
     def _healthy(self, url: str) -> bool:
         try:
@@ -678,40 +687,39 @@ class Controller:
     # -- routers ------------------------------------------------------------------------------
 
     def _start_router(self, dep: Deployment) -> Deployment:
+        """The deployment's router: its live process adopted, or a new one on its old port."""
         if dep.name in self._routers:
             return dep
-        upstream_key = replica_api_key(dep.name) if dep.infra != "local" else None
-        router = Router(dep.name, upstream_api_key=upstream_key)
-        self._routers[dep.name] = router
+        key = endpoint_api_key(dep.name, dep.created_at)
+        upstream = replica_api_key(dep.name)
         if not self.serve_routers:
+            self._routers[dep.name] = Router(dep.name, api_key=key, upstream_api_key=upstream)
             return dep
-        port = dep.router_port or free_port(self.router_host)
-        server = RouterServer(router, host=self.router_host, port=port)
         try:
-            server.start()
-        except RuntimeError:  # the old port is taken now: take another
-            server = RouterServer(router, host=self.router_host, port=0)
-            server.start()
-        self._servers[dep.name] = server
-        if server.port != dep.router_port or dep.router_host != self.router_host:
+            router = self._router_procs.ensure(
+                dep.name, self.router_host, dep.router_port, key, upstream
+            )
+        except RouterProcessError as e:
+            raise ProvisionError(str(e)) from None
+        self._routers[dep.name] = router
+        if router.port != dep.router_port or dep.router_host != self.router_host:
             dep = self.store.update_deployment(
-                dep.name, router_port=server.port, router_host=self.router_host
+                dep.name, router_port=router.port, router_host=self.router_host
             )
         return dep
 
     def _stop_router(self, name: str) -> None:
-        server = self._servers.pop(name, None)
-        if server is not None:
-            server.stop()
-        self._routers.pop(name, None)
+        router = self._routers.pop(name, None)
+        if isinstance(router, RouterProcess):
+            router.close()
+        if self.serve_routers:
+            self._router_procs.stop(name)
 
-    def _update_router(self, dep: Deployment) -> None:
-        router = self._routers.get(dep.name)
-        if router is None:
-            return
+    def _router_targets(self, dep: Deployment) -> list[ReplicaTarget]:
         targets = []
         for rep in self.store.list_replicas(dep.name):
-            if not rep.url or rep.status not in RUNNING_STATUSES:
+            live = rep.status in RUNNING_STATUSES or rep.status == ReplicaStatus.DRAINING
+            if not rep.url or not live:
                 continue
             t = dep.targets[rep.target] if rep.target < len(dep.targets) else {}
             urls = (rep.handle or {}).get("info", {}).get("urls") or [rep.url]
@@ -721,11 +729,28 @@ class Controller:
                         name=rep.name if i == 0 else f"{rep.name}/{i}",
                         url=url,
                         capacity_rps=float(t.get("capacity_rps") or 1.0) / len(urls),
-                        ready=rep.status == ReplicaStatus.READY,
+                        ready=rep.status in (ReplicaStatus.READY, ReplicaStatus.DRAINING),
                         probed_at=self._probed_at.get(rep.name, 0.0),
+                        draining=rep.status == ReplicaStatus.DRAINING,
                     )
                 )
-        router.set_replicas(targets)
+        return targets
+
+    def _update_router(self, dep: Deployment) -> None:
+        """Push the replica set; a router process that died is started again first."""
+        router = self._routers.get(dep.name)
+        if router is None:
+            return
+        targets = self._router_targets(dep)
+        if router.set_replicas(targets) is False:  # a process that did not take it
+            assert isinstance(router, RouterProcess)
+            if router.alive():
+                return  # busy: the next pass pushes again
+            self.store.add_event(dep.name, "router_restarted", "the router process was gone")
+            router.close()
+            self._routers.pop(dep.name, None)
+            dep = self._start_router(dep)
+            self._routers[dep.name].set_replicas(targets)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -746,20 +771,3 @@ class Controller:
             return prov.status(handle)
         except ProvisionError:
             return ReplicaState.LAUNCHING  # the provider cannot tell now: do not replace
-
-
-def replica_api_key(deployment: str) -> str:
-    """The API key of a deployment's cloud replicas: HMAC of the name under the broker's
-    secret ($SKYBROKER_HOME/secret, mode 0600), so the store never holds it."""
-    path = default_home() / "secret"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # another broker wrote it first
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32))
-    key = path.read_text().strip().encode()
-    return hmac.new(key, deployment.encode(), hashlib.sha256).hexdigest()

@@ -4,23 +4,37 @@ Requests (streaming included) go to the ready replica with the least outstanding
 per unit of planned capacity (requests/s). A replica the router cannot connect to (or that
 answers 503: loading, draining, overloaded) is skipped and the request retried on another;
 a connection failure also marks it unready here until the controller's next successful
-health probe. The router never sends to a replica the controller has not marked ready.
-Runs as an ASGI app (`Router.app`) or in its own thread (`RouterServer`).
+health probe. The router never sends to a replica the controller has not marked ready, nor a
+new request to one it is draining (its in-flight requests finish; `outstanding` says how many).
+
+Clients send the deployment's key (`Authorization: Bearer KEY`, compared in constant time).
+The controller sets the replica set through the admin routes (`PUT /router/replicas`, with the
+router's admin key). Runs as an ASGI app (`Router.app`), in a thread (`RouterServer`), or as a
+process of its own (`python -m skybroker.router`, see `main`): that one outlives the broker.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import os
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import httpx
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from skybroker.keys import same_key
+
+API_KEY_ENV = "SKYBROKER_ROUTER_API_KEY"  # clients' key (the deployment's endpoint key)
+ADMIN_KEY_ENV = "SKYBROKER_ROUTER_ADMIN_KEY"  # the controller's key for /router/*
+UPSTREAM_KEY_ENV = "SKYBROKER_ROUTER_UPSTREAM_KEY"  # sent to the replicas
 
 _HOP_HEADERS = {
     "host",
@@ -33,7 +47,14 @@ _HOP_HEADERS = {
     "te",
     "trailer",
 }
-_RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError)
+# Failures before a response began: the replica died or is gone; the request goes elsewhere.
+_RETRYABLE = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.RemoteProtocolError,
+    httpx.ReadError,
+    httpx.WriteError,
+)
 
 
 @dataclass
@@ -45,6 +66,7 @@ class ReplicaTarget:
     capacity_rps: float  # planned capacity: the weight
     ready: bool
     probed_at: float = 0.0  # time of the last successful /health probe
+    draining: bool = False  # no new requests; in-flight ones finish
 
 
 @dataclass
@@ -56,7 +78,7 @@ class _Upstream:
 
     @property
     def usable(self) -> bool:
-        return self.target.ready and self.failed_at is None
+        return self.target.ready and not self.target.draining and self.failed_at is None
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:
@@ -76,10 +98,12 @@ class Router:
         upstream_api_key: str | None = None,
         connect_timeout_s: float = 2.0,
         read_timeout_s: float = 600.0,
+        admin_key: str | None = None,
     ) -> None:
         self.name = name
         self.api_key = api_key
         self.upstream_api_key = upstream_api_key
+        self.admin_key = admin_key  # None: the admin routes read-only and open (in-process use)
         self.timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
         self._lock = threading.Lock()
         self._upstreams: dict[str, _Upstream] = {}
@@ -114,6 +138,7 @@ class Router:
                     "url": u.target.url,
                     "capacity_rps": u.target.capacity_rps,
                     "ready": u.usable,
+                    "draining": u.target.draining,
                     "outstanding": u.outstanding,
                     "served": u.served,
                 }
@@ -165,7 +190,20 @@ class Router:
             return JSONResponse({"deployment": self.name, "ready_replicas": n}, 200 if n else 503)
 
         @app.get("/router/replicas")
-        async def replicas() -> JSONResponse:
+        async def replicas(request: Request) -> JSONResponse:
+            if self.admin_key is not None and not self._bearer(request, self.admin_key):
+                return _error(401, "missing or wrong admin key", "auth_error")
+            return JSONResponse(self.snapshot())
+
+        @app.put("/router/replicas")
+        async def set_replicas(request: Request) -> JSONResponse:
+            if self.admin_key is None or not self._bearer(request, self.admin_key):
+                return _error(401, "missing or wrong admin key", "auth_error")
+            try:
+                targets = [ReplicaTarget(**t) for t in await request.json()]
+            except (ValueError, TypeError) as e:
+                return _error(400, f"a list of replica targets, please: {e}", "invalid_request")
+            self.set_replicas(targets)
             return JSONResponse(self.snapshot())
 
         @app.api_route("/v1/{path:path}", methods=["GET", "POST", "DELETE"])
@@ -174,10 +212,12 @@ class Router:
 
         return app
 
+    @staticmethod
+    def _bearer(request: Request, key: str) -> bool:
+        return same_key(request.headers.get("authorization", ""), f"Bearer {key}")
+
     def _authorized(self, request: Request) -> bool:
-        if self.api_key is None:
-            return True
-        return request.headers.get("authorization", "") == f"Bearer {self.api_key}"
+        return self.api_key is None or self._bearer(request, self.api_key)
 
     def _upstream_headers(self, request: Request) -> dict[str, str]:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
@@ -288,3 +328,57 @@ class RouterServer:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self._server = self._thread = None
+
+
+def targets_json(targets: list[ReplicaTarget]) -> list[dict[str, Any]]:
+    """The body of `PUT /router/replicas`."""
+    return [asdict(t) for t in targets]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m skybroker.router --name NAME --port PORT`: one deployment's router process.
+
+    Keys come from the environment (never the command line, which any local user can read):
+    SKYBROKER_ROUTER_API_KEY (clients), SKYBROKER_ROUTER_ADMIN_KEY (the controller) and
+    SKYBROKER_ROUTER_UPSTREAM_KEY (sent to the replicas). It refuses to listen off loopback
+    without a client key. SIGTERM stops accepting connections and lets in-flight requests
+    finish (up to --shutdown-timeout seconds).
+    """
+    from skybroker.server import is_loopback
+
+    p = argparse.ArgumentParser(prog="python -m skybroker.router", description=main.__doc__)
+    p.add_argument("--name", required=True, help="the deployment")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--shutdown-timeout", type=int, default=30)
+    args = p.parse_args(argv)
+    api_key = os.environ.get(API_KEY_ENV) or None
+    admin_key = os.environ.get(ADMIN_KEY_ENV) or None
+    if not is_loopback(args.host) and not api_key:
+        print(f"error: listening on {args.host} needs a key in {API_KEY_ENV}", file=sys.stderr)
+        raise SystemExit(2)
+    if admin_key is None:
+        print(f"error: {ADMIN_KEY_ENV} is not set: nobody could set the replicas", file=sys.stderr)
+        raise SystemExit(2)
+    router = Router(
+        args.name,
+        api_key=api_key,
+        upstream_api_key=os.environ.get(UPSTREAM_KEY_ENV) or None,
+        admin_key=admin_key,
+    )
+    config = uvicorn.Config(
+        router.app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=args.shutdown_timeout,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

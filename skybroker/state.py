@@ -46,6 +46,7 @@ class ReplicaStatus(StrEnum):
     STARTING = "STARTING"  # running, engine not answering /health yet
     READY = "READY"  # /health answered 200: the router may use it
     NOT_READY = "NOT_READY"  # was ready, probes failing
+    DRAINING = "DRAINING"  # leaving: the router sends it nothing new, in-flight ones finish
     TERMINATING = "TERMINATING"
     TERMINATED = "TERMINATED"  # gone (replaced, scaled down, or torn down)
     FAILED = "FAILED"  # launch failed; nothing of it runs
@@ -57,6 +58,7 @@ LIVE_REPLICA_STATUSES = (
     ReplicaStatus.STARTING,
     ReplicaStatus.READY,
     ReplicaStatus.NOT_READY,
+    ReplicaStatus.DRAINING,
     ReplicaStatus.TERMINATING,
 )
 

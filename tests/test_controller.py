@@ -1,7 +1,8 @@
 """The controller with real local processes (a stand-in engine) and a planner double.
 
-Replicas are real processes started by the local provisioner; the engine is the stand-in
-from test_provision_local (the real engine runs in tests/test_launch_e2e.py). The planner
+Replicas are real processes started by the local provisioner; the engine is a stand-in
+(KEYED_SERVE: it checks the replica key like the real one, and /v1/slow takes a while; the real
+engine runs in tests/test_launch_e2e.py). Routers are real router processes. The planner
 double picks the cheapest offering not blocklisted, as make_plan does for these specs.
 """
 
@@ -11,6 +12,8 @@ import dataclasses
 import os
 import signal
 import sys
+import textwrap
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +21,6 @@ from typing import Any
 
 import httpx
 import pytest
-from test_provision_local import FAKE_SERVE
 
 from skybroker.catalog import Offering
 from skybroker.controller import Controller, ProbeConfig, replica_api_key
@@ -35,6 +37,32 @@ from skybroker.spec import parse_spec
 from skybroker.state import DeploymentStatus, ReplicaStatus, Store
 
 pytestmark = pytest.mark.timeout(120)
+
+KEYED_SERVE = textwrap.dedent(
+    """
+    import argparse, http.server, os, time
+    p = argparse.ArgumentParser()
+    p.add_argument("--model"); p.add_argument("--served-model-name"); p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    a, _ = p.parse_known_args()
+    KEY = os.environ.get("ENGINE_API_KEY")
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        def do_GET(self):
+            if self.path != "/health" and self.headers.get("Authorization") != f"Bearer {KEY}":
+                return self.answer(401, b"no key")
+            if self.path.endswith("/slow"):
+                time.sleep(2)
+            body = f"{os.environ.get('OMP_NUM_THREADS')} {a.model}".encode()
+            self.answer(200, body)
+        def answer(self, code, body):
+            self.send_response(code); self.send_header("Content-Length", str(len(body)))
+            self.end_headers(); self.wfile.write(body)
+        def log_message(self, *args): pass
+    print("fake engine serving", a.served_model_name, "on", a.port, flush=True)
+    http.server.ThreadingHTTPServer((a.host, a.port), H).serve_forever()
+    """
+)
 
 PROBE = ProbeConfig(
     timeout_s=1, unhealthy_timeout_s=2, max_launch_failures=2, backoff_base_s=0.2, stable_s=0.5
@@ -136,7 +164,7 @@ def env(tmp_path: Path, monkeypatch):
     pkg = tmp_path / "fakeroot" / "engine"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
-    (pkg / "serve.py").write_text(FAKE_SERVE)
+    (pkg / "serve.py").write_text(KEYED_SERVE)
     local = LocalProvisioner(
         home=tmp_path / "home",
         cwd=tmp_path / "fakeroot",
@@ -186,6 +214,10 @@ def _pids(c: Controller, name: str) -> list[int]:
     return [r.handle["info"]["pid"] for r in c.replicas(name) if r.handle]
 
 
+def _auth(c: Controller, name: str = "demo") -> dict[str, str]:
+    return {"Authorization": f"Bearer {c.api_key(name)}"}
+
+
 def _wait(cond, timeout: float = 30, c: Controller | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -207,8 +239,12 @@ def test_create_launch_ready_route_and_down(env) -> None:
     info = c.describe("demo")
     assert info["ready_replicas"] == 2 and info["cost_per_hour"] == pytest.approx(1.4)
     assert {r["instance_type"] for r in info["replicas"]} == {"g2-standard-4"}  # cheapest
-    # The router forwards to the replicas (the stand-in answers any GET).
-    r = httpx.get(dep.endpoint + "/models", timeout=5)
+    # The router forwards to the replicas (the stand-in answers any GET) with the deployment's
+    # key only, and sends the replicas their own key.
+    assert httpx.get(dep.endpoint + "/models", timeout=5).status_code == 401
+    wrong = {"Authorization": "Bearer sk-" + "0" * 48}
+    assert httpx.get(dep.endpoint + "/models", headers=wrong, timeout=5).status_code == 401
+    r = httpx.get(dep.endpoint + "/models", headers=_auth(c), timeout=5)
     assert r.status_code == 200 and r.text.endswith("/models/tiny")
     kinds = [e.kind for e in c.events("demo")]
     assert kinds.count("launched") == 2 and kinds.count("ready") == 2
@@ -220,17 +256,31 @@ def test_create_launch_ready_route_and_down(env) -> None:
     assert store.get_deployment("demo") is None
 
 
-def test_cloud_replicas_get_an_api_key_that_is_never_stored(env) -> None:
+@pytest.mark.parametrize("infra", ["skypilot", "local"])
+def test_replicas_and_endpoint_get_keys_that_are_never_stored(env, infra: str) -> None:
     controller, _cloud, store = env
-    c = controller()
-    spec = _spec()
-    c.create(spec, c.planner(spec))
+    c = controller([Offering("local", "local", "localhost", "cpu", 0, 0, 2, 8, 0.0, None)])
+    spec = _spec(infra)
+    dep = c.create(spec, c.planner(spec))
     c.wait_ready("demo", timeout_s=60)
     key = replica_api_key("demo")
     assert key == replica_api_key("demo") and key != replica_api_key("other")
+    endpoint_key = c.api_key("demo")
+    assert endpoint_key.startswith("sk-") and endpoint_key not in (key, c.api_key("nope"))
     rows = Path(store.url.removeprefix("sqlite:///")).read_bytes()
-    assert key.encode() not in rows
+    assert key.encode() not in rows and endpoint_key.encode() not in rows
     assert c.router("demo").upstream_api_key == key
+    # The replica refuses a request without its key; through the router it answers.
+    url = c.replicas("demo")[0].url
+    assert httpx.get(url + "/v1/models", timeout=5).status_code == 401
+    r = httpx.get(dep.endpoint + "/models", headers=_auth(c), timeout=5)
+    assert r.status_code == 200
+    if infra == "local":  # each local replica runs on its share of the cores (vcpus: 2)
+        assert r.text.split()[0] == "2"
+    # A re-created deployment of the same name gets a new endpoint key.
+    c.delete("demo")
+    c.create(spec, c.planner(spec))
+    assert c.api_key("demo") != endpoint_key
 
 
 def test_sigkilled_replica_is_replaced(env) -> None:
@@ -317,11 +367,18 @@ def test_restarted_controller_adopts_live_and_cleans_dead(env) -> None:
     dep = c1.create(spec, c1.planner(spec))
     c1.wait_ready("demo", timeout_s=60)
     reps = c1.replicas("demo")
-    c1.close()  # the broker stops; its replicas keep running
+    router_pid = c1.router("demo").info["pid"]
+    c1.close()  # the broker stops; its replicas and its router keep running
+    r = httpx.get(dep.endpoint + "/models", headers=_auth(c1), timeout=5)
+    assert r.status_code == 200  # the endpoint outlives the broker
     os.kill(reps[1].handle["info"]["pid"], signal.SIGKILL)  # one dies while it is down
     _wait(lambda: process_start_time(reps[1].handle["info"]["pid"]) is None, 10)
+    for _ in range(4):  # the router retries on the live one what it sent to the dead one
+        r = httpx.get(dep.endpoint + "/models", headers=_auth(c1), timeout=5)
+        assert r.status_code == 200
     c2 = controller()
     assert c2.get("demo").endpoint == dep.endpoint  # same router port
+    assert c2.router("demo").info["pid"] == router_pid  # the same router, adopted
     live = {r.name for r in c2.replicas("demo")}
     assert reps[0].name in live and reps[1].name not in live
     kinds = [(e.kind, e.replica) for e in c2.events("demo")]
@@ -329,7 +386,68 @@ def test_restarted_controller_adopts_live_and_cleans_dead(env) -> None:
     assert ("terminated", reps[1].name) in kinds
     c2.wait_ready("demo", timeout_s=60)
     assert reps[0].name in {r.name for r in c2.replicas("demo")}
-    assert httpx.get(dep.endpoint + "/models", timeout=5).status_code == 200
+    r = httpx.get(dep.endpoint + "/models", headers=_auth(c2), timeout=5)
+    assert r.status_code == 200
+
+
+def test_a_dead_router_is_started_again_on_its_port(env) -> None:
+    controller, _cloud, _store = env
+    c = controller(replicas=1)
+    spec = _spec()
+    dep = c.create(spec, c.planner(spec))
+    c.wait_ready("demo", timeout_s=60)
+    old = c.router("demo").info["pid"]
+    os.kill(old, signal.SIGKILL)
+    _wait(lambda: process_start_time(old) is None, 10)
+    c.reconcile_once()
+    assert c.router("demo").info["pid"] != old and c.get("demo").endpoint == dep.endpoint
+    _wait(lambda: httpx.get(dep.endpoint + "/models", headers=_auth(c)).status_code == 200, 10, c)
+    assert "router_restarted" in [e.kind for e in c.events("demo")]
+    new = c.router("demo").info["pid"]
+    c.delete("demo")
+    assert process_start_time(new) is None and c.router("demo") is None
+
+
+def test_scale_down_drains_before_stopping(env) -> None:
+    """A replica the plan no longer wants gets no new request, and the one in flight on it
+    finishes before it is stopped; so does `down`."""
+    controller, _cloud, store = env
+    c = controller(replicas=2)
+    spec = _spec()
+    dep = c.create(spec, c.planner(spec))
+    c.wait_ready("demo", timeout_s=60)
+    results: list[int] = []
+
+    def slow() -> None:
+        r = httpx.get(dep.endpoint + "/slow", headers=_auth(c), timeout=30)
+        results.append(r.status_code)
+
+    senders = [threading.Thread(target=slow) for _ in range(2)]
+    for t in senders:
+        t.start()
+    _wait(lambda: sum(r["outstanding"] for r in c.router("demo").snapshot()) == 2, 10)
+    c.scale("demo", 0, 1)
+    c.reconcile_once()
+    (draining,) = [r for r in c.replicas("demo") if r.status == ReplicaStatus.DRAINING]
+    assert {r["name"]: r["draining"] for r in c.router("demo").snapshot()}[draining.name]
+    for _ in range(5):  # new requests go to the other one
+        r = httpx.get(dep.endpoint + "/models", headers=_auth(c), timeout=5)
+        assert r.status_code == 200
+    _wait(lambda: store.get_replica(draining.name).status == ReplicaStatus.TERMINATED, 20, c)
+    for t in senders:
+        t.join()
+    assert results == [200, 200]
+    events = [(e.kind, e.replica, e.message) for e in c.events("demo")]
+    assert ("draining", draining.name, "scaled down: no new requests") in events
+    assert ("terminated", draining.name, "drained; scaled down") in events
+    assert [r.status for r in c.replicas("demo")] == [ReplicaStatus.READY]
+    # `down` drains too: the request in flight finishes.
+    sender = threading.Thread(target=slow)
+    sender.start()
+    _wait(lambda: sum(r["outstanding"] for r in c.router("demo").snapshot()) == 1, 10)
+    assert c.delete("demo") is True
+    sender.join()
+    assert results == [200, 200, 200]
 
 
 def test_hung_replica_goes_not_ready_then_is_replaced(env) -> None:

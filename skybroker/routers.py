@@ -1,0 +1,217 @@
+"""Deployment routers as processes of their own, so an endpoint outlives the broker.
+
+Each deployment's router is a `python -m skybroker.router` process in its own session (a
+broker that dies or restarts does not take it along), recorded in
+`$SKYBROKER_HOME/routers/<name>/router.json` (pid, start time, host, port) with its log
+beside it. A restarted broker adopts a live one (same port, same replica set until the next
+push) and starts one only where none answers. The controller pushes the replica set to it
+(`PUT /router/replicas` with the router's admin key) and reads the in-flight counts back
+when it drains a replica.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from skybroker.keys import router_admin_key
+from skybroker.provision.local import free_port, group_alive, process_start_time
+from skybroker.router import (
+    ADMIN_KEY_ENV,
+    API_KEY_ENV,
+    UPSTREAM_KEY_ENV,
+    ReplicaTarget,
+    targets_json,
+)
+from skybroker.state import default_home
+
+_RECORD = "router.json"
+_LOG = "router.log"
+
+
+class RouterProcessError(RuntimeError):
+    """A router process could not be started (the message names its log)."""
+
+
+class RouterProcess:
+    """The controller's handle on one deployment's router process."""
+
+    def __init__(
+        self,
+        name: str,
+        host: str,
+        port: int,
+        info: dict[str, Any],
+        upstream_api_key: str | None = None,
+    ) -> None:
+        self.name = name
+        self.host = host
+        self.port = port
+        self.info = info  # pid, start_time
+        self.admin_key = router_admin_key(name)
+        self.upstream_api_key = upstream_api_key
+        self._http = httpx.Client(
+            base_url=f"http://{_connect_host(host)}:{port}",
+            headers={"Authorization": f"Bearer {self.admin_key}"},
+            timeout=5.0,
+        )
+
+    def alive(self) -> bool:
+        started = process_start_time(int(self.info["pid"]))
+        return started is not None and started == self.info.get("start_time", started)
+
+    def set_replicas(self, targets: list[ReplicaTarget]) -> bool:
+        """Push the replica set; False if the router did not take it."""
+        try:
+            return self._http.put("/router/replicas", json=targets_json(targets)).is_success
+        except httpx.HTTPError:
+            return False
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """The router's replicas with their in-flight counts ([] if it does not answer)."""
+        try:
+            r = self._http.get("/router/replicas")
+        except httpx.HTTPError:
+            return []
+        return r.json() if r.is_success else []
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _connect_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+class RouterProcesses:
+    """Start, adopt and stop the router processes of deployments."""
+
+    def __init__(self, home: Path | None = None, python: str = sys.executable) -> None:
+        self.home = Path(home) if home else default_home()
+        self.python = python
+
+    def run_dir(self, name: str) -> Path:
+        return self.home / "routers" / name
+
+    def ensure(
+        self,
+        name: str,
+        host: str,
+        port: int | None,
+        api_key: str,
+        upstream_api_key: str | None,
+        timeout_s: float = 30.0,
+    ) -> RouterProcess:
+        """The live router of `name` on (host, port), else a new one (on `port` while free)."""
+        old = self._adopt(name, host, port, upstream_api_key)
+        if old is not None:
+            return old
+        self.stop(name)
+        run_dir = self.run_dir(name)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if port is None or not _free(host, port):
+            port = free_port(host)
+        env = {**os.environ, API_KEY_ENV: api_key, ADMIN_KEY_ENV: router_admin_key(name)}
+        env.pop(UPSTREAM_KEY_ENV, None)
+        if upstream_api_key:
+            env[UPSTREAM_KEY_ENV] = upstream_api_key
+        cmd = [self.python, "-m", "skybroker.router", "--name", name]
+        cmd += ["--host", host, "--port", str(port)]
+        with open(run_dir / _LOG, "ab") as log:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # outlives the broker
+                close_fds=True,
+            )
+        info = {"pid": proc.pid, "start_time": process_start_time(proc.pid)}
+        info |= {"host": host, "port": port}
+        (run_dir / _RECORD).write_text(json.dumps(info))
+        router = RouterProcess(name, host, port, info, upstream_api_key)
+        deadline = time.monotonic() + timeout_s
+        while not _answers(router):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                self.stop(name)
+                tail = (run_dir / _LOG).read_text(errors="replace").splitlines()[-5:]
+                raise RouterProcessError(
+                    f"the router of {name!r} did not start on {host}:{port}: " + " | ".join(tail)
+                )
+            time.sleep(0.05)
+        return router
+
+    def _adopt(
+        self, name: str, host: str, port: int | None, upstream_api_key: str | None
+    ) -> RouterProcess | None:
+        info = self._record(name)
+        if info is None or info.get("host") != host or (port and info.get("port") != port):
+            return None
+        router = RouterProcess(name, host, int(info["port"]), info, upstream_api_key)
+        if router.alive() and _answers(router):
+            return router
+        router.close()
+        return None
+
+    def _record(self, name: str) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.run_dir(name) / _RECORD).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def stop(self, name: str, timeout_s: float = 10.0) -> None:
+        """Stop the router of `name` (SIGTERM: in-flight requests finish; then SIGKILL)."""
+        info = self._record(name)
+        if info is not None:
+            pgid = int(info["pid"])
+            started = process_start_time(pgid)
+            if started is None or started == info.get("start_time", started):
+                _kill_group(pgid, timeout_s)
+        with contextlib.suppress(FileNotFoundError):
+            (self.run_dir(name) / _RECORD).unlink()
+
+
+def _answers(router: RouterProcess) -> bool:
+    """The router answers its admin route with this deployment's admin key."""
+    try:
+        r = router._http.get("/router/replicas", timeout=1.0)
+    except httpx.HTTPError:
+        return False
+    return r.status_code == 200
+
+
+def _free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _kill_group(pgid: int, timeout_s: float) -> None:
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(-pgid, os.WNOHANG)  # reap it where it is our child
+            if not group_alive(pgid):
+                return
+            time.sleep(0.05)
