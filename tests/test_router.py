@@ -214,3 +214,135 @@ def test_api_keys_client_side_and_upstream_side(servers, router_server) -> None:
         _client(srv, "client-key").completions.create(model="m", prompt="x").choices[0].text == "a"
     )
     assert served["auth:Bearer replica-key"] == 1  # the client's key is not forwarded
+
+
+def test_keys_are_compared_whole_and_admin_routes_need_the_admin_key(
+    servers, router_server
+) -> None:
+    served: Counter = Counter()
+    a = servers(upstream_app("a", served))
+    _, srv = router_server(api_key="client-key", admin_key="admin-key")
+    for key in ("client-ke", "client-key2", "CLIENT-KEY", "admin-key"):
+        r = httpx.post(
+            srv.url + "/v1/completions",
+            json={"model": "m", "prompt": "x"},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert r.status_code == 401, key
+    body = [{"name": "r1", "url": a, "capacity_rps": 1.0, "ready": True}]
+    for headers in ({}, {"Authorization": "Bearer client-key"}):
+        assert (
+            httpx.put(srv.url + "/router/replicas", json=body, headers=headers).status_code == 401
+        )
+        assert httpx.get(srv.url + "/router/replicas", headers=headers).status_code == 401
+    admin = {"Authorization": "Bearer admin-key"}
+    r = httpx.put(srv.url + "/router/replicas", json=body, headers=admin)
+    assert r.status_code == 200 and r.json()[0]["name"] == "r1"
+    bad = httpx.put(srv.url + "/router/replicas", json=[{"name": "x"}], headers=admin)
+    assert bad.status_code == 400 and "replica targets" in bad.json()["error"]["message"]
+    assert (
+        _client(srv, "client-key").completions.create(model="m", prompt="x").choices[0].text == "a"
+    )
+    # Without an admin key (in-process use) the replica set cannot be set over HTTP.
+    _, open_srv = router_server()
+    assert httpx.put(open_srv.url + "/router/replicas", json=body).status_code == 401
+
+
+def test_a_draining_replica_gets_no_new_request(servers, router_server) -> None:
+    served: Counter = Counter()
+    a, b = servers(upstream_app("a", served)), servers(upstream_app("b", served))
+    router, srv = router_server()
+    router.set_replicas(
+        [
+            ReplicaTarget("a", a, 10.0, True, draining=True),
+            ReplicaTarget("b", b, 1.0, True),
+        ]
+    )
+    for _ in range(4):
+        assert _client(srv).completions.create(model="m", prompt="x").choices[0].text == "b"
+    assert served["a"] == 0
+    assert {r["name"]: r["draining"] for r in router.snapshot()} == {"a": True, "b": False}
+
+
+def test_request_in_flight_on_a_replica_that_dies_is_retried_on_another(
+    servers, router_server
+) -> None:
+    """The replica accepts the request, then its connection drops before any answer (a
+    SIGKILLed engine): the router sends it to the other replica; the client sees one 200."""
+    import socket
+    import threading
+
+    served: Counter = Counter()
+    good = servers(upstream_app("good", served))
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    got: list[bytes] = []
+
+    def accept_then_drop() -> None:
+        conn, _ = lsock.accept()
+        got.append(conn.recv(65536))
+        conn.close()  # dies mid-request
+
+    threading.Thread(target=accept_then_drop, daemon=True).start()
+    dying = f"http://127.0.0.1:{lsock.getsockname()[1]}"
+    router, srv = router_server()
+    router.set_replicas(
+        [ReplicaTarget("dying", dying, 10.0, True), ReplicaTarget("good", good, 1.0, True)]
+    )
+    out = _client(srv).completions.create(model="m", prompt="x")
+    lsock.close()
+    assert out.choices[0].text == "good" and got and got[0].startswith(b"POST /v1/completions")
+    assert {r["name"]: r["ready"] for r in router.snapshot()} == {"dying": False, "good": True}
+
+
+def _router_proc(port: int, env: dict[str, str], host: str = "127.0.0.1"):
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "skybroker.router", "--name", "demo", "--host", host]
+    cmd += ["--port", str(port)]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SKYBROKER_ROUTER_")}
+    return subprocess.Popen(
+        cmd, env={**base, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_router_process_refuses_off_loopback_without_a_key_and_serves_with_keys(
+    servers,
+) -> None:
+    proc = _router_proc(free_port(), {"SKYBROKER_ROUTER_ADMIN_KEY": "adm"}, host="0.0.0.0")
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and "needs a key in SKYBROKER_ROUTER_API_KEY" in out
+    proc = _router_proc(free_port(), {})
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and "SKYBROKER_ROUTER_ADMIN_KEY is not set" in out
+    served: Counter = Counter()
+    a = servers(upstream_app("a", served))
+    port = free_port()
+    env = {
+        "SKYBROKER_ROUTER_API_KEY": "ck",
+        "SKYBROKER_ROUTER_ADMIN_KEY": "adm",
+        "SKYBROKER_ROUTER_UPSTREAM_KEY": "rk",
+    }
+    proc = _router_proc(port, env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(url + "/health")
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.1)
+        body = [{"name": "r1", "url": a, "capacity_rps": 1.0, "ready": True}]
+        headers = {"Authorization": "Bearer adm"}
+        assert httpx.put(url + "/router/replicas", json=body, headers=headers).is_success
+        client = openai.OpenAI(base_url=url + "/v1", api_key="ck", max_retries=0)
+        assert client.completions.create(model="m", prompt="x").choices[0].text == "a"
+        assert served["auth:Bearer rk"] == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
