@@ -37,8 +37,10 @@ from skybroker.perf.capacity import (
 )
 from skybroker.perf.profile import find_profile
 from skybroker.perf.roofline import (
+    GIB,
     Hardware,
     RooflineModel,
+    activation_reserve_bytes,
     cpu_hardware,
     cpu_roofline,
     kv_capacity_tokens,
@@ -270,10 +272,30 @@ def replica_perfs(replicas: list[tuple[ModelArch, Hardware, int, RooflineModel |
 # --- offerings and users --------------------------------------------------------------------
 
 
-def local_offering() -> Offering:
+LOCAL_RUNTIME_GIB = 1.0  # one engine process beside its weights and KV cache (torch, server)
+
+
+def local_replicas(spec: DeploymentSpec, arch: ModelArch) -> int:
+    """How many engine processes this machine holds: one per core at most, and as many as
+    fit in 90% of its memory (fp32 weights, KV cache, activations, the process itself);
+    `constraints.max_local_replicas` overrides it."""
+    if spec.constraints.max_local_replicas is not None:
+        return spec.constraints.max_local_replicas
     hw = cpu_hardware()
+    fp32 = cpu_roofline(arch, hw).arch
+    kv = max(0, kv_capacity_tokens(fp32, hw, kv_cache_gib=spec.engine.kv_cache_gib))
+    need = (fp32.weight_bytes + kv * fp32.kv_bytes_per_token(4.0)
+            + activation_reserve_bytes(fp32, 2048) + LOCAL_RUNTIME_GIB * GIB)  # fmt: skip
+    return max(1, min(hw.count, int(0.9 * hw.memory_gib * GIB // need)))
+
+
+def local_offering(replicas: int = 1) -> Offering:
+    """This machine as an offering: each of `replicas` engine processes gets its share of
+    the cores (`vcpus`, its torch threads) and memory."""
+    hw = cpu_hardware()
+    share = max(1, hw.count // replicas)
     return Offering(
-        "local", "local", "localhost", "cpu", 0, 0.0, hw.count, hw.memory_gib, 0.0, None
+        "local", "local", "localhost", "cpu", 0, 0.0, share, hw.memory_gib / replicas, 0.0, None
     )
 
 
@@ -358,9 +380,10 @@ def make_plan(spec: DeploymentSpec, catalog: Catalog | None = None,
     classes = request_classes(ins, outs)
     need_len = required_len(spec, arch, classes)
     prefetch_disk_cache()
+    slots = local_replicas(spec, arch) if spec.infra == "local" else 1
     if spec.infra == "local":
         catalog = Catalog(sources=["this machine"])
-        rows = [(local_offering(), False, 0.0)]
+        rows = [(local_offering(slots), False, 0.0)]
         if ("local", "local", "localhost", False) in blocklist:
             rows = []
     else:
@@ -372,7 +395,7 @@ def make_plan(spec: DeploymentSpec, catalog: Catalog | None = None,
     if not rows:
         raise InfeasibleError(_no_offering_reason(spec))
     perf = _perf_per_gpu(arch, spec, catalog, classes, rows, need_len, exact=False)
-    problem, meta = build_problem(spec, catalog, classes, rows, perf)
+    problem, meta = build_problem(spec, catalog, classes, rows, perf, local_max=slots)
     if not problem.offerings:  # no replica fits in memory
         raise InfeasibleError(_no_fit_reason(arch, need_len, rows, spec))
     perf_s = [time.perf_counter() - t0]
@@ -457,7 +480,9 @@ class _Meta:
 
 
 def build_problem(spec: DeploymentSpec, catalog: Catalog, classes: list[RequestClass],
-                  rows: list, perf: dict[str, ReplicaPerf | None]) -> tuple[Problem, _Meta]:  # fmt: skip
+                  rows: list, perf: dict[str, ReplicaPerf | None],
+                  local_max: int = 1) -> tuple[Problem, _Meta]:  # fmt: skip
+    """The optimizer's problem; the local machine holds at most `local_max` replicas."""
     c, w = spec.constraints, spec.workload
     offs, meta_rows, meta_perf, dps = [], [], [], []
     gb_out = [3600 * cl.mean_output * w.response_bytes_per_token / 1e9 for cl in classes]
@@ -478,7 +503,7 @@ def build_problem(spec: DeploymentSpec, catalog: Catalog, classes: list[RequestC
                                                for g in gb_out)  # fmt: skip
         offs.append(OfferingClass((o.cloud, o.region, o.instance_type, spot), o.cloud,
                                   f"{o.cloud}/{o.region}", price, spot, mu, egress,
-                                  max_count=1 if o.cloud == "local" else None))  # fmt: skip
+                                  max_count=local_max if o.cloud == "local" else None))  # fmt: skip
         meta_rows.append((o, spot, price))
         meta_perf.append(rp)
         dps.append(dp)

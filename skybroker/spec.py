@@ -159,6 +159,12 @@ class Constraints(_Strict):
     max_region_share: float = Field(default=1.0, gt=0, le=1)
     max_cloud_share: float = Field(default=1.0, gt=0, le=1)
     budget_per_hour: float | None = Field(default=None, gt=0)
+    max_local_replicas: int | None = Field(
+        default=None,
+        gt=0,
+        description="infra local: engine processes this machine runs at most (default: from "
+        "its cores and memory)",
+    )
 
     @field_validator("clouds")
     @classmethod

@@ -164,9 +164,30 @@ def test_local_infra_plans_this_machine(monkeypatch: pytest.MonkeyPatch) -> None
     cap = float(re.search(r"sustains about ([0-9.]+) req/s", str(err.value)).group(1))
     text = Path("examples/smollm2-local.yaml").read_text()
     at = lambda rate: load_spec(text.replace("rate: 0.03 ", f"rate: {rate:.4f} "))  # noqa: E731
-    assert make_plan(at(cap * 0.98)).placements[0].replicas == 1
+    assert make_plan(at(cap * 0.98)).placements[0].replicas == 2  # the 2 cores' 2 replicas
     with pytest.raises(InfeasibleError):
         make_plan(at(cap * 1.02))
+
+
+def test_local_machine_holds_replicas_by_cores_and_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """min_replicas: 2 on infra local is two engine processes of one core each; memory or the
+    spec can hold the machine to fewer."""
+    cpu = Hardware("cpu", "test-cpu", 2, 16.0, 10.0, 0.1)
+    monkeypatch.setattr(planmod, "cpu_hardware", lambda: cpu)
+    text = Path("examples/smollm2-local.yaml").read_text()
+    two = load_spec(text.replace("infra: local", "infra: local\nconstraints: {min_replicas: 2}"))
+    (p,) = make_plan(two).placements
+    assert p.replicas == 2 and p.offering.vcpus == 1
+    one = two.model_copy(deep=True)
+    one.constraints.max_local_replicas = 1
+    with pytest.raises(InfeasibleError, match="min_replicas 2"):
+        make_plan(one)
+    assert planmod.local_replicas(one, planmod.resolve_arch(one.model, "local")) == 1
+    # 2.5 GiB of memory holds one replica of this model with 1 GiB of KV cache, not two.
+    monkeypatch.setattr(planmod, "cpu_hardware", lambda: Hardware("cpu", "c", 8, 2.5, 10.0, 0.1))
+    assert planmod.local_replicas(two, planmod.resolve_arch(two.model, "local")) == 1
+    monkeypatch.setattr(planmod, "cpu_hardware", lambda: Hardware("cpu", "c", 8, 64.0, 10.0, 0.1))
+    assert planmod.local_replicas(two, planmod.resolve_arch(two.model, "local")) == 8
 
 
 def test_measured_profile_overrides_roofline(tmp_path: Path) -> None:
