@@ -215,6 +215,16 @@ class DeploymentDetail(DeploymentView):
     spec: dict[str, Any]
 
 
+class LaunchView(DeploymentView):
+    api_key: str = Field(description="the key clients of its endpoint send (Bearer)")
+
+
+class KeyView(BaseModel):
+    name: str
+    endpoint: str | None
+    api_key: str = Field(description="the key clients of its endpoint send (Bearer)")
+
+
 class DeploymentList(BaseModel):
     deployments: list[DeploymentView]
 
@@ -444,7 +454,7 @@ def create_app(controller: Any, token: str | None = None) -> FastAPI:
     )
     async def create_deployment(
         request: Request, infra: Annotated[Infra | None, Query()] = None
-    ) -> DeploymentView:
+    ) -> LaunchView:
         """Plan and launch; answers at once, progress shows in GET /v1/deployments/{name}."""
         from skybroker.provision import ProvisionError
         from skybroker.state import StateError
@@ -459,7 +469,8 @@ def create_app(controller: Any, token: str | None = None) -> FastAPI:
             raise ApiError(409, "conflict", _taken(spec.name), "name") from None
         except ProvisionError as e:
             raise ApiError(502, "provisioner_error", str(e)) from None
-        return _summary(_describe(controller, spec.name, events=0))
+        view = _summary(_describe(controller, spec.name, events=0))
+        return LaunchView(**view.model_dump(), api_key=controller.api_key(spec.name))
 
     @app.get("/v1/deployments", tags=["deployments"], dependencies=auth)
     def list_deployments() -> DeploymentList:
@@ -479,6 +490,19 @@ def create_app(controller: Any, token: str | None = None) -> FastAPI:
     ) -> DeploymentDetail:
         """One deployment: replicas and their health, endpoint, $/h, recent events."""
         return _describe(controller, name, events)
+
+    @app.get(
+        "/v1/deployments/{name}/key",
+        tags=["deployments"],
+        dependencies=auth,
+        responses={404: {"model": ErrorResponse}},
+    )
+    def deployment_key(name: Annotated[str, Path()]) -> KeyView:
+        """The key clients of the deployment's endpoint send (`Authorization: Bearer ...`)."""
+        dep, key = controller.get(name), controller.api_key(name)
+        if dep is None or key is None:
+            raise ApiError(404, "not_found", f"no deployment named {name!r}", "name")
+        return KeyView(name=name, endpoint=dep.endpoint, api_key=key)
 
     @app.delete(
         "/v1/deployments/{name}",

@@ -120,6 +120,10 @@ class BrokerClient:
             "GET", f"/v1/deployments/{quote(name, safe='')}", params={"events": events}
         ).json()
 
+    def key(self, name: str) -> str:
+        """GET /v1/deployments/{name}/key: the key its endpoint's clients send."""
+        return self._call("GET", f"/v1/deployments/{quote(name, safe='')}/key").json()["api_key"]
+
     def delete(self, name: str) -> dict[str, Any]:
         return self._call("DELETE", f"/v1/deployments/{quote(name, safe='')}").json()
 

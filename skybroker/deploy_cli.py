@@ -166,6 +166,10 @@ def launch(
             raise typer.Exit(0)
         dep = client.launch(text, infra)
         console.print(f"deployment [bold]{dep['name']}[/bold]: {dep['status']}")
+        key = dep.get("api_key")
+        console.print(
+            f"api key: {key}  (again: skybroker status {dep['name']} --show-key)", highlight=False
+        )
         if detach:
             console.print(f"follow it with: skybroker status {dep['name']}")
             return
@@ -243,9 +247,15 @@ def _show_deployment(d: dict[str, Any]) -> None:
 
 def status(
     name: Annotated[str | None, typer.Argument(help="one deployment (default: all)")] = None,
+    show_key: Annotated[
+        bool, typer.Option("--show-key", help="print the key of the deployment's endpoint")
+    ] = False,
     api_url: ApiUrl = None,
 ) -> None:
     """Deployments: status, replicas and their health, $/h, endpoint."""
+    if show_key and name is None:
+        err_console.print("[red]error:[/red] --show-key needs a deployment NAME")
+        raise typer.Exit(1)
     with _errors():
         client = _client(api_url)
         if name is None:
@@ -256,6 +266,8 @@ def status(
             console.print(_status_table(deps))
         else:
             _show_deployment(client.get(name))
+            if show_key:
+                console.print(f"api key: {client.key(name)}", highlight=False)
 
 
 def down(

@@ -65,6 +65,7 @@ def test_openapi_lists_every_endpoint(client: TestClient) -> None:
         "/v1/deployments",
         "/v1/deployments/{name}",
         "/v1/deployments/{name}/logs",
+        "/v1/deployments/{name}/key",
         "/v1/catalog/offerings",
         "/v1/catalog/gpus",
     }
@@ -138,6 +139,7 @@ def test_gpus(client: TestClient) -> None:
         ("GET", "/v1/deployments/nope"),
         ("DELETE", "/v1/deployments/nope"),
         ("GET", "/v1/deployments/nope/logs"),
+        ("GET", "/v1/deployments/nope/key"),
     ],
 )
 def test_unknown_deployment_is_404(client: TestClient, method: str, path: str) -> None:
@@ -327,6 +329,17 @@ def test_deployment_lifecycle(client: TestClient, controller: Controller) -> Non
     assert (dep["desired_replicas"], dep["ready_replicas"]) == (1, 0)
     assert dep["endpoint"].startswith("http://127.0.0.1:") and dep["endpoint"].endswith("/v1")
     assert dep["planned_cost_per_hour"] == 0.0
+    # The endpoint's key: in the launch's answer, and again on asking; the router wants it.
+    assert dep["api_key"].startswith("sk-") and dep["api_key"] == controller.api_key("tiny")
+    key = client.get("/v1/deployments/tiny/key").json()
+    assert key == {"name": "tiny", "endpoint": dep["endpoint"], "api_key": dep["api_key"]}
+    assert "api_key" not in client.get("/v1/deployments/tiny").json()
+    import httpx
+
+    assert httpx.get(dep["endpoint"] + "/models", timeout=5).status_code == 401
+    auth = {"Authorization": f"Bearer {dep['api_key']}"}
+    none_ready = httpx.get(dep["endpoint"] + "/models", headers=auth, timeout=5)
+    assert none_ready.status_code == 503  # authorized; no replica is ready yet
 
     again = client.post("/v1/deployments", json=TINY)
     assert "skybroker down tiny" in _error(again, 409, "conflict", "name")["message"]

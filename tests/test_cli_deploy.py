@@ -195,6 +195,14 @@ def test_launch_detach_status_down(api_url: str, tmp_path: Path, controller) -> 
     assert r.exit_code == 0, r.output
     assert "deployment tiny: PROVISIONING" in r.output
     assert controller.get("tiny") is not None
+    key = controller.api_key("tiny")
+    assert f"api key: {key}" in r.output  # shown at launch
+    r = _cli("status", "tiny", "--show-key", "--api-url", api_url)
+    assert r.exit_code == 0 and f"api key: {key}" in r.output  # and on asking
+    r = _cli("status", "tiny", "--api-url", api_url)
+    assert r.exit_code == 0 and key not in r.output  # only then
+    r = _cli("status", "--show-key", "--api-url", api_url)
+    assert r.exit_code == 1 and "--show-key needs a deployment NAME" in r.output
 
     r = _cli("status", "--api-url", api_url)
     assert r.exit_code == 0 and "tiny" in r.output and "0/1" in r.output

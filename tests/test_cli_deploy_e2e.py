@@ -88,7 +88,13 @@ def test_launch_chat_status_logs_down(
     assert endpoint is not None, r.output
     assert "ready" in r.output
 
-    client = openai.OpenAI(base_url=endpoint.group(1), api_key="none", max_retries=0, timeout=60)
+    key = re.search(r"api key: (sk-[0-9a-f]+)", r.output)
+    assert key is not None, r.output
+    with pytest.raises(openai.AuthenticationError):  # the endpoint wants its key
+        openai.OpenAI(base_url=endpoint.group(1), api_key="none", max_retries=0).models.list()
+    client = openai.OpenAI(
+        base_url=endpoint.group(1), api_key=key.group(1), max_retries=0, timeout=60
+    )
     model = client.models.list().data[0].id
     chat = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=4
