@@ -375,8 +375,9 @@ class Controller:
                 ReplicaState.RUNNING,
                 ReplicaState.LAUNCHING,
             )
-            if alive:
-                self.store.update_replica(rep.name, status=ReplicaStatus.STARTING)
+            if alive:  # a ready one stays in the router's set until a probe says otherwise
+                if rep.status != ReplicaStatus.READY:
+                    self.store.update_replica(rep.name, status=ReplicaStatus.STARTING)
                 self.store.add_event(dep.name, "adopted", "replica still runs", rep.name)
             else:
                 self._terminate(prov, rep, dep.infra, event="cleaned up after restart")
