@@ -20,10 +20,8 @@ gets an API key of its own (`skybroker.keys`), passed in its environment, never 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -40,8 +38,13 @@ from skybroker.provision import (
     ReplicaState,
     get_provisioner,
 )
-from skybroker.router import ReplicaTarget, Router
-from skybroker.routers import RouterProcess, RouterProcessError, RouterProcesses
+from skybroker.router import Router
+from skybroker.routers import (
+    DeploymentRouters,
+    RouterProcess,
+    RouterProcessError,
+    replica_targets,
+)
 from skybroker.state import (
     Deployment,
     DeploymentStatus,
@@ -51,57 +54,21 @@ from skybroker.state import (
     StateError,
     Store,
 )
+from skybroker.targets import (
+    Planner,
+    default_planner,
+    describe_key,
+    plan_summary,
+    replan,
+    replica_spec,
+    targets_from_plan,
+)
+from skybroker.views import deployment_view
 
 log = logging.getLogger(__name__)
 
 RUNNING_STATUSES = (ReplicaStatus.STARTING, ReplicaStatus.READY, ReplicaStatus.NOT_READY)
-SECRET_ENVS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # passed to replicas, never stored
-# The engine reads its key from ENGINE_API_KEY (SKYBROKER_API_KEY in older engines).
-REPLICA_KEY_ENVS = ("ENGINE_API_KEY", "SKYBROKER_API_KEY")
 __all__ = ["Controller", "FailureRun", "ProbeConfig", "replica_api_key", "targets_from_plan"]
-
-
-Planner = Callable[..., Any]  # (spec, blocklist=frozenset) -> Plan
-
-
-def targets_from_plan(plan: Any) -> list[dict[str, Any]]:
-    """The desired replicas of a plan, as JSON-able rows (one per placement)."""
-    targets = []
-    for p in plan.placements:
-        o = p.offering
-        targets.append(
-            {
-                "key": list(p.key),
-                "gpu": o.gpu,
-                "gpu_count": o.gpu_count,
-                "replicas": int(p.replicas),
-                "tensor_parallel": int(p.tensor_parallel),
-                "data_parallel": int(getattr(p, "data_parallel", 1) or 1),
-                "capacity_rps": float(p.capacity_rps),
-                "price_per_hour": float(getattr(p, "price_per_hour", 0.0) or 0.0),
-                "vcpus": float(getattr(o, "vcpus", 0) or 0),
-            }
-        )
-    return targets
-
-
-def _default_planner(spec: Any, blocklist: frozenset = frozenset()) -> Any:
-    """Failover's re-plan: the cheapest plan without the blocked offerings. No baselines:
-    they only explain a plan to a person, and failover should be quick."""
-    from skybroker.plan import make_plan
-
-    return make_plan(spec, blocklist=blocklist, baselines=False)
-
-
-def _describe_key(key: Any) -> str:
-    cloud, region, instance_type, spot = key
-    return f"{cloud}/{region}/{instance_type}{' (spot)' if spot else ''}"
-
-
-def _plan_summary(targets: list[dict[str, Any]]) -> str:
-    parts = [f"{t['replicas']} x {_describe_key(t['key'])}" for t in targets]
-    cost = sum(t["replicas"] * t["price_per_hour"] for t in targets)
-    return f"{', '.join(parts) or 'nothing'} (${cost:.2f}/h)"
 
 
 class Controller:
@@ -121,15 +88,12 @@ class Controller:
     ) -> None:
         self.store = store
         self.provisioners: dict[str, Provisioner] = dict(provisioners or {})
-        self.planner = planner or _default_planner
+        self.planner = planner or default_planner
         self.probe = probe or ProbeConfig()
-        self.router_host = router_host
-        self.serve_routers = serve_routers
+        self.routers = DeploymentRouters(store, router_host, serve_routers)
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_parallel_launches, thread_name_prefix="launch")
         self._launches: dict[str, Future[ReplicaHandle]] = {}
-        self._routers: dict[str, Router | RouterProcess] = {}
-        self._router_procs = RouterProcesses()
         self._probed_at: dict[str, float] = {}  # replica -> last 200 from /health
         self._drain_since: dict[str, float] = {}  # replica -> when it began draining
         self.failures = Failures(store, self.probe)
@@ -161,7 +125,7 @@ class Controller:
                 targets=targets,
             )
             self.store.add_event(
-                dep.name, "created", f"plan: {_plan_summary(targets)}", data={"targets": targets}
+                dep.name, "created", f"plan: {plan_summary(targets)}", data={"targets": targets}
             )
             try:
                 dep = self._start_router(dep)
@@ -200,7 +164,7 @@ class Controller:
     def router(self, name: str) -> Router | RouterProcess | None:
         """The deployment's router (`set_replicas`, `snapshot`): its process, or in-process
         with serve_routers=False."""
-        return self._routers.get(name)
+        return self.routers.get(name)
 
     def api_key(self, name: str) -> str | None:
         """The key clients of `name`'s endpoint send (None: no such deployment)."""
@@ -212,44 +176,8 @@ class Controller:
         dep = self.get(name)
         if dep is None:
             return None
-        reps = self.replicas(name)
-        price = {i: t["price_per_hour"] for i, t in enumerate(dep.targets)}
-        running = [r for r in reps if r.status in RUNNING_STATUSES]
-        run = self.failures.get(name)
-        wait = run.next_launch_at - time.time()
-        return {
-            "name": dep.name,
-            "infra": dep.infra,
-            "status": dep.status,
-            "message": dep.message,
-            "endpoint": dep.endpoint,
-            "model": dep.spec.get("model", {}).get("name") or dep.spec.get("model", {}).get("path"),
-            "cost_per_hour": round(sum(price.get(r.target, 0.0) for r in running), 4),
-            "planned_cost_per_hour": dep.plan.get("cost_per_hour"),
-            "desired_replicas": sum(t["replicas"] for t in dep.targets),
-            "ready_replicas": sum(r.status == ReplicaStatus.READY for r in reps),
-            "replicas": [
-                {
-                    "name": r.name,
-                    "cloud": r.cloud,
-                    "region": r.region,
-                    "instance_type": r.instance_type,
-                    "spot": r.spot,
-                    "status": r.status,
-                    "url": r.url,
-                    "price_per_hour": price.get(r.target, 0.0),
-                    "message": r.message,
-                }
-                for r in reps
-            ],
-            "blocklist": [list(k) for k in dep.blocklist],
-            "failures": run.count,  # in a row (see ProbeConfig)
-            "next_launch_in_s": round(wait, 1) if run.count and wait > 0 else None,
-            "events": [
-                {"time": e.time, "kind": e.kind, "replica": e.replica, "message": e.message}
-                for e in self.events(name, limit=20)
-            ],
-        }
+        events = self.events(name, limit=20)
+        return deployment_view(dep, self.replicas(name), events, self.failures.get(name))
 
     def logs(self, name: str, replica: str | int | None = None, tail: int = 200) -> str:
         """The engine log of one replica (by name, or index among live ones; default first)."""
@@ -336,10 +264,7 @@ class Controller:
     def close(self) -> None:
         """Stop threads; replicas and router processes keep running (a new controller
         re-adopts them), so the endpoints keep serving meanwhile."""
-        for router in self._routers.values():
-            if isinstance(router, RouterProcess):
-                router.close()
-        self._routers.clear()
+        self.routers.close()
         self._pool.shutdown(wait=True)
         with self._lock:  # launches that finished meanwhile: record their handles
             for dep in self.store.list_deployments():
@@ -388,7 +313,7 @@ class Controller:
     def _reconcile(self, dep: Deployment) -> None:
         self._collect_launches(dep.name)
         dep = self.store.get_deployment(dep.name) or dep
-        if dep.name not in self._routers:  # its adoption failed: try again
+        if dep.name not in self.routers:  # its adoption failed: try again
             dep = self._start_router(dep)
         prov = self._provisioner(dep.infra)
         for rep in self.store.list_replicas(dep.name):
@@ -435,19 +360,9 @@ class Controller:
         self.store.add_event(dep.name, "draining", f"{why}: no new requests", rep.name)
         self._update_router(dep)
 
-    def _in_flight(self, name: str, replicas: set[str]) -> int | None:
-        """Requests the router has in flight on these replicas (None: it cannot tell)."""
-        router = self._routers.get(name)
-        if router is None:
-            return None
-        rows = router.snapshot()
-        if not rows and isinstance(router, RouterProcess) and not router.alive():
-            return None
-        return sum(r["outstanding"] for r in rows if r["name"].split("/")[0] in replicas)
-
     def _check_drained(self, prov: Provisioner, dep: Deployment, rep: Replica) -> None:
         since = self._drain_since.setdefault(rep.name, time.time())
-        busy = self._in_flight(dep.name, {rep.name})
+        busy = self.routers.in_flight(dep.name, {rep.name})
         late = time.time() - since > self.probe.drain_timeout_s
         if not busy or late:
             what = f"drained; {rep.message}" if not late else f"{rep.message} (drain timed out)"
@@ -457,53 +372,18 @@ class Controller:
     def _drain_all(self, dep: Deployment) -> None:
         """Before `down`: every replica drains (until the drain timeout)."""
         reps = [r for r in self.store.list_replicas(dep.name) if r.status in RUNNING_STATUSES]
-        if not reps or dep.name not in self._routers:
+        if not reps or dep.name not in self.routers:
             return
         for rep in reps:
             self.store.update_replica(rep.name, status=ReplicaStatus.DRAINING)
         self._update_router(dep)
         names = {r.name for r in reps}
         deadline = time.monotonic() + self.probe.drain_timeout_s
-        while (self._in_flight(dep.name, names) or 0) > 0 and time.monotonic() < deadline:
+        while (self.routers.in_flight(dep.name, names) or 0) > 0 and time.monotonic() < deadline:
             time.sleep(0.1)
 
     def _replica_spec(self, dep: Deployment, rep: Replica) -> ReplicaSpec:
-        t = dep.targets[rep.target]
-        model = dep.spec["model"]
-        eng = dep.spec.get("engine", {})
-        args: dict[str, Any] = {
-            "max_model_len": eng.get("max_model_len"),
-            "max_num_seqs": eng.get("max_num_seqs"),
-            "max_num_batched_tokens": eng.get("max_num_batched_tokens"),
-            "block_size": eng.get("block_size"),
-        }
-        if dep.infra == "local":
-            args["kv_cache_gib"] = eng.get("kv_cache_gib")
-        else:
-            args["gpu_memory_utilization"] = eng.get("gpu_memory_utilization")
-        secrets_ = {k: os.environ[k] for k in SECRET_ENVS if os.environ.get(k)}
-        secrets_ |= dict.fromkeys(REPLICA_KEY_ENVS, replica_api_key(dep.name))
-        envs = {}
-        if dep.infra == "local":  # replicas share this machine: each its share of the cores
-            envs["OMP_NUM_THREADS"] = str(max(1, int(t.get("vcpus") or 1)))
-        cloud, region, instance_type, spot = t["key"]
-        return ReplicaSpec(
-            name=rep.name,
-            deployment=dep.name,
-            model=model.get("path") or model["name"],
-            served_model_name=model.get("name") or dep.name,
-            cloud=cloud,
-            region=region,
-            instance_type=instance_type,
-            spot=bool(spot),
-            gpu=t.get("gpu"),
-            gpu_count=int(t.get("gpu_count") or 0),
-            tensor_parallel_size=int(t.get("tensor_parallel") or 1),
-            data_parallel=int(t.get("data_parallel") or 1),
-            engine_args={k: v for k, v in args.items() if v is not None},
-            envs=envs,
-            secrets=secrets_,
-        )
+        return replica_spec(dep, rep)
 
     def _launch(self, prov: Provisioner, dep: Deployment, rep: Replica) -> None:
         spec = self._replica_spec(dep, rep)
@@ -511,7 +391,7 @@ class Controller:
             rep.name, status=ReplicaStatus.PROVISIONING, launched_at=time.time()
         )
         self.store.add_event(
-            dep.name, "launching", f"on {_describe_key(rep.offering_key)}", rep.name
+            dep.name, "launching", f"on {describe_key(rep.offering_key)}", rep.name
         )
         self._launches[rep.name] = self._pool.submit(prov.launch, spec)
 
@@ -570,33 +450,9 @@ class Controller:
 
     def _failover(self, dep: Deployment, key: Any) -> None:
         """Blocklist the offering and re-solve the plan without it (once per offering)."""
-        if tuple(key) in {tuple(k) for k in dep.blocklist}:
-            return
-        blocklist = {tuple(k) for k in dep.blocklist} | {tuple(key)}
-        dep = self.store.update_deployment(dep.name, blocklist=sorted(blocklist))
-        try:
-            from skybroker.spec import DeploymentSpec
-
-            plan = self.planner(
-                DeploymentSpec.model_validate(dep.spec), blocklist=frozenset(blocklist)
-            )
-        except Exception as e:  # InfeasibleError: nothing left that meets the spec
-            self._fail(dep, f"no feasible plan without {_describe_key(key)}: {e}")
-            return
-        targets = targets_from_plan(plan)
-        old = _plan_summary(dep.targets)
-        # Replicas keep their offering's new target index; others are terminated by _fill.
-        index = {tuple(t["key"]): i for i, t in enumerate(targets)}
-        for rep in self.store.list_replicas(dep.name):
-            if rep.offering_key in index:
-                self.store.update_replica(rep.name, target=index[rep.offering_key])
-        dep = self.store.update_deployment(dep.name, plan=plan.to_dict(), targets=targets)
-        self.store.add_event(
-            dep.name,
-            "failover",
-            f"re-planned without {_describe_key(key)}: {_plan_summary(targets)} (was {old})",
-            data={"blocked": list(key), "targets": targets},
-        )
+        give_up = replan(self.store, self.planner, dep, key)
+        if give_up is not None:
+            self._fail(dep, give_up)
 
     def _fail(self, dep: Deployment, message: str) -> None:
         self.store.update_deployment(dep.name, status=DeploymentStatus.FAILED, message=message)
@@ -688,70 +544,17 @@ class Controller:
     # -- routers ------------------------------------------------------------------------------
 
     def _start_router(self, dep: Deployment) -> Deployment:
-        """The deployment's router: its live process adopted, or a new one on its old port."""
-        if dep.name in self._routers:
-            return dep
-        key = endpoint_api_key(dep.name, dep.created_at)
-        upstream = replica_api_key(dep.name)
-        if not self.serve_routers:
-            self._routers[dep.name] = Router(dep.name, api_key=key, upstream_api_key=upstream)
-            return dep
         try:
-            router = self._router_procs.ensure(
-                dep.name, self.router_host, dep.router_port, key, upstream
-            )
+            return self.routers.start(dep)
         except RouterProcessError as e:
             raise ProvisionError(str(e)) from None
-        self._routers[dep.name] = router
-        if router.port != dep.router_port or dep.router_host != self.router_host:
-            dep = self.store.update_deployment(
-                dep.name, router_port=router.port, router_host=self.router_host
-            )
-        return dep
 
     def _stop_router(self, name: str) -> None:
-        router = self._routers.pop(name, None)
-        if isinstance(router, RouterProcess):
-            router.close()
-        if self.serve_routers:
-            self._router_procs.stop(name)
-
-    def _router_targets(self, dep: Deployment) -> list[ReplicaTarget]:
-        targets = []
-        for rep in self.store.list_replicas(dep.name):
-            live = rep.status in RUNNING_STATUSES or rep.status == ReplicaStatus.DRAINING
-            if not rep.url or not live:
-                continue
-            t = dep.targets[rep.target] if rep.target < len(dep.targets) else {}
-            urls = (rep.handle or {}).get("info", {}).get("urls") or [rep.url]
-            for i, url in enumerate(urls):
-                targets.append(
-                    ReplicaTarget(
-                        name=rep.name if i == 0 else f"{rep.name}/{i}",
-                        url=url,
-                        capacity_rps=float(t.get("capacity_rps") or 1.0) / len(urls),
-                        ready=rep.status in (ReplicaStatus.READY, ReplicaStatus.DRAINING),
-                        probed_at=self._probed_at.get(rep.name, 0.0),
-                        draining=rep.status == ReplicaStatus.DRAINING,
-                    )
-                )
-        return targets
+        self.routers.stop(name)
 
     def _update_router(self, dep: Deployment) -> None:
-        """Push the replica set; a router process that died is started again first."""
-        router = self._routers.get(dep.name)
-        if router is None:
-            return
-        targets = self._router_targets(dep)
-        if router.set_replicas(targets) is False:  # a process that did not take it
-            assert isinstance(router, RouterProcess)
-            if router.alive():
-                return  # busy: the next pass pushes again
-            self.store.add_event(dep.name, "router_restarted", "the router process was gone")
-            router.close()
-            self._routers.pop(dep.name, None)
-            dep = self._start_router(dep)
-            self._routers[dep.name].set_replicas(targets)
+        reps = self.store.list_replicas(dep.name)
+        self.routers.push(dep, replica_targets(dep, reps, self._probed_at))
 
     # -- helpers ------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ broker that dies or restarts does not take it along), recorded in
 beside it. A restarted broker adopts a live one (same port, same replica set until the next
 push) and starts one only where none answers. The controller pushes the replica set to it
 (`PUT /router/replicas` with the router's admin key) and reads the in-flight counts back
-when it drains a replica.
+when it drains a replica. `DeploymentRouters` is the controller's side of all that.
 """
 
 from __future__ import annotations
@@ -23,16 +23,17 @@ from typing import Any
 
 import httpx
 
-from skybroker.keys import router_admin_key
+from skybroker.keys import endpoint_api_key, replica_api_key, router_admin_key
 from skybroker.provision.local import free_port, group_alive, process_start_time
 from skybroker.router import (
     ADMIN_KEY_ENV,
     API_KEY_ENV,
     UPSTREAM_KEY_ENV,
     ReplicaTarget,
+    Router,
     targets_json,
 )
-from skybroker.state import default_home
+from skybroker.state import Deployment, Replica, ReplicaStatus, Store, default_home
 
 _RECORD = "router.json"
 _LOG = "router.log"
@@ -215,3 +216,112 @@ def _kill_group(pgid: int, timeout_s: float) -> None:
             if not group_alive(pgid):
                 return
             time.sleep(0.05)
+
+
+def replica_targets(
+    dep: Deployment, replicas: list[Replica], probed_at: dict[str, float]
+) -> list[ReplicaTarget]:
+    """The router's view of a deployment's replicas: ready ones, draining ones (in-flight
+    requests finish there), and the others it must not use yet. A replica running several
+    engines (data parallel: `info.urls`) is one target per engine."""
+    targets = []
+    for rep in replicas:
+        if not rep.url or rep.status not in _ROUTED:
+            continue
+        t = dep.targets[rep.target] if rep.target < len(dep.targets) else {}
+        urls = (rep.handle or {}).get("info", {}).get("urls") or [rep.url]
+        for i, url in enumerate(urls):
+            targets.append(
+                ReplicaTarget(
+                    name=rep.name if i == 0 else f"{rep.name}/{i}",
+                    url=url,
+                    capacity_rps=float(t.get("capacity_rps") or 1.0) / len(urls),
+                    ready=rep.status in (ReplicaStatus.READY, ReplicaStatus.DRAINING),
+                    probed_at=probed_at.get(rep.name, 0.0),
+                    draining=rep.status == ReplicaStatus.DRAINING,
+                )
+            )
+    return targets
+
+
+_ROUTED = (
+    ReplicaStatus.STARTING,
+    ReplicaStatus.READY,
+    ReplicaStatus.NOT_READY,
+    ReplicaStatus.DRAINING,
+)
+
+
+class DeploymentRouters:
+    """Each deployment's router: a process of its own, or (serve=False) an in-process
+    `Router` nobody serves, for checks of the controller's own logic."""
+
+    def __init__(self, store: Store, host: str = "127.0.0.1", serve: bool = True) -> None:
+        self.store = store
+        self.host = host
+        self.serve = serve
+        self.procs = RouterProcesses()
+        self._routers: dict[str, Router | RouterProcess] = {}
+
+    def get(self, name: str) -> Router | RouterProcess | None:
+        return self._routers.get(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._routers
+
+    def start(self, dep: Deployment) -> Deployment:
+        """The router of `dep`: its live process adopted, or a new one on its old port
+        (another where that is taken: the deployment's row says which)."""
+        if dep.name in self._routers:
+            return dep
+        key = endpoint_api_key(dep.name, dep.created_at)
+        upstream = replica_api_key(dep.name)
+        if not self.serve:
+            self._routers[dep.name] = Router(dep.name, api_key=key, upstream_api_key=upstream)
+            return dep
+        router = self.procs.ensure(dep.name, self.host, dep.router_port, key, upstream)
+        self._routers[dep.name] = router
+        if router.port != dep.router_port or dep.router_host != self.host:
+            dep = self.store.update_deployment(
+                dep.name, router_port=router.port, router_host=self.host
+            )
+        return dep
+
+    def push(self, dep: Deployment, targets: list[ReplicaTarget]) -> None:
+        """Set the replica set; a router process found dead is started again first."""
+        router = self._routers.get(dep.name)
+        if router is None or router.set_replicas(targets) is not False:
+            return
+        assert isinstance(router, RouterProcess)
+        if router.alive():
+            return  # busy: the next pass pushes again
+        self.store.add_event(dep.name, "router_restarted", "the router process was gone")
+        router.close()
+        self._routers.pop(dep.name)
+        self.start(dep)
+        self._routers[dep.name].set_replicas(targets)
+
+    def in_flight(self, name: str, replicas: set[str]) -> int | None:
+        """Requests the router has in flight on these replicas (None: it cannot tell)."""
+        router = self._routers.get(name)
+        if router is None:
+            return None
+        rows = router.snapshot()
+        if not rows and isinstance(router, RouterProcess) and not router.alive():
+            return None
+        return sum(r["outstanding"] for r in rows if r["name"].split("/")[0] in replicas)
+
+    def stop(self, name: str) -> None:
+        """Stop the router of `name` for good (`down`)."""
+        router = self._routers.pop(name, None)
+        if isinstance(router, RouterProcess):
+            router.close()
+        if self.serve:
+            self.procs.stop(name)
+
+    def close(self) -> None:
+        """Let go of the routers; their processes keep serving for the next broker."""
+        for router in self._routers.values():
+            if isinstance(router, RouterProcess):
+                router.close()
+        self._routers.clear()

@@ -51,6 +51,7 @@ def local_spec(model: Path, name: str = "e2e") -> Any:
             "model": {"path": str(model)},
             "workload": {"rate": 0.05, "input_tokens": {"mean": 16}, "output_tokens": {"mean": 8}},
             "slo": {"ttft_ms": 30000, "tpot_ms": 5000, "percentile": 90},
+            "constraints": {"min_replicas": 2},
             "engine": ENGINE,
         }
     )
@@ -101,11 +102,11 @@ def _all_pids(store: Store, name: str) -> list[int]:
 
 
 def two_local_replicas(spec: Any) -> Any:
-    """The real plan of a local spec, with its one placement run as two engine processes
-    (the planner counts this machine as one instance: at most one replica)."""
+    """The real plan of a local spec with min_replicas 2: two engine processes here."""
     plan = make_plan(spec, baselines=False)
-    assert [p.key for p in plan.placements] == [("local", "local", "localhost", False)]
-    plan.placements = [dataclasses.replace(plan.placements[0], replicas=2)]
+    assert [(p.key, p.replicas) for p in plan.placements] == [
+        (("local", "local", "localhost", False), 2)
+    ]
     return plan
 
 
@@ -121,7 +122,8 @@ def test_local_two_replicas_kill_one_restart_down(tiny_llama_dir: Path, home: Pa
     try:
         dep = c1.create(spec, plan)
         _wait(lambda: c1.get("e2e").status == DeploymentStatus.READY, 300, "two ready replicas")
-        client = openai.OpenAI(base_url=dep.endpoint, api_key="none", max_retries=0, timeout=60)
+        key = c1.api_key("e2e")
+        client = openai.OpenAI(base_url=dep.endpoint, api_key=key, max_retries=0, timeout=60)
         model = client.models.list().data[0].id
         chat = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=4
@@ -196,7 +198,7 @@ def test_local_two_replicas_kill_one_restart_down(tiny_llama_dir: Path, home: Pa
             events = [(e.kind, e.replica, e.message) for e in c2.events("e2e", limit=30)]
             logs = [c2.logs("e2e", r.name, tail=15) for r in c2.replicas("e2e")]
             raise AssertionError(f"events: {events}\nlogs: {logs}") from None
-        client = openai.OpenAI(base_url=dep.endpoint, api_key="none", max_retries=0, timeout=60)
+        client = openai.OpenAI(base_url=dep.endpoint, api_key=key, max_retries=0, timeout=60)
         out = client.completions.create(model=model, prompt="the sun", max_tokens=3)
         assert out.usage.completion_tokens == 3
         pids = _all_pids(store, "e2e")

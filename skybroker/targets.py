@@ -1,0 +1,133 @@
+"""What a deployment's plan asks for: its targets, each replica's launch spec, and failover.
+
+A target is one placement of the plan as a JSON-able row (offering key, replicas, tensor
+parallel, planned capacity, $/h, vCPUs); the store keeps them as the deployment's desired
+state. `replica_spec` turns a replica row into what a provisioner launches (keys and hub
+tokens go into its secrets, never into the store). `replan` blocklists an offering that
+had no capacity and re-solves the plan without it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from skybroker.keys import replica_api_key
+from skybroker.provision import ReplicaSpec
+from skybroker.state import Deployment, Replica, Store
+
+Planner = Callable[..., Any]  # (spec, blocklist=frozenset) -> Plan
+SECRET_ENVS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # passed to replicas, never stored
+# The engine reads its key from ENGINE_API_KEY (SKYBROKER_API_KEY in older engines).
+REPLICA_KEY_ENVS = ("ENGINE_API_KEY", "SKYBROKER_API_KEY")
+
+
+def targets_from_plan(plan: Any) -> list[dict[str, Any]]:
+    """The desired replicas of a plan, as JSON-able rows (one per placement)."""
+    targets = []
+    for p in plan.placements:
+        o = p.offering
+        targets.append(
+            {
+                "key": list(p.key),
+                "gpu": o.gpu,
+                "gpu_count": o.gpu_count,
+                "replicas": int(p.replicas),
+                "tensor_parallel": int(p.tensor_parallel),
+                "data_parallel": int(getattr(p, "data_parallel", 1) or 1),
+                "capacity_rps": float(p.capacity_rps),
+                "price_per_hour": float(getattr(p, "price_per_hour", 0.0) or 0.0),
+                "vcpus": float(getattr(o, "vcpus", 0) or 0),
+            }
+        )
+    return targets
+
+
+def default_planner(spec: Any, blocklist: frozenset = frozenset()) -> Any:
+    """Failover's re-plan: the cheapest plan without the blocked offerings. No baselines:
+    they only explain a plan to a person, and failover should be quick."""
+    from skybroker.plan import make_plan
+
+    return make_plan(spec, blocklist=blocklist, baselines=False)
+
+
+def describe_key(key: Any) -> str:
+    cloud, region, instance_type, spot = key
+    return f"{cloud}/{region}/{instance_type}{' (spot)' if spot else ''}"
+
+
+def plan_summary(targets: list[dict[str, Any]]) -> str:
+    parts = [f"{t['replicas']} x {describe_key(t['key'])}" for t in targets]
+    cost = sum(t["replicas"] * t["price_per_hour"] for t in targets)
+    return f"{', '.join(parts) or 'nothing'} (${cost:.2f}/h)"
+
+
+def replica_spec(dep: Deployment, rep: Replica) -> ReplicaSpec:
+    """What the provisioner launches for replica `rep` of `dep`."""
+    t = dep.targets[rep.target]
+    model = dep.spec["model"]
+    eng = dep.spec.get("engine", {})
+    args: dict[str, Any] = {
+        "max_model_len": eng.get("max_model_len"),
+        "max_num_seqs": eng.get("max_num_seqs"),
+        "max_num_batched_tokens": eng.get("max_num_batched_tokens"),
+        "block_size": eng.get("block_size"),
+    }
+    if dep.infra == "local":
+        args["kv_cache_gib"] = eng.get("kv_cache_gib")
+    else:
+        args["gpu_memory_utilization"] = eng.get("gpu_memory_utilization")
+    secrets = {k: os.environ[k] for k in SECRET_ENVS if os.environ.get(k)}
+    secrets |= dict.fromkeys(REPLICA_KEY_ENVS, replica_api_key(dep.name))
+    envs = {}
+    if dep.infra == "local":  # replicas share this machine: each its share of the cores
+        envs["OMP_NUM_THREADS"] = str(max(1, int(t.get("vcpus") or 1)))
+    cloud, region, instance_type, spot = t["key"]
+    return ReplicaSpec(
+        name=rep.name,
+        deployment=dep.name,
+        model=model.get("path") or model["name"],
+        served_model_name=model.get("name") or dep.name,
+        cloud=cloud,
+        region=region,
+        instance_type=instance_type,
+        spot=bool(spot),
+        gpu=t.get("gpu"),
+        gpu_count=int(t.get("gpu_count") or 0),
+        tensor_parallel_size=int(t.get("tensor_parallel") or 1),
+        data_parallel=int(t.get("data_parallel") or 1),
+        engine_args={k: v for k, v in args.items() if v is not None},
+        envs=envs,
+        secrets=secrets,
+    )
+
+
+def replan(store: Store, planner: Planner, dep: Deployment, key: Any) -> str | None:
+    """Blocklist offering `key` and re-solve the plan without it (once per offering); the
+    reason to fail the deployment when nothing feasible is left, else None."""
+    if tuple(key) in {tuple(k) for k in dep.blocklist}:
+        return None
+    blocklist = {tuple(k) for k in dep.blocklist} | {tuple(key)}
+    dep = store.update_deployment(dep.name, blocklist=sorted(blocklist))
+    try:
+        from skybroker.spec import DeploymentSpec
+
+        plan = planner(DeploymentSpec.model_validate(dep.spec), blocklist=frozenset(blocklist))
+    except Exception as e:  # InfeasibleError: nothing left that meets the spec
+        return f"no feasible plan without {describe_key(key)}: {e}"
+    targets = targets_from_plan(plan)
+    old = plan_summary(dep.targets)
+    # Replicas keep their offering's new target index; the others are retired by the filling.
+    index = {tuple(t["key"]): i for i, t in enumerate(targets)}
+    for rep in store.list_replicas(dep.name):
+        if rep.offering_key in index:
+            store.update_replica(rep.name, target=index[rep.offering_key])
+    store.update_deployment(dep.name, plan=plan.to_dict(), targets=targets)
+    store.add_event(
+        dep.name,
+        "failover",
+        f"re-planned without {describe_key(key)}: {plan_summary(targets)} (was {old})",
+        data={"blocked": list(key), "targets": targets},
+    )
+    return None
