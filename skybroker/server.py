@@ -7,6 +7,10 @@ SIGTERM (SIGKILL after a grace period); a pid file whose process is gone is stal
 
 It binds 127.0.0.1 by default. Binding any other address needs an API token, read from the
 env variable SKYBROKER_API_TOKEN or from a file (SKYBROKER_API_TOKEN_FILE or --token-file).
+Deployments' routers bind --router-host (127.0.0.1 by default): each is a process of its own
+that keeps serving while this server is stopped or restarted, and each wants its deployment's
+own key (`skybroker status NAME --show-key`); a router refuses to listen off loopback
+without one.
 """
 
 from __future__ import annotations

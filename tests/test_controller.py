@@ -527,6 +527,34 @@ def test_restarted_broker_keeps_counting_a_crash_loop(env, tmp_path: Path) -> No
     assert c2.describe("demo")["failures"] == 3
 
 
+def test_a_drain_that_times_out_stops_the_replica_and_its_request_goes_elsewhere(env) -> None:
+    controller, _cloud, store = env
+    c = controller(replicas=2, probe=dataclasses.replace(PROBE, drain_timeout_s=0.5))
+    spec = _spec()
+    dep = c.create(spec, c.planner(spec))
+    c.wait_ready("demo", timeout_s=60)
+    results: list[int] = []
+
+    def slow() -> None:
+        r = httpx.get(dep.endpoint + "/slow", headers=_auth(c), timeout=30)
+        results.append(r.status_code)
+
+    senders = [threading.Thread(target=slow) for _ in range(2)]
+    for t in senders:
+        t.start()
+    _wait(lambda: sum(r["outstanding"] for r in c.router("demo").snapshot()) == 2, 10)
+    c.scale("demo", 0, 1)
+    c.reconcile_once()
+    (draining,) = [r for r in c.replicas("demo") if r.status == ReplicaStatus.DRAINING]
+    _wait(lambda: store.get_replica(draining.name).status == ReplicaStatus.TERMINATED, 10, c)
+    assert ("terminated", "scaled down (drain timed out)") in [
+        (e.kind, e.message) for e in c.events("demo") if e.replica == draining.name
+    ]
+    for t in senders:
+        t.join()
+    assert results == [200, 200]  # the cut-off one was sent again, to the other replica
+
+
 def test_create_checks_the_provisioner_before_writing_anything(env, monkeypatch) -> None:
     controller, cloud, store = env
     c = controller()
