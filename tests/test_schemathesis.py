@@ -51,6 +51,8 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(_CONTROLLER)
 @pytest.fixture(scope="module", autouse=True)
 def _cleanup() -> Iterator[None]:
     yield
+    for dep in _CONTROLLER.list():  # replicas and routers outlive a closed controller
+        _CONTROLLER.delete(dep.name)
     _CONTROLLER.close()
     _STORE.close()
     if _OLD_HOME is None:
