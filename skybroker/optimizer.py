@@ -12,7 +12,8 @@ Flow formulation (see docs in README "Planner"):
           sum_{o at l} y[o,b] = sum_u x[u,l,b]         flow balance per location and class
           sum_b y[o,b] / mu[o,b] <= n[o]               capacity (mu: one replica's max rate
                                                        of class b alone within the SLO)
-          spot, per-region and per-cloud shares of the traffic, min replicas, budget.
+          spot, per-region and per-cloud shares of the traffic, min replicas, budget
+          (on the objective: instances and egress).
 
 Before building it (`prune`): offerings that cannot serve anything or reach no user are
 dropped; interchangeable ones are aggregated onto the cheapest; an offering is dropped when
@@ -65,7 +66,7 @@ class Problem:
     max_spot_share: float = 1.0
     max_region_share: float = 1.0
     max_cloud_share: float = 1.0
-    budget: float | None = None
+    budget: float | None = None  # $/h of the whole plan: instances and egress
 
     @property
     def num_classes(self) -> int:
@@ -432,8 +433,10 @@ def _build(p: Problem, users: list[str], idx: list[int], total: float,
         near = [v.n[i] for i in idx if any(p.offerings[i].location in p.reach[u] for u in us)]
         if need > 0:
             lp.row(need, inf, [(c, 1.0) for c in near])
-    if p.budget is not None:
-        lp.row(-inf, p.budget, [(v.n[i], p.offerings[i].price) for i in idx])
+    if p.budget is not None:  # what the user pays: instances and egress
+        egress = [(c, p.offerings[i].egress[b]) for (i, b), c in v.y.items()
+                  if p.offerings[i].egress and p.offerings[i].egress[b] > 0]  # fmt: skip
+        lp.row(-inf, p.budget, [(v.n[i], p.offerings[i].price) for i in idx] + egress)
     return lp, v
 
 
@@ -703,7 +706,7 @@ def _finish(p: Problem, out: Solution, parts: list[Solution]) -> Solution:
         out.counts.update(sub.counts)
         out.rates.update(sub.rates)
         out.flows.update(sub.flows)
-    if p.budget is not None and out.cost - _egress(p, out) > p.budget + 1e-6:
+    if p.budget is not None and out.cost > p.budget + 1e-6:
         out.status, out.cost = "infeasible", math.inf
         return out
     if math.isfinite(out.bound) and out.cost > 0:
@@ -713,9 +716,3 @@ def _finish(p: Problem, out: Solution, parts: list[Solution]) -> Solution:
     else:
         out.gap = 0.0
     return out
-
-
-def _egress(p: Problem, s: Solution) -> float:
-    return sum(
-        p.offerings[i].egress[b] * v for (i, b), v in s.rates.items() if p.offerings[i].egress
-    )

@@ -642,6 +642,14 @@ def _no_fit_reason(arch: ModelArch, need_len: int, rows: list, spec: DeploymentS
                f"{spec.engine.tensor_parallel})" if spec.engine.tensor_parallel != "auto" else ""))  # fmt: skip
 
 
+def _serving_locations(p: Problem) -> set[str]:
+    """Locations with an offering that serves some class and that a user with demand reaches
+    (within the RTT limit)."""
+    users = [u for u, d in p.demand.items() if sum(d) > 0]
+    return {oc.location for oc in p.offerings
+            if any(oc.mu) and any(oc.location in p.reach[u] for u in users)}  # fmt: skip
+
+
 def explain_infeasible(spec: DeploymentSpec, arch: ModelArch, p: Problem,
                        classes: list[RequestClass], meta: _Meta, time_limit: float) -> str:  # fmt: skip
     s, c = spec.slo, spec.constraints
@@ -674,19 +682,21 @@ def explain_infeasible(spec: DeploymentSpec, arch: ModelArch, p: Problem,
         if sol.status == "infeasible":
             continue
         if what == "budget":
-            price = sol.cost - _egress(q, sol)
             return (f"budget ${c.budget_per_hour:g}/h is below the cheapest feasible "
-                    f"${price:.2f}/h")  # fmt: skip
+                    f"${sol.cost:.2f}/h (instances ${sol.cost - _egress(q, sol):.2f}/h + egress "
+                    f"${_egress(q, sol):.2f}/h)")  # fmt: skip
         if what == "max_spot_share":
             return (f"spot: only a share of {p.max_spot_share:g} of the traffic may run on spot, and "
                     f"the rest has no on-demand offering that meets the spec")  # fmt: skip
         if what == "max_region_share":
-            nloc = len({oc.location for oc in p.offerings})
+            near = _serving_locations(p)
+            named = f": {', '.join(sorted(near))}" if 0 < len(near) <= 4 else ""
+            rtt = f"within {s.max_rtt_ms:g} ms RTT of the users" if s.max_rtt_ms else "in all"
             return (f"max_region_share {c.max_region_share:g} needs at least "
-                    f"{math.ceil(1 / c.max_region_share)} regions to serve from, within RTT of the "
-                    f"users; {nloc} region(s) qualify")  # fmt: skip
+                    f"{math.ceil(1 / c.max_region_share)} regions to serve from; {len(near)} "
+                    f"region(s) {rtt} can serve the model{named}")  # fmt: skip
         if what == "max_cloud_share":
-            nc = len({oc.cloud for oc in p.offerings})
+            nc = len({loc.split("/", 1)[0] for loc in _serving_locations(p)})
             return (f"max_cloud_share {c.max_cloud_share:g} needs at least "
                     f"{math.ceil(1 / c.max_cloud_share)} clouds; {nc} cloud(s) qualify")  # fmt: skip
         return f"min_replicas {c.min_replicas} cannot be placed within the other constraints"

@@ -158,7 +158,9 @@ class Constraints(_Strict):
     min_replicas: int = Field(default=1, ge=0)
     max_region_share: float = Field(default=1.0, gt=0, le=1)
     max_cloud_share: float = Field(default=1.0, gt=0, le=1)
-    budget_per_hour: float | None = Field(default=None, gt=0)
+    budget_per_hour: float | None = Field(
+        default=None, gt=0, description="$/h of the whole plan: instances and egress"
+    )
 
     @field_validator("clouds")
     @classmethod

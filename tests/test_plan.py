@@ -142,6 +142,30 @@ def test_infeasible_reasons(edit: tuple[str, str], reason: str) -> None:
     assert reason in str(err.value)
 
 
+def test_region_share_reason_counts_regions_within_rtt() -> None:
+    spec = SPEC.replace("us-east: 0.5, eu-west: 0.5", "us-east: 1")
+    spec = spec.replace("engine:", "constraints: {max_region_share: 0.2}\nengine:")
+    with pytest.raises(InfeasibleError) as err:
+        make_plan(load_spec(spec), _catalog())
+    # the catalog has 5 regions; within 40 ms of us-east only the two in Ashburn
+    assert "2 region(s) within 40 ms RTT of the users" in str(err.value)
+    assert "aws/us-east-1, gcp/us-east4" in str(err.value)
+
+
+def test_budget_covers_egress() -> None:
+    free = make_plan(load_spec(SPEC), _catalog(), baselines=False)
+    assert free.egress_per_hour > 0
+    instances = free.cost_per_hour - free.egress_per_hour
+    budget = round(instances + free.egress_per_hour / 2, 2)  # above instances, below the total
+    spec = SPEC.replace("engine:", f"constraints: {{budget_per_hour: {budget}}}\nengine:")
+    try:
+        plan = make_plan(load_spec(spec), _catalog(), baselines=False)
+    except InfeasibleError as e:
+        assert "egress" in str(e)
+    else:
+        assert plan.cost_per_hour <= budget + 1e-6
+
+
 def test_local_infra_plans_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     # a fixed machine (the measured one depends on the load of the test host)
     cpu = Hardware("cpu", "test-cpu", 2, 16.0, 10.0, 0.1)
