@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from skybroker import plan as planmod
+from skybroker import plan_perf, plan_problem
 from skybroker.catalog.schema import GPU, Catalog, Egress, Offering, Region
 from skybroker.cli import app
 from skybroker.perf.roofline import Hardware
@@ -22,7 +23,7 @@ def _fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SKYBROKER_HOME", str(tmp_path))
     monkeypatch.setenv("SKYBROKER_PERF_CACHE", "0")
     monkeypatch.setenv("SKYBROKER_PERF_WORKERS", "1")  # small searches: no process pool
-    monkeypatch.setattr(planmod, "SIM_REQUESTS", 40)
+    monkeypatch.setattr(plan_perf, "SIM_REQUESTS", 40)
 
 
 def _catalog() -> Catalog:
@@ -169,7 +170,8 @@ def test_budget_covers_egress() -> None:
 def test_local_infra_plans_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     # a fixed machine (the measured one depends on the load of the test host)
     cpu = Hardware("cpu", "test-cpu", 2, 16.0, 10.0, 0.1)
-    monkeypatch.setattr(planmod, "cpu_hardware", lambda: cpu)
+    monkeypatch.setattr(plan_perf, "cpu_hardware", lambda: cpu)
+    monkeypatch.setattr(plan_problem, "cpu_hardware", lambda: cpu)
     spec = load_spec(Path(__file__).parent.parent / "examples" / "smollm2-local.yaml")
     plan = make_plan(spec)
     (p,) = plan.placements
@@ -222,8 +224,8 @@ def test_capacities_searched_only_where_needed(monkeypatch: pytest.MonkeyPatch) 
     spec = load_spec(SPEC.replace("engine:", "constraints: {spot: allowed}\nengine:"))
     monkeypatch.setattr(capacity, "_memo", {})
     lazy = make_plan(spec, _catalog())
-    everything = planmod._perf_per_gpu
-    monkeypatch.setattr(planmod, "_perf_per_gpu",
+    everything = plan_perf.perf_per_config
+    monkeypatch.setattr(planmod, "perf_per_config",
                         lambda *a, exact=True: everything(*a, exact=True))  # fmt: skip
     monkeypatch.setattr(capacity, "_memo", {})
     full = make_plan(spec, _catalog())
@@ -234,3 +236,34 @@ def test_capacities_searched_only_where_needed(monkeypatch: pytest.MonkeyPatch) 
     assert {p.key: p.replicas for p in lazy.placements} == {
         p.key: p.replicas for p in full.placements
     }
+
+
+def test_tensor_parallel_is_chosen_per_gpu_kind() -> None:
+    """TP 1 on an A100 misses a 12 ms TPOT (weights read in ~10 ms + step overhead); the
+    optimizer tries TP 2 and 4 on the 4-GPU instance instead of dropping the kind."""
+    spec = SPEC.replace("tpot_ms: 80", "tpot_ms: 12, margin: 0")
+    spec = spec.replace("engine:", "constraints: {gpus: [A100-80GB]}\nengine:")
+    plan = make_plan(load_spec(spec), _catalog(), baselines=False)
+    assert plan.placements
+    for p in plan.placements:
+        assert p.offering.gpu_count == 4 and p.tensor_parallel >= 2
+        assert p.data_parallel == 4 // p.tensor_parallel
+        assert "TP1 x4 misses the SLO" in p.config_note
+        assert p.tpot_s <= 0.012
+    d = plan.to_dict()["placements"][0]
+    assert d["config_note"].startswith(f"TP{d['tensor_parallel']} x{d['data_parallel']}")
+
+
+def test_margin_sizes_capacity_for_slower_hardware() -> None:
+    costs = {}
+    for m in (0, 0.2):
+        plan = make_plan(load_spec(SPEC.replace("percentile: 90", f"percentile: 90, margin: {m}")),
+                         _catalog(), baselines=False)  # fmt: skip
+        costs[m] = plan.cost_per_hour
+        for p in plan.placements:
+            assert p.margin == m
+            # at its load the placement still meets the SLO with steps (1 + m) x slower
+            assert p.headroom is not None and p.headroom >= m - 0.03
+    assert costs[0.2] >= costs[0]
+    auto = make_plan(load_spec(SPEC), _catalog(), baselines=False)
+    assert {p.margin for p in auto.placements} == {0.25}  # the roofline's default
