@@ -289,13 +289,17 @@ def _check_mixes(p: Problem, s: Solution, meta: Meta, classes: list[RequestClass
     from skybroker.plan_perf import SIM_REQUESTS as n
 
     out: dict[int, MixCheck] = {}
+    seen: dict[tuple, MixCheck] = {}  # replicas of one configuration with the same load
     for i, count in s.counts.items():
         rates = _served(s, i)
         if not rates:
             continue
         engines = count * meta.dp[i]
-        out[i] = check(meta.perf[i], classes, {b: v / engines for b, v in rates.items()},
-                       sum(rates.values()) / engines, slo, n, full)  # fmt: skip
+        mix = {b: v / engines for b, v in rates.items()}
+        key = (meta.perf[i].config, tuple(sorted((b, round(v, 6)) for b, v in mix.items())))
+        if key not in seen:
+            seen[key] = check(meta.perf[i], classes, mix, sum(mix.values()), slo, n, full)
+        out[i] = seen[key]
     return out
 
 
