@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from skybroker import plan as planmod
-from skybroker import plan_perf, plan_problem
+from skybroker import plan_mix, plan_perf, plan_problem
 from skybroker.catalog.schema import GPU, Catalog, Egress, Offering, Region
 from skybroker.cli import app
 from skybroker.perf.roofline import Hardware
@@ -24,6 +24,7 @@ def _fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SKYBROKER_PERF_CACHE", "0")
     monkeypatch.setenv("SKYBROKER_PERF_WORKERS", "1")  # small searches: no process pool
     monkeypatch.setattr(plan_perf, "SIM_REQUESTS", 40)
+    monkeypatch.setattr(plan_mix, "TAIL_REQUESTS", 200)
 
 
 def _catalog() -> Catalog:

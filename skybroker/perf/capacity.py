@@ -40,7 +40,7 @@ class CapacityResult:
     tpot_s: float
 
 
-CACHE_VERSION = 2  # bump when the search or the simulator changes what they answer
+CACHE_VERSION = 3  # bump when the search or the simulator changes what they answer
 LATENCY_TOL = 0.02  # a feasible rate whose latency is within 2% of the SLO is the capacity
 
 _memo: dict[str, CapacityResult] = {}
