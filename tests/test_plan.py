@@ -268,3 +268,20 @@ def test_margin_sizes_capacity_for_slower_hardware() -> None:
     assert costs[0.2] >= costs[0]
     auto = make_plan(load_spec(SPEC), _catalog(), baselines=False)
     assert {p.margin for p in auto.placements} == {0.25}  # the roofline's default
+
+
+def test_skypilot_baseline_uses_spot_and_region_share() -> None:
+    """SkyServe-style: the spot share of the traffic on the cheapest spot instance, the rest
+    on-demand; no region above max_region_share."""
+    spec = SPEC.replace("us-east: 0.5, eu-west: 0.5", "us-east: 1")
+    spec = spec.replace("engine:", "constraints: {spot: allowed, max_spot_share: 0.5, "
+                        "max_region_share: 0.5}\nengine:")  # fmt: skip
+    plan = make_plan(load_spec(spec), _catalog())
+    note = plan.baseline_notes["skypilot"]
+    parts = note.split("; ")
+    assert any(" spot in " in x for x in parts) and any(" spot in " not in x for x in parts)
+    assert {x.rsplit(" in ", 1)[1] for x in parts} == {"aws/us-east-1", "gcp/us-east4"}
+    assert plan.baselines["skypilot"] >= plan.cost_per_hour - 1e-9
+    never = make_plan(load_spec(spec.replace("spot: allowed, max_spot_share: 0.5, ", "")),
+                      _catalog())  # fmt: skip
+    assert " spot in " not in never.baseline_notes["skypilot"]
