@@ -251,6 +251,7 @@ def make_plan(spec: DeploymentSpec, catalog: Catalog | None = None,
             raise InfeasibleError("no placement meets the SLO once each replica's capacity is "
                                   "corrected for the mix of requests it serves (simulated)")  # fmt: skip
     checks = _check_mixes(problem, sol, meta, classes, slo, full=True)
+    flush_disk_cache()  # the mixes' capacities, for the next plan
     perf_s[0] += time.perf_counter() - t_mix
     plan = Plan(spec, _placements(problem, sol, meta, classes, checks), sol.cost,
                 egress_cost(problem, sol), SolverInfo(sol.status, sol.solve_time_s, sol.gap),

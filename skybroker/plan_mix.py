@@ -37,7 +37,7 @@ MIX_SAMPLES = 512  # request lengths of a mix class
 # at 6400: about 1/sqrt(n), so ~6000 requests in all bring the CI to about +-5%.
 TAIL_REQUESTS = int(os.environ.get("SKYBROKER_TAIL_REQUESTS", "1000"))
 CI_GOAL = 0.05
-MIN_REPLICATIONS, MAX_REPLICATIONS = 3, 6
+MIN_REPLICATIONS, MAX_REPLICATIONS = 3, 4
 MAX_HEADROOM = 3.0  # the headroom search stops at steps 4x the prediction
 _T95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36}
 
