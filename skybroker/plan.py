@@ -114,6 +114,9 @@ class Plan:
     request_classes: list[dict[str, Any]] = field(default_factory=list)
     perf_notes: list[str] = field(default_factory=list)  # measured profiles skipped, and why
     mix_rounds: int = 0  # ILP re-solves after correcting capacities for the simulated mixes
+    # every placement's simulated mix within MIX_TOL of its (corrected) linear capacity; False
+    # when the re-solves ran out first (the placements' mix_rule_error says by how much)
+    mix_confirmed: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -156,6 +159,7 @@ class Plan:
             "request_classes": self.request_classes,
             "perf_notes": self.perf_notes,
             "mix_rounds": self.mix_rounds,
+            "mix_confirmed": self.mix_confirmed,
         }
 
 
@@ -239,6 +243,7 @@ def make_plan(spec: DeploymentSpec, catalog: Catalog | None = None,
         checks = _check_mixes(problem, sol, meta, classes, slo, full=False)
         bad = {i: c for i, c in checks.items()
                if c.simulated < c.linear * meta.scale.get(i, 1.0) * (1 - MIX_TOL)}  # fmt: skip
+        confirmed = not bad
         if not bad or rounds == MIX_ROUNDS:
             break
         scale = dict(meta.scale)
@@ -259,7 +264,7 @@ def make_plan(spec: DeploymentSpec, catalog: Catalog | None = None,
                 request_classes=[{"name": c.name, "share": round(c.share, 4),
                                   "mean_input": round(c.mean_input, 1),
                                   "mean_output": round(c.mean_output, 1)} for c in classes],
-                mix_rounds=rounds)  # fmt: skip
+                mix_rounds=rounds, mix_confirmed=confirmed)  # fmt: skip
     if baselines:
         base_p, base_m = with_perf(*linear, perf, {})
         plan.baselines, plan.baseline_notes = compute_baselines(base_p, base_m, time_limit,

@@ -127,6 +127,9 @@ def render_plan(plan: Plan) -> None:
 def _print_headroom(con: object, plan: Plan) -> None:
     """Per placement: its configuration and why, the margin it was sized for, the slowdown
     it absorbs at its load, and the linear rule's error on its mix."""
+    if not plan.mix_confirmed:
+        con.print("note: after the re-solves some placement's simulated mix still serves less "  # type: ignore[attr-defined]
+                  "than the linear rule says (mix rule below)")  # fmt: skip
     for k, p in enumerate(plan.placements, 1):
         bits = [f"margin {p.margin:.0%}"]
         if p.headroom is not None:
