@@ -43,7 +43,7 @@ def main() -> None:
         print(f"{path.stem}: {wall:.2f} s (solve {s.solve_time_s:.2f} s, perf+mix "
               f"{s.perf_time_s:.2f} s) {s.status}, gap {gap}, ${plan.cost_per_hour:.2f}/h; "
               f"classes {s.num_classes} -> {s.num_pruned} after pruning, "
-              f"{plan.mix_rounds} mix re-solve(s)", flush=True)  # fmt: skip
+              f"{getattr(plan, 'mix_rounds', 0)} mix re-solve(s)", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
