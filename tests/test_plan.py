@@ -285,3 +285,11 @@ def test_skypilot_baseline_uses_spot_and_region_share() -> None:
     never = make_plan(load_spec(spec.replace("spot: allowed, max_spot_share: 0.5, ", "")),
                       _catalog())  # fmt: skip
     assert " spot in " not in never.baseline_notes["skypilot"]
+
+
+def test_margin_setting_is_validated() -> None:
+    from skybroker.spec import SpecError
+
+    with pytest.raises(SpecError, match=r"slo\.margin"):
+        load_spec(SPEC.replace("percentile: 90", "percentile: 90, margin: 5"))
+    assert load_spec(SPEC).slo.margin == "auto"
