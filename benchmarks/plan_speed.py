@@ -30,7 +30,6 @@ from pathlib import Path
 os.environ.setdefault("SKYBROKER_HOME", "/tmp/skybroker-bench")
 
 from skybroker import plan as planner
-from skybroker import plan_perf, plan_problem
 from skybroker.catalog import load_catalog
 from skybroker.catalog.schema import Catalog
 from skybroker.optimizer import Options, Problem, solve
@@ -75,6 +74,8 @@ def synthetic_10x(cat: Catalog, seed: int = 0) -> Catalog:
 
 def build(spec: DeploymentSpec, cat: Catalog) -> tuple[Problem, int, float]:
     """The Problem `make_plan` solves (same steps), the allowed offering rows, perf seconds."""
+    from skybroker import plan_perf, plan_problem
+
     t0 = time.perf_counter()
     arch = plan_perf.resolve_arch(spec.model, spec.infra)
     ins, outs = workload_samples(spec.workload)
