@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from skybroker.perf.capacity import SLOTarget, evaluate, max_rate
+from skybroker.perf.capacity import SLOTarget, evaluate, max_rate, memoized
 from skybroker.perf.headroom import Slowed, slowed
 from skybroker.perf.workload import RequestClass
 from skybroker.plan_perf import ReplicaPerf
@@ -37,7 +37,7 @@ MIX_SAMPLES = 512  # request lengths of a mix class
 # at 6400: about 1/sqrt(n), so ~6000 requests in all bring the CI to about +-5%.
 TAIL_REQUESTS = int(os.environ.get("SKYBROKER_TAIL_REQUESTS", "1000"))
 CI_GOAL = 0.05
-MIN_REPLICATIONS, MAX_REPLICATIONS = 3, 4
+MIN_REPLICATIONS, MAX_REPLICATIONS = 3, 6
 MAX_HEADROOM = 3.0  # the headroom search stops at steps 4x the prediction
 _T95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36}
 
@@ -140,5 +140,9 @@ def check(rp: ReplicaPerf, classes: list[RequestClass], weights: dict[int, float
         sim = max_rate(slowed(rp.step, rp.margin), rp.cfg, cls, slo, num_requests=n).rate
     if not full:
         return MixCheck(rate, lin, sim, math.nan, math.nan, math.nan, math.nan)
-    ttft, tpot, ci = latencies(rp.step, rp, cls, rate, slo, max(n, TAIL_REQUESTS))
-    return MixCheck(rate, lin, sim, ttft, tpot, ci, headroom(rp, cls, rate, slo, n))
+    tail = max(n, TAIL_REQUESTS)
+    key = [rp.step, rp.cfg, cls, repr(rate), slo, tail, n, CI_GOAL, MAX_REPLICATIONS]
+    ttft, tpot, ci = memoized(["latencies", *key],
+                              lambda: latencies(rp.step, rp, cls, rate, slo, tail))  # fmt: skip
+    room = memoized(["headroom", *key], lambda: (headroom(rp, cls, rate, slo, n), 0.0, 0.0))[0]
+    return MixCheck(rate, lin, sim, ttft, tpot, ci, room)
