@@ -37,6 +37,16 @@ def _serving_locations(p: Problem) -> set[str]:
             if any(oc.mu) and any(oc.location in p.reach[u] for u in users)}  # fmt: skip
 
 
+def _margin_note(meta: Meta) -> str:
+    m = max((rp.margin for rp in meta.perf), default=0.0)
+    if m <= 0:
+        return ""
+    return (
+        f" with steps {m:.0%} slower than predicted (the plan's headroom; slo.margin sets "
+        f"it, 0 plans to the edge)"
+    )
+
+
 def explain_infeasible(spec: DeploymentSpec, arch: ModelArch, p: Problem,
                        classes: list[RequestClass], meta: Meta, time_limit: float) -> str:  # fmt: skip
     s, c = spec.slo, spec.constraints
@@ -47,7 +57,7 @@ def explain_infeasible(spec: DeploymentSpec, arch: ModelArch, p: Problem,
             return (f"no allowed GPU meets the SLO (TTFT {pct} <= {s.ttft_ms:g} ms, TPOT {pct} <= "
                     f"{s.tpot_ms:g} ms) for requests like {cl.name} ({cl.share:.0%} of traffic); "
                     f"the best unloaded replica gives TTFT {best.ttft_s * 1000:.0f} ms, "
-                    f"TPOT {best.tpot_s * 1000:.0f} ms")  # fmt: skip
+                    f"TPOT {best.tpot_s * 1000:.0f} ms" + _margin_note(meta))  # fmt: skip
     for u, dem in p.demand.items():
         near = [oc for oc in p.offerings if oc.location in p.reach[u]]
         if sum(dem) > 0 and not near:
