@@ -30,9 +30,9 @@ from skybroker.models import DTYPE_BYTES, ModelArch
 GIB = 1024**3
 # The catalog's interconnect figures are both directions together (NVLink 4: 900 GB/s; PCIe
 # 4.0 x16: 64 GB/s); a ring all-reduce moves data one way per link, at about 85-90% of the
-# link's rate (P2P writes on PCIe 5.0 x16 measure ~56 of 63 GB/s one way; NCCL's bus
-# bandwidth on 8 x H100 NVLink ~450 of 450). So the all-reduce runs at this fraction of the
-# catalog's figure: ~27 GB/s on a PCIe 4.0 GPU, not 64.
+# link's rate (P2P writes between RTX PRO 6000 GPUs on PCIe 5.0 x16 measure ~54-56 of 63
+# GB/s one way, github.com/voipmonitor/rtx6kpro hardware/pcie-bandwidth.md). So the
+# all-reduce runs at this fraction of the catalog's figure: ~27 GB/s on a PCIe 4.0 GPU, not 64.
 ALLREDUCE_BUS_FRACTION = 0.5 * 0.85
 
 
