@@ -32,7 +32,7 @@ from skybroker.perf.capacity import (
 from skybroker.perf.roofline import RooflineModel
 from skybroker.perf.simulator import SchedulerConfig, simulate
 from skybroker.perf.workload import request_classes, workload_samples
-from skybroker.plan import gpu_replica, required_len, resolve_arch
+from skybroker.plan_perf import gpu_replica, required_len, resolve_arch
 from skybroker.spec import load_spec
 
 

@@ -33,6 +33,8 @@ from skybroker import plan as planner
 from skybroker.catalog import load_catalog
 from skybroker.catalog.schema import Catalog
 from skybroker.optimizer import Options, Problem, solve
+from skybroker.perf.capacity import flush_disk_cache, prefetch_disk_cache
+from skybroker.perf.workload import request_classes, workload_samples
 from skybroker.spec import DeploymentSpec, load_spec
 
 SPEC = Path(__file__).resolve().parents[1] / "examples" / "world-chat.yaml"
@@ -72,16 +74,18 @@ def synthetic_10x(cat: Catalog, seed: int = 0) -> Catalog:
 
 def build(spec: DeploymentSpec, cat: Catalog) -> tuple[Problem, int, float]:
     """The Problem `make_plan` solves (same steps), the allowed offering rows, perf seconds."""
+    from skybroker import plan_perf, plan_problem
+
     t0 = time.perf_counter()
-    arch = planner.resolve_arch(spec.model, spec.infra)
-    ins, outs = planner.workload_samples(spec.workload)
-    classes = planner.request_classes(ins, outs)
-    need_len = planner.required_len(spec, arch, classes)
-    planner.prefetch_disk_cache()
-    rows = planner.allowed_offerings(spec, cat, frozenset())
-    perf = planner._perf_per_gpu(arch, spec, cat, classes, rows, need_len)
-    planner.flush_disk_cache()
-    problem, _ = planner.build_problem(spec, cat, classes, rows, perf)
+    arch = plan_perf.resolve_arch(spec.model, spec.infra)
+    ins, outs = workload_samples(spec.workload)
+    classes = request_classes(ins, outs)
+    need_len = plan_perf.required_len(spec, arch, classes)
+    prefetch_disk_cache()
+    rows = plan_problem.allowed_offerings(spec, cat, frozenset())
+    perf = plan_perf.perf_per_config(arch, spec, cat, classes, rows, need_len)
+    flush_disk_cache()
+    problem, _ = plan_problem.build_problem(spec, cat, classes, rows, perf)
     return problem, len(rows), time.perf_counter() - t0
 
 

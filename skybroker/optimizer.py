@@ -12,7 +12,8 @@ Flow formulation (see docs in README "Planner"):
           sum_{o at l} y[o,b] = sum_u x[u,l,b]         flow balance per location and class
           sum_b y[o,b] / mu[o,b] <= n[o]               capacity (mu: one replica's max rate
                                                        of class b alone within the SLO)
-          spot, per-region and per-cloud shares of the traffic, min replicas, budget.
+          spot, per-region and per-cloud shares of the traffic, min replicas, budget
+          (on the objective: instances and egress).
 
 Before building it (`prune`): offerings that cannot serve anything or reach no user are
 dropped; interchangeable ones are aggregated onto the cheapest; an offering is dropped when
@@ -26,7 +27,7 @@ replica covers per user and per geographic group. The problem splits into indepe
 geographic components when no constraint couples them. HiGHS solves each through highspy
 (arrays, no modelling layer), warm-started from the optimum of the same MILP restricted to
 the offerings its LP relaxation uses (an integral relaxation is the answer outright); its
-own status, dual bound and gap are read back. pulp builds the same model for CBC, the
+own status, dual bound and gap are read back (the backends: `skybroker.milp`). pulp builds the same model for CBC, the
 fallback when highspy is missing (pulp says "Optimal" even when a time limit stopped the
 solver, and hides CBC's bound: the gap is then unknown).
 """
@@ -34,12 +35,12 @@ solver, and hides CBC's bound: the gap is then unknown).
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+
+from skybroker.milp import Lp, Result, has_highspy, run_highs, run_pulp
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +66,7 @@ class Problem:
     max_spot_share: float = 1.0
     max_region_share: float = 1.0
     max_cloud_share: float = 1.0
-    budget: float | None = None
+    budget: float | None = None  # $/h of the whole plan: instances and egress
 
     @property
     def num_classes(self) -> int:
@@ -265,71 +266,6 @@ def components(p: Problem, idx: list[int]) -> list[tuple[list[str], list[int]]]:
 # --- the integer program ------------------------------------------------------------------
 
 
-_banner_silenced = False
-
-
-def _silence_highs_banner() -> None:
-    """HiGHS prints a banner to fd 1 when the first Highs() of a process is made; make that
-    one with stdout pointed at /dev/null so `--json` output stays clean."""
-    global _banner_silenced
-    if _banner_silenced:
-        return
-    _banner_silenced = True
-    try:
-        import highspy
-    except ImportError:
-        return
-    import ctypes
-
-    sys.stdout.flush()
-    saved = os.dup(1)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        highspy.Highs()
-        ctypes.CDLL(None).fflush(None)  # the banner sits in C stdio's buffer until flushed
-    finally:
-        os.dup2(saved, 1)
-        os.close(devnull)
-        os.close(saved)
-
-
-@dataclass(slots=True)
-class _Lp:
-    """A MILP in column/row form that either backend solves (highspy directly, or pulp)."""
-
-    lb: list[float] = field(default_factory=list)
-    ub: list[float] = field(default_factory=list)
-    cost: list[float] = field(default_factory=list)
-    integer: list[int] = field(default_factory=list)  # indices of integer columns
-    rlb: list[float] = field(default_factory=list)
-    rub: list[float] = field(default_factory=list)
-    start: list[int] = field(default_factory=lambda: [0])
-    index: list[int] = field(default_factory=list)
-    value: list[float] = field(default_factory=list)
-
-    def col(self, lb: float, ub: float, cost: float = 0.0, integer: bool = False) -> int:
-        if integer:
-            self.integer.append(len(self.lb))
-        self.lb.append(lb)
-        self.ub.append(ub)
-        self.cost.append(cost)
-        return len(self.lb) - 1
-
-    def row(self, lb: float, ub: float, terms: list[tuple[int, float]]) -> None:
-        if not terms:
-            return
-        self.rlb.append(lb)
-        self.rub.append(ub)
-        self.index.extend(c for c, _ in terms)
-        self.value.extend(v for _, v in terms)
-        self.start.append(len(self.index))
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.rlb)
-
-
 @dataclass(slots=True)
 class _Vars:
     n: dict[int, int] = field(default_factory=dict)  # offering -> column
@@ -339,7 +275,7 @@ class _Vars:
 
 
 def _build(p: Problem, users: list[str], idx: list[int], total: float,
-           tighten: bool) -> tuple[_Lp, _Vars] | None:  # fmt: skip
+           tighten: bool) -> tuple[Lp, _Vars] | None:  # fmt: skip
     """The component's MILP; None when some user's class has no offering within reach.
 
     With `tighten`, valid inequalities that cut off fractional points but no integer one:
@@ -353,7 +289,7 @@ def _build(p: Problem, users: list[str], idx: list[int], total: float,
     Users that reach the same locations are interchangeable: one flow variable per class
     serves them all (`_Vars.split` shares it out afterwards).
     """
-    nb, lp, v = p.num_classes, _Lp(), _Vars()
+    nb, lp, v = p.num_classes, Lp(), _Vars()
     inf = math.inf
     dem = {u: p.demand[u] for u in users}
     at: dict[str, list[int]] = {}
@@ -432,8 +368,10 @@ def _build(p: Problem, users: list[str], idx: list[int], total: float,
         near = [v.n[i] for i in idx if any(p.offerings[i].location in p.reach[u] for u in us)]
         if need > 0:
             lp.row(need, inf, [(c, 1.0) for c in near])
-    if p.budget is not None:
-        lp.row(-inf, p.budget, [(v.n[i], p.offerings[i].price) for i in idx])
+    if p.budget is not None:  # what the user pays: instances and egress
+        egress = [(c, p.offerings[i].egress[b]) for (i, b), c in v.y.items()
+                  if p.offerings[i].egress and p.offerings[i].egress[b] > 0]  # fmt: skip
+        lp.row(-inf, p.budget, [(v.n[i], p.offerings[i].price) for i in idx] + egress)
     return lp, v
 
 
@@ -449,97 +387,6 @@ def _cover(p: Problem, us: list[str], idx: list[int], dem: dict, v: _Vars) -> in
     return math.ceil(work - 1e-9)
 
 
-@dataclass(slots=True)
-class _Result:
-    status: str  # optimal | feasible | infeasible
-    values: list[float]
-    cost: float
-    bound: float
-    gap: float | None
-
-
-def _run_highs(lp: _Lp, time_limit: float, gap_rel: float,
-               start: list[float] | None = None) -> _Result:  # fmt: skip
-    import highspy
-
-    _silence_highs_banner()
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
-    h.setOptionValue("threads", 1)
-    h.setOptionValue("random_seed", 0)
-    h.setOptionValue("time_limit", float(time_limit))
-    h.setOptionValue("mip_rel_gap", float(gap_rel))
-    nc = len(lp.lb)
-    empty = np.zeros(0, dtype=np.int32)
-    h.addCols(nc, np.array(lp.cost), np.array(lp.lb), np.array(lp.ub), 0, empty, empty,
-              np.zeros(0))  # fmt: skip
-    if lp.integer:
-        ints = np.array(lp.integer, dtype=np.int32)
-        h.changeColsIntegrality(len(ints), ints, np.ones(len(ints), dtype=np.uint8))
-    if lp.num_rows:
-        h.addRows(lp.num_rows, np.array(lp.rlb), np.array(lp.rub), len(lp.index),
-                  np.array(lp.start[:-1], dtype=np.int32), np.array(lp.index, dtype=np.int32),
-                  np.array(lp.value))  # fmt: skip
-    if start is not None:  # an incumbent to start from (HiGHS checks it is feasible)
-        sol = h.getSolution()
-        sol.col_value = start
-        sol.value_valid = True
-        h.setSolution(sol)
-    h.run()
-    info = h.getInfo()
-    text = h.modelStatusToString(h.getModelStatus()).lower()
-    if info.primal_solution_status == 0 or "infeasible" in text:
-        return _Result("infeasible", [], math.inf, math.inf, None)
-    values = list(h.getSolution().col_value)
-    cost = float(info.objective_function_value)
-    if not lp.integer:  # a pure LP: HiGHS reports no MIP gap
-        return _Result("optimal" if text == "optimal" else "feasible", values, cost, cost, 0.0)
-    gap = max(float(info.mip_gap), 0.0) if math.isfinite(info.mip_gap) else None
-    status = "optimal" if text == "optimal" else "feasible"
-    return _Result(status, values, cost, float(info.mip_dual_bound), gap)
-
-
-def _run_pulp(lp: _Lp, solver: str, time_limit: float, gap_rel: float) -> _Result:
-    """The same MILP through pulp: HiGHS (to compare build times) or CBC (the fallback)."""
-    import pulp
-
-    _silence_highs_banner()
-    m = pulp.LpProblem("placement", pulp.LpMinimize)
-    ints = set(lp.integer)
-    cols = [pulp.LpVariable(f"c{j}", lp.lb[j], lp.ub[j], cat="Integer" if j in ints else "Continuous")
-            for j in range(len(lp.lb))]  # fmt: skip
-    for r in range(lp.num_rows):
-        a, b = lp.start[r], lp.start[r + 1]
-        e = pulp.LpAffineExpression([(cols[lp.index[k]], lp.value[k]) for k in range(a, b)])
-        if lp.rlb[r] == lp.rub[r]:
-            m += e == lp.rlb[r], f"r{r}"
-        else:
-            if math.isfinite(lp.rub[r]):
-                m += e <= lp.rub[r], f"r{r}u"
-            if math.isfinite(lp.rlb[r]):
-                m += e >= lp.rlb[r], f"r{r}l"
-    m += pulp.LpAffineExpression([(c, w) for c, w in zip(cols, lp.cost, strict=True) if w])
-    if solver == "highs" and pulp.HiGHS().available():
-        s = pulp.HiGHS(msg=False, timeLimit=time_limit, gapRel=gap_rel, threads=1)
-    else:
-        s = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=gap_rel)
-    m.solve(s)
-    model = getattr(m, "solverModel", None)
-    values = [c.value() or 0.0 for c in cols]
-    cost = float(pulp.value(m.objective) or 0.0)
-    if s.name == "HiGHS" and model is not None:
-        info = model.getInfo()
-        text = model.modelStatusToString(model.getModelStatus()).lower()
-        if info.primal_solution_status == 0 or "infeasible" in text:
-            return _Result("infeasible", [], math.inf, math.inf, None)
-        gap = max(float(info.mip_gap), 0.0) if math.isfinite(info.mip_gap) else None
-        status = "optimal" if text == "optimal" else "feasible"
-        return _Result(status, values, cost, float(info.mip_dual_bound), gap)
-    if m.status != pulp.LpStatusOptimal:
-        return _Result("infeasible", [], math.inf, math.inf, None)
-    return _Result("feasible", values, cost, -math.inf, None)  # CBC via pulp hides its bound
-
-
 def _solve_component(p: Problem, users: list[str], idx: list[int], total: float,
                      opts: Options) -> Solution:  # fmt: skip
     t0 = time.perf_counter()
@@ -549,17 +396,17 @@ def _solve_component(p: Problem, users: list[str], idx: list[int], total: float,
     lp, v = built
     build = time.perf_counter() - t0
     t1 = time.perf_counter()
-    relax = opts.relaxation and _has_highspy()
+    relax = opts.relaxation and has_highspy()
     if relax:  # a lower bound: the LP relaxation, replica counts rounded up
-        r, name = _run_highs(replace(lp, integer=[]), opts.time_limit, 1.0), "HiGHS (LP)"
+        r, name = run_highs(replace(lp, integer=[]), opts.time_limit, 1.0), "HiGHS (LP)"
         r.gap = None
-    elif opts.backend == "highspy" and opts.solver == "highs" and _has_highspy():
+    elif opts.backend == "highspy" and opts.solver == "highs" and has_highspy():
         start, r = _warm_start(lp, opts) if opts.warm_start else (None, None)
         left = max(opts.time_limit - (time.perf_counter() - t1), 0.1)
-        r, name = r or _run_highs(lp, left, opts.gap_rel, start), "HiGHS"
+        r, name = r or run_highs(lp, left, opts.gap_rel, start), "HiGHS"
     else:
-        r = _run_pulp(lp, opts.solver, opts.time_limit, opts.gap_rel)
-        name = "HiGHS (pulp)" if opts.solver == "highs" and _has_highspy() else "CBC (pulp)"
+        r = run_pulp(lp, opts.solver, opts.time_limit, opts.gap_rel)
+        name = "HiGHS (pulp)" if opts.solver == "highs" and has_highspy() else "CBC (pulp)"
     sol = Solution("infeasible", build_time_s=build, solve_time_s=time.perf_counter() - t1,
                    solver=name, num_vars=len(lp.lb), num_rows=lp.num_rows)  # fmt: skip
     if r.status == "infeasible":
@@ -581,7 +428,7 @@ def _solve_component(p: Problem, users: list[str], idx: list[int], total: float,
     return sol
 
 
-def _warm_start(lp: _Lp, opts: Options) -> tuple[list[float] | None, _Result | None]:
+def _warm_start(lp: Lp, opts: Options) -> tuple[list[float] | None, Result | None]:
     """(a first incumbent for the MILP, or the MILP's result when its LP relaxation settles
     it: an optimum with integer replica counts is the MILP's).
 
@@ -592,14 +439,14 @@ def _warm_start(lp: _Lp, opts: Options) -> tuple[list[float] | None, _Result | N
     is usually the whole one's, which then only has to be proved; measured on the bundled
     catalog, HiGHS spends most of its time finding that point, not proving it."""
     t0 = time.perf_counter()
-    r = _run_highs(replace(lp, integer=[]), opts.time_limit, 1.0)
+    r = run_highs(replace(lp, integer=[]), opts.time_limit, 1.0)
     if r.status == "infeasible":
         return None, None
     val = list(r.values)
     if r.status == "optimal" and all(abs(val[c] - round(val[c])) <= 1e-6 for c in lp.integer):
         for c in lp.integer:
             val[c] = float(round(val[c]))
-        return None, _Result("optimal", val, r.cost, r.cost, 0.0)
+        return None, Result("optimal", val, r.cost, r.cost, 0.0)
     for c in lp.integer:
         val[c] = min(float(math.ceil(val[c] - 1e-6)), lp.ub[c])
     ub = list(lp.ub)
@@ -609,16 +456,8 @@ def _warm_start(lp: _Lp, opts: Options) -> tuple[list[float] | None, _Result | N
     if not opts.support_mip or ub == lp.ub:  # (the support is everything: no smaller MILP)
         return val, None
     left = max(opts.time_limit - (time.perf_counter() - t0), 0.0) / 2
-    sub = _run_highs(replace(lp, ub=ub), left, opts.gap_rel, val)
+    sub = run_highs(replace(lp, ub=ub), left, opts.gap_rel, val)
     return (sub.values if sub.status != "infeasible" else val), None
-
-
-def _has_highspy() -> bool:
-    try:
-        import highspy  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -703,7 +542,7 @@ def _finish(p: Problem, out: Solution, parts: list[Solution]) -> Solution:
         out.counts.update(sub.counts)
         out.rates.update(sub.rates)
         out.flows.update(sub.flows)
-    if p.budget is not None and out.cost - _egress(p, out) > p.budget + 1e-6:
+    if p.budget is not None and out.cost > p.budget + 1e-6:
         out.status, out.cost = "infeasible", math.inf
         return out
     if math.isfinite(out.bound) and out.cost > 0:
@@ -713,9 +552,3 @@ def _finish(p: Problem, out: Solution, parts: list[Solution]) -> Solution:
     else:
         out.gap = 0.0
     return out
-
-
-def _egress(p: Problem, s: Solution) -> float:
-    return sum(
-        p.offerings[i].egress[b] * v for (i, b), v in s.rates.items() if p.offerings[i].egress
-    )

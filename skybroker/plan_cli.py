@@ -112,6 +112,7 @@ def render_plan(plan: Plan) -> None:
               f"perf model {sv.perf_time_s:.1f} s for {len(sv.searched)} GPU kind(s); "
               f"offerings {sv.num_offerings} -> classes "
               f"{sv.num_classes} -> after pruning {sv.num_pruned}, {sv.num_components} component(s)")  # fmt: skip
+    _print_headroom(con, plan)
     for note in plan.perf_notes:
         con.print(f"note: {note}")
     for name, cost in plan.baselines.items():
@@ -121,3 +122,20 @@ def render_plan(plan: Plan) -> None:
             continue
         saving = 1 - plan.cost_per_hour / cost if cost > 0 else 0.0
         con.print(f"baseline {name}: ${cost:.2f}/h ({note}); this plan saves {saving:.0%}")
+
+
+def _print_headroom(con: object, plan: Plan) -> None:
+    """Per placement: its configuration and why, the margin it was sized for, the slowdown
+    it absorbs at its load, and the linear rule's error on its mix."""
+    if not plan.mix_confirmed:
+        con.print("note: after the re-solves some placement's simulated mix still serves less "  # type: ignore[attr-defined]
+                  "than the linear rule says (mix rule below)")  # fmt: skip
+    for k, p in enumerate(plan.placements, 1):
+        bits = [f"margin {p.margin:.0%}"]
+        if p.headroom is not None:
+            bits.append(f"absorbs {p.headroom:.0%} slower steps at its load")
+        if p.latency_ci is not None:
+            bits.append(f"latency CI +-{p.latency_ci:.0%}")
+        if p.mix_rule_error is not None:
+            bits.append(f"mix rule {p.mix_rule_error:+.0%}")
+        con.print(f"{k}. {p.offering.instance_type}: {p.config_note}; " + ", ".join(bits))  # type: ignore[attr-defined]

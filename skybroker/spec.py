@@ -145,6 +145,11 @@ class SLO(_Strict):
     tpot_ms: float = Field(default=100.0, gt=0, description="time per output token")
     percentile: float = Field(default=99.0, gt=0, lt=100, description="e.g. 99 for p99")
     max_rtt_ms: float | None = Field(default=None, gt=0, description="user <-> replica RTT")
+    margin: Literal["auto"] | Annotated[float, Field(ge=0, le=2)] = Field(
+        default="auto",
+        description="plan so the SLO holds with every step (1 + margin) x slower than predicted; "
+        "auto: from the perf model's measured error (0.17 profile, 0.25 roofline)",
+    )
 
 
 class Constraints(_Strict):
@@ -158,7 +163,9 @@ class Constraints(_Strict):
     min_replicas: int = Field(default=1, ge=0)
     max_region_share: float = Field(default=1.0, gt=0, le=1)
     max_cloud_share: float = Field(default=1.0, gt=0, le=1)
-    budget_per_hour: float | None = Field(default=None, gt=0)
+    budget_per_hour: float | None = Field(
+        default=None, gt=0, description="$/h of the whole plan: instances and egress"
+    )
     max_local_replicas: int | None = Field(
         default=None,
         gt=0,

@@ -112,6 +112,8 @@ def brute_force(p: Problem) -> float | None:
         ):  # cheap necessary condition before the LP
             continue
         eg = _lp_egress(p, n)
+        if eg is not None and p.budget is not None and price + eg > p.budget + 1e-9:
+            continue  # the budget covers egress too (the least egress these counts allow)
         if eg is not None and (best is None or price + eg < best):
             best = price + eg
     return best

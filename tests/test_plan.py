@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from skybroker import plan as planmod
+from skybroker import plan_mix, plan_perf, plan_problem
 from skybroker.catalog.schema import GPU, Catalog, Egress, Offering, Region
 from skybroker.cli import app
 from skybroker.perf.roofline import Hardware
@@ -22,7 +23,8 @@ def _fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SKYBROKER_HOME", str(tmp_path))
     monkeypatch.setenv("SKYBROKER_PERF_CACHE", "0")
     monkeypatch.setenv("SKYBROKER_PERF_WORKERS", "1")  # small searches: no process pool
-    monkeypatch.setattr(planmod, "SIM_REQUESTS", 40)
+    monkeypatch.setattr(plan_perf, "SIM_REQUESTS", 40)
+    monkeypatch.setattr(plan_mix, "TAIL_REQUESTS", 200)
 
 
 def _catalog() -> Catalog:
@@ -142,10 +144,35 @@ def test_infeasible_reasons(edit: tuple[str, str], reason: str) -> None:
     assert reason in str(err.value)
 
 
+def test_region_share_reason_counts_regions_within_rtt() -> None:
+    spec = SPEC.replace("us-east: 0.5, eu-west: 0.5", "us-east: 1")
+    spec = spec.replace("engine:", "constraints: {max_region_share: 0.2}\nengine:")
+    with pytest.raises(InfeasibleError) as err:
+        make_plan(load_spec(spec), _catalog())
+    # the catalog has 5 regions; within 40 ms of us-east only the two in Ashburn
+    assert "2 region(s) within 40 ms RTT of the users" in str(err.value)
+    assert "aws/us-east-1, gcp/us-east4" in str(err.value)
+
+
+def test_budget_covers_egress() -> None:
+    free = make_plan(load_spec(SPEC), _catalog(), baselines=False)
+    assert free.egress_per_hour > 0
+    instances = free.cost_per_hour - free.egress_per_hour
+    budget = round(instances + free.egress_per_hour / 2, 2)  # above instances, below the total
+    spec = SPEC.replace("engine:", f"constraints: {{budget_per_hour: {budget}}}\nengine:")
+    try:
+        plan = make_plan(load_spec(spec), _catalog(), baselines=False)
+    except InfeasibleError as e:
+        assert "egress" in str(e)
+    else:
+        assert plan.cost_per_hour <= budget + 1e-6
+
+
 def test_local_infra_plans_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     # a fixed machine (the measured one depends on the load of the test host)
     cpu = Hardware("cpu", "test-cpu", 2, 16.0, 10.0, 0.1)
-    monkeypatch.setattr(planmod, "cpu_hardware", lambda: cpu)
+    monkeypatch.setattr(plan_perf, "cpu_hardware", lambda: cpu)
+    monkeypatch.setattr(plan_problem, "cpu_hardware", lambda: cpu)
     spec = load_spec(Path(__file__).parent.parent / "examples" / "smollm2-local.yaml")
     plan = make_plan(spec)
     (p,) = plan.placements
@@ -172,8 +199,12 @@ def test_local_infra_plans_this_machine(monkeypatch: pytest.MonkeyPatch) -> None
 def test_local_machine_holds_replicas_by_cores_and_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """min_replicas: 2 on infra local is two engine processes of one core each; memory or the
     spec can hold the machine to fewer."""
-    cpu = Hardware("cpu", "test-cpu", 2, 16.0, 10.0, 0.1)
-    monkeypatch.setattr(planmod, "cpu_hardware", lambda: cpu)
+
+    def machine(hw: Hardware) -> None:
+        for mod in (plan_perf, plan_problem):
+            monkeypatch.setattr(mod, "cpu_hardware", lambda: hw)
+
+    machine(Hardware("cpu", "test-cpu", 2, 16.0, 10.0, 0.1))
     text = Path("examples/smollm2-local.yaml").read_text()
     two = load_spec(text.replace("infra: local", "infra: local\nconstraints: {min_replicas: 2}"))
     (p,) = make_plan(two).placements
@@ -184,9 +215,9 @@ def test_local_machine_holds_replicas_by_cores_and_memory(monkeypatch: pytest.Mo
         make_plan(one)
     assert planmod.local_replicas(one, planmod.resolve_arch(one.model, "local")) == 1
     # 2.5 GiB of memory holds one replica of this model with 1 GiB of KV cache, not two.
-    monkeypatch.setattr(planmod, "cpu_hardware", lambda: Hardware("cpu", "c", 8, 2.5, 10.0, 0.1))
+    machine(Hardware("cpu", "c", 8, 2.5, 10.0, 0.1))
     assert planmod.local_replicas(two, planmod.resolve_arch(two.model, "local")) == 1
-    monkeypatch.setattr(planmod, "cpu_hardware", lambda: Hardware("cpu", "c", 8, 64.0, 10.0, 0.1))
+    machine(Hardware("cpu", "c", 8, 64.0, 10.0, 0.1))
     assert planmod.local_replicas(two, planmod.resolve_arch(two.model, "local")) == 8
 
 
@@ -219,8 +250,8 @@ def test_capacities_searched_only_where_needed(monkeypatch: pytest.MonkeyPatch) 
     spec = load_spec(SPEC.replace("engine:", "constraints: {spot: allowed}\nengine:"))
     monkeypatch.setattr(capacity, "_memo", {})
     lazy = make_plan(spec, _catalog())
-    everything = planmod._perf_per_gpu
-    monkeypatch.setattr(planmod, "_perf_per_gpu",
+    everything = plan_perf.perf_per_config
+    monkeypatch.setattr(planmod, "perf_per_config",
                         lambda *a, exact=True: everything(*a, exact=True))  # fmt: skip
     monkeypatch.setattr(capacity, "_memo", {})
     full = make_plan(spec, _catalog())
@@ -231,3 +262,59 @@ def test_capacities_searched_only_where_needed(monkeypatch: pytest.MonkeyPatch) 
     assert {p.key: p.replicas for p in lazy.placements} == {
         p.key: p.replicas for p in full.placements
     }
+
+
+def test_tensor_parallel_is_chosen_per_gpu_kind() -> None:
+    """TP 1 on an A100 misses a 12 ms TPOT (weights read in ~10 ms + step overhead); the
+    optimizer tries TP 2 and 4 on the 4-GPU instance instead of dropping the kind."""
+    spec = SPEC.replace("tpot_ms: 80", "tpot_ms: 12, margin: 0")
+    spec = spec.replace("engine:", "constraints: {gpus: [A100-80GB]}\nengine:")
+    plan = make_plan(load_spec(spec), _catalog(), baselines=False)
+    assert plan.placements
+    for p in plan.placements:
+        assert p.offering.gpu_count == 4 and p.tensor_parallel >= 2
+        assert p.data_parallel == 4 // p.tensor_parallel
+        assert "TP1 x4 misses the SLO" in p.config_note
+        assert p.tpot_s <= 0.012
+    d = plan.to_dict()["placements"][0]
+    assert d["config_note"].startswith(f"TP{d['tensor_parallel']} x{d['data_parallel']}")
+
+
+def test_margin_sizes_capacity_for_slower_hardware() -> None:
+    costs = {}
+    for m in (0, 0.2):
+        plan = make_plan(load_spec(SPEC.replace("percentile: 90", f"percentile: 90, margin: {m}")),
+                         _catalog(), baselines=False)  # fmt: skip
+        costs[m] = plan.cost_per_hour
+        for p in plan.placements:
+            assert p.margin == m
+            # at its load the placement still meets the SLO with steps (1 + m) x slower
+            assert p.headroom is not None and p.headroom >= m - 0.03
+    assert costs[0.2] >= costs[0]
+    auto = make_plan(load_spec(SPEC), _catalog(), baselines=False)
+    assert {p.margin for p in auto.placements} == {0.25}  # the roofline's default
+
+
+def test_skypilot_baseline_uses_spot_and_region_share() -> None:
+    """SkyServe-style: the spot share of the traffic on the cheapest spot instance, the rest
+    on-demand; no region above max_region_share."""
+    spec = SPEC.replace("us-east: 0.5, eu-west: 0.5", "us-east: 1")
+    spec = spec.replace("engine:", "constraints: {spot: allowed, max_spot_share: 0.5, "
+                        "max_region_share: 0.5}\nengine:")  # fmt: skip
+    plan = make_plan(load_spec(spec), _catalog())
+    note = plan.baseline_notes["skypilot"]
+    parts = note.split("; ")
+    assert any(" spot in " in x for x in parts) and any(" spot in " not in x for x in parts)
+    assert {x.rsplit(" in ", 1)[1] for x in parts} == {"aws/us-east-1", "gcp/us-east4"}
+    assert plan.baselines["skypilot"] >= plan.cost_per_hour - 1e-9
+    never = make_plan(load_spec(spec.replace("spot: allowed, max_spot_share: 0.5, ", "")),
+                      _catalog())  # fmt: skip
+    assert " spot in " not in never.baseline_notes["skypilot"]
+
+
+def test_margin_setting_is_validated() -> None:
+    from skybroker.spec import SpecError
+
+    with pytest.raises(SpecError, match=r"slo\.margin"):
+        load_spec(SPEC.replace("percentile: 90", "percentile: 90, margin: 5"))
+    assert load_spec(SPEC).slo.margin == "auto"

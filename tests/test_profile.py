@@ -231,8 +231,10 @@ def _local_spec(profiles: list[str]):
 
 def test_local_plan_uses_matching_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from skybroker import plan as plan_mod
+    from skybroker import plan_perf, plan_problem
 
-    monkeypatch.setattr(plan_mod, "cpu_hardware", lambda: CPU)
+    monkeypatch.setattr(plan_perf, "cpu_hardware", lambda: CPU)
+    monkeypatch.setattr(plan_problem, "cpu_hardware", lambda: CPU)
     good = write(tmp_path, "cpu.json", profile_dict())
     bad = write(tmp_path, "h100.json", profile_dict(hw=H100))
     plan = plan_mod.make_plan(_local_spec([bad, good]), baselines=False)

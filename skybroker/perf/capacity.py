@@ -16,6 +16,7 @@ import json
 import math
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class CapacityResult:
     tpot_s: float
 
 
-CACHE_VERSION = 2  # bump when the search or the simulator changes what they answer
+CACHE_VERSION = 3  # bump when the search or the simulator changes what they answer
 LATENCY_TOL = 0.02  # a feasible rate whose latency is within 2% of the SLO is the capacity
 
 _memo: dict[str, CapacityResult] = {}
@@ -273,6 +274,23 @@ def _max_rate(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass, slo
             g_lo = g_lo / 2 if side == 1 else g_lo
             side = 1
     return CapacityResult(*best)
+
+
+def memoized(parts: list, compute: Callable[[], tuple[float, float, float]]) -> tuple[float, float, float]:  # fmt: skip
+    """Three floats computed once per key (memory, then the disk cache with the capacities):
+    for simulation results other than capacities, e.g. a placement's latencies. `parts`
+    must hold everything that decides the result (objects are digested)."""
+    ident = [CACHE_VERSION] + [p if isinstance(p, str | int | float) else _digest(p) for p in parts]
+    key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:24]
+    with _lock:
+        if key in _memo:
+            r = _memo[key]
+            return (r.rate, r.ttft_s, r.tpot_s)
+    out = compute()
+    with _lock:
+        _memo[key] = CapacityResult(*out)
+        _dirty.add(key)
+    return out
 
 
 def prefetch_disk_cache() -> None:

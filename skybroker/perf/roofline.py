@@ -28,6 +28,12 @@ import numpy as np
 from skybroker.models import DTYPE_BYTES, ModelArch
 
 GIB = 1024**3
+# The catalog's interconnect figures are both directions together (NVLink 4: 900 GB/s; PCIe
+# 4.0 x16: 64 GB/s); a ring all-reduce moves data one way per link, at about 85-90% of the
+# link's rate (P2P writes between RTX PRO 6000 GPUs on PCIe 5.0 x16 measure ~54-56 of 63
+# GB/s one way, github.com/voipmonitor/rtx6kpro hardware/pcie-bandwidth.md). So the
+# all-reduce runs at this fraction of the catalog's figure: ~27 GB/s on a PCIe 4.0 GPU, not 64.
+ALLREDUCE_BUS_FRACTION = 0.5 * 0.85
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +105,8 @@ class RooflineModel:
         if tp > 1:  # two ring all-reduces of the activations per layer
             nbytes = tokens * a.hidden_size * DTYPE_BYTES[a.dtype]
             per = (
-                2 * (tp - 1) / tp * nbytes / (hw.interconnect_gbs * 1e9) + self.allreduce_latency_s
+                2 * (tp - 1) / tp * nbytes / (hw.interconnect_gbs * 1e9 * ALLREDUCE_BUS_FRACTION)
+                + self.allreduce_latency_s
             )
             t = t + 2 * a.num_layers * per
         return t
@@ -117,7 +124,8 @@ class RooflineModel:
         ar_per_tok = ar0 = 0.0
         if tp > 1:
             ar_per_tok = (2 * a.num_layers * 2 * (tp - 1) / tp * a.hidden_size
-                          * DTYPE_BYTES[a.dtype] / (hw.interconnect_gbs * 1e9))  # fmt: skip
+                          * DTYPE_BYTES[a.dtype]
+                          / (hw.interconnect_gbs * 1e9 * ALLREDUCE_BUS_FRACTION))  # fmt: skip
             ar0 = 2 * a.num_layers * self.allreduce_latency_s
 
         def step(p: float, d: float, c: float, pairs: float = 0.0) -> float:
