@@ -33,8 +33,16 @@ KNOWN_CLOUDS = (
 )  # fmt: skip
 
 
+SHARE_TOLERANCE = 0.01  # users' shares may sum to 1 +- this (0.33 + 0.33 + 0.33)
+
+
 class SpecError(ValueError):
-    """A spec a person must fix; `str()` is the message to show them (no traceback)."""
+    """A spec a person must fix; `str()` is the message to show them (no traceback).
+    `problems` lists (field, message) pairs where the fields at fault are known."""
+
+    def __init__(self, message: str, problems: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
 
 
 class _Strict(BaseModel):
@@ -103,7 +111,7 @@ def _length(v: Any) -> Any:
 
 
 class UserRegion(_Strict):
-    share: float = Field(gt=0)
+    share: float = Field(gt=0, le=1, description="this region's share of the rate")
     lat: float | None = Field(default=None, ge=-90, le=90)
     lon: float | None = Field(default=None, ge=-180, le=180)
 
@@ -127,9 +135,18 @@ class Workload(_Strict):
     @classmethod
     def _shares(cls, v: Any) -> Any:
         if isinstance(v, list):  # [us-east, eu-west] -> equal shares
-            return {str(name): {"share": 1.0} for name in v}
+            return {str(name): {"share": 1.0 / len(v)} for name in v}
         if isinstance(v, dict):
             return {k: ({"share": s} if isinstance(s, int | float) else s) for k, s in v.items()}
+        return v
+
+    @field_validator("users", mode="after")
+    @classmethod
+    def _shares_sum_to_one(cls, v: dict[str, UserRegion]) -> dict[str, UserRegion]:
+        total = sum(u.share for u in v.values())
+        if v and abs(total - 1.0) > SHARE_TOLERANCE:
+            raise ValueError(f"the shares must sum to 1 (each is a share of the rate); "
+                             f"these sum to {total:g}")  # fmt: skip
         return v
 
     def user_shares(self) -> dict[str, float]:
@@ -222,6 +239,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"  {where}: required field is missing")
         elif e["type"] == "extra_forbidden":
             lines.append(f"  {where}: unknown field (check its spelling)")
+        elif isinstance(e.get("input"), dict | list):  # a whole section: its message says it
+            lines.append(f"  {where}: {msg}")
         else:
             lines.append(f"  {where}: {e.get('input')!r} is not allowed: {msg}")
     return "\n".join(lines)
