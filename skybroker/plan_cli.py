@@ -107,12 +107,12 @@ def perf_label(source: str) -> str:
     return f"{kind} {Path(path).name}" if path else kind
 
 
-_NOT_HERE = re.compile(r"^profile (\S+) not used for (\S+): measured on (\S+), not on ")
+_NOT_HERE = re.compile(r"^profile (\S+) not used for (.+?): measured on (.+?), not on ")
 
 
 def summarize_notes(notes: list[str]) -> list[str]:
     """The perf notes with one line per profile that matched other hardware only ("measured
-    profile X for gpu:H200x1 only; 16 other replica kinds from the roofline")."""
+    profile X is for gpu:H200x1 only: 17 replica kinds planned from the roofline")."""
     grouped: dict[tuple[str, str], int] = {}
     out = []
     for n in notes:
@@ -123,8 +123,8 @@ def summarize_notes(notes: list[str]) -> list[str]:
             key = (Path(m[1]).name, m[3])
             grouped[key] = grouped.get(key, 0) + 1
     for (name, hw), count in grouped.items():
-        kinds = f"{count} other replica kind{'s' if count > 1 else ''}"
-        out.append(f"measured profile {name} is for {hw} only; {kinds} from the roofline")
+        kinds = f"{count} replica kind{'s' if count > 1 else ''}"
+        out.append(f"measured profile {name} is for {hw} only: {kinds} planned from the roofline")
     return out
 
 
