@@ -112,8 +112,9 @@ def show_plan(answer: dict[str, Any]) -> None:
         console.print(table.title, highlight=False)
         for i, p in enumerate(plan.get("placements", []), 1):
             market = "spot" if p["spot"] else "on-demand"
+            gpus = "cpu" if p["gpu"] == "cpu" else f"{p['gpu_count']}x{p['gpu']}"
             console.print(
-                f"{i}. {p['replicas']} x {p['instance_type']} ({p['gpu_count']}x{p['gpu']}, "
+                f"{i}. {p['replicas']} x {p['instance_type']} ({gpus}, "
                 f"{market}) in {p['cloud']}/{p['region']}, ${p['cost_per_hour']:.2f}/h\n"
                 f"   {p['capacity_rps']:.2f} req/s each; TTFT {p['ttft_s'] * 1000:.0f} ms, "
                 f"TPOT {p['tpot_s'] * 1000:.1f} ms",
@@ -231,7 +232,7 @@ def launch(
 def _status_table(deps: list[dict[str, Any]]) -> Table:
     table = Table(title="deployments", title_justify="left")
     for col in ("name", "infra", "status", "ready", "$/h", "endpoint"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # a narrow terminal wraps cells, never cuts
     for d in deps:
         table.add_row(
             d["name"],
@@ -259,7 +260,7 @@ def _show_deployment(d: dict[str, Any]) -> None:
     console.print(f"endpoint: {d['endpoint'] or '-'}")
     table = Table(title="replicas", title_justify="left")
     for col in ("#", "replica", "status", "healthy", "where", "market", "url"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for i, r in enumerate(d["replicas"]):
         table.add_row(
             str(i),
