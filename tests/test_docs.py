@@ -1,6 +1,7 @@
 """The docs say what the code does: every CLI command and REST route is in a table, every
-example passes `spec check`, every shell block is marked and the runnable ones run, the spec
-reference is the one the schema renders, and the tree tells no history.
+benchmark script is described, every example passes `spec check`, every shell block is marked
+and the runnable ones run, the spec reference is the one the schema renders, and the tree
+tells no history.
 
 Shell blocks in README.md and docs/*.md are fenced ```bash runnable (quick: run here, in CI)
 or ```bash long-running (a launch, a server, a benchmark: listed, not run).
@@ -62,6 +63,15 @@ def test_every_rest_route_is_in_a_docs_table() -> None:
         missing = [(m, p) for m, p in routes
                    if not any(f"| {m} |" in row and f"`{p}`" in row for row in rows)]  # fmt: skip
         assert not missing, f"REST routes in no table of {where.name}: {missing}"
+
+
+def test_every_benchmark_script_is_in_benchmarks_md() -> None:
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    scripts = [
+        p.name for p in sorted((ROOT / "benchmarks").iterdir()) if p.suffix in (".py", ".sh")
+    ]
+    missing = [name for name in scripts if f"`{name}`" not in text]
+    assert not missing, f"benchmarks not described in docs/benchmarks.md: {missing}"
 
 
 def test_every_example_passes_spec_check() -> None:
