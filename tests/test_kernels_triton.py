@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-# find_spec, not importorskip: without CUDA the parent process only starts the child, and
-# importing triton here would decide its interpreter mode too early for the child's kernels.
+# find_spec, not importorskip: without CUDA the parent process only starts the child, which
+# needs triton installed, not imported here.
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
