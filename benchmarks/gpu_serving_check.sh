@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Serving checks on a lent GPU machine (~7 min): the planner's prediction against a real
-# server (#10) and the engine server against the offline engine (#7), on a quiet many-core host.
+# Serving checks on a GPU machine (~7 min): the planner's prediction against a real
+# server and the engine server against the offline engine, on a quiet many-core host.
 # From the repo root, with the project's pure-Python deps importable (fastapi, uvicorn, ...):
 #   bash benchmarks/gpu_serving_check.sh
 # One after the other, so that nothing else runs beside a measurement:

@@ -6,7 +6,7 @@ streamed /v1/completions, fixed seed) and reads user+system CPU seconds from /pr
 process and of its children (the engine process) before and after each pass, and this client's
 own. The HTTP process's CPU per streamed token is the figure to optimise: on a machine with
 few cores every millisecond of it is taken from the engine's steps. CPU seconds depend less on
-the machine's load than wall time, but not nothing (on a shared 2-core machine they moved by
+the machine's load than wall time, but not nothing (on a 2-vCPU VM shared with other work they moved by
 up to 2x between passes): --baseline-root serves the same passes from a second checkout too,
 interleaved pass by pass, and prints the median ratio of the pairs, the figure to compare.
 

@@ -69,7 +69,7 @@ from engine.sequence import SequenceStatus
 SCHEMA = "skybroker-engine-profile/1"
 # Idle requests per prompt length that time the server's per-request overhead, whatever
 # --repeats: its median over 6 (--repeats 3) moved 2.6-6.5 ms between runs minutes apart on
-# the dev VM, a third of the tiny model's TTFT.
+# a 2-vCPU VM, a third of the tiny model's TTFT.
 IDLE_REQUESTS = 10
 MAX_LOOP_ROUNDS = 4
 # The planner's GPU kinds (catalogs/gpus.csv names).
@@ -444,7 +444,7 @@ def another_round(elapsed_s: float, rounds: int, budget_s: float) -> bool:
     """Whether the serving probe runs its closed loops once more: up to MAX_LOOP_ROUNDS rounds
     while another fits in the budget. A fast model's loops hit their step cap in seconds; the
     rounds spread its served steps over the budget, so a machine whose speed moves from one
-    minute to the next is not sampled in one short patch (on the dev VM the served decode
+    minute to the next is not sampled in one short patch (on a 2-vCPU VM the served decode
     factor of one probe of 3 s of steps came out 0.74-1.12 in runs minutes apart)."""
     return rounds < MAX_LOOP_ROUNDS and elapsed_s * (rounds + 1) / rounds <= budget_s
 

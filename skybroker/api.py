@@ -6,7 +6,9 @@ launch/status/down/logs go through it (skybroker.client), so CLI and API cannot 
 Every error has one JSON shape, `{"error": {"code", "message", "field", "errors": [...]}}`,
 where `field` names the request field at fault (e.g. `slo.ttft_ms`, `max_price`) when there is
 one. With a token every /v1 route needs `Authorization: Bearer <token>` (compared in constant
-time); /health and the OpenAPI docs stay open.
+time); /health and the OpenAPI docs stay open. A spec may name files (`model.path`,
+`workload.trace`, `engine.profiles`) only under the directories the server allows, unless the
+request carries the owner key that the local CLI reads from $SKYBROKER_HOME.
 """
 
 import functools
@@ -14,7 +16,9 @@ import hmac
 import json
 import logging
 import math
+import re
 from dataclasses import asdict
+from pathlib import Path as PathLib
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -31,6 +35,7 @@ from skybroker import __version__
 log = logging.getLogger("skybroker.api")
 
 MAX_SPEC_BYTES = 1 << 20
+OWNER_HEADER = "X-Skybroker-Owner"
 Infra = Literal["local", "skypilot"]
 
 
@@ -290,6 +295,16 @@ SPEC_BODY = {
 }
 
 
+PROBE_SCAN_LINES = 100_000  # lines read to find `tail` that are not /health probes
+_PROBE = re.compile(r'"(GET|HEAD) /health[ ?]')
+
+
+def without_probes(text: str, tail: int) -> str:
+    """The last `tail` lines of a replica log that are not the router's /health probes."""
+    kept = [line for line in text.splitlines() if not _PROBE.search(line)]
+    return "\n".join(kept[-tail:]) + ("\n" if kept else "")
+
+
 def _finite(x: Any) -> Any:
     """NaN/inf are not JSON: make them null (recursively)."""
     if isinstance(x, float) and not math.isfinite(x):
@@ -348,13 +363,30 @@ def _parse_spec(data: dict[str, Any], infra: str | None) -> Any:  # -> Deploymen
         raise ApiError(422, "invalid_spec", str(e), field, errors) from None
 
 
-def _make_plan(spec: Any, blocklist: frozenset = frozenset()) -> Any:  # -> Plan
-    from skybroker.plan import InfeasibleError, make_plan
+def _check_spec(spec: Any, allowed: list[PathLib] | None, launch: bool = False) -> Any:
+    """`skybroker.validate.check_spec` with the server's file policy; 422 naming the fields."""
+    from skybroker.spec import SpecError
+    from skybroker.validate import check_spec
 
     try:
-        return make_plan(spec, blocklist=blocklist)
+        return check_spec(spec, _catalog(), allowed=allowed, launch=launch,
+                          source="(request body)")  # fmt: skip
+    except SpecError as e:
+        errors = [FieldError(field=f, message=m) for f, m in e.problems]
+        field = errors[0].field if errors else None
+        raise ApiError(422, "invalid_spec", str(e), field, errors) from None
+
+
+def _make_plan(spec: Any, blocklist: frozenset = frozenset()) -> Any:  # -> Plan
+    from skybroker.plan import InfeasibleError, make_plan
+    from skybroker.spec import SpecError
+
+    try:
+        return make_plan(spec, _catalog(), blocklist=blocklist)
     except InfeasibleError as e:
         raise ApiError(422, "infeasible", str(e)) from None
+    except SpecError as e:
+        raise ApiError(422, "invalid_spec", str(e)) from None
 
 
 # ---------------------------------------------------------------- deployments
@@ -401,9 +433,34 @@ def _summary(detail: DeploymentDetail) -> DeploymentView:
 # ---------------------------------------------------------------- the app
 
 
-def create_app(controller: Any, token: str | None = None) -> FastAPI:
-    """The broker's FastAPI app over `controller` (a skybroker.controller.Controller)."""
-    app = FastAPI(
+def _file_policy(allowed: list[PathLib], owner_key: str | None) -> Any:
+    """A dependency: which files this request's spec may name. A request carrying the owner
+    key (OWNER_HEADER; only the user who started the server can read it) names any file, as
+    the CLI does on that user's own disk; every other one only files under `allowed`."""
+    expected = owner_key.encode() if owner_key else None
+
+    async def policy(request: Request) -> list[PathLib] | None:
+        given = request.headers.get(OWNER_HEADER, "").encode()
+        if expected is not None and given and hmac.compare_digest(given, expected):
+            return None
+        return allowed
+
+    return policy
+
+
+def create_app(
+    controller: Any,
+    token: str | None = None,
+    *,
+    allowed_paths: list[PathLib] | None = None,
+    owner_key: str | None = None,
+) -> FastAPI:
+    """The broker's FastAPI app over `controller` (a skybroker.controller.Controller).
+    Specs it receives may name files under `allowed_paths` only (any file with `owner_key`).
+    Its /docs page loads Swagger UI from the package (no CDN)."""
+    from fastapi_offline import FastAPIOffline
+
+    app = FastAPIOffline(
         title="skybroker",
         version=__version__,
         description="Plan, launch and manage LLM inference deployments across clouds.",
@@ -412,6 +469,7 @@ def create_app(controller: Any, token: str | None = None) -> FastAPI:
     app.state.controller = controller
     _install_error_handlers(app)
     auth = [Depends(_auth_dependency(token))]
+    files = Depends(_file_policy(list(allowed_paths or []), owner_key))
 
     @app.get("/health", tags=["server"])
     def health() -> Health:
@@ -433,10 +491,13 @@ def create_app(controller: Any, token: str | None = None) -> FastAPI:
         responses={413: {"model": ErrorResponse}},
     )
     async def create_plan(
-        request: Request, infra: Annotated[Infra | None, Query()] = None
+        request: Request,
+        infra: Annotated[Infra | None, Query()] = None,
+        allowed: list[PathLib] | None = files,
     ) -> PlanResponse:
         """Solve the cheapest placement meeting the spec's SLO, with baselines."""
         spec = _parse_spec(await _spec_data(request), infra)
+        spec = await run_in_threadpool(_check_spec, spec, allowed)
         plan = await run_in_threadpool(_make_plan, spec)
         return PlanResponse(name=spec.name, infra=spec.infra, plan=_finite(plan.to_dict()))
 
@@ -453,13 +514,16 @@ def create_app(controller: Any, token: str | None = None) -> FastAPI:
         },
     )
     async def create_deployment(
-        request: Request, infra: Annotated[Infra | None, Query()] = None
+        request: Request,
+        infra: Annotated[Infra | None, Query()] = None,
+        allowed: list[PathLib] | None = files,
     ) -> LaunchView:
         """Plan and launch; answers at once, progress shows in GET /v1/deployments/{name}."""
         from skybroker.provision import ProvisionError
         from skybroker.state import StateError
 
         spec = _parse_spec(await _spec_data(request), infra)
+        spec = await run_in_threadpool(_check_spec, spec, allowed, True)
         if controller.get(spec.name) is not None:
             raise ApiError(409, "conflict", _taken(spec.name), "name")
         plan = await run_in_threadpool(_make_plan, spec)
@@ -534,15 +598,20 @@ def create_app(controller: Any, token: str | None = None) -> FastAPI:
             int | None, Query(ge=0, description="replica index (default: the first live one)")
         ] = None,
         tail: Annotated[int, Query(ge=1, le=100_000)] = 200,
+        probes: Annotated[
+            bool, Query(description="keep the /health probe lines (left out by default)")
+        ] = False,
     ) -> LogsView:
-        """The last `tail` lines of one replica's engine log."""
+        """The last `tail` lines of one replica's engine log (without /health probes)."""
         from skybroker.provision import ProvisionError
         from skybroker.state import StateError
 
         if controller.get(name) is None:
             raise ApiError(404, "not_found", f"no deployment named {name!r}", "name")
         try:
-            text = controller.logs(name, replica, tail=tail)
+            text = controller.logs(name, replica, tail=tail if probes else PROBE_SCAN_LINES)
+            if not probes:
+                text = without_probes(text, tail)
         except StateError as e:
             raise ApiError(404, "not_found", str(e), "replica") from None
         except ProvisionError as e:
@@ -569,6 +638,7 @@ def create_app(controller: Any, token: str | None = None) -> FastAPI:
     ) -> OfferingList:
         """Catalog offerings matching the filters, cheapest first."""
         try:
+            _catalog().check_names(gpu=gpu, cloud=cloud)
             rows = _catalog().query(
                 gpu=gpu,
                 cloud=cloud,

@@ -38,6 +38,15 @@ Skypilot = Annotated[
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
+# The cloud SDKs' own errors (no credentials, access denied, ...) are one line, not a traceback.
+_SDK_MODULES = ("botocore", "boto3", "google", "azure", "msal")
+_CREDENTIALS = {
+    "aws": "AWS credentials: `aws configure`, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+    "gcp": "GCP credentials: `gcloud auth application-default login`",
+    "azure": "Azure credentials: `az login`, or AZURE_CLIENT_ID / AZURE_TENANT_ID / ...",
+}
+
+
 def _load(dirs: list[Path] | None, skypilot: bool) -> Catalog:
     from skybroker.catalog import CatalogError, load_catalog
 
@@ -153,20 +162,26 @@ def offerings(
         float | None, typer.Option(help="Min GPU memory of the whole instance, GiB.", min=0)
     ] = None,
     min_gpus: Annotated[int | None, typer.Option(help="Min GPUs per instance.", min=1)] = None,
-    limit: Annotated[int, typer.Option(help="Show at most this many rows (0 = all).", min=0)] = 40,
+    limit: Annotated[
+        int, typer.Option(help="Show at most this many rows (as the API's limit).", min=1)
+    ] = 40,
     catalog_dirs: CatalogDirs = None,
     skypilot: Skypilot = False,
     as_json: AsJson = False,
 ) -> None:
     """Offerings matching the filters, cheapest first."""
     catalog = _load(catalog_dirs, skypilot)
+    try:
+        catalog.check_names(gpu=gpu, cloud=cloud)
+    except ValueError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
     rows = catalog.query(
         gpu=gpu, cloud=cloud, region=region, spot=spot, max_price=max_price,
         min_gpu_memory_gib=min_gpu_memory, min_gpu_count=min_gpus,
     )  # fmt: skip
     total = len(rows)
-    if limit:
-        rows = rows[:limit]
+    rows = rows[:limit]
     if as_json:
         typer.echo(json.dumps([_offering_dict(o, spot) for o in rows], indent=2))
         return
@@ -337,6 +352,12 @@ def refresh(
         raise typer.Exit(1) from None
     except RefreshError as err:
         typer.secho(f"{cloud} refresh failed: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    except Exception as err:
+        if not type(err).__module__.startswith(_SDK_MODULES):
+            raise
+        typer.secho(f"{cloud} refresh failed: {type(err).__name__}: {err} ({_CREDENTIALS[cloud]})",
+                    fg=typer.colors.RED, err=True)  # fmt: skip
         raise typer.Exit(1) from None
     if not rows:
         typer.secho(f"{cloud}: no GPU offering with a price was found; nothing written", err=True)

@@ -10,6 +10,7 @@ import platform
 import sys
 
 import typer
+from typer.core import TyperOption
 
 from skybroker import __version__, catalog_cli
 from skybroker.deploy_cli import register as register_deploy_commands
@@ -20,9 +21,20 @@ app = typer.Typer(
     name="skybroker",
     help="Serve an LLM across clouds at the lowest cost that meets your latency targets.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish)
     pretty_exceptions_enable=False,
 )
+
+
+_display_type_rich = TyperOption.display_type_rich
+
+
+def _flag_without_type(self: TyperOption, ctx: typer.Context) -> str | None:
+    """A flag takes no value: its help line shows no `<bool>` type (typer prints one)."""
+    return None if self.is_flag else _display_type_rich(self, ctx)
+
+
+TyperOption.display_type_rich = _flag_without_type  # type: ignore[method-assign]
 
 
 @app.callback()

@@ -3,7 +3,8 @@
 `BrokerClient()` talks to `--api-url` / $SKYBROKER_API_URL when given (a remote or shared
 broker), else to the local broker server, which it starts in the background when none runs
 (as SkyPilot does with its local API server). The token comes from $SKYBROKER_API_TOKEN or
-$SKYBROKER_API_TOKEN_FILE. Every non-2xx answer becomes an `ApiError` carrying the server's
+$SKYBROKER_API_TOKEN_FILE; to the local server it also sends the owner key
+(`skybroker.server.read_owner_key`), so specs name files on this user's disk. Every non-2xx answer becomes an `ApiError` carrying the server's
 error shape (code, message, field).
 """
 
@@ -17,6 +18,8 @@ from urllib.parse import quote
 import httpx
 
 from skybroker import server
+
+OWNER_HEADER = "X-Skybroker-Owner"  # skybroker.api reads it; not imported (FastAPI is heavy)
 
 
 @dataclass
@@ -56,6 +59,7 @@ class BrokerClient:
         timeout: float = 120.0,
     ) -> None:
         api_url = api_url or os.environ.get(server.URL_ENV)
+        headers: dict[str, str] = {}
         if api_url is None:
             if autostart:
                 api_url = server.ensure_running().url
@@ -66,9 +70,13 @@ class BrokerClient:
                         "no broker server runs here: start one with `skybroker server start`"
                     )
                 api_url = st.info.url
+            owner = server.read_owner_key()  # only to this user's own local server
+            if owner:
+                headers[OWNER_HEADER] = owner
         self.api_url = api_url.rstrip("/")
         token = token if token is not None else server.read_token()
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         self._http = httpx.Client(base_url=self.api_url, headers=headers, timeout=timeout)
 
     def close(self) -> None:
@@ -127,8 +135,10 @@ class BrokerClient:
     def delete(self, name: str) -> dict[str, Any]:
         return self._call("DELETE", f"/v1/deployments/{quote(name, safe='')}").json()
 
-    def logs(self, name: str, replica: int | None = None, tail: int = 200) -> str:
-        params: dict[str, Any] = {"tail": tail}
+    def logs(
+        self, name: str, replica: int | None = None, tail: int = 200, *, probes: bool = False
+    ) -> str:
+        params: dict[str, Any] = {"tail": tail, "probes": probes}
         if replica is not None:
             params["replica"] = replica
         return self._call(

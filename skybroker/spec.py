@@ -33,8 +33,16 @@ KNOWN_CLOUDS = (
 )  # fmt: skip
 
 
+SHARE_TOLERANCE = 0.01  # users' shares may sum to 1 +- this (0.33 + 0.33 + 0.33)
+
+
 class SpecError(ValueError):
-    """A spec a person must fix; `str()` is the message to show them (no traceback)."""
+    """A spec a person must fix; `str()` is the message to show them (no traceback).
+    `problems` lists (field, message) pairs where the fields at fault are known."""
+
+    def __init__(self, message: str, problems: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
 
 
 class _Strict(BaseModel):
@@ -44,24 +52,31 @@ class _Strict(BaseModel):
 class Architecture(_Strict):
     """A model's shape, for models the planner cannot read or look up."""
 
-    num_layers: int = Field(gt=0)
-    hidden_size: int = Field(gt=0)
-    num_heads: int = Field(gt=0)
-    num_kv_heads: int | None = Field(default=None, gt=0)
-    head_dim: int | None = Field(default=None, gt=0)
-    intermediate_size: int = Field(gt=0)
-    vocab_size: int = Field(gt=0)
-    tie_word_embeddings: bool = False
-    max_position_embeddings: int = Field(default=8192, gt=0)
+    num_layers: int = Field(gt=0, description="decoder layers")
+    hidden_size: int = Field(gt=0, description="model width")
+    num_heads: int = Field(gt=0, description="query heads")
+    num_kv_heads: int | None = Field(
+        default=None, gt=0, description="KV heads (GQA); null: num_heads"
+    )
+    head_dim: int | None = Field(default=None, gt=0, description="null: hidden_size / num_heads")
+    intermediate_size: int = Field(gt=0, description="MLP width (gated: three matrices)")
+    vocab_size: int = Field(gt=0, description="tokens in the vocabulary")
+    tie_word_embeddings: bool = Field(default=False, description="LM head shares the embedding")
+    max_position_embeddings: int = Field(default=8192, gt=0, description="longest context")
 
 
 class ModelSpec(_Strict):
     """What to serve: a well-known name / hub id, a local HF dir or GGUF file, or numbers."""
 
-    name: str | None = None
-    path: str | None = None
-    dtype: Literal["bfloat16", "float16", "float32", "fp8", "int8", "int4"] | None = None
-    architecture: Architecture | None = None
+    name: str | None = Field(default=None, description="hub id or well-known name; "
+                             "`infra: local` resolves it to a copy on this machine")  # fmt: skip
+    path: str | None = Field(default=None, description="a Hugging Face model dir or a .gguf file")
+    dtype: Literal["bfloat16", "float16", "float32", "fp8", "int8", "int4"] | None = Field(
+        default=None, description="weights' dtype for sizing; null: the model's own"
+    )
+    architecture: Architecture | None = Field(
+        default=None, description="the shape in numbers, for a model the planner cannot read"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -77,12 +92,14 @@ class ModelSpec(_Strict):
 class LengthDist(_Strict):
     """Token lengths: a mean with optional percentiles (fitted as a log-normal), or a histogram."""
 
-    mean: float | None = Field(default=None, gt=0)
-    p50: float | None = Field(default=None, gt=0)
-    p90: float | None = Field(default=None, gt=0)
-    p99: float | None = Field(default=None, gt=0)
-    max: int | None = Field(default=None, gt=0)
-    histogram: list[tuple[Annotated[int, Field(gt=0)], Annotated[float, Field(ge=0)]]] | None = None
+    mean: float | None = Field(default=None, gt=0, description="mean tokens")
+    p50: float | None = Field(default=None, gt=0, description="median tokens")
+    p90: float | None = Field(default=None, gt=0, description="90th percentile")
+    p99: float | None = Field(default=None, gt=0, description="99th percentile")
+    max: int | None = Field(default=None, gt=0, description="longest (samples are capped)")
+    histogram: list[tuple[Annotated[int, Field(gt=0)], Annotated[float, Field(ge=0)]]] | None = (
+        Field(default=None, description="[[tokens, weight], ...] instead of mean/percentiles")
+    )
 
     @model_validator(mode="after")
     def _has_shape(self) -> LengthDist:
@@ -103,17 +120,31 @@ def _length(v: Any) -> Any:
 
 
 class UserRegion(_Strict):
-    share: float = Field(gt=0)
-    lat: float | None = Field(default=None, ge=-90, le=90)
-    lon: float | None = Field(default=None, ge=-180, le=180)
+    """One user region: its share of the rate, optionally where it is."""
+
+    share: float = Field(gt=0, le=1, description="this region's share of the rate")
+    lat: float | None = Field(default=None, ge=-90, le=90, description="where they are")
+    lon: float | None = Field(default=None, ge=-180, le=180, description="where they are")
 
 
 class Workload(_Strict):
+    """The traffic: request rate, request sizes, where the users are."""
+
     rate: float = Field(gt=0, description="requests per second, all user regions together")
-    input_tokens: LengthDist = Field(default_factory=lambda: LengthDist(mean=512))
-    output_tokens: LengthDist = Field(default_factory=lambda: LengthDist(mean=256))
-    trace: str | None = Field(default=None, description="JSONL of {input_tokens, output_tokens}")
-    users: dict[str, UserRegion] = Field(default_factory=dict)
+    input_tokens: LengthDist = Field(
+        default_factory=lambda: LengthDist(mean=512), description="prompt lengths (or an int)"
+    )
+    output_tokens: LengthDist = Field(
+        default_factory=lambda: LengthDist(mean=256), description="output lengths (or an int)"
+    )
+    trace: str | None = Field(
+        default=None, description="JSONL of {input_tokens, output_tokens}: replaces the lengths"
+    )
+    users: dict[str, UserRegion] = Field(
+        default_factory=dict,
+        description="area, cloud region (aws/us-east-1) or {share, lat, lon} -> share of the "
+        "rate (summing to 1); a list means equal shares; none: users anywhere",
+    )
     response_bytes_per_token: float = Field(
         default=200.0, ge=0, description="egress bytes per output token (streamed SSE chunks)"
     )
@@ -127,9 +158,18 @@ class Workload(_Strict):
     @classmethod
     def _shares(cls, v: Any) -> Any:
         if isinstance(v, list):  # [us-east, eu-west] -> equal shares
-            return {str(name): {"share": 1.0} for name in v}
+            return {str(name): {"share": 1.0 / len(v)} for name in v}
         if isinstance(v, dict):
             return {k: ({"share": s} if isinstance(s, int | float) else s) for k, s in v.items()}
+        return v
+
+    @field_validator("users", mode="after")
+    @classmethod
+    def _shares_sum_to_one(cls, v: dict[str, UserRegion]) -> dict[str, UserRegion]:
+        total = sum(u.share for u in v.values())
+        if v and abs(total - 1.0) > SHARE_TOLERANCE:
+            raise ValueError(f"the shares must sum to 1 (each is a share of the rate); "
+                             f"these sum to {total:g}")  # fmt: skip
         return v
 
     def user_shares(self) -> dict[str, float]:
@@ -141,6 +181,8 @@ class Workload(_Strict):
 
 
 class SLO(_Strict):
+    """Latency targets, met at `percentile` by every replica at its planned load."""
+
     ttft_ms: float = Field(default=2000.0, gt=0, description="time to first token (server side)")
     tpot_ms: float = Field(default=100.0, gt=0, description="time per output token")
     percentile: float = Field(default=99.0, gt=0, lt=100, description="e.g. 99 for p99")
@@ -153,18 +195,28 @@ class SLO(_Strict):
 
 
 class Constraints(_Strict):
-    clouds: list[str] | None = None
-    regions: list[str] | None = None
-    exclude_regions: list[str] = Field(default_factory=list)
-    gpus: list[str] | None = None
-    exclude_gpus: list[str] = Field(default_factory=list)
-    spot: Literal["never", "allowed", "prefer"] = "never"
-    max_spot_share: float | None = Field(default=None, ge=0, le=1)
-    min_replicas: int = Field(default=1, ge=0)
-    max_region_share: float = Field(default=1.0, gt=0, le=1)
-    max_cloud_share: float = Field(default=1.0, gt=0, le=1)
+    """Where and how the deployment may run."""
+
+    clouds: list[str] | None = Field(default=None, description="clouds to use; null: all")
+    regions: list[str] | None = Field(default=None, description="regions to use; null: all")
+    exclude_regions: list[str] = Field(default_factory=list, description="regions never used")
+    gpus: list[str] | None = Field(default=None, description="GPU kinds to use; null: all")
+    exclude_gpus: list[str] = Field(default_factory=list, description="GPU kinds never used")
+    spot: Literal["never", "allowed", "prefer"] = Field(
+        default="never", description="allowed: spot may serve up to max_spot_share (0.5)"
+    )
+    max_spot_share: float | None = Field(
+        default=None, ge=0, le=1, description="share of the rate spot replicas may serve"
+    )
+    min_replicas: int = Field(default=1, ge=0, description="replicas at least, in all")
+    max_region_share: float = Field(
+        default=1.0, gt=0, le=1, description="share of the rate any one region may serve"
+    )
+    max_cloud_share: float = Field(
+        default=1.0, gt=0, le=1, description="share of the rate any one cloud may serve"
+    )
     budget_per_hour: float | None = Field(
-        default=None, gt=0, description="$/h of the whole plan: instances and egress"
+        default=None, gt=0, description="$/h of the whole plan at most: instances and egress"
     )
     max_local_replicas: int | None = Field(
         default=None,
@@ -194,14 +246,28 @@ class Constraints(_Strict):
 
 
 class EngineSpec(_Strict):
-    max_model_len: int | None = Field(default=None, gt=0)
-    tensor_parallel: Literal["auto"] | Annotated[int, Field(gt=0)] = "auto"
-    max_num_seqs: int = Field(default=256, gt=0)
-    max_num_batched_tokens: int = Field(default=8192, gt=0)
-    block_size: int = Field(default=16, gt=0)
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
-    kv_cache_gib: float | None = Field(default=None, gt=0, description="CPU replicas")
-    profiles: list[str] = Field(default_factory=list, description="measured engine profiles")
+    """The bundled engine's settings on every replica."""
+
+    max_model_len: int | None = Field(
+        default=None, gt=0, description="longest request; null: the workload's longest"
+    )
+    tensor_parallel: Literal["auto"] | Annotated[int, Field(gt=0)] = Field(
+        default="auto", description="GPUs per engine, a power of two; auto: the fewest that fit"
+    )
+    max_num_seqs: int = Field(default=256, gt=0, description="sequences in a batch at most")
+    max_num_batched_tokens: int = Field(
+        default=8192, gt=0, description="tokens in one engine step at most (chunked prefill)"
+    )
+    block_size: int = Field(default=16, gt=0, description="tokens per KV-cache block")
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="share of GPU memory for weights and KV cache"
+    )
+    kv_cache_gib: float | None = Field(
+        default=None, gt=0, description="KV cache size of CPU replicas (infra local)"
+    )
+    profiles: list[str] = Field(
+        default_factory=list, description="measured engine profiles (JSON) to plan with"
+    )
 
     @field_validator("tensor_parallel")
     @classmethod
@@ -212,13 +278,19 @@ class EngineSpec(_Strict):
 
 
 class DeploymentSpec(_Strict):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
-    infra: Literal["local", "skypilot"] = "local"
-    model: ModelSpec
-    workload: Workload
-    slo: SLO = Field(default_factory=SLO)
-    constraints: Constraints = Field(default_factory=Constraints)
-    engine: EngineSpec = Field(default_factory=EngineSpec)
+    """One deployment: what to serve, to whom, how fast, within what."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="the deployment's name")
+    infra: Literal["local", "skypilot"] = Field(
+        default="local", description="local: this machine only, $0; skypilot: the clouds"
+    )
+    model: ModelSpec = Field(description="what to serve (a string: its name)")
+    workload: Workload = Field(description="the traffic to serve")
+    slo: SLO = Field(default_factory=SLO, description="latency targets")
+    constraints: Constraints = Field(
+        default_factory=Constraints, description="where and how it may run"
+    )
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="the engine's settings")
 
     @field_validator("model", mode="before")
     @classmethod
@@ -235,6 +307,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"  {where}: required field is missing")
         elif e["type"] == "extra_forbidden":
             lines.append(f"  {where}: unknown field (check its spelling)")
+        elif isinstance(e.get("input"), dict | list):  # a whole section: its message says it
+            lines.append(f"  {where}: {msg}")
         else:
             lines.append(f"  {where}: {e.get('input')!r} is not allowed: {msg}")
     return "\n".join(lines)

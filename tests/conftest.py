@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,7 @@ def reap(marker: str) -> list[tuple[int, str]]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
     marker = os.environ.get(SESSION_MARKER)
     if marker and marker.startswith(f"{os.getpid()}-"):  # this session set it
         session.config.stash[_REAPED] = reap(marker)
@@ -106,3 +108,21 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 
 
 _REAPED = pytest.StashKey[list[tuple[int, str]]]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """End a pytest run that imported triton (torch._dynamo does when transformers loads) right
+    after its summary: at interpreter teardown triton's nanobind extension finds its objects
+    still referenced (the in-process engine servers of tests/test_server.py leave some) and
+    prints ~30 lines of "nanobind: leaked ... functions!" below the summary. Nothing the suite
+    needs runs at teardown: the reaper above has already run."""
+    main = Path(sys.argv[0]).name in ("pytest", "py.test", "__main__.py")
+    if not main or "triton._C.libtriton" not in sys.modules:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(config.stash.get(_EXIT_STATUS, 0)))
+
+
+_EXIT_STATUS = pytest.StashKey[int]()

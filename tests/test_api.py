@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 
@@ -15,14 +16,26 @@ from skybroker.controller import Controller
 from skybroker.state import Store
 
 TOKEN = "t0ken-for-tests"
+TINY_CONFIG = {
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "vocab_size": 256,
+    "max_position_embeddings": 256,
+}
 
 
 @pytest.fixture(scope="module")
 def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Controller]:
     """One real Controller for the module (tests that create deployments delete them)."""
     tmp = tmp_path_factory.mktemp("api")
+    (tmp / "models" / "tiny-llama").mkdir(parents=True)  # `tiny-llama` resolves to it
+    (tmp / "models" / "tiny-llama" / "config.json").write_text(json.dumps(TINY_CONFIG))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SKYBROKER_HOME", str(tmp / "home"))
+        mp.setenv("SKYBROKER_MODEL_DIRS", str(tmp / "models"))
         store = Store(f"sqlite:///{tmp / 'state.db'}")
         c = Controller(store)
         yield c

@@ -155,7 +155,12 @@ def test_cli_autostarts_server_then_start_status_stop(
         r = _skybroker("status")  # no server yet: the CLI starts one
         assert r.exit_code == 0, r.output
         assert "no deployments" in r.output
+        flat = " ".join(r.output.split())
+        assert "started the local broker server at" in flat and "skybroker server stop" in flat
+        assert "started the local broker server" not in _skybroker("status").output  # once
         info = server.read_pid_file()
+        owner = server.owner_key_path()  # the key that lets this user's CLI name any file
+        assert owner.stat().st_mode & 0o077 == 0 and len(owner.read_text()) >= 32
         assert info is not None and info.port == port and server.pid_alive(info.pid)
         assert token not in server.pid_path().read_text()
 
@@ -163,6 +168,21 @@ def test_cli_autostarts_server_then_start_status_stop(
         assert httpx.get(f"{url}/v1/deployments").status_code == 401
         authed = httpx.get(f"{url}/v1/deployments", headers={"Authorization": f"Bearer {token}"})
         assert authed.json() == {"deployments": []}
+
+        trace = _home / "trace.jsonl"  # a file on this user's disk, outside any allowed dir
+        trace.write_text('{"input_tokens": 50, "output_tokens": 10}\n' * 3)
+        spec = {"name": "t", "infra": "skypilot", "model": "meta-llama/Llama-3.1-8B-Instruct",
+                "workload": {"rate": 1, "trace": str(trace)}, "slo": {"tpot_ms": 1e-3}}  # fmt: skip
+        from skybroker.client import ApiError, BrokerClient
+
+        with pytest.raises(ApiError) as err, BrokerClient() as own:  # sends the owner key
+            own.plan(json.dumps(spec))
+        assert err.value.code == "infeasible"  # the trace was read: the file is allowed
+        other = httpx.post(
+            f"{url}/v1/plans", json=spec, headers={"Authorization": f"Bearer {token}"}
+        )
+        assert other.status_code == 422 and other.json()["error"]["field"] == "workload.trace"
+        assert "outside the directories" in other.json()["error"]["message"]
 
         r = _skybroker("server", "start")
         assert r.exit_code == 0 and "already running" in r.output

@@ -54,15 +54,21 @@ def test_offerings_filters_json() -> None:
     assert rows and all(r["gpu"] == "H100" and r["cloud"] == "aws" for r in rows)
     assert all(r["spot_price"] is not None and r["spot_price"] <= 100 for r in rows)
     assert rows[0]["price_per_gpu_hour"] == round(rows[0]["spot_price"] / rows[0]["gpu_count"], 5)
-    big = json.loads(run("offerings", "--min-gpu-memory", "600", "--limit", "0", "--json"))
+    big = json.loads(run("offerings", "--min-gpu-memory", "600", "--limit", "10000", "--json"))
     assert big and all(r["gpu_memory_gib"] * r["gpu_count"] >= 600 for r in big)
 
 
 def test_offerings_table_and_no_match() -> None:
     out = run("offerings", "--gpu", "L4", "--cloud", "gcp", "--on-demand", "--limit", "3")
     assert "g2-standard-4" in out and "(first 3)" in out
-    result = runner.invoke(app, ["catalog", "offerings", "--gpu", "NoSuchGPU"])
+    result = runner.invoke(app, ["catalog", "offerings", "--gpu", "H900"])
+    assert result.exit_code == 2 and "unknown GPU kind 'H900'; the catalog has: " in result.output
+    result = runner.invoke(app, ["catalog", "offerings", "--cloud", "moon,aws"])
+    assert result.exit_code == 2 and "unknown cloud 'moon'" in result.output
+    result = runner.invoke(app, ["catalog", "offerings", "--gpu", "B200", "--max-price", "0.01"])
     assert result.exit_code == 1 and "No offering matches" in result.output
+    result = runner.invoke(app, ["catalog", "offerings", "--limit", "0"])
+    assert result.exit_code == 2 and "--limit" in result.output  # as the API: limit >= 1
 
 
 def test_user_catalog_dir_and_bad_file(tmp_path: Path) -> None:
@@ -125,7 +131,7 @@ def test_refresh_writes_a_loadable_catalog(tmp_path: Path, monkeypatch) -> None:
     assert seen["regions"] == ["us-east-1"]
     assert "wrote 1 offerings" in out and "dropped 1 without a price" in out
     rows = json.loads(run("offerings", "--catalog", str(tmp_path), "--cloud", "aws",
-                          "--gpu", "L4", "--region", "us-east-1", "--json", "--limit", "0"))  # fmt: skip
+                          "--gpu", "L4", "--region", "us-east-1", "--json", "--limit", "10000"))  # fmt: skip
     g6 = [r for r in rows if r["instance_type"] == "g6.xlarge"]
     assert g6 and g6[0]["spot_price"] == 0.3
 

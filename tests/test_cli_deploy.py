@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import threading
@@ -20,6 +21,9 @@ from skybroker.controller import Controller
 from skybroker.state import Store
 
 runner = CliRunner()
+TINY_CONFIG = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 256,
+               "max_position_embeddings": 256}  # fmt: skip
 
 
 def _free_port() -> int:
@@ -31,6 +35,10 @@ def _free_port() -> int:
 @pytest.fixture(autouse=True)
 def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SKYBROKER_HOME", str(tmp_path / "home"))
+    models = tmp_path / "models"  # where `tiny-llama` resolves (its config.json is enough)
+    (models / "tiny-llama").mkdir(parents=True)
+    (models / "tiny-llama" / "config.json").write_text(json.dumps(TINY_CONFIG))
+    monkeypatch.setenv("SKYBROKER_MODEL_DIRS", str(models))
     monkeypatch.delenv("SKYBROKER_API_URL", raising=False)
     monkeypatch.delenv(server.TOKEN_ENV, raising=False)
 
@@ -103,7 +111,20 @@ def test_logs_of_unknown_deployment(api_url: str) -> None:
 
 def test_launch_missing_file() -> None:
     r = _cli("launch", "/nonexistent/spec.yaml", "--yes")
+    assert r.exit_code == 2 and "spec file /nonexistent/spec.yaml does not exist" in r.output
+    r = _cli("launch", "/nonexistent/spec.yaml", "--yes", "--api-url", "http://127.0.0.1:9")
     assert r.exit_code == 1 and "cannot read spec" in r.output
+
+
+def test_launch_of_a_local_model_without_weights_fails_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    spec = tmp_path / "nowhere.yaml"
+    spec.write_text(TINY_SPEC.replace("name: tiny-llama", "name: org/not-on-this-machine"))
+    r = _cli("launch", str(spec), "--yes")
+    assert r.exit_code == 2, r.output
+    assert "model: no copy of 'org/not-on-this-machine' on this machine" in r.output
+    assert server.status().running is False and not server.pid_path().exists()
 
 
 def test_launch_bad_infra_option() -> None:
@@ -208,6 +229,11 @@ def test_launch_detach_status_down(api_url: str, tmp_path: Path, controller) -> 
     assert r.exit_code == 0 and "tiny" in r.output and "0/1" in r.output
     r = _cli("status", "tiny", "--api-url", api_url)
     assert r.exit_code == 0 and "PENDING" in r.output and "created" in r.output
+    listed = json.loads(_cli("status", "--json", "--api-url", api_url).output)
+    assert [d["name"] for d in listed] == ["tiny"] and listed[0]["desired_replicas"] == 1
+    one = json.loads(_cli("status", "tiny", "--json", "--api-url", api_url).output)
+    assert one["name"] == "tiny" and [r["status"] for r in one["replicas"]] == ["PENDING"]
+    assert one["spec"]["model"]["path"].endswith("tiny-llama")  # resolved by the broker
 
     r = _cli("launch", str(spec), "--yes", "--api-url", api_url)
     assert r.exit_code == 1 and "skybroker down tiny" in r.output  # the name is taken

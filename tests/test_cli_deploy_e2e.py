@@ -35,7 +35,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture
-def broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Controller]]:
+def broker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_llama_dir: Path
+) -> Iterator[tuple[str, Controller]]:
     monkeypatch.setenv("SKYBROKER_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("SKYBROKER_API_TOKEN", raising=False)
     store = Store(f"sqlite:///{tmp_path / 'state.db'}")
@@ -47,7 +49,12 @@ def broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[st
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     srv = uvicorn.Server(
-        uvicorn.Config(create_app(controller), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(  # the model dir is the one directory API specs may name files in
+            create_app(controller, allowed_paths=[tiny_llama_dir]),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
     )
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

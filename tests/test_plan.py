@@ -131,7 +131,7 @@ def test_spot_and_blocklist() -> None:
     ("edit", "reason"),
     [
         (("engine:", "constraints: {budget_per_hour: 1}\nengine:"), "budget $1/h is below the cheapest feasible $"),
-        (("us-east: 0.5, eu-west: 0.5", "sa-east: 1, eu-west: 1"), "no offering within 40 ms of sa-east"),
+        (("us-east: 0.5, eu-west: 0.5", "sa-east: 0.5, eu-west: 0.5"), "no offering within 40 ms of sa-east"),
         (("Llama-3.1-8B-Instruct", "Llama-3.3-70B-Instruct\nconstraints: {gpus: [L4]}"), "no allowed offering fits"),
         (("engine:", "constraints: {clouds: [azure]}\nengine:"), "no offering in the catalog matches"),
         (("tpot_ms: 80", "tpot_ms: 1"), "no allowed GPU meets the SLO"),

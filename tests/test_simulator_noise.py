@@ -415,7 +415,7 @@ def test_a_dump_reads_back_plain_or_gzipped(vp, tmp_path: Path, name: str) -> No
 
 
 def test_replay_predicts_a_recorded_validation_again() -> None:
-    """benchmarks/data's recorded validation (the H100 host's CPU, session 5), predicted again
+    """benchmarks/data's recorded validation (tiny Llama on a 16-vCPU host), predicted again
     with served steps and loop gaps taken from its first run: the table for the other runs."""
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks/validate_perf.py"), "--replay",
                         str(ROOT / "benchmarks/data/validate-h100-host-cpu.json.gz"), "--profile",
@@ -429,7 +429,7 @@ def test_replay_predicts_a_recorded_validation_again() -> None:
 
 def test_profiler_drops_the_first_step_after_placing_a_batch() -> None:
     """The first step of a freshly placed batch costs more than the steady ones a serving batch
-    runs (measured: +5-15% at small batches on the dev VM); decode and mixed points keep only
+    runs (measured: +5-15% at small batches on a 2-vCPU VM); decode and mixed points keep only
     the steps after it, at the context those steps really had."""
     prof = Profiler(None, 3)  # type: ignore[arg-type]  (placing and stepping are faked)
     steps = iter([9.0, 1.0, 2.0, 3.0, 9.0, 4.0, 5.0, 6.0])

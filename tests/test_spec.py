@@ -33,8 +33,10 @@ def test_defaults_and_shorthands() -> None:
     assert spec.infra == "local" and spec.model.name == "meta-llama/Llama-3.1-8B-Instruct"
     assert spec.workload.input_tokens.mean == 512
     assert spec.workload.user_shares() == {"any": 1.0}
-    spec = load_spec(GOOD.replace("{rate: 2}", "{rate: 2, users: {us-east: 3, eu-west: 1}}"))
+    spec = load_spec(GOOD.replace("{rate: 2}", "{rate: 2, users: {us-east: 0.75, eu-west: 0.25}}"))
     assert spec.workload.user_shares() == {"us-east": 0.75, "eu-west": 0.25}
+    spec = load_spec(GOOD.replace("{rate: 2}", "{rate: 2, users: [us-east, eu-west]}"))
+    assert spec.workload.user_shares() == {"us-east": 0.5, "eu-west": 0.5}
 
 
 @pytest.mark.parametrize(
@@ -67,6 +69,10 @@ def test_defaults_and_shorthands() -> None:
         (
             GOOD.replace("rate: 2", "rate: 2, input_tokens: {mean: 100, p50: 90, p99: 50}"),
             "must not decrease",
+        ),
+        (
+            GOOD.replace("{rate: 2}", "{rate: 2, users: {us-east: 0.6, eu-west: 0.6}}"),
+            "workload.users: the shares must sum to 1 (each is a share of the rate); these sum to 1.2",
         ),
     ],
 )

@@ -118,6 +118,20 @@ class Catalog:
         out.sort(key=lambda o: (market_price(o, spot) or 0.0, o.cloud, o.region, o.instance_type))
         return out
 
+    def check_names(self, gpu: str | None = None, cloud: str | None = None) -> None:
+        """ValueError naming a GPU kind or cloud (comma-separated lists, as `query` takes)
+        that this catalog has no offering of, and the ones it has."""
+        for what, value, have in (
+            ("GPU kind", gpu, {o.gpu for o in self.offerings}),
+            ("cloud", cloud, {o.cloud for o in self.offerings}),
+        ):
+            low = {h.lower() for h in have}
+            bad = [v.strip() for v in (value or "").split(",") if v.strip().lower() not in low]
+            bad = [v for v in bad if v]
+            if bad:
+                raise ValueError(f"unknown {what} {bad[0]!r}; the catalog has: "
+                                 f"{', '.join(sorted(have))}")  # fmt: skip
+
     def region_of(self, cloud: str, region: str) -> Region | None:
         """Where (cloud, region) is, or None when the catalog has no location for it."""
         return self.regions.get((cloud.lower(), region))

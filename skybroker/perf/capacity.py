@@ -185,7 +185,7 @@ def perf_workers() -> int:
 Job = tuple[StepTimeModel, SchedulerConfig, RequestClass, SLOTarget]
 # Below this a process pool's start-up (fresh interpreters importing numpy and skybroker)
 # costs more than it saves: measured cold on chat-8b, 14 jobs took 3-5 s in one process and
-# 9-16 s through a pool on the shared 2-core box. The planner searches few GPU kinds at a
+# 9-16 s through a pool on a 2-vCPU VM. The planner searches few GPU kinds at a
 # time (7 classes each), so it mostly stays in process.
 MIN_PARALLEL_JOBS = 24
 

@@ -313,7 +313,7 @@ def _served_factors(key: str, profile: EngineProfile) -> ServedFactors:
     overhead when the gap is unknown) over the model's time for its shape (fit + loop
     overhead); its kind's median, and the residuals. A kind or bucket with fewer than
     MIN_KIND_STEPS steps takes the wider set's median (all decodes; all steps). Serving slows
-    the kinds differently: on the dev VM decodes ran 1.3-1.5x the grid and prefills 1.6-2.2x in
+    the kinds differently: on a 2-vCPU VM decodes ran 1.3-1.5x the grid and prefills 1.6-2.2x in
     one run; on a quiet 16-vCPU host batch-1 decodes 0.7-0.85x the fit, batches of 9-16 1.2x."""
     if key not in _SERVED:
         rows = profile.serving_steps

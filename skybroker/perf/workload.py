@@ -65,16 +65,16 @@ def sample_lengths(dist: LengthDist, n: int, rng: np.random.Generator) -> np.nda
 
 def read_trace(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     ins, outs = [], []
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for lineno, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
             ins.append(int(rec["input_tokens"]))
             outs.append(int(rec["output_tokens"]))
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError):  # the line itself is not quoted: any file
             raise ValueError(
-                f"{path}:{lineno}: need {{input_tokens, output_tokens}} ints ({e})"
+                f"{path}:{lineno}: not a JSON object with integer input_tokens and output_tokens"
             ) from None
     if not ins:
         raise ValueError(f"trace {path} has no requests")
