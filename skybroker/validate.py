@@ -103,7 +103,7 @@ def _check_files(spec: DeploymentSpec, allowed: Sequence[Path] | None,
 
 def _check_model(spec: DeploymentSpec, launch: bool, out: _Problems) -> DeploymentSpec:
     from skybroker.models import find_local_copy
-    from skybroker.plan import resolve_arch
+    from skybroker.plan_perf import resolve_arch
 
     m = spec.model
     if spec.infra == "local" and m.path is None:
@@ -140,7 +140,7 @@ def _known(kind: str, names: Sequence[str], have: set[str], field: str, out: _Pr
 
 
 def _check_catalog_names(spec: DeploymentSpec, catalog: Catalog, out: _Problems) -> None:
-    from skybroker.plan import user_location
+    from skybroker.plan_problem import user_location
 
     for name, u in spec.workload.users.items():
         try:
