@@ -84,8 +84,8 @@ def broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 def test_replica_and_broker_killed_under_traffic_no_request_fails(
     broker, tiny_llama_dir: Path
 ) -> None:
-    port, info = broker
-    client = BrokerClient(info.url, autostart=False, timeout=300)
+    port, _info = broker
+    client = BrokerClient(autostart=False, timeout=300)  # the local server: sends its owner key
     launched = client.launch(_spec(tiny_llama_dir))
     key = launched["api_key"]
     assert launched["desired_replicas"] == 2  # the planner puts both on this machine
@@ -149,7 +149,7 @@ def test_replica_and_broker_killed_under_traffic_no_request_fails(
     failed = [r for r in results if r[1] != "ok"]
     assert not failed, failed
     # The restarted broker adopted the deployment, and the killed replica was replaced.
-    client = BrokerClient(info2.url, autostart=False, timeout=300)
+    client = BrokerClient(autostart=False, timeout=300)
     _wait(lambda: _ready(client), 300, "two ready replicas after the restart")
     d = client.get("avail", events=200)
     assert victim not in {r["name"] for r in d["replicas"]}
