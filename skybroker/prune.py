@@ -238,10 +238,21 @@ def far_dominators(p: Problem, idx: list[int], chunk: int = 1024) -> np.ndarray:
 
 def far_prune(p: Problem, idx: list[int], counts: np.ndarray, upper: float) -> list[int]:
     """`idx` without the offerings dominated at more locations than an optimal placement
-    can have replicas: at most floor(upper / cheapest price), `upper` being the cost of a
-    feasible placement (so no less than the optimum's). See `far_dominators`."""
-    prices = [p.offerings[i].price for i in idx]
-    if not idx or min(prices) <= 0 or not np.isfinite(upper):
+    can have replicas (see `far_dominators`). An optimal placement costs at most `upper`
+    (the cost of a feasible one), so its replicas are at most r with k on-demand ones at
+    the cheapest on-demand price and the rest at the cheapest price within `upper`, k being
+    the fewest on-demand replicas that carry (1 - spot share) of the traffic."""
+    if not idx or not np.isfinite(upper):
         return list(idx)
-    most = int(upper / min(prices) + 1e-9)
+    cheapest = min(p.offerings[i].price for i in idx)
+    if cheapest <= 0:
+        return list(idx)
+    k, od_price = 0, cheapest
+    od = [p.offerings[i] for i in idx if not p.offerings[i].spot]
+    if p.max_spot_share < 1 and od:
+        share = share_caps(p)[[i for i in idx if not p.offerings[i].spot]]
+        rate = max(min(max(o.mu), c) for o, c in zip(od, share.tolist(), strict=True))
+        k = int(np.ceil((1 - p.max_spot_share) * p.total_demand / rate - 1e-9)) if rate > 0 else 0
+        od_price = min(o.price for o in od)
+    most = int(k + (upper - k * od_price) / cheapest + 1e-9)
     return [i for i, c in zip(idx, counts.tolist(), strict=True) if c < most]
