@@ -15,20 +15,23 @@ Flow formulation (see docs in README "Planner"):
           spot, per-region and per-cloud shares of the traffic, min replicas, budget
           (on the objective: instances and egress).
 
-Before building it (`prune`): offerings that cannot serve anything or reach no user are
-dropped; interchangeable ones are aggregated onto the cheapest; an offering is dropped when
-k copies of another one in its constraint group (market/cloud/region, as the active share
-constraints require) reach a superset of its users, carry whatever it could and cost no
-more (k = 1: plain dominance; an offering that can take all the demand it reaches with one
-replica counts as unlimited). Users that reach the same locations share flow variables.
-The model (`_build`) adds valid inequalities that tighten the LP relaxation without cutting
-off integer points: capacity from the most work an offering can get, per-class linking,
-replica covers per user and per geographic group. The problem splits into independent
-geographic components when no constraint couples them. HiGHS solves each through highspy
-(arrays, no modelling layer), warm-started from the optimum of the same MILP restricted to
-the offerings its LP relaxation uses (an integral relaxation is the answer outright); its
-own status, dual bound and gap are read back (the backends: `skybroker.milp`). pulp builds the same model for CBC, the
-fallback when highspy is missing (pulp says "Optimal" even when a time limit stopped the
+Before building it (`skybroker.prune`): offerings that cannot serve anything or reach no
+user are dropped; interchangeable ones are aggregated onto the cheapest; an offering is
+dropped when k copies of another one in its constraint group (market/cloud/region, as the
+active share constraints require) reach a superset of its users, carry whatever it could and
+cost no more (k = 1: plain dominance; an offering that can take all the demand it can ever
+be given, within reach and shares, with one replica counts as unlimited). Under a region
+share, an offering dominated at more other locations than an optimal placement can have
+replicas is dropped too (the bound from a heuristic placement's cost). Users that reach
+the same locations share flow variables. The model (`_build`) adds valid inequalities that
+tighten the LP relaxation without cutting off integer points: capacity from the most work an
+offering can get (its reach and shares), per-class and per-replica rate linking, replica
+covers per user, per geographic group and for the on-demand share. The problem splits
+into independent geographic components when no constraint couples them. HiGHS solves each
+through highspy (arrays, no modelling layer), warm-started from the optimum of the same MILP
+restricted to the offerings its LP relaxation uses (an integral relaxation is the answer
+outright); its own status, dual bound and gap are read back (the backends: `skybroker.milp`).
+pulp builds the same model for CBC, the fallback when highspy is missing (pulp says "Optimal" even when a time limit stopped the
 solver, and hides CBC's bound: the gap is then unknown).
 """
 
@@ -41,6 +44,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from skybroker.milp import Lp, Result, has_highspy, run_highs, run_pulp
+from skybroker.prune import Reduction, far_dominators, far_prune, max_load, prune, share_caps
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,16 +82,6 @@ class Problem:
 
 
 @dataclass(slots=True)
-class Reduction:
-    """How many offering classes each reduction step left (for reports and benchmarks)."""
-
-    useful: int = 0  # reach a user with demand in a class they can serve
-    aggregated: int = 0  # after merging interchangeable ones (same group, capacity, reach)
-    dominated: int = 0  # after single-copy dominance
-    multi_copy: int = 0  # after k-copy dominance
-
-
-@dataclass(slots=True)
 class Solution:
     status: str  # "optimal" | "feasible" (stopped at a limit, gap > tolerance) | "infeasible"
     counts: dict[int, int] = field(default_factory=dict)  # offering index -> replicas
@@ -109,133 +103,6 @@ class Solution:
     @property
     def hourly(self) -> float:
         return self.cost
-
-
-# --- pruning and aggregation ----------------------------------------------------------------
-
-
-def _arrays(p: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per offering: location code, reach (O x U bool), reachable demand rd (O x B), mu
-    (O x B), egress (O x B)."""
-    users = list(p.demand)
-    demand = np.array([p.demand[u] for u in users], dtype=float).reshape(len(users), -1)
-    no, nb = len(p.offerings), demand.shape[1]
-    codes: dict[str, int] = {}
-    loc = np.array([codes.setdefault(o.location, len(codes)) for o in p.offerings], dtype=int)
-    at = np.array([[name in p.reach[u] for u in users] for name in codes], dtype=bool)
-    reach = at.reshape(len(codes), len(users))[loc] if no else np.zeros((0, len(users)), bool)
-    mu = np.array([o.mu for o in p.offerings], dtype=float).reshape(no, nb)
-    zero = (0.0,) * nb
-    egress = np.array([o.egress or zero for o in p.offerings], dtype=float).reshape(no, nb)
-    return loc, reach, reach.astype(float) @ demand, mu, egress
-
-
-def max_load(mu: np.ndarray, rd: np.ndarray) -> np.ndarray:
-    """Replicas' worth of work each offering could ever be given: sum_b rd[b] / mu[b] (the
-    classes it cannot serve excluded)."""
-    safe = np.where(mu > 0, mu, 1.0)
-    return np.where((mu > 0) & (rd > 0), rd / safe, 0.0).sum(-1)
-
-
-def prune(p: Problem, stats: Reduction | None = None, *, multi_copy: bool = True) -> list[int]:
-    """Indices of offerings that some optimal placement may use; all others are dropped.
-
-    An offering A is dropped when another one B of the same constraint group (market, cloud,
-    region as the active share constraints require) reaches every user A reaches, has no
-    higher egress on any class A can serve, and k copies of B cost no more than one A while
-    carrying whatever one A could: k = ceil(min(max_b mu_A/mu_B, sum_b rd_A/mu_B)), rd_A
-    being the demand A can reach at all. Replacing each A by k B's keeps a placement feasible
-    (replica count, shares, budget included) and no dearer, so the optimum is unchanged.
-    Offerings with a max_count are never used to drop others. Steps, cheapest first:
-    1. aggregation: interchangeable offerings (same group, capacity on every reachable class,
-       egress and reach) collapse onto the cheapest one;
-    2. single-copy dominance (k = 1), vectorised over the whole catalog;
-    3. k-copy dominance among the survivors.
-    An offering that could serve all the demand it reaches with one replica ("saturated")
-    counts as having unlimited capacity in steps 1-2: one copy of it replaces any A.
-    """
-    loc, reach, rd, mu, egress = _arrays(p)
-    stats = stats if stats is not None else Reduction()
-    serve = (mu > 0) & (rd > 0)  # classes each offering can be given
-    useful = serve.any(1)
-    saturated = (max_load(mu, rd) <= 1 + 1e-12) & multi_copy
-    cap = np.where(serve, np.where(saturated[:, None], np.inf, mu), 0.0)
-    negeg = np.where(rd > 0, -egress, -np.inf)  # egress of classes it never serves is moot
-    offs = p.offerings
-    price = np.array([o.price for o in offs], dtype=float)
-    no = len(offs)
-    # constraint groups, as integer codes: (spot, cloud, location, own group if max_count)
-    group = np.zeros((no, 4), dtype=int)
-    if p.max_spot_share < 1:
-        group[:, 0] = [o.spot for o in offs]
-    if p.max_cloud_share < 1:
-        clouds: dict[str, int] = {}
-        group[:, 1] = [clouds.setdefault(o.cloud, len(clouds)) for o in offs]
-    if p.max_region_share < 1:
-        group[:, 2] = loc
-    group[:, 3] = [i + 1 if o.max_count is not None else 0 for i, o in enumerate(offs)]
-    stats.useful = int(useful.sum())
-    # aggregation: the first (cheapest, then lowest index) of each interchangeable set
-    order = np.lexsort((np.arange(no), price))
-    order = order[useful[order]]
-    row = np.ascontiguousarray(np.hstack([group, cap, negeg, reach]).astype(float)[order])
-    first: dict[bytes, int] = {}
-    for j, k in enumerate(row.view(np.dtype((np.void, row.shape[1] * 8))).ravel().tolist()):
-        first.setdefault(k, j)
-    order = order[sorted(first.values())]
-    stats.aggregated = len(order)
-    keep: list[int] = []
-    dom = 0
-    members: dict[tuple, list[int]] = {}
-    for i in order.tolist():
-        members.setdefault(tuple(group[i]), []).append(i)
-    for idx in members.values():
-        ix = np.array(idx, dtype=int)
-        ix = ix[_undominated(np.hstack([cap[ix], negeg[ix], reach[ix].astype(float)]))]
-        dom += len(ix)
-        if multi_copy:
-            ix = _multi_copy(price, ix, mu, rd, negeg, reach, group[:, 3] > 0)
-        keep.extend(int(i) for i in ix)
-    stats.dominated, stats.multi_copy = dom, len(keep)
-    return sorted(keep)
-
-
-def _undominated(feat: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """Mask of rows not dominated by an earlier row (earlier = no dearer; dominated = some
-    earlier row is >= on every feature). Dominance is transitive, so comparing against the
-    survivors only is exact."""
-    alive = np.zeros(len(feat), dtype=bool)
-    for c0 in range(0, len(feat), chunk):
-        part = feat[c0 : c0 + chunk]
-        surv = feat[alive]
-        dom = np.zeros(len(part), dtype=bool)
-        if len(surv):
-            dom |= (surv[None, :, :] >= part[:, None, :]).all(2).any(1)
-        within = (part[None, :, :] >= part[:, None, :]).all(2)  # [a, b]: b >= a
-        dom |= np.tril(within, -1).any(1)
-        alive[c0 : c0 + len(part)] = ~dom
-    return alive
-
-
-def _multi_copy(price: np.ndarray, ix: np.ndarray, mu: np.ndarray, rd: np.ndarray,
-                negeg: np.ndarray, reach: np.ndarray, limited: np.ndarray) -> np.ndarray:  # fmt: skip
-    """Drop A (later in ix) when k copies of an earlier B cost no more (see `prune`)."""
-    if len(ix) < 2:
-        return ix
-    m, r = mu[ix], rd[ix]
-    a_cap = np.where((m > 0) & (r > 0), m, 0.0)  # [A, b]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(a_cap[:, None, :] > 0, a_cap[:, None, :] / m[None, :, :], 0.0)  # [A,B,b]
-        k1 = np.nan_to_num(ratio, nan=np.inf, posinf=np.inf).max(2)
-        work = np.where(a_cap[:, None, :] > 0, r[:, None, :] / m[None, :, :], 0.0)
-        k2 = np.nan_to_num(work, nan=np.inf, posinf=np.inf).sum(2)
-    k = np.maximum(np.ceil(np.minimum(k1, k2) - 1e-9), 1.0)
-    pr, lim = price[ix], limited[ix]
-    ok = (k * pr[None, :] <= pr[:, None] + 1e-12) & ~lim[None, :]
-    ok &= (negeg[ix][None, :, :] >= negeg[ix][:, None, :]).all(2)
-    ok &= (reach[ix][None, :, :] >= reach[ix][:, None, :]).all(2)
-    ok &= np.tri(len(ix), k=-1, dtype=bool)  # B strictly earlier than A: no cycles
-    return ix[~ok.any(1)]
 
 
 def components(p: Problem, idx: list[int]) -> list[tuple[list[str], list[int]]]:
@@ -272,6 +139,7 @@ class _Vars:
     y: dict[tuple[int, int], int] = field(default_factory=dict)  # (offering, class) -> column
     x: dict[tuple[str, str, int], int] = field(default_factory=dict)  # (user, location, class)
     split: dict[str, list[str]] = field(default_factory=dict)  # x's user -> users it stands for
+    rd: dict[int, list[float]] = field(default_factory=dict)  # most req/s per class o can get
 
 
 def _build(p: Problem, users: list[str], idx: list[int], total: float,
@@ -295,11 +163,13 @@ def _build(p: Problem, users: list[str], idx: list[int], total: float,
     at: dict[str, list[int]] = {}
     for i in idx:
         at.setdefault(p.offerings[i].location, []).append(i)
-    rd = {i: [sum(dem[u][b] for u in users if p.offerings[i].location in p.reach[u])
-              for b in range(nb)] for i in idx}  # fmt: skip
+    share = share_caps(p)
+    rd = {i: [min(sum(dem[u][b] for u in users if p.offerings[i].location in p.reach[u]),
+                  share[i]) for b in range(nb)] for i in idx}  # fmt: skip
+    v.rd = rd
     for i in idx:
         o = p.offerings[i]
-        load = sum(rd[i][b] / o.mu[b] for b in range(nb) if o.mu[b] > 0 and rd[i][b] > 0)
+        load = float(max_load(np.array(o.mu), np.array(rd[i]), share[i]))
         ub = max(math.ceil(load - 1e-9), p.min_replicas)
         if p.budget is not None and o.price > 0:
             ub = min(ub, int(p.budget / o.price + 1e-9))
@@ -324,6 +194,9 @@ def _build(p: Problem, users: list[str], idx: list[int], total: float,
             for b in range(nb):
                 if (i, b) in v.y and rd[i][b] < o.mu[b] * scale * (1 - 1e-9):
                     lp.row(-inf, 0, [(v.y[i, b], 1.0), (n, -rd[i][b])])
+            rate = _rate_cap(o.mu, rd[i], float(share[i]))
+            if len(terms) > 1 and rate < sum(rd[i]) * (1 - 1e-9):
+                lp.row(-inf, 0, [*((c, 1.0) for c, _ in terms), (n, -rate)])
     x_at: dict[tuple[str, int], list[int]] = {}
     alike: dict[frozenset[str], list[str]] = {}
     for u in users:
@@ -360,14 +233,23 @@ def _build(p: Problem, users: list[str], idx: list[int], total: float,
                    [(c, 1.0) for (i, _), c in v.y.items() if p.offerings[i].cloud == cloud])  # fmt: skip
     covers = [(list(users), p.min_replicas)]
     if tighten:
-        covers[0] = (covers[0][0], max(p.min_replicas, _cover(p, users, idx, dem, v)))
-        covers += [([u], _cover(p, [u], idx, dem, v)) for u in users if len(users) > 1]
+        covers[0] = (covers[0][0], max(p.min_replicas, _cover(p, users, idx, dem, v, share)))
+        covers += [([u], _cover(p, [u], idx, dem, v, share)) for u in users if len(users) > 1]
         geo = [us for us, _ in components(replace(p, demand=dem), idx)]
-        covers += [(us, _cover(p, us, idx, dem, v)) for us in geo if 1 < len(us) < len(users)]
+        covers += [
+            (us, _cover(p, us, idx, dem, v, share)) for us in geo if 1 < len(us) < len(users)
+        ]
     for us, need in covers:
         near = [v.n[i] for i in idx if any(p.offerings[i].location in p.reach[u] for u in us)]
         if need > 0:
             lp.row(need, inf, [(c, 1.0) for c in near])
+    if tighten and p.max_spot_share < 1 and sum(map(sum, dem.values())) >= total * (1 - 1e-9):
+        # at least (1 - spot share) of all traffic runs on demand
+        od = [i for i in idx if not p.offerings[i].spot]
+        most = max((_per_replica(p, i, v, share) for i in od), default=0.0)
+        need = math.ceil((1 - p.max_spot_share) * total / most - 1e-9) if most > 0 else 0
+        if need > 0:
+            lp.row(need, inf, [(v.n[i], 1.0) for i in od])
     if p.budget is not None:  # what the user pays: instances and egress
         egress = [(c, p.offerings[i].egress[b]) for (i, b), c in v.y.items()
                   if p.offerings[i].egress and p.offerings[i].egress[b] > 0]  # fmt: skip
@@ -375,16 +257,43 @@ def _build(p: Problem, users: list[str], idx: list[int], total: float,
     return lp, v
 
 
-def _cover(p: Problem, us: list[str], idx: list[int], dem: dict, v: _Vars) -> int:
-    """Fewest replicas within reach of users `us` that can do their work."""
-    work = 0.0
+def _rate_cap(mu: tuple[float, ...], rd: list[float], share: float) -> float:
+    """Most req/s one replica serves: its fastest classes first (up to the demand it can get
+    of each) until its work is one replica's, within its share cap. n replicas serve at most
+    n times that (the most they serve is concave in n)."""
+    left, rate = 1.0, 0.0
+    for m, d in sorted(((m, d) for m, d in zip(mu, rd, strict=True) if m > 0 and d > 0),
+                       reverse=True):  # fmt: skip
+        take = min(d, left * m)
+        rate += take
+        left -= take / m
+        if left <= 1e-12:
+            break
+    return min(rate, share)
+
+
+def _per_replica(p: Problem, i: int, v: _Vars, share: np.ndarray) -> float:
+    """Most req/s one replica of offering i serves (`_rate_cap`, on the classes it can get)."""
+    o = p.offerings[i]
+    rd = [v.rd[i][b] if (i, b) in v.y else 0.0 for b in range(p.num_classes)]
+    return _rate_cap(o.mu, rd, float(share[i]))
+
+
+def _cover(p: Problem, us: list[str], idx: list[int], dem: dict, v: _Vars,
+           share: np.ndarray) -> int:  # fmt: skip
+    """Fewest replicas within reach of users `us` that can do their work (each replica does
+    at most one replica's work, and serves at most `_per_replica` req/s)."""
+    work, rate = 0.0, 0.0
+    near_all = [i for i in idx if any(p.offerings[i].location in p.reach[u] for u in us)]
     for b in range(p.num_classes):
         d = sum(dem[u][b] for u in us)
         if d > 0:
-            near = [p.offerings[i].mu[b] for i in idx if (i, b) in v.y
-                    and any(p.offerings[i].location in p.reach[u] for u in us)]  # fmt: skip
+            rate += d
+            near = [p.offerings[i].mu[b] for i in near_all if (i, b) in v.y]
             work += d / max(near, default=math.inf)
-    return math.ceil(work - 1e-9)
+    most = max((_per_replica(p, i, v, share) for i in near_all), default=0.0)
+    by_rate = math.ceil(rate / most - 1e-9) if most > 0 else 0
+    return max(math.ceil(work - 1e-9), by_rate)
 
 
 def _solve_component(p: Problem, users: list[str], idx: list[int], total: float,
@@ -477,6 +386,7 @@ class Options:
     # only the LP relaxation (a lower bound; counts rounded up, gap None): for callers that
     # need the cost bound or which offerings a near-optimal placement uses, fast
     relaxation: bool = False
+    far_prune: bool = True  # under a region share, dominance across locations (`far_prune`)
 
 
 def solve(p: Problem, *, time_limit: float = 20.0, gap_rel: float = 1e-4, solver: str = "highs",
@@ -495,10 +405,17 @@ def solve(p: Problem, *, time_limit: float = 20.0, gap_rel: float = 1e-4, solver
     stats = Reduction()
     idx = prune(p, stats, multi_copy=opts.multi_copy)
     prune_s = time.perf_counter() - t0
+    far_s = 0.0
+    if opts.far_prune and p.max_region_share < 1:
+        t1 = time.perf_counter()
+        idx, far_s = _far_prune(p, idx, opts)
+        prune_s += time.perf_counter() - t1 - far_s
+        stats.far = len(idx)
     total = p.total_demand
     comps = [c for c in components(p, idx) if any(sum(p.demand[u]) > 0 for u in c[0])]
     out = Solution("optimal", num_offerings=len(idx), num_components=max(len(comps), 1),
                    build_time_s=prune_s, prune_time_s=prune_s, reduction=stats)  # fmt: skip
+    out.solve_time_s = far_s
     whole = [(list(p.demand), idx)]
     tied = p.max_cloud_share < 1 or p.budget is not None or p.min_replicas > len(comps)
     if not opts.split or len(comps) <= 1 or tied:
@@ -513,6 +430,47 @@ def solve(p: Problem, *, time_limit: float = 20.0, gap_rel: float = 1e-4, solver
     return _finish(
         p, out, [_solve_component(q, users, members, total, opts) for users, members in comps]
     )
+
+
+def _far_prune(p: Problem, idx: list[int], opts: Options) -> tuple[list[int], float]:
+    """`idx` after `far_prune`, and the seconds spent finding its upper bound: the warm
+    start's placement (`_warm_start`) on the offerings with dominators at few other
+    locations, tried on wider sets while it finds none."""
+    counts = far_dominators(p, idx)
+    fewest = math.ceil(1 / p.max_region_share - 1e-9)  # locations any placement uses
+    t0 = time.perf_counter()
+    sub = replace(opts, time_limit=min(2.0, opts.time_limit / 4))
+    for t in (fewest + 1, 2 * fewest + 2, 4 * fewest + 4):
+        few = [i for i, c in zip(idx, counts.tolist(), strict=True) if c < t]
+        if len(few) == len(idx):
+            break
+        built = _build(p, list(p.demand), few, p.total_demand, opts.tighten)
+        if built is None:
+            continue
+        lp = built[0]
+        start, exact = _warm_start(lp, sub)
+        val = exact.values if exact is not None else start
+        if val is not None and _feasible(lp, val):
+            upper = float(np.dot(lp.cost, val))
+            return far_prune(p, idx, counts, upper * (1 + 1e-9)), time.perf_counter() - t0
+    return idx, time.perf_counter() - t0
+
+
+def _feasible(lp: Lp, val: list[float], tol: float = 1e-6) -> bool:
+    """Whether `val` meets every bound and row of `lp` (integers integral)."""
+    x = np.asarray(val, dtype=float)
+    if (x < np.asarray(lp.lb) - tol).any() or (x > np.asarray(lp.ub) + tol).any():
+        return False
+    if lp.integer and (np.abs(x[lp.integer] - np.round(x[lp.integer])) > tol).any():
+        return False
+    if not lp.num_rows:
+        return True
+    start = np.asarray(lp.start)
+    terms = np.asarray(lp.value) * x[np.asarray(lp.index, dtype=int)]
+    act = np.add.reduceat(terms, start[:-1]) if len(terms) else np.zeros(lp.num_rows)
+    scale = 1 + np.abs(act)
+    return bool((act >= np.asarray(lp.rlb) - tol * scale).all()
+                and (act <= np.asarray(lp.rub) + tol * scale).all())  # fmt: skip
 
 
 def _account(out: Solution, parts: list[Solution]) -> None:

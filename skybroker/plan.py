@@ -221,8 +221,8 @@ def make_plan(spec: DeploymentSpec, catalog: Catalog | None = None,
         """Capacities are searched only where the optimum needs them: solved on upper bounds,
         the problem is a relaxation; when its optimum uses only searched offerings it is the
         real one. The LP relaxation (fast) picks what to search first, the MILP has the last
-        word."""
-        relax = True
+        word (alone, once every capacity is searched)."""
+        relax = any(rp is not None and not rp.exact for rp in perf.values())
         while True:
             sol = solve(problem, options=Options(time_limit=time_limit, relaxation=relax))
             todo = {meta.perf[i].config for i in sol.counts if not meta.perf[i].exact}

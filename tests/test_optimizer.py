@@ -231,7 +231,7 @@ def test_each_reduction_keeps_the_optimum(seed: int) -> None:
     p = _random_problem(random.Random(1000 + seed))
     fast = solve(p, options=Options(gap_rel=1e-9))
     plain = solve(p, options=Options(gap_rel=1e-9, split=False, tighten=False, multi_copy=False,
-                                     warm_start=False))  # fmt: skip
+                                     warm_start=False, far_prune=False))  # fmt: skip
     via_pulp = solve(p, options=Options(gap_rel=1e-9, backend="pulp"))
     assert fast.status == plain.status == via_pulp.status
     if fast.status != "infeasible":
@@ -273,3 +273,57 @@ def test_relaxation_is_a_lower_bound(seed: int) -> None:
     elif milp.status != "infeasible":
         assert lp.cost <= milp.cost + 1e-6
         assert all(n >= 1 for n in lp.counts.values())
+
+
+def _many_locations(rng: random.Random) -> Problem:
+    """A few instance types copied at 6-10 locations (jittered prices) under a region share,
+    where dominance across locations has something to drop."""
+    locs = [f"{c}/r{i}" for c in ("aws", "gcp") for i in range(rng.randint(3, 5))]
+    nb = rng.randint(1, 2)
+    types = [(round(rng.uniform(1, 8), 2), tuple(round(rng.uniform(0.5, 3.0), 2) for _ in range(nb)))
+             for _ in range(rng.randint(1, 3))]  # fmt: skip
+    offs = []
+    for loc in locs:
+        for k, (price, mu) in enumerate(types):
+            for spot in (False, True) if rng.random() < 0.5 else (False,):
+                f = rng.uniform(0.9, 1.1) * (0.5 if spot else 1.0)
+                offs.append(OfferingClass((loc, k, spot), loc.split("/")[0], loc,
+                                          round(price * f, 3), spot, mu,
+                                          (round(rng.uniform(0, 0.05), 3),) * nb))  # fmt: skip
+    users = [f"u{i}" for i in range(rng.randint(1, 2))]
+    demand = {u: tuple(round(rng.uniform(0.3, 1.5), 2) for _ in range(nb)) for u in users}
+    reach = {u: frozenset(rng.sample(locs, rng.randint(len(locs) // 2, len(locs)))) for u in users}
+    return Problem(offs, demand, reach, min_replicas=rng.choice([0, 2]),
+                   max_spot_share=rng.choice([1.0, 0.5]),
+                   max_region_share=rng.choice([0.3, 0.5, 0.7]),
+                   max_cloud_share=rng.choice([1.0, 0.8]),
+                   budget=rng.choice([None, 60.0]))  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_dominance_across_locations_keeps_the_optimum(seed: int) -> None:
+    """Under a region share, dropping offerings dominated at more other locations than an
+    optimal placement has replicas leaves the optimum as the unreduced MILP finds it."""
+    p = _many_locations(random.Random(3000 + seed))
+    stats = Reduction()
+    prune(p, stats)
+    fast = solve(p, options=Options(gap_rel=1e-9))
+    plain = solve(p, options=Options(gap_rel=1e-9, split=False, tighten=False, multi_copy=False,
+                                     warm_start=False, far_prune=False))  # fmt: skip
+    assert fast.status == plain.status
+    if fast.status != "infeasible":
+        assert fast.cost == pytest.approx(plain.cost, rel=1e-6, abs=1e-6)
+        assert fast.reduction is not None and fast.reduction.far <= stats.multi_copy
+
+
+def test_dominance_across_locations_drops_the_dearer_copies() -> None:
+    """One instance type at six locations, half the traffic at most per location: two
+    replicas are needed and cost ~$2.01/h, so no placement has more than two replicas
+    ($1 each at least); every copy with cheaper copies at two or more other locations goes."""
+    offs = [_off(f"aws/r{k}", 1.0 + 0.01 * k, (1.0,)) for k in range(6)]
+    p = Problem(offs, {"u": (1.0,)}, {"u": frozenset(o.location for o in offs)},
+                max_region_share=0.5)  # fmt: skip
+    s = solve(p, options=Options(gap_rel=1e-9))
+    assert s.reduction is not None and s.reduction.multi_copy == 6 and s.reduction.far == 2
+    assert s.status == "optimal" and s.counts == {0: 1, 1: 1}
+    assert s.cost == pytest.approx(2.01) == pytest.approx(brute_force(p))
