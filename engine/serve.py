@@ -1,4 +1,6 @@
-"""`python -m engine.serve --model PATH ...`: the OpenAI-compatible engine server.
+"""`python -m engine.serve --model PATH|HUB_ID ...`: the OpenAI-compatible engine server.
+
+A hub id (`org/name`, `org/name/file.gguf`) is fetched into the hub cache first (engine.hub).
 
 The HTTP port opens at once; the model loads in the background (/health is 503 until it is
 ready). SIGTERM / Ctrl-C drain in-flight requests for --shutdown-timeout seconds, then abort
@@ -15,12 +17,17 @@ from pathlib import Path
 
 import uvicorn
 
+from engine.hub import resolve_model
 from engine.server.app import ServerConfig, create_app
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m engine.serve", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="HF model directory or .gguf file")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="HF model directory, .gguf file, or hub id (org/name[/file.gguf])",
+    )
     p.add_argument(
         "--served-model-name",
         default=None,
@@ -132,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
+        args.served_model_name = args.served_model_name or default_model_name(args.model)
+        args.model = resolve_model(args.model)
         app = build_app(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

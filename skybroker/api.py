@@ -171,6 +171,20 @@ class PlanResponse(BaseModel):
     plan: dict[str, Any] = Field(description="the plan: placements, $/h, solver, baselines")
 
 
+class DryRunResponse(BaseModel):
+    """What a launch would start, validated by the provisioner; nothing was launched."""
+
+    name: str
+    infra: Infra
+    dry_run: Literal[True] = True
+    cost_per_hour: float = Field(description="$/h of the plan")
+    replicas: list[dict[str, Any]] = Field(
+        description="one row per placement: key (cloud, region, instance type, spot), GPUs, "
+        "replicas, $/h each, and the provisioner's check (SkyPilot: the Task it validated)"
+    )
+    plan: dict[str, Any]
+
+
 class ReplicaView(BaseModel):
     name: str
     status: str = Field(description="PENDING, PROVISIONING, STARTING, READY, NOT_READY, ...")
@@ -422,6 +436,24 @@ def _catalog() -> Any:  # -> Catalog
     return load_catalog()
 
 
+async def _dry_run(controller: Any, spec: Any) -> JSONResponse:
+    from skybroker.provision import ProvisionError
+
+    plan = await run_in_threadpool(_make_plan, spec)
+    try:
+        replicas = await run_in_threadpool(controller.dry_run, spec, plan)
+    except ProvisionError as e:
+        raise ApiError(502, "provisioner_error", str(e)) from None
+    answer = DryRunResponse(
+        name=spec.name,
+        infra=spec.infra,
+        cost_per_hour=sum(r["replicas"] * r["price_per_hour"] for r in replicas),
+        replicas=_finite(replicas),
+        plan=_finite(plan.to_dict()),
+    )
+    return JSONResponse(answer.model_dump(mode="json"), status_code=200)
+
+
 def _taken(name: str) -> str:
     return f"a deployment named {name!r} exists: `skybroker down {name}` first, or rename"
 
@@ -517,13 +549,19 @@ def create_app(
         request: Request,
         infra: Annotated[Infra | None, Query()] = None,
         allowed: list[PathLib] | None = files,
-    ) -> LaunchView:
-        """Plan and launch; answers at once, progress shows in GET /v1/deployments/{name}."""
+        dry_run: Annotated[
+            bool, Query(description="plan and validate every replica's launch; launch nothing")
+        ] = False,
+    ) -> LaunchView | DryRunResponse:
+        """Plan and launch; answers at once, progress shows in GET /v1/deployments/{name}.
+        With dry_run, answers what would be launched where at what $/h (200)."""
         from skybroker.provision import ProvisionError
         from skybroker.state import StateError
 
         spec = _parse_spec(await _spec_data(request), infra)
         spec = await run_in_threadpool(_check_spec, spec, allowed, True)
+        if dry_run:
+            return await _dry_run(controller, spec)
         if controller.get(spec.name) is not None:
             raise ApiError(409, "conflict", _taken(spec.name), "name")
         plan = await run_in_threadpool(_make_plan, spec)

@@ -113,10 +113,16 @@ class BrokerClient:
         r = self._call("POST", "/v1/plans", params=self._infra(infra), **self._spec_body(spec_text))
         return r.json()
 
-    def launch(self, spec_text: str, infra: str | None = None) -> dict[str, Any]:
-        """POST /v1/deployments: returns at once; poll `get` for progress."""
+    def launch(
+        self, spec_text: str, infra: str | None = None, dry_run: bool = False
+    ) -> dict[str, Any]:
+        """POST /v1/deployments: returns at once; poll `get` for progress. With `dry_run`,
+        the validated replicas that would be launched (nothing is)."""
+        params = {**self._infra(infra), **({"dry_run": "true"} if dry_run else {})}
+        # A dry run waits for the provisioner to validate every replica (SkyPilot: minutes).
+        timeout = {"timeout": max(self._http.timeout.read or 0, 900.0)} if dry_run else {}
         r = self._call(
-            "POST", "/v1/deployments", params=self._infra(infra), **self._spec_body(spec_text)
+            "POST", "/v1/deployments", params=params, **timeout, **self._spec_body(spec_text)
         )
         return r.json()
 

@@ -149,6 +149,60 @@ class Controller:
             self.store.add_event(name, "scaled", f"target {target}: {old} -> {replicas} replicas")
             return self.store.update_deployment(name, targets=targets)
 
+    def dry_run(self, spec: Any, plan: Any) -> list[dict[str, Any]]:
+        """What `create` would launch, validated by the provisioner and launching nothing:
+        its checks, then each placement's replica built and passed to the provisioner's
+        `dry_run` (SkyPilot validates the Task) when it has one. Raises ProvisionError."""
+        targets = targets_from_plan(plan)
+        prov = self._provisioner(spec.infra)
+        check = getattr(prov, "check", None)
+        if check is not None:
+            check({t["key"][0] for t in targets})
+        now = time.time()
+        dep = Deployment(
+            name=spec.name,
+            infra=spec.infra,
+            status="DRY_RUN",
+            spec=spec.model_dump(mode="json"),
+            plan=plan.to_dict(),
+            targets=targets,
+            blocklist=[],
+            router_host=self.router_host,
+            router_port=None,
+            message="",
+            created_at=now,
+            updated_at=now,
+        )
+        replicas = []
+        for i, t in enumerate(targets):
+            cloud, region, instance_type, spot = t["key"]
+            rep = Replica(
+                id=i,
+                deployment=spec.name,
+                name=f"{spec.name}-dry{i}",
+                target=i,
+                cloud=cloud,
+                region=region,
+                instance_type=instance_type,
+                spot=bool(spot),
+                status=ReplicaStatus.PENDING,
+                url=None,
+                handle=None,
+                failures=0,
+                message="",
+                created_at=now,
+                updated_at=now,
+                launched_at=None,
+                ready_at=None,
+            )
+            replicas.append(self._replica_spec(dep, rep))
+        validate = getattr(prov, "dry_run", None)
+        checked = list(self._pool.map(validate, replicas)) if validate else [{}] * len(targets)
+        return [
+            {**t, "validated": validate is not None, **c}
+            for t, c in zip(targets, checked, strict=True)
+        ]
+
     def list(self) -> list[Deployment]:
         return self.store.list_deployments()
 

@@ -180,6 +180,14 @@ def launch(
         bool, typer.Option("--detach", "-d", help="return once launched, do not wait for ready")
     ] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait for ready")] = 1800.0,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="plan, build every replica's launch and have the provisioner validate it "
+            "(SkyPilot: sky launch --dryrun); launch nothing",
+        ),
+    ] = False,
     api_url: ApiUrl = None,
 ) -> None:
     """Plan a deployment, show the plan, ask, launch it and wait until its endpoint serves."""
@@ -196,6 +204,10 @@ def launch(
             raise typer.Exit(1) from None
     with _errors():
         client = _client(api_url)
+        if dry_run:
+            with err_console.status("planning and validating every replica's launch ..."):
+                show_dry_run(client.launch(text, infra, dry_run=True))
+            return
         with err_console.status("planning ..."):
             answer = client.plan(text, infra)
         show_plan(answer)
@@ -228,6 +240,27 @@ def launch(
             f"[green]ready[/green]: {dep['ready_replicas']} replicas, {_money(dep['cost_per_hour'])}"
         )
         console.print(f"endpoint: [bold]{dep['endpoint']}[/bold]  (OpenAI-compatible)")
+
+
+def show_dry_run(answer: dict[str, Any]) -> None:
+    """What a launch would start where at what $/h, and what the provisioner checked."""
+    table = Table(title=f"dry run of {answer['name']} (infra: {answer['infra']})")
+    for col in ("replicas", "where", "market", "GPUs", "$/h each"):
+        table.add_column(col)
+    for r in answer["replicas"]:
+        cloud, region, instance, spot = r["key"]
+        gpus = f"{r['gpu']} x{r['gpu_count']}" if r.get("gpu") else "-"
+        market = "spot" if spot else "on-demand"
+        where = f"{cloud}/{region}/{instance}"
+        table.add_row(str(r["replicas"]), where, market, gpus, _money(r["price_per_hour"]))
+    console.print(table)
+    for r in answer["replicas"]:
+        task = r.get("task")
+        if task:  # the SkyPilot Task, as validated by `sky launch --dryrun`
+            console.print(f"{r['cluster']}: SkyPilot validated its Task", style="bold")
+            console.print(f"  setup: {task.get('setup')}", markup=False, highlight=False)
+            console.print(f"  run: {task.get('run')}", markup=False, highlight=False)
+    console.print(f"total {_money(answer['cost_per_hour'])}; nothing was launched")
 
 
 # ---------------------------------------------------------------- status / down / logs

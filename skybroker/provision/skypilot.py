@@ -1,22 +1,26 @@
 """The SkyPilot provisioner: one SkyPilot cluster per replica, pinned to the planned offering.
 
-The Task's setup installs the engine extra, its run starts `python -m engine.serve`; the
-Resources are pinned to the plan's cloud, region, instance type and market with the engine's
-port exposed. Calls go through SkyPilot's asynchronous SDK (`sky.launch` returns a request id,
-`sky.stream_and_get` / `sky.get` wait), and SkyPilot's exceptions become the broker's own
-(`CapacityError` feeds failover). `sky` is imported lazily: the broker runs without it.
+The Task's setup installs the engine (the source tree of a checkout, else the wheel of the
+installed skybroker, mounted into the Task), its run starts `python -m engine.serve`, which
+fetches a hub model on the replica; the Resources are pinned to the plan's cloud, region,
+instance type and market with the engine's port exposed. Every call goes through SkyPilot's
+client SDK module (`sky.client.sdk`: `launch` returns a request id, `stream_and_get` / `get`
+wait), never through names on the `sky` package that a submodule import can shadow.
+SkyPilot's exceptions become the broker's own (`CapacityError` feeds failover). `sky` is
+imported lazily: the broker runs without it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import io
 import re
+import threading
 from pathlib import Path
 from typing import Any, TextIO
 
-from skybroker import __version__
 from skybroker.provision import (
     CapacityError,
     CredentialsError,
@@ -32,19 +36,67 @@ from skybroker.provision import (
 
 ENGINE_PORT = 8000
 REMOTE_MODEL_DIR = "/skybroker/model"
+REMOTE_WHEEL_DIR = "/skybroker/dist"
 _CLUSTER_PREFIX = "sb-"
+# The SkyPilot releases this provisioner is tested with (pyproject's `cloud` extra pins the same).
+SKYPILOT_RANGE = ">=0.14.1,<0.15"
+# The SDK calls the provisioner makes, with the keyword arguments it passes.
+SDK_CALLS: dict[str, tuple[str, ...]] = {
+    "check": ("infra_list", "verbose"),
+    "launch": ("task", "cluster_name", "retry_until_up", "idle_minutes_to_autostop", "dryrun"),
+    "stream_and_get": ("request_id", "output_stream"),
+    "get": ("request_id",),
+    "status": ("cluster_names", "refresh"),
+    "down": ("cluster_name",),
+    "endpoints": ("cluster", "port"),
+    "tail_logs": ("cluster_name", "job_id", "follow", "tail", "output_stream"),
+    "api_cancel": ("request_ids", "silent"),
+}
 
 
-def import_sky() -> Any:
-    """SkyPilot's SDK, or a MissingExtraError that says how to install it."""
+def import_sdk() -> Any:
+    """SkyPilot's client SDK module, or a MissingExtraError that says how to install it."""
     try:
-        import sky
+        from sky.client import sdk
     except ImportError as e:
         raise MissingExtraError(
             f"SkyPilot is not installed ({e}); infra 'skypilot' needs it: "
             "pip install 'skybroker[cloud]'"
         ) from e
+    return sdk
+
+
+def import_sky() -> Any:
+    """The `sky` package (Task, Resources, exceptions), or a MissingExtraError."""
+    import_sdk()
+    import sky
+
     return sky
+
+
+def missing_sdk_calls(sdk: Any) -> list[str]:
+    """What the provisioner needs that this SDK lacks: `name` or `name(arg)`, [] when none."""
+    missing = []
+    for name, params in SDK_CALLS.items():
+        fn = getattr(sdk, name, None)
+        if not callable(fn) or inspect.ismodule(fn):
+            missing.append(name)
+            continue
+        have = inspect.signature(fn).parameters
+        missing += [f"{name}({p})" for p in params if p not in have]
+    return missing
+
+
+def check_sdk(sdk: Any) -> None:
+    """Raise a ProvisionError naming the missing calls if this SkyPilot cannot serve us."""
+    missing = missing_sdk_calls(sdk)
+    if missing:
+        version = getattr(import_sky(), "__version__", "?")
+        raise ProvisionError(
+            f"the installed SkyPilot {version} lacks {', '.join(missing)} in sky.client.sdk; "
+            f"skybroker is tested with skypilot{SKYPILOT_RANGE}: "
+            f"pip install 'skypilot{SKYPILOT_RANGE}'"
+        )
 
 
 def cluster_name(replica_name: str) -> str:
@@ -65,6 +117,12 @@ def project_root() -> Path | None:
     return root if (root / "pyproject.toml").exists() else None
 
 
+def wheel_cache_dir() -> Path:
+    from skybroker.state import default_home
+
+    return default_home() / "wheels"
+
+
 class SkyPilotProvisioner:
     """Engine replicas on clouds through SkyPilot (one single-node cluster per replica)."""
 
@@ -77,27 +135,44 @@ class SkyPilotProvisioner:
         extras: str = "engine,gpu",
         idle_minutes_to_autostop: int | None = None,
         output_stream: TextIO | None = None,
+        launch_timeout_s: float | None = 1800.0,
+        wheel: Path | None = None,
     ) -> None:
         """`workdir=True` uploads this project's source tree when it is one (a dev install);
-        False or no tree found installs `skybroker[extras]` of this version from PyPI."""
+        False or no tree found mounts the wheel of the installed skybroker (`wheel`, else one
+        rebuilt from the installed distribution). A launch still running after
+        `launch_timeout_s` is cancelled and fails (the controller then tears it down)."""
         self.port = port
         self.workdir = project_root() if workdir is True else (workdir or None)
         self.extras = extras
         self.idle_minutes_to_autostop = idle_minutes_to_autostop
         self.output_stream = output_stream if output_stream is not None else io.StringIO()
+        self.launch_timeout_s = launch_timeout_s
+        self._wheel = wheel
 
     # -- building the task --------------------------------------------------------------------
 
-    def setup_command(self) -> str:
+    def wheel(self) -> Path:
+        """The local wheel the replica installs (built once from the installed skybroker)."""
+        if self._wheel is None:
+            from skybroker.provision.wheel import build_installed_wheel
+
+            self._wheel = build_installed_wheel(wheel_cache_dir())
+        return self._wheel
+
+    def install(self) -> tuple[str, dict[str, str]]:
+        """The setup command that installs the engine, and the file_mounts it needs."""
         if self.workdir is not None:
-            return f"pip install -q -e '.[{self.extras}]'"
-        return f"pip install -q 'skybroker[{self.extras}]=={__version__}'"
+            return f"pip install -q -e '.[{self.extras}]'", {}
+        local = self.wheel()
+        remote = f"{REMOTE_WHEEL_DIR}/{local.name}"
+        return f"pip install -q '{remote}[{self.extras}]'", {remote: str(local)}
 
     def model_mount(self, model: str) -> tuple[str, dict[str, str]]:
         """The model argument on the replica, and the file_mounts that bring a local model."""
         path = Path(model).expanduser()
         if not path.exists():
-            return model, {}  # a hub id: the replica downloads it (token passed as a secret)
+            return model, {}  # a hub id: engine.hub fetches it on the replica (HF_TOKEN secret)
         if path.is_dir():
             return REMOTE_MODEL_DIR, {REMOTE_MODEL_DIR: str(path.resolve())}
         remote = f"{REMOTE_MODEL_DIR}/{path.name}"
@@ -120,7 +195,8 @@ class SkyPilotProvisioner:
         return "\n".join([*lines, "wait"])
 
     def build_resources(self, spec: ReplicaSpec) -> Any:
-        sky = import_sky()
+        from sky import resources
+
         if spec.cloud == "local":
             raise ProvisionError(
                 f"replica {spec.name} is planned on this machine (cloud 'local'); "
@@ -135,30 +211,39 @@ class SkyPilotProvisioner:
             )
         # The GPUs are pinned too, so SkyPilot rejects an instance type that lacks them.
         accelerators = {spec.gpu: spec.gpu_count} if spec.gpu and spec.gpu_count else None
-        return sky.Resources(
-            infra=f"{spec.cloud}/{spec.region}",
-            instance_type=spec.instance_type,
-            accelerators=accelerators,
-            use_spot=spec.spot,
-            ports=self.ports(spec),
-        )
+        try:
+            return resources.Resources(
+                infra=f"{spec.cloud}/{spec.region}",
+                instance_type=spec.instance_type,
+                accelerators=accelerators,
+                use_spot=spec.spot,
+                ports=self.ports(spec),
+            )
+        except Exception as e:
+            raise map_sky_error(e, spec, "sky.Resources") from e
 
     def build_task(self, spec: ReplicaSpec) -> Any:
         """The sky.Task of one replica (secrets go to SkyPilot's `secrets`, never to envs)."""
-        sky = import_sky()
-        model, file_mounts = self.model_mount(spec.model)
+        import_sdk()
+        from sky import task as sky_task
+
+        model, model_mounts = self.model_mount(spec.model)
+        setup, install_mounts = self.install()
         remote = dataclasses.replace(spec, model=model)
-        run = self.run_command(remote)
-        task = sky.Task(
-            name=cluster_name(spec.name),
-            setup=self.setup_command(),
-            run=run,
-            envs=dict(spec.envs),
-            secrets=dict(spec.secrets) or None,
-            workdir=str(self.workdir) if self.workdir else None,
-            file_mounts=file_mounts or None,
-        )
-        task.set_resources(self.build_resources(spec))
+        resources = self.build_resources(spec)
+        try:
+            task = sky_task.Task(
+                name=cluster_name(spec.name),
+                setup=setup,
+                run=self.run_command(remote),
+                envs=dict(spec.envs),
+                secrets=dict(spec.secrets) or None,
+                workdir=str(self.workdir) if self.workdir else None,
+                file_mounts={**install_mounts, **model_mounts} or None,
+            )
+            task.set_resources(resources)
+        except Exception as e:
+            raise map_sky_error(e, spec, "sky.Task") from e
         return task
 
     # -- the Provisioner interface ------------------------------------------------------------
@@ -166,14 +251,15 @@ class SkyPilotProvisioner:
     def check(self, clouds: set[str]) -> None:
         """Raise unless SkyPilot is installed and can use every cloud in `clouds` (`sky check`
         through its API server); the error says what to install or configure."""
-        sky = import_sky()
+        sdk = import_sdk()
+        check_sdk(sdk)
         wanted = sorted(c.lower() for c in clouds)
         if "local" in wanted:
             raise ProvisionError("the plan runs on this machine (cloud 'local'): use infra: local")
         try:
-            result = sky.get(sky.check(tuple(wanted), verbose=False)) or {}
+            result = sdk.get(sdk.check(tuple(wanted), verbose=False)) or {}
         except Exception as e:
-            raise map_sky_error(e, None) from e
+            raise map_sky_error(e, None, "sky check") from e
         enabled = {
             cloud.lower()
             for workspace in result.values()
@@ -194,20 +280,36 @@ class SkyPilotProvisioner:
             f"{fix}"
         )
 
+    def dry_run(self, spec: ReplicaSpec) -> dict[str, Any]:
+        """Build the replica's Task and have SkyPilot validate it (`sky launch --dryrun`:
+        its optimizer resolves the pinned offering against its catalog); launches nothing.
+        Returns the Task as SkyPilot's YAML, secrets masked."""
+        sdk = import_sdk()
+        task = self.build_task(spec)
+        try:
+            request_id = sdk.launch(task, cluster_name=cluster_name(spec.name), dryrun=True)
+            sdk.stream_and_get(request_id, output_stream=self.output_stream)
+        except Exception as e:
+            raise map_sky_error(e, spec, "sky launch --dryrun") from e
+        config = task.to_yaml_config()
+        if config.get("secrets"):
+            config["secrets"] = {k: "<secret>" for k in config["secrets"]}
+        return {"cluster": cluster_name(spec.name), "task": config}
+
     def launch(self, spec: ReplicaSpec) -> ReplicaHandle:
-        sky = import_sky()
+        sdk = import_sdk()
         task = self.build_task(spec)
         cluster = cluster_name(spec.name)
         try:
-            request_id = sky.launch(
+            request_id = sdk.launch(
                 task,
                 cluster_name=cluster,
                 retry_until_up=False,
                 idle_minutes_to_autostop=self.idle_minutes_to_autostop,
             )
-            job_id, _ = sky.stream_and_get(request_id, output_stream=self.output_stream)
         except Exception as e:
-            raise map_sky_error(e, spec) from e
+            raise map_sky_error(e, spec, "sky launch") from e
+        job_id, _ = self._wait(sdk, request_id, spec)
         handle = ReplicaHandle(
             provider=self.name,
             name=spec.name,
@@ -219,48 +321,79 @@ class SkyPilotProvisioner:
             handle.info["urls"] = [self.endpoint(handle, port) for port in ports]
         return handle
 
+    def _wait(self, sdk: Any, request_id: Any, spec: ReplicaSpec) -> Any:
+        """The launch request's result, streaming its log; cancelled past the timeout."""
+        outcome: dict[str, Any] = {}
+
+        def stream() -> None:
+            try:
+                outcome["result"] = sdk.stream_and_get(request_id, output_stream=self.output_stream)
+            except BaseException as e:
+                outcome["error"] = e
+
+        waiter = threading.Thread(target=stream, name=f"sky-launch-{spec.name}", daemon=True)
+        waiter.start()
+        waiter.join(self.launch_timeout_s)
+        if waiter.is_alive():
+            try:
+                sdk.get(sdk.api_cancel(request_id, silent=True))
+            except Exception as e:
+                raise map_sky_error(e, spec, "sky api cancel") from e
+            waiter.join(60)
+            raise ProvisionError(
+                f"sky launch of {spec.name} on {'/'.join(map(str, spec.offering_key))} "
+                f"was not up after {self.launch_timeout_s:.0f}s; cancelled it"
+            )
+        if "error" in outcome:
+            raise map_sky_error(outcome["error"], spec, "sky launch") from outcome["error"]
+        return outcome["result"]
+
     def status(self, handle: ReplicaHandle) -> ReplicaState:
-        sky = import_sky()
+        sdk = import_sdk()
+        from sky.utils import common
+
         cluster = cluster_name(handle.name)
         try:
-            records = sky.get(sky.status([cluster], refresh=sky.StatusRefreshMode.AUTO))
+            records = sdk.get(sdk.status([cluster], refresh=common.StatusRefreshMode.AUTO))
         except Exception as e:
-            raise map_sky_error(e, None) from e
+            raise map_sky_error(e, None, "sky status") from e
         for record in records:
             if _field(record, "name") == cluster:
                 return _state(_field(record, "status"))
         return ReplicaState.DEAD
 
     def terminate(self, handle: ReplicaHandle) -> None:
-        sky = import_sky()
+        sdk = import_sdk()
+        from sky import exceptions as sx
+
         try:
-            sky.stream_and_get(
-                sky.down(cluster_name(handle.name)), output_stream=self.output_stream
+            sdk.stream_and_get(
+                sdk.down(cluster_name(handle.name)), output_stream=self.output_stream
             )
-        except sky.exceptions.ClusterDoesNotExist:
+        except sx.ClusterDoesNotExist:
             return
         except Exception as e:
-            raise map_sky_error(e, None) from e
+            raise map_sky_error(e, None, "sky down") from e
 
     def endpoint(self, handle: ReplicaHandle, port: int | None = None) -> str:
-        sky = import_sky()
+        sdk = import_sdk()
         port = port or int(handle.info.get("port", self.port))
         try:
-            found = sky.get(sky.endpoints(cluster_name(handle.name), port))
+            found = sdk.get(sdk.endpoints(cluster_name(handle.name), port))
         except Exception as e:
-            raise map_sky_error(e, None) from e
+            raise map_sky_error(e, None, "sky status --endpoint") from e
         url = found.get(port) or found.get(str(port))
         if not url:
             raise ProvisionError(f"SkyPilot exposes no endpoint for port {port} of {handle.name}")
         return url if "://" in url else f"http://{url}"
 
     def logs(self, handle: ReplicaHandle, tail: int = 200) -> str:
-        sky = import_sky()
+        sdk = import_sdk()
         out = io.StringIO()
         try:
-            sky.tail_logs(cluster_name(handle.name), None, False, tail=tail, output_stream=out)
+            sdk.tail_logs(cluster_name(handle.name), None, False, tail=tail, output_stream=out)
         except Exception as e:
-            raise map_sky_error(e, None) from e
+            raise map_sky_error(e, None, "sky logs") from e
         return out.getvalue()
 
 
@@ -281,8 +414,13 @@ def _describe(errors: list[BaseException]) -> str:
     return "; ".join(f"{type(e).__name__}: {e}" for e in errors)
 
 
-def map_sky_error(e: BaseException, spec: ReplicaSpec | None) -> ProvisionError:
-    """SkyPilot's exception as the broker's own error (CapacityError feeds failover)."""
+def map_sky_error(
+    e: BaseException, spec: ReplicaSpec | None, call: str = "SkyPilot"
+) -> ProvisionError:
+    """SkyPilot's exception as the broker's own error (CapacityError feeds failover).
+
+    Errors a user can act on say what to do; any other names `call` and SkyPilot's message.
+    """
     if isinstance(e, ProvisionError):
         return e
     from sky import exceptions as sx
@@ -298,15 +436,18 @@ def map_sky_error(e: BaseException, spec: ReplicaSpec | None) -> ProvisionError:
         if reasons and all(isinstance(r, sx.ResourcesUnavailableError) for r in reasons):
             e = reasons[0]
         else:
-            return ProvisionError(f"SkyPilot prechecks failed{where}: {_describe(reasons)}")
+            return ProvisionError(f"{call}: SkyPilot prechecks failed{where}: {_describe(reasons)}")
     if isinstance(e, sx.ResourcesUnavailableError):
         history = list(e.failover_history)
         if history and all(isinstance(h, credential_errors) for h in history):
-            return CredentialsError(f"cloud credentials rejected{where}: {_describe(history)}")
+            return CredentialsError(
+                f"cloud credentials rejected{where}: {_describe(history)}. "
+                "Fix them, then run `sky check`"
+            )
         detail = _describe(history) if history else str(e)
         message = f"no capacity{where}: {detail}"
         if spec is None:
-            return ProvisionError(message)
+            return ProvisionError(f"{call}: {message}")
         return CapacityError(spec.offering_key, message)
     if isinstance(e, sx.NoCloudAccessError):
         return NoCloudAccessError(
@@ -314,7 +455,14 @@ def map_sky_error(e: BaseException, spec: ReplicaSpec | None) -> ProvisionError:
             "`sky check`"
         )
     if isinstance(e, credential_errors):
-        return CredentialsError(f"cloud credentials problem{where}: {e}")
+        return CredentialsError(
+            f"cloud credentials problem{where}: {e}. Fix them, then run `sky check`"
+        )
     if isinstance(e, sx.ApiServerConnectionError):
-        return ProvisionError(f"cannot reach the SkyPilot API server{where}: {e}")
-    return ProvisionError(f"SkyPilot failed{where}: {type(e).__name__}: {e}")
+        return ProvisionError(
+            f"cannot reach the SkyPilot API server{where}: {e}. Start it with `sky api start` "
+            "or point SKYPILOT_API_SERVER_ENDPOINT at yours"
+        )
+    if isinstance(e, sx.RequestCancelled):
+        return ProvisionError(f"{call} was cancelled{where}: {e}")
+    return ProvisionError(f"{call} failed{where}: {type(e).__name__}: {e}")

@@ -1,0 +1,183 @@
+"""The SkyPilot provisioner against SkyPilot's real local API server, offline.
+
+The module starts SkyPilot's API server (state in a temp HOME, seeded catalogs), a moto
+server as the AWS endpoint and RunPod's GraphQL stand-in (tests/skypilot_env.py); the
+broker's code runs in fresh processes that talk to them (tests/sky_driver.py, the CLI):
+`sky check`, `sky status`, `sky down` of a cluster that does not exist, `sky launch --dryrun`
+of the broker's Tasks (also `skybroker launch examples/chat-8b-us-eu.yaml --dry-run`), and a
+real launch on moto: the EC2 instance has the planned type, zone of the region and market;
+SkyPilot then cannot reach it over SSH, the broker's launch timeout fails the launch, and the
+controller tears it down (no instance left running).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from skybroker.provision import ReplicaSpec
+from tests.skypilot_env import ROOT, SkyServers, sky_servers
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory):
+    with sky_servers(tmp_path_factory.mktemp("sky")) as s:
+        yield s
+
+
+def drive(servers: SkyServers, *args: str, timeout: float = 300) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.sky_driver", *args],
+        cwd=ROOT,
+        env=servers.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _spec(**kw: Any) -> str:
+    base = dict(
+        name="probe-1",
+        deployment="probe",
+        model="meta-llama/Llama-3.1-8B-Instruct",
+        served_model_name="llama",
+        cloud="aws",
+        region="us-east-1",
+        instance_type="g5.xlarge",
+        spot=True,
+        gpu="A10G",
+        gpu_count=1,
+        secrets={"HF_TOKEN": "hf_secret"},
+    )
+    return json.dumps(asdict(ReplicaSpec(**{**base, **kw})))
+
+
+def test_check_through_the_api_server(servers: SkyServers) -> None:
+    assert drive(servers, "check", "aws,runpod") == {"ok": None}
+    answer = drive(servers, "check", "aws,gcp")
+    assert answer["error"] == "CredentialsError"
+    assert "cannot use gcp (enabled: aws" in answer["message"]
+    assert "`sky check gcp`" in answer["message"]
+
+
+def test_status_and_down_of_a_cluster_that_does_not_exist(servers: SkyServers) -> None:
+    assert drive(servers, "status", "nothing-here") == {"ok": "DEAD"}
+    assert drive(servers, "terminate", "nothing-here") == {"ok": None}
+
+
+def test_dry_run_validates_the_task_against_the_catalog(servers: SkyServers) -> None:
+    answer = drive(servers, "dry_run", _spec())
+    task = answer["ok"]["task"]
+    assert answer["ok"]["cluster"] == "sb-probe-1"
+    assert task["resources"]["infra"] == "aws/us-east-1"
+    assert task["resources"]["instance_type"] == "g5.xlarge"
+    assert task["resources"]["use_spot"] is True
+    assert task["secrets"] == {"HF_TOKEN": "<secret>"}  # never echoed back
+    # A region the catalog does not offer the instance in, and GPUs the instance lacks:
+    # SkyPilot's own validation refuses them, and the broker names the call and SkyPilot's why.
+    answer = drive(servers, "dry_run", _spec(region="eu-west-1"))
+    assert answer["error"] == "ProvisionError", answer
+    assert answer["message"].startswith("sky launch --dryrun failed for probe-1 on aws/eu-west-1")
+    assert "Invalid region 'eu-west-1'" in answer["message"]  # SkyPilot's own words
+    answer = drive(servers, "dry_run", _spec(gpu="H100"))
+    assert answer["error"] == "ProvisionError", answer
+    assert "ResourcesMismatchError" in answer["message"]
+    assert "Accelerators for g5.xlarge: {'A10G': 1}" in answer["message"]
+    assert servers.instances() == []  # a dry run launches nothing
+
+
+def test_cli_dry_run_of_the_example(servers: SkyServers, tmp_path: Path) -> None:
+    cli = [sys.executable, "-m", "skybroker"]
+    example = ROOT / "examples" / "chat-8b-us-eu.yaml"
+    try:
+        out = subprocess.run(
+            [*cli, "launch", str(example), "--dry-run"],
+            cwd=tmp_path,
+            env={**servers.env, "COLUMNS": "200"},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        subprocess.run([*cli, "server", "stop"], env=servers.env, capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    spec = yaml.safe_load(example.read_text())
+    assert f"dry run of {spec['name']} (infra: skypilot)" in out.stdout
+    assert "SkyPilot validated its Task" in out.stdout
+    assert "python -m engine.serve --model meta-llama/Llama-3.1-8B-Instruct" in out.stdout
+    assert "nothing was launched" in out.stdout
+    assert servers.instances() == []
+
+
+def test_launch_on_moto_creates_the_planned_instance_then_tears_it_down(
+    servers: SkyServers, tmp_path: Path
+) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "moto-chat",
+                "infra": "skypilot",
+                "model": "meta-llama/Llama-3.1-8B-Instruct",
+                "workload": {
+                    "rate": 1,
+                    "input_tokens": {"mean": 300, "p50": 200, "p99": 1000},
+                    "output_tokens": {"mean": 100, "p50": 80, "p99": 300},
+                    "users": {"us-east": 1.0},
+                },
+                "slo": {"ttft_ms": 3000, "tpot_ms": 200},
+                "constraints": {
+                    "clouds": ["aws"],
+                    "regions": ["us-east-1"],
+                    "gpus": ["A10G"],
+                    "spot": "prefer",
+                },
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.sky_driver", "deploy", str(spec), "60"],
+        cwd=ROOT,
+        env=servers.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        for inst in servers.instances():
+            if inst["State"]["Name"] in ("pending", "running"):
+                seen[inst["InstanceId"]] = inst
+        time.sleep(2)
+    if proc.poll() is None:
+        proc.kill()
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    answer = json.loads(stdout.strip().splitlines()[-1])["ok"]
+    [placement] = answer["plan"]["placements"]
+    assert seen, "SkyPilot created no instance in moto"
+    for inst in seen.values():
+        assert inst["InstanceType"] == placement["instance_type"]
+        assert inst["Placement"]["AvailabilityZone"].startswith(placement["region"])
+        assert (inst.get("InstanceLifecycle") == "spot") == placement["spot"]
+    kinds = [e["kind"] for e in answer["events"]]
+    assert "launch_failed" in kinds, answer["events"]
+    failed = next(e for e in answer["events"] if e["kind"] == "launch_failed")
+    assert "was not up after 60s; cancelled it" in failed["message"]
+    assert answer["replicas"][0]["status"] == "FAILED"
+    left = [i for i in servers.instances() if i["State"]["Name"] not in ("terminated",)]
+    assert left == [], [(i["InstanceId"], i["State"]["Name"]) for i in left]
