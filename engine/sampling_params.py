@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 _EPS = 1e-5
+# Seen tokens' logits are divided (or multiplied) by the repetition penalty in float32: below
+# this, a logit leaves float32's range (5e-324 is 0 there) and the logprobs turn NaN.
+MIN_REPETITION_PENALTY = 1e-6
 
 
 @dataclass
@@ -49,8 +52,8 @@ class SamplingParams:
             raise bad("top_k", "-1 (disabled) or an integer >= 1")
         if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", "in [0, 1]")
-        if not 0.0 < self.repetition_penalty <= 2.0:
-            raise bad("repetition_penalty", "in (0, 2]")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 2.0:
+            raise bad("repetition_penalty", f"in [{MIN_REPETITION_PENALTY:g}, 2]")
         if not -2.0 <= self.presence_penalty <= 2.0:
             raise bad("presence_penalty", "in [-2, 2]")
         if not -2.0 <= self.frequency_penalty <= 2.0:

@@ -14,6 +14,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from engine.loader import gguf_metadata, gguf_reader, is_gguf
 
 _GGUF_SPECIAL_TYPES = (3, 4)  # CONTROL, USER_DEFINED
+LONG_TEXT = 16384  # characters: past this, encoding takes milliseconds (see encode)
 
 
 def _token_str(value: Any) -> str | None:
@@ -106,7 +107,18 @@ class EngineTokenizer:
 
     # -- use -----------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`. A long text is encoded through `encode_batch`, which releases
+        the GIL (`encode` holds it: a megabyte takes about a second), so other threads run."""
+        try:
+            if len(text) < LONG_TEXT:
+                enc = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            else:
+                enc = self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+        except TypeError:
+            if isinstance(text, str):  # tokenizers says "must be str" for a lone surrogate too
+                text.encode("utf-8")  # raises UnicodeEncodeError (a ValueError) naming it
+            raise
+        ids = enc.ids
         # A chat-templated prompt already starts with BOS: do not add a second one.
         bos = self.bos_token_id
         if add_special_tokens and bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos:

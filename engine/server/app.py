@@ -25,6 +25,7 @@ from engine.server.auth import check_api_key
 from engine.server.engine_process import ProcessLLMEngine
 from engine.server.errors import APIError, bad_request
 from engine.server.metrics import EngineStats, ServerMetrics
+from engine.server.middleware import BodyLimit, CatchErrors
 from engine.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -46,6 +47,7 @@ from engine.server.serving import (
     completion_events,
     completion_response,
     encode_prompt,
+    encode_text,
     submit,
     until_disconnect,
 )
@@ -62,6 +64,7 @@ class ServerConfig:
     served_model_name: str
     api_key: str | None = None
     max_pending: int = 1024  # requests waiting for a first token before 503s start
+    max_request_bytes: int = 4 * 2**20  # a full 128k-token prompt as JSON fits with room
     retry_after_s: int = 1
     drain_timeout_s: float = 30.0  # graceful shutdown: let in-flight requests finish this long
 
@@ -155,8 +158,11 @@ class ServerState:
 
 def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    err = exc.errors()[0]
-    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    errors = exc.errors()
+    # A value that fails every member of a union errs once per member: the lone surrogate, if
+    # any, is what is wrong with it.
+    err = next((e for e in errors if e.get("type") == "lone_surrogate"), errors[0])
+    loc = [str(x) for x in err.get("loc", ()) if x != "body" and not _union_tag(x)]
     cause = (err.get("ctx") or {}).get("error")
     if isinstance(cause, ParamError):
         return bad_request(str(cause), cause.param).response()
@@ -173,6 +179,11 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return bad_request(f"{where}: {msg} (got {value})", param).response()
 
 
+def _union_tag(loc: object) -> bool:
+    """pydantic's name of a union member in an error's location ('str', 'list[int]', ...)."""
+    return isinstance(loc, str) and ("[" in loc or loc in ("str", "int", "float", "bool"))
+
+
 def _api_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
     return exc.response()
@@ -181,12 +192,10 @@ def _api_error(_: Request, exc: Exception) -> JSONResponse:
 def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return APIError(exc.status_code, str(exc.detail), kind, headers=exc.headers).response()
-
-
-def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    logger.error("unhandled error", exc_info=exc)
-    return APIError(500, f"internal error: {type(exc).__name__}", "server_error").response()
+    code = "request_too_large" if exc.status_code == 413 else None
+    return APIError(
+        exc.status_code, str(exc.detail), kind, code=code, headers=exc.headers
+    ).response()
 
 
 def _engine_errors(e: Exception) -> APIError:
@@ -246,12 +255,10 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state.require_engine()
     check_model(state, body.model)
     if body.messages is not None:
-        chat = ChatCompletionRequest(
-            messages=body.messages, add_generation_prompt=body.add_generation_prompt
-        )
-        ids = state.tokenizer.encode(chat_prompt(state, chat), add_special_tokens=False)
+        text = chat_prompt(state, body.message_dicts(), body.add_generation_prompt)
+        ids = await encode_text(state, text, add_special_tokens=False)
     else:
-        ids = state.tokenizer.encode(body.prompt or "")
+        ids = await encode_text(state, body.prompt or "")
     return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids)
 
 
@@ -272,7 +279,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     state.require_engine()
     check_model(state, body.model)
     raw = body.prompts()
-    prompts = [encode_prompt(state, p, "prompt") for p in raw]
+    prompts = [await encode_prompt(state, p, "prompt") for p in raw]
     echo = (
         [p if isinstance(p, str) else state.tokenizer.decode(p) for p in raw] if body.echo else []
     )
@@ -291,7 +298,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     state = _state(request)
     state.require_engine()
     check_model(state, body.model)
-    ids = encode_prompt(state, chat_prompt(state, body), "messages", add_special_tokens=False)
+    text = chat_prompt(state, body.message_dicts(), body.add_generation_prompt)
+    ids = await encode_prompt(state, text, "messages", add_special_tokens=False)
     try:
         sub = await submit(
             state, body, "chatcmpl", [ids], body.requested_max_tokens(), body.engine_logprobs()
@@ -346,7 +354,8 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(BodyLimit, limit=config.max_request_bytes)
+    app.add_middleware(CatchErrors)  # outermost of ours: it sees what BodyLimit raises too
     app.include_router(router)
     app.include_router(api)
     return app

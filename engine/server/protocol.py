@@ -11,9 +11,10 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import MIN_REPETITION_PENALTY, SamplingParams
 
 MAX_N = 128
 MAX_LOGPROBS = 20
@@ -29,6 +30,24 @@ class ParamError(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(f"{param}: {message}")
         self.param = param
+
+
+def _unicode(value: str) -> str:
+    """Reject lone UTF-16 surrogates (JSON lets `"\\ud800"` through): not text a tokenizer
+    or a UTF-8 response can hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PydanticCustomError(
+            "lone_surrogate",
+            "must be valid Unicode text; it holds a lone UTF-16 surrogate {char} at index "
+            "{index} (a \\ud800-\\udfff escape without its pair)",
+            {"char": ascii(value[e.start]), "index": e.start},
+        ) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class OpenAIModel(BaseModel):
@@ -75,7 +94,7 @@ class SamplingFields(OpenAIModel):
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
@@ -86,7 +105,7 @@ class SamplingFields(OpenAIModel):
     # Extra parameters (vLLM's), sent by OpenAI clients through `extra_body`.
     top_k: int | None = Field(None, ge=-1)
     min_p: Probability | None = None
-    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=2.0)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
@@ -135,7 +154,7 @@ class SamplingFields(OpenAIModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
@@ -195,13 +214,13 @@ class CompletionResponse(OpenAIModel):
 
 class TextContentPart(OpenAIModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextContentPart] | None = None
-    name: str | None = None
+    content: Text | list[TextContentPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -209,6 +228,10 @@ class ChatMessage(OpenAIModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def as_dict(self) -> dict[str, str]:
+        """The message as a chat template reads it."""
+        return {"role": self.role, "content": self.text()}
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -238,7 +261,7 @@ class ChatCompletionRequest(SamplingFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def message_dicts(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return [m.as_dict() for m in self.messages]
 
 
 class ChatLogProb(OpenAIModel):
@@ -295,8 +318,8 @@ class ModelList(OpenAIModel):
 
 class TokenizeRequest(OpenAIModel):
     model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_generation_prompt: bool = True
 
     @model_validator(mode="after")
@@ -304,6 +327,9 @@ class TokenizeRequest(OpenAIModel):
         if (self.prompt is None) == (self.messages is None):
             raise ParamError("prompt", "give exactly one of prompt or messages")
         return self
+
+    def message_dicts(self) -> list[dict[str, str]]:
+        return [m.as_dict() for m in self.messages or []]
 
 
 class TokenizeResponse(OpenAIModel):

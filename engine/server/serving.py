@@ -36,6 +36,7 @@ from engine.server.protocol import (
     UsageInfo,
     random_id,
 )
+from engine.tokenizer import LONG_TEXT
 
 if TYPE_CHECKING:
     from engine.llm_engine import CompletionOutput, RequestOutput
@@ -52,7 +53,16 @@ class ClientDisconnected(Exception):
 # ---- prompt preparation ---------------------------------------------------------------------
 
 
-def encode_prompt(
+async def encode_text(state: ServerState, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of `text`. A long text is encoded on a worker thread (with the GIL released,
+    see EngineTokenizer.encode), so the event loop, /health included, keeps answering."""
+    tokenizer = state.tokenizer
+    if len(text) < LONG_TEXT:
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens)
+
+
+async def encode_prompt(
     state: ServerState, prompt: str | list[int], param: str, add_special_tokens: bool = True
 ) -> list[int]:
     """Token ids of a prompt, checked against the vocabulary and the context length.
@@ -61,7 +71,7 @@ def encode_prompt(
     as the offline `LLM.chat` does.
     """
     if isinstance(prompt, str):
-        ids = state.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        ids = await encode_text(state, prompt, add_special_tokens)
     else:
         ids = list(prompt)
         vocab = state.vocab_size
@@ -104,10 +114,12 @@ def check_model(state: ServerState, model: str | None) -> None:
         )
 
 
-def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> str:
+def chat_prompt(
+    state: ServerState, messages: list[dict[str, str]], add_generation_prompt: bool
+) -> str:
     try:
         return state.tokenizer.apply_chat_template(
-            body.message_dicts(), add_generation_prompt=body.add_generation_prompt
+            messages, add_generation_prompt=add_generation_prompt
         )
     except Exception as e:  # template errors (e.g. roles that must alternate) are the input's
         raise bad_request(f"messages: cannot apply the chat template: {e}", "messages") from e
@@ -276,9 +288,11 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        watcher.cancel()
         if not task.done():
             task.cancel()
-        watcher.cancel()
+            # cancel() only asks: wait until the work has unwound (aborted its requests)
+            await asyncio.wait({task})
     if task.cancelled():
         raise ClientDisconnected
     return task.result()
@@ -287,8 +301,17 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 # ---- logprobs -------------------------------------------------------------------------------
 
 
+# vLLM's floor: JSON has no -inf (a banned token's logprob) and no NaN.
+MIN_LOGPROB = -9999.0
+
+
+def finite(logprob: float) -> float:
+    """A logprob JSON can carry: -inf and NaN become MIN_LOGPROB."""
+    return logprob if logprob >= MIN_LOGPROB else MIN_LOGPROB
+
+
 def _top(lp: dict[int, float], k: int) -> list[tuple[int, float]]:
-    return sorted(lp.items(), key=lambda kv: -kv[1])[:k]
+    return sorted(((t, finite(v)) for t, v in lp.items()), key=lambda kv: -kv[1])[:k]
 
 
 def completion_logprobs(
@@ -302,7 +325,8 @@ def completion_logprobs(
     for tid, lp in zip(token_ids, logprobs, strict=False):
         text = state.token_text(tid)
         out.tokens.append(text)
-        out.token_logprobs.append(lp.get(tid))
+        chosen = lp.get(tid)
+        out.token_logprobs.append(None if chosen is None else finite(chosen))
         top: dict[str, float] = {}
         for t, v in _top(lp, k):  # ids that print alike keep their highest logprob
             top.setdefault(state.token_text(t), v)
@@ -325,7 +349,7 @@ def chat_logprobs(
         content.append(
             ChatLogProbsContent(
                 token=text,
-                logprob=lp.get(tid, float("-inf")),
+                logprob=finite(lp.get(tid, MIN_LOGPROB)),
                 bytes=list(text.encode()),
                 top_logprobs=top,
             )
