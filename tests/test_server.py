@@ -282,7 +282,6 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "top_p": 1.5}, "top_p"),
     ("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
     ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
-    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, "model"),
     ("/v1/completions", {"prompt": "the " * 400}, "prompt"),
     ("/v1/completions", {"prompt": []}, "prompt"),
     ("/v1/completions", {"prompt": [1, 2, 10**6]}, "prompt"),
@@ -318,6 +317,17 @@ def test_bad_input_is_400(server: ServerThread, path: str, body: object, param: 
     assert err["param"] == param, err
     if param is not None:
         assert param in err["message"]
+
+
+def test_unknown_model_is_404(server: ServerThread, client: openai.OpenAI) -> None:
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "model": "gpt-4"})
+    assert r.status_code == 404, r.text
+    err = r.json()["error"]
+    assert (
+        err["code"] == "model_not_found" and err["param"] == "model" and "'tiny'" in err["message"]
+    )
+    with pytest.raises(openai.NotFoundError, match="gpt-4"):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
 
 
 def test_openai_client_sees_bad_request(client: openai.OpenAI) -> None:

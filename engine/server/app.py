@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.server.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
@@ -28,9 +28,12 @@ from engine.server.metrics import EngineStats, ServerMetrics
 from engine.server.middleware import BodyLimit, CatchErrors
 from engine.server.protocol import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    ErrorResponse,
     ModelCard,
     ModelList,
     ParamError,
@@ -218,15 +221,28 @@ def _engine_errors(e: Exception) -> APIError:
 
 # ---- routes ---------------------------------------------------------------------------------
 
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    what = {
+        400: "Invalid request: the message and `param` name the field and what is allowed",
+        401: "Missing or wrong API key",
+        404: "No such model on this server (`model` names another)",
+        413: "Request body over the server's --max-request-bytes",
+        503: "Engine not ready, or overloaded (see Retry-After)",
+    }
+    return {c: {"model": ErrorResponse, "description": what[c]} for c in codes}
+
+
 router = APIRouter()
-api = APIRouter(dependencies=[Depends(check_api_key)])
+api = APIRouter(dependencies=[Depends(check_api_key)], responses=_errors(400, 401, 404, 413, 503))
+_STREAM = {"text/event-stream": {"schema": {"type": "string"}}}  # with "stream": true
 
 
 def _state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-@router.get("/health")
+@router.get("/health", responses={503: {"description": "Loading, draining or failed"}})
 async def health(request: Request) -> JSONResponse:
     state = _state(request)
     ready = state.status == "ready" and state.engine is not None and state.engine.is_running
@@ -234,7 +250,7 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": status}, 200 if ready else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     body = _state(request).metrics.render()
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -273,7 +289,11 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     return DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens))
 
 
-@api.post("/v1/completions", response_model=None)
+@api.post(
+    "/v1/completions",
+    response_model=None,
+    responses={200: {"model": CompletionResponse, "content": _STREAM}},
+)
 async def completions(body: CompletionRequest, request: Request) -> Any:
     state = _state(request)
     state.require_engine()
@@ -293,7 +313,11 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     return await _respond(request, completion_response(state, sub, body, echo))
 
 
-@api.post("/v1/chat/completions", response_model=None)
+@api.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses={200: {"model": ChatCompletionResponse, "content": _STREAM}},
+)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     state = _state(request)
     state.require_engine()

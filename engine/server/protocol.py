@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic_core import PydanticCustomError
 
 from engine.sampling_params import MIN_REPETITION_PENALTY, SamplingParams
@@ -51,8 +51,9 @@ Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class OpenAIModel(BaseModel):
-    # Unknown fields are ignored (OpenAI SDKs send some we do not use, e.g. `user`).
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are ignored (OpenAI SDKs send some we do not use, e.g. `user`). Strict:
+    # a value has its JSON type (0 is no boolean, "3" no integer), as the schema says.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 # ---- errors ---------------------------------------------------------------------------------
@@ -83,6 +84,11 @@ class UsageInfo(OpenAIModel):
     total_tokens: int = 0
 
 
+def _unsupported(empty: dict[str, Any]) -> WithJsonSchema:
+    """The schema of a field this server rejects unless it is null or `empty`."""
+    return WithJsonSchema({"anyOf": [{"type": "null"}, empty]})
+
+
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
@@ -100,7 +106,9 @@ class SamplingFields(OpenAIModel):
     frequency_penalty: Penalty | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[
+        dict[str, float] | None, _unsupported({"type": "object", "maxProperties": 0})
+    ] = None
     user: str | None = None
     # Extra parameters (vLLM's), sent by OpenAI clients through `extra_body`.
     top_k: int | None = Field(None, ge=-1)
@@ -159,7 +167,7 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
-    suffix: str | None = None
+    suffix: Annotated[str | None, _unsupported({"type": "string", "maxLength": 0})] = None
 
     @model_validator(mode="after")
     def _check_completion(self) -> CompletionRequest:
@@ -241,8 +249,13 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
-    tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: Annotated[
+        list[dict[str, Any]] | None, _unsupported({"type": "array", "maxItems": 0})
+    ] = None
+    response_format: Annotated[
+        dict[str, Any] | None,
+        _unsupported({"type": "object", "properties": {"type": {"const": "text"}}}),
+    ] = None
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
@@ -317,6 +330,14 @@ class ModelList(OpenAIModel):
 
 
 class TokenizeRequest(OpenAIModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+                {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+            ]
+        }
+    )
     model: str | None = None
     prompt: Text | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)

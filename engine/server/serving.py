@@ -105,10 +105,13 @@ def max_tokens_for(state: ServerState, prompt_len: int, requested: int | None) -
 
 
 def check_model(state: ServerState, model: str | None) -> None:
+    """404 for a model this server does not serve (OpenAI's and vLLM's status for it)."""
     if model is not None and model != state.config.served_model_name:
-        raise bad_request(
+        raise APIError(
+            404,
             f"model: the model {model!r} does not exist; this server serves "
             f"{state.config.served_model_name!r}",
+            "not_found_error",
             "model",
             code="model_not_found",
         )
