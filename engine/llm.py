@@ -37,6 +37,10 @@ class LLM:
                 f"params must be one SamplingParams or one per prompt ({len(prompts)})"
             )
         engine = self.llm_engine
+        vocab = engine.model_config.vocab_size
+        for p in params:
+            if isinstance(p, SamplingParams) and any(t >= vocab for t in p.logit_bias):
+                raise ValueError(f"logit_bias token ids must be < the vocabulary size {vocab}")
         ids = []
         for prompt, p in zip(prompts, params, strict=True):
             request_id = f"gen-{self._counter}"

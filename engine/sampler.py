@@ -69,6 +69,9 @@ class Sampler:
             p = seq.params
             if p.needs_penalties:
                 self._apply_penalties(logits[i], seq)
+            if p.logit_bias:
+                ids = list(p.logit_bias)
+                logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
             if seq.num_output_tokens < p.min_tokens:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
                 if banned:

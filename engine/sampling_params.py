@@ -30,12 +30,14 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = dict(self.logit_bias or {})
         self._verify()
 
     def _verify(self) -> None:
@@ -77,6 +79,11 @@ class SamplingParams:
             raise bad("stop", "a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of token ids >= 0")
+        if any(
+            not isinstance(t, int) or t < 0 or not -100.0 <= b <= 100.0
+            for t, b in self.logit_bias.items()
+        ):
+            raise bad("logit_bias", "a map of token ids >= 0 to biases in [-100, 100]")
 
     @property
     def greedy(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.metadata
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -222,6 +223,14 @@ def _engine_errors(e: Exception) -> APIError:
 # ---- routes ---------------------------------------------------------------------------------
 
 
+def engine_version() -> str:
+    """The installed distribution's version (the engine ships in skybroker's)."""
+    try:
+        return importlib.metadata.version("skybroker")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     what = {
         400: "Invalid request: the message and `param` name the field and what is allowed",
@@ -265,6 +274,19 @@ async def models(request: Request) -> ModelList:
     return ModelList(data=[card])
 
 
+@api.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request) -> ModelCard:
+    state = _state(request)
+    state.require_engine()
+    check_model(state, model_id)
+    return ModelCard(id=model_id, root=model_id, max_model_len=state.max_model_len)
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    return {"version": engine_version()}
+
+
 @api.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state = _state(request)
@@ -304,7 +326,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         [p if isinstance(p, str) else state.tokenizer.decode(p) for p in raw] if body.echo else []
     )
     try:
-        sub = await submit(state, body, "cmpl", prompts, body.max_tokens, body.logprobs)
+        sub = await submit(state, body, "cmpl", prompts, body.max_tokens, body.engine_logprobs())
     except (QueueFullError, EngineDeadError, ValueError) as e:
         _reject(state, e)
         raise _engine_errors(e) from e

@@ -90,6 +90,7 @@ def _unsupported(empty: dict[str, Any]) -> WithJsonSchema:
 
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
@@ -106,9 +107,8 @@ class SamplingFields(OpenAIModel):
     frequency_penalty: Penalty | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: Annotated[
-        dict[str, float] | None, _unsupported({"type": "object", "maxProperties": 0})
-    ] = None
+    # OpenAI's form: token ids (as JSON object keys, so strings) to a bias in [-100, 100]
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Bias] | None = None
     user: str | None = None
     # Extra parameters (vLLM's), sent by OpenAI clients through `extra_body`.
     top_k: int | None = Field(None, ge=-1)
@@ -121,8 +121,6 @@ class SamplingFields(OpenAIModel):
 
     @model_validator(mode="after")
     def _check_common(self) -> SamplingFields:
-        if self.logit_bias:
-            raise ParamError("logit_bias", "not supported by this server; omit it")
         if self.stream_options is not None and not self.stream:
             raise ParamError("stream_options", "only allowed when stream is true")
         if self.top_k == 0:
@@ -130,6 +128,10 @@ class SamplingFields(OpenAIModel):
         if isinstance(self.stop, list) and any(not s for s in self.stop):
             raise ParamError("stop", "stop strings must be non-empty")
         return self
+
+    def samples(self) -> int:
+        """Samples per prompt the engine draws."""
+        return self.n
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -139,7 +141,7 @@ class SamplingFields(OpenAIModel):
     def to_sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """The engine's SamplingParams (raises ValueError naming the parameter)."""
         return SamplingParams(
-            n=self.n,
+            n=self.samples(),
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=-1 if self.top_k is None else self.top_k,
@@ -155,6 +157,7 @@ class SamplingFields(OpenAIModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            logit_bias={int(t): b for t, b in (self.logit_bias or {}).items()},
         )
 
 
@@ -171,8 +174,12 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _check_completion(self) -> CompletionRequest:
-        if self.best_of is not None and self.best_of != self.n:
-            raise ParamError("best_of", "only best_of == n is supported")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ParamError("best_of", f"must be >= n ({self.n}), got {self.best_of}")
+        if self.best_of is not None and self.best_of > MAX_N:
+            raise ParamError("best_of", f"must be <= {MAX_N}, got {self.best_of}")
+        if self.ranks_samples() and self.stream:
+            raise ParamError("best_of", "best_of > n cannot be streamed (the best are known last)")
         if self.suffix:
             raise ParamError("suffix", "not supported by this server; omit it")
         if self.echo and self.logprobs is not None:
@@ -183,6 +190,17 @@ class CompletionRequest(SamplingFields):
         if isinstance(p, list) and p and isinstance(p[0], int) and any(t < 0 for t in p):
             raise ParamError("prompt", "token ids must be >= 0")
         return self
+
+    def ranks_samples(self) -> bool:
+        """best_of > n: sample best_of, answer the n with the highest cumulative logprob."""
+        return self.best_of is not None and self.best_of > self.n
+
+    def samples(self) -> int:
+        return self.best_of if self.ranks_samples() else self.n  # type: ignore[return-value]
+
+    def engine_logprobs(self) -> int | None:
+        """Ranking needs each chosen token's logprob, asked for or not."""
+        return 0 if self.logprobs is None and self.ranks_samples() else self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts: one string or token list per entry."""

@@ -161,6 +161,9 @@ async def submit(
             )
         except ValueError as e:
             raise bad_request(str(e), _param_of(str(e))) from e
+    vocab = state.vocab_size
+    if vocab is not None and params and any(t >= vocab for t in params[0].logit_bias):
+        raise bad_request(f"logit_bias: token ids must be < vocabulary size {vocab}", "logit_bias")
     engine = state.require_engine()
     request_id = random_id(prefix)
     arrival = time.time()
@@ -374,14 +377,17 @@ async def completion_response(
     await _drain(state, sub)
     choices = []
     for p, out in sorted(sub.last.items()):
-        for c in out.outputs:
+        outputs = sorted(out.outputs, key=lambda c: c.index)
+        if body.ranks_samples():
+            outputs = sorted(outputs, key=_cumulative_logprob, reverse=True)[: body.n]
+        for rank, c in enumerate(outputs):
             text = echo_texts[p] + c.text if body.echo else c.text
             lps = None
             if body.logprobs is not None and c.logprobs is not None:
                 lps = completion_logprobs(state, c.token_ids, c.logprobs, body.logprobs, 0)
             choices.append(
                 CompletionResponseChoice(
-                    index=p * sub.n + c.index,
+                    index=p * sub.n + rank,
                     text=text,
                     logprobs=lps,
                     finish_reason=c.finish_reason,
@@ -395,6 +401,10 @@ async def completion_response(
         choices=choices,
         usage=usage_of(sub),
     )
+
+
+def _cumulative_logprob(c: CompletionOutput) -> float:
+    return sum(lp[t] for t, lp in zip(c.token_ids, c.logprobs or [], strict=False))
 
 
 async def chat_response(
