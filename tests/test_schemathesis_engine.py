@@ -33,11 +33,12 @@ def _unused() -> LLMEngine:
 
 # What a JSON schema cannot say, these operations check against the model, with a 400 that
 # names the field: the prompt's tokens and max_tokens against the context length, token ids
-# against the vocabulary, `model` against the served name, and rules across fields (best_of
-# == n, min_tokens <= max_tokens, echo without logprobs, stream_options only with stream).
-# There a schema-valid request may get that 400; everything else still holds for them.
+# against the vocabulary, messages against the chat template (the model's or the request's
+# own Jinja), and rules across fields (best_of >= n, min_tokens <= max_tokens, echo without
+# logprobs, stream_options only with stream). There a schema-valid request may get that 400;
+# everything else still holds for them.
 _SEMANTIC_400 = {
-    "include-path-regex": "^/(v1/completions|v1/chat/completions|detokenize)$",
+    "include-path-regex": "^/(v1/completions|v1/chat/completions|tokenize|detokenize)$",
     "checks": {
         "positive_data_acceptance": {
             "expected-statuses": ["2xx", "400", "401", "403", "404", "409", "429", "5xx"]

@@ -244,7 +244,9 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 router = APIRouter()
 api = APIRouter(dependencies=[Depends(check_api_key)], responses=_errors(400, 401, 404, 413, 503))
-_STREAM = {"text/event-stream": {"schema": {"type": "string"}}}  # with "stream": true
+# With "stream": true: server-sent events, each `data:` a JSON chunk, the last `[DONE]`.
+_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+_STREAM = {"text/event-stream": {"schema": _EVENT}}
 
 
 def _state(request: Request) -> ServerState:
@@ -293,11 +295,17 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state.require_engine()
     check_model(state, body.model)
     if body.messages is not None:
-        text = chat_prompt(state, body.message_dicts(), body.add_generation_prompt)
-        ids = await encode_text(state, text, add_special_tokens=False)
+        text = chat_prompt(state, body, body.message_dicts())
+        ids = await encode_text(state, text, bool(body.add_special_tokens))
     else:
-        ids = await encode_text(state, body.prompt or "")
-    return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids)
+        special = body.add_special_tokens is not False
+        ids = await encode_text(state, body.prompt or "", special)
+    strs = None
+    if body.return_token_strs:  # the vocabulary's own strings (vLLM: convert_ids_to_tokens)
+        strs = [state.tokenizer.tokenizer.id_to_token(t) or "" for t in ids]
+    return TokenizeResponse(
+        count=len(ids), max_model_len=state.max_model_len, tokens=ids, token_strs=strs
+    )
 
 
 @api.post("/detokenize")
@@ -321,7 +329,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     state.require_engine()
     check_model(state, body.model)
     raw = body.prompts()
-    prompts = [await encode_prompt(state, p, "prompt") for p in raw]
+    special = body.add_special_tokens
+    prompts = [await encode_prompt(state, p, "prompt", special) for p in raw]
     echo = (
         [p if isinstance(p, str) else state.tokenizer.decode(p) for p in raw] if body.echo else []
     )
@@ -344,8 +353,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     state = _state(request)
     state.require_engine()
     check_model(state, body.model)
-    text = chat_prompt(state, body.message_dicts(), body.add_generation_prompt)
-    ids = await encode_prompt(state, text, "messages", add_special_tokens=False)
+    text = chat_prompt(state, body, body.message_dicts())
+    ids = await encode_prompt(state, text, "messages", body.add_special_tokens)
     try:
         sub = await submit(
             state, body, "chatcmpl", [ids], body.requested_max_tokens(), body.engine_logprobs()

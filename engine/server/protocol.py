@@ -94,8 +94,82 @@ Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
+# vLLM request fields this server does not implement, with their no-op values: any other
+# value is a 400 naming the field, never silently ignored.
+UNSUPPORTED: dict[str, Any] = {
+    "prompt_logprobs": None,
+    "guided_json": None,
+    "guided_regex": None,
+    "guided_choice": None,
+    "guided_grammar": None,
+    "guided_decoding_backend": None,
+    "structured_outputs": None,
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "allowed_token_ids": None,
+    "bad_words": None,
+    "logits_processors": None,
+    "truncate_prompt_tokens": None,
+    "return_tokens_as_token_ids": False,
+    "include_stop_str_in_output": False,
+    "tool_choice": "none",
+    "functions": None,
+    "function_call": None,
+}
+
+
+def _reject_unsupported(data: Any) -> Any:
+    if isinstance(data, dict):
+        for name, noop in UNSUPPORTED.items():
+            if data.get(name, noop) not in (noop, None):
+                raise ParamError(name, "not supported by this server; omit it")
+    return data
+
+
+class ChatTemplateFields(OpenAIModel):
+    """How messages become the prompt (vLLM's names), for chat and /tokenize."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: Text | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_template(self) -> ChatTemplateFields:
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ParamError(
+                "continue_final_message",
+                "needs add_generation_prompt: false (they exclude each other)",
+            )
+        taken = set(self.chat_template_kwargs or {}) & RESERVED_TEMPLATE_VARS
+        if taken:
+            raise ParamError(
+                "chat_template_kwargs", f"{sorted(taken)} are set by the server, not here"
+            )
+        return self
+
+    def template_kwargs(self) -> dict[str, Any]:
+        return {
+            **(self.chat_template_kwargs or {}),
+            "add_generation_prompt": self.add_generation_prompt,
+            "continue_final_message": self.continue_final_message,
+            "chat_template": self.chat_template,
+        }
+
+
+RESERVED_TEMPLATE_VARS = frozenset(
+    {"messages", "add_generation_prompt", "continue_final_message", "chat_template",
+     "bos_token", "eos_token"}
+)  # fmt: skip
+
+
 class SamplingFields(OpenAIModel):
     """Sampling knobs common to /v1/completions and /v1/chat/completions."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_unsupported(cls, data: Any) -> Any:
+        return _reject_unsupported(data)
 
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
@@ -169,6 +243,7 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    add_special_tokens: bool = True
     best_of: int | None = Field(None, ge=1)
     suffix: Annotated[str | None, _unsupported({"type": "string", "maxLength": 0})] = None
 
@@ -260,13 +335,13 @@ class ChatMessage(OpenAIModel):
         return {"role": self.role, "content": self.text()}
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    add_special_tokens: bool = False  # the template writes BOS itself
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    add_generation_prompt: bool = True
     tools: Annotated[
         list[dict[str, Any]] | None, _unsupported({"type": "array", "maxItems": 0})
     ] = None
@@ -347,7 +422,7 @@ class ModelList(OpenAIModel):
     data: list[ModelCard]
 
 
-class TokenizeRequest(OpenAIModel):
+class TokenizeRequest(ChatTemplateFields):
     model_config = ConfigDict(
         json_schema_extra={
             "oneOf": [
@@ -359,12 +434,18 @@ class TokenizeRequest(OpenAIModel):
     model: str | None = None
     prompt: Text | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
-    add_generation_prompt: bool = True
+    # vLLM's defaults: a prompt gets BOS, templated messages carry their own
+    add_special_tokens: bool | None = None
+    return_token_strs: bool = False
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ParamError("prompt", "give exactly one of prompt or messages")
+        if self.prompt is not None:
+            for name in ("chat_template", "chat_template_kwargs", "continue_final_message"):
+                if getattr(self, name):
+                    raise ParamError(name, "only applies to messages, not to a prompt")
         return self
 
     def message_dicts(self) -> list[dict[str, str]]:
@@ -375,6 +456,7 @@ class TokenizeResponse(OpenAIModel):
     count: int
     max_model_len: int
     tokens: list[int]
+    token_strs: list[str] | None = None
 
 
 class DetokenizeRequest(OpenAIModel):

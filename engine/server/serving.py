@@ -28,6 +28,7 @@ from engine.server.protocol import (
     ChatLogProb,
     ChatLogProbsContent,
     ChatResponseMessage,
+    ChatTemplateFields,
     CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
@@ -118,12 +119,10 @@ def check_model(state: ServerState, model: str | None) -> None:
 
 
 def chat_prompt(
-    state: ServerState, messages: list[dict[str, str]], add_generation_prompt: bool
+    state: ServerState, body: ChatTemplateFields, messages: list[dict[str, str]]
 ) -> str:
     try:
-        return state.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt
-        )
+        return state.tokenizer.apply_chat_template(messages, **body.template_kwargs())
     except Exception as e:  # template errors (e.g. roles that must alternate) are the input's
         raise bad_request(f"messages: cannot apply the chat template: {e}", "messages") from e
 
