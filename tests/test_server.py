@@ -272,6 +272,31 @@ def test_metrics_record_requests(server: ServerThread, client: openai.OpenAI) ->
         assert name in text
 
 
+def test_metrics_under_vllm_names(server: ServerThread, client: openai.OpenAI) -> None:
+    """What vLLM's dashboards read: its names, `model_name`, `finished_reason`."""
+    labels = 'model_name="tiny"'
+    length = f'vllm:request_success_total{{finished_reason="length",{labels}}}'
+    before = {n: _metric(server, n) for n in (length, "vllm:prompt_tokens_total",
+              "vllm:generation_tokens_total", "vllm:time_to_first_token_seconds_count",
+              "vllm:time_per_output_token_seconds_count",
+              "vllm:e2e_request_latency_seconds_count")}  # fmt: skip
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0)
+    after = {n: _metric(server, n) for n in before}
+    assert after[length] == before[length] + 1
+    assert after["vllm:prompt_tokens_total"] == before["vllm:prompt_tokens_total"] + (
+        r.usage.prompt_tokens
+    )
+    assert after["vllm:generation_tokens_total"] == before["vllm:generation_tokens_total"] + 3
+    for n in list(before)[3:]:
+        assert after[n] == before[n] + 1, n
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                 "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc",
+                 "vllm:num_preemptions_total", "vllm:time_to_first_token_seconds_bucket"):  # fmt: skip
+        assert f"{name}{{" in text and labels in text, name
+    assert "# TYPE vllm:request_success_total counter" in text
+
+
 # ---- bad input: 400 naming the parameter, never a 500 ---------------------------------------
 
 BAD = [
