@@ -51,8 +51,10 @@ class Sampler:
         if p.top_p < 1.0:
             sorted_logits, idx = torch.sort(row, descending=True)
             probs = sorted_logits.softmax(-1)
-            # drop a token when the tokens ranked above it already reach top_p
+            # drop a token when the tokens ranked above it already reach top_p; the top token
+            # always stays (a top_p that float32 rounds to 0 would drop every token)
             drop = probs.cumsum(-1) - probs >= p.top_p
+            drop[0] = False
             row = row.masked_fill(torch.zeros_like(drop).scatter(0, idx, drop), _NEG_INF)
         if p.min_p > 0.0:
             probs = row.softmax(-1)
@@ -67,6 +69,9 @@ class Sampler:
             p = seq.params
             if p.needs_penalties:
                 self._apply_penalties(logits[i], seq)
+            if p.logit_bias:
+                ids = list(p.logit_bias)
+                logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
             if seq.num_output_tokens < p.min_tokens:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
                 if banned:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 _EPS = 1e-5
+# Seen tokens' logits are divided (or multiplied) by the repetition penalty in float32: below
+# this, a logit leaves float32's range (5e-324 is 0 there) and the logprobs turn NaN.
+MIN_REPETITION_PENALTY = 1e-6
 
 
 @dataclass
@@ -27,12 +30,14 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = dict(self.logit_bias or {})
         self._verify()
 
     def _verify(self) -> None:
@@ -49,8 +54,8 @@ class SamplingParams:
             raise bad("top_k", "-1 (disabled) or an integer >= 1")
         if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", "in [0, 1]")
-        if not 0.0 < self.repetition_penalty <= 2.0:
-            raise bad("repetition_penalty", "in (0, 2]")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 2.0:
+            raise bad("repetition_penalty", f"in [{MIN_REPETITION_PENALTY:g}, 2]")
         if not -2.0 <= self.presence_penalty <= 2.0:
             raise bad("presence_penalty", "in [-2, 2]")
         if not -2.0 <= self.frequency_penalty <= 2.0:
@@ -74,6 +79,11 @@ class SamplingParams:
             raise bad("stop", "a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of token ids >= 0")
+        if any(
+            not isinstance(t, int) or t < 0 or not -100.0 <= b <= 100.0
+            for t, b in self.logit_bias.items()
+        ):
+            raise bad("logit_bias", "a map of token ids >= 0 to biases in [-100, 100]")
 
     @property
     def greedy(self) -> bool:

@@ -4,12 +4,17 @@ A hub id (`org/name`, `org/name/file.gguf`) is fetched into the hub cache first 
 
 The HTTP port opens at once; the model loads in the background (/health is 503 until it is
 ready). SIGTERM / Ctrl-C drain in-flight requests for --shutdown-timeout seconds, then abort
-the rest. The API key comes from --api-key or the SKYBROKER_API_KEY environment variable.
+the rest.
+
+The API key comes from, first found: --api-key-file, --api-key (which any local user can read
+with `ps`), the SKYBROKER_API_KEY environment variable, the file SKYBROKER_API_KEY_FILE names.
+Off loopback the server refuses to start without a key unless --allow-unauthenticated.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -38,7 +43,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--api-key",
         default=None,
-        help="require 'Authorization: Bearer KEY' (env SKYBROKER_API_KEY also sets it)",
+        help=f"require 'Authorization: Bearer KEY'; visible to `ps`: prefer ${KEY_ENV} or "
+        "--api-key-file",
+    )
+    p.add_argument(
+        "--api-key-file",
+        default=None,
+        help=f"read the API key from this file (or from the file ${KEY_FILE_ENV} names)",
+    )
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve off loopback (--host other than 127.0.0.1/::1/localhost) without an API key",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=4 * 2**20,
+        help="larger request bodies get 413 before they are parsed (default 4 MiB)",
     )
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
@@ -103,6 +125,56 @@ ENGINE_FLAGS = (
 )
 
 
+KEY_ENV = "SKYBROKER_API_KEY"
+KEY_FILE_ENV = "SKYBROKER_API_KEY_FILE"
+
+
+def read_api_key(args: argparse.Namespace) -> str | None:
+    """The key: --api-key-file, else --api-key, else $SKYBROKER_API_KEY, else the file named by
+    $SKYBROKER_API_KEY_FILE (the broker's order for its token). Raises ValueError for a key
+    file that cannot be read or holds no key."""
+    if args.api_key_file:
+        return _key_from_file(args.api_key_file)
+    if args.api_key:
+        return args.api_key
+    if os.environ.get(KEY_ENV, "").strip():
+        return os.environ[KEY_ENV].strip()
+    if os.environ.get(KEY_FILE_ENV):
+        return _key_from_file(os.environ[KEY_FILE_ENV])
+    return None
+
+
+def _key_from_file(path: str) -> str:
+    file = Path(path).expanduser()
+    try:
+        key = file.read_text().strip()
+    except OSError as e:
+        raise ValueError(f"cannot read the API key file {file}: {e.strerror}") from None
+    if not key:
+        raise ValueError(f"the API key file {file} is empty")
+    return key
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_key: str | None, allow_unauthenticated: bool) -> None:
+    if api_key or allow_unauthenticated or is_loopback(host):
+        return
+    raise ValueError(
+        f"--host {host} serves beyond this machine and needs an API key: set ${KEY_ENV}, "
+        f"${KEY_FILE_ENV} or --api-key-file (or bind 127.0.0.1, or pass "
+        "--allow-unauthenticated to serve anyone who can reach the port)"
+    )
+
+
 def default_model_name(model: str) -> str:
     path = Path(model)
     return path.stem if path.suffix == ".gguf" else path.name
@@ -121,11 +193,15 @@ def build_app(args: argparse.Namespace):
 
         return LLMEngine.from_args(engine_args)
 
-    api_key = args.api_key or os.environ.get("SKYBROKER_API_KEY") or None
+    api_key = read_api_key(args)
+    check_bind(args.host, api_key, args.allow_unauthenticated)
+    if args.max_request_bytes < 1:
+        raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     config = ServerConfig(
         served_model_name=name,
         api_key=api_key,
         max_pending=args.max_waiting_requests,
+        max_request_bytes=args.max_request_bytes,
         drain_timeout_s=args.shutdown_timeout,
     )
     if args.engine_process:
@@ -145,6 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    log = logging.getLogger("engine.serve")
+    if args.api_key and not args.api_key_file:
+        log.warning(
+            "--api-key is readable by any local user (ps): prefer $%s or a key file", KEY_ENV
+        )
+    if app.state.server.config.api_key is None and not is_loopback(args.host):
+        log.warning("serving %s without an API key (--allow-unauthenticated)", args.host)
     server = uvicorn.Server(
         uvicorn.Config(
             app,

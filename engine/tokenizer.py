@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from jinja2 import Template
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -14,6 +16,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from engine.loader import gguf_metadata, gguf_reader, is_gguf
 
 _GGUF_SPECIAL_TYPES = (3, 4)  # CONTROL, USER_DEFINED
+LONG_TEXT = 16384  # characters: past this, encoding takes milliseconds (see encode)
 
 
 def _token_str(value: Any) -> str | None:
@@ -47,7 +50,6 @@ class EngineTokenizer:
         self.eos_token_id = tokenizer.token_to_id(eos_token) if eos_token else None
         self.chat_template = chat_template
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-        self._template = None
 
     # -- construction --------------------------------------------------------------------
     @classmethod
@@ -106,7 +108,18 @@ class EngineTokenizer:
 
     # -- use -----------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`. A long text is encoded through `encode_batch`, which releases
+        the GIL (`encode` holds it: a megabyte takes about a second), so other threads run."""
+        try:
+            if len(text) < LONG_TEXT:
+                enc = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            else:
+                enc = self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+        except TypeError:
+            if isinstance(text, str):  # tokenizers says "must be str" for a lone surrogate too
+                text.encode("utf-8")  # raises UnicodeEncodeError (a ValueError) naming it
+            raise
+        ids = enc.ids
         # A chat-templated prompt already starts with BOS: do not add a second one.
         bos = self.bos_token_id
         if add_special_tokens and bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos:
@@ -120,29 +133,50 @@ class EngineTokenizer:
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        continue_final_message: bool = False,
         **kwargs: Any,
     ) -> str:
-        if not self.chat_template:
+        """The prompt text of `messages` (vLLM's arguments): `chat_template` replaces the
+        model's own; `continue_final_message` ends the text where the last message's content
+        ends, so the model continues it; `kwargs` are the template's own variables."""
+        template = chat_template or self.chat_template
+        if not template:
             raise ValueError("messages cannot be used: this model's tokenizer has no chat template")
         if not isinstance(messages, list) or not all(
             isinstance(m, dict) and "role" in m for m in messages
         ):
             raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
-        if self._template is None:
-            env = ImmutableSandboxedEnvironment(
-                trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
-            )
-            env.filters["tojson"] = _tojson
-            env.globals["raise_exception"] = _raise_exception
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            self._template = env.from_string(self.chat_template)
-        return self._template.render(
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt exclude each other")
+        text = _compiled(template).render(
+            **kwargs,
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
-            **kwargs,
         )
+        if continue_final_message:
+            final = str(messages[-1].get("content") or "") if messages else ""
+            if not final or final not in text:
+                raise ValueError(
+                    "continue_final_message needs a last message whose content the template "
+                    "renders verbatim"
+                )
+            text = text[: text.rindex(final) + len(final)]
+        return text
+
+
+@lru_cache(maxsize=16)
+def _compiled(template: str) -> Template:
+    """A chat template compiled in a sandbox (a request may bring its own)."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
 
 
 def detokenize_incrementally(

@@ -272,6 +272,31 @@ def test_metrics_record_requests(server: ServerThread, client: openai.OpenAI) ->
         assert name in text
 
 
+def test_metrics_under_vllm_names(server: ServerThread, client: openai.OpenAI) -> None:
+    """What vLLM's dashboards read: its names, `model_name`, `finished_reason`."""
+    labels = 'model_name="tiny"'
+    length = f'vllm:request_success_total{{finished_reason="length",{labels}}}'
+    before = {n: _metric(server, n) for n in (length, "vllm:prompt_tokens_total",
+              "vllm:generation_tokens_total", "vllm:time_to_first_token_seconds_count",
+              "vllm:time_per_output_token_seconds_count",
+              "vllm:e2e_request_latency_seconds_count")}  # fmt: skip
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0)
+    after = {n: _metric(server, n) for n in before}
+    assert after[length] == before[length] + 1
+    assert after["vllm:prompt_tokens_total"] == before["vllm:prompt_tokens_total"] + (
+        r.usage.prompt_tokens
+    )
+    assert after["vllm:generation_tokens_total"] == before["vllm:generation_tokens_total"] + 3
+    for n in list(before)[3:]:
+        assert after[n] == before[n] + 1, n
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                 "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc",
+                 "vllm:num_preemptions_total", "vllm:time_to_first_token_seconds_bucket"):  # fmt: skip
+        assert f"{name}{{" in text and labels in text, name
+    assert "# TYPE vllm:request_success_total counter" in text
+
+
 # ---- bad input: 400 naming the parameter, never a 500 ---------------------------------------
 
 BAD = [
@@ -282,7 +307,6 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "top_p": 1.5}, "top_p"),
     ("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
     ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
-    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, "model"),
     ("/v1/completions", {"prompt": "the " * 400}, "prompt"),
     ("/v1/completions", {"prompt": []}, "prompt"),
     ("/v1/completions", {"prompt": [1, 2, 10**6]}, "prompt"),
@@ -302,6 +326,12 @@ BAD = [
     ("/v1/chat/completions",
      {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 10**9},
      "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"384": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "n": 3, "best_of": 2}, "best_of"),
+    ("/v1/completions", {"prompt": "x", "best_of": 2, "stream": True}, "best_of"),
+    ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
     ("/detokenize", {"tokens": [10**7]}, "tokens"),
     ("/tokenize", {}, "prompt"),
 ]  # fmt: skip
@@ -318,6 +348,63 @@ def test_bad_input_is_400(server: ServerThread, path: str, body: object, param: 
     assert err["param"] == param, err
     if param is not None:
         assert param in err["message"]
+
+
+def test_unknown_model_is_404(server: ServerThread, client: openai.OpenAI) -> None:
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "model": "gpt-4"})
+    assert r.status_code == 404, r.text
+    err = r.json()["error"]
+    assert (
+        err["code"] == "model_not_found" and err["param"] == "model" and "'tiny'" in err["message"]
+    )
+    with pytest.raises(openai.NotFoundError, match="gpt-4"):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
+
+
+def test_logit_bias_matches_offline(client: openai.OpenAI, offline: LLM) -> None:
+    greedy = offline.generate(PROMPT, SamplingParams(temperature=0, max_tokens=6))[0].outputs[0]
+    banned = greedy.token_ids[0]
+    forced = offline.generate(
+        PROMPT, SamplingParams(temperature=0, max_tokens=6, logit_bias={42: 100.0})
+    )[0].outputs[0]
+    assert forced.token_ids == [42] * 6
+    with pytest.raises(ValueError, match="logit_bias token ids must be < the vocabulary"):
+        offline.generate(PROMPT, SamplingParams(logit_bias={10**6: 1.0}))
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={1: 101.0})
+    for bias, ref in ({"42": 100}, forced), ({str(banned): -100}, None):
+        r = client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, logit_bias=bias, logprobs=0
+        )
+        lp = r.choices[0].logprobs
+        if ref is not None:
+            assert r.choices[0].text == ref.text
+        else:  # the greedy token is out of reach
+            assert lp.tokens[0] != offline.get_tokenizer().decode([banned])
+            assert r.choices[0].text != greedy.text
+
+
+def test_best_of_keeps_the_likeliest(client: openai.OpenAI) -> None:
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=11, logprobs=0)
+    every = client.completions.create(n=4, **kw)  # the same 4 samples best_of draws
+    sums = [sum(c.logprobs.token_logprobs) for c in every.choices]
+    best = client.completions.create(n=2, extra_body={"best_of": 4}, **kw)
+    ranked = sorted(range(4), key=lambda i: -sums[i])[:2]
+    assert [c.text for c in best.choices] == [every.choices[i].text for i in ranked]
+    assert [c.index for c in best.choices] == [0, 1]
+    assert best.usage.completion_tokens == every.usage.completion_tokens  # all 4 were drawn
+    plain = client.completions.create(n=1, extra_body={"best_of": 4},
+                                      **{**kw, "logprobs": None})  # fmt: skip
+    assert plain.choices[0].logprobs is None
+    assert plain.choices[0].text == every.choices[ranked[0]].text
+
+
+def test_models_retrieve_and_version(server: ServerThread, client: openai.OpenAI) -> None:
+    card = client.models.retrieve(MODEL)
+    assert card.id == MODEL and card.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+    assert httpx.get(f"{server.url}/version").json()["version"]
 
 
 def test_openai_client_sees_bad_request(client: openai.OpenAI) -> None:

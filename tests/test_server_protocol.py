@@ -59,8 +59,8 @@ def test_chat_logprobs_and_max_completion_tokens() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "param"),
     [
-        ({"logit_bias": {"1": 1.0}}, "logit_bias"),
-        ({"best_of": 3}, "best_of"),
+        ({"n": 3, "best_of": 2}, "best_of"),
+        ({"best_of": 2, "stream": True}, "best_of"),
         ({"suffix": "x"}, "suffix"),
         ({"echo": True, "logprobs": 1}, "echo"),
         ({"top_k": 0}, "top_k"),

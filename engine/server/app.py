@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.metadata
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.server.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
@@ -25,11 +26,15 @@ from engine.server.auth import check_api_key
 from engine.server.engine_process import ProcessLLMEngine
 from engine.server.errors import APIError, bad_request
 from engine.server.metrics import EngineStats, ServerMetrics
+from engine.server.middleware import BodyLimit, CatchErrors
 from engine.server.protocol import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    ErrorResponse,
     ModelCard,
     ModelList,
     ParamError,
@@ -46,6 +51,7 @@ from engine.server.serving import (
     completion_events,
     completion_response,
     encode_prompt,
+    encode_text,
     submit,
     until_disconnect,
 )
@@ -62,6 +68,7 @@ class ServerConfig:
     served_model_name: str
     api_key: str | None = None
     max_pending: int = 1024  # requests waiting for a first token before 503s start
+    max_request_bytes: int = 4 * 2**20  # a full 128k-token prompt as JSON fits with room
     retry_after_s: int = 1
     drain_timeout_s: float = 30.0  # graceful shutdown: let in-flight requests finish this long
 
@@ -155,8 +162,11 @@ class ServerState:
 
 def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    err = exc.errors()[0]
-    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    errors = exc.errors()
+    # A value that fails every member of a union errs once per member: the lone surrogate, if
+    # any, is what is wrong with it.
+    err = next((e for e in errors if e.get("type") == "lone_surrogate"), errors[0])
+    loc = [str(x) for x in err.get("loc", ()) if x != "body" and not _union_tag(x)]
     cause = (err.get("ctx") or {}).get("error")
     if isinstance(cause, ParamError):
         return bad_request(str(cause), cause.param).response()
@@ -173,6 +183,11 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return bad_request(f"{where}: {msg} (got {value})", param).response()
 
 
+def _union_tag(loc: object) -> bool:
+    """pydantic's name of a union member in an error's location ('str', 'list[int]', ...)."""
+    return isinstance(loc, str) and ("[" in loc or loc in ("str", "int", "float", "bool"))
+
+
 def _api_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
     return exc.response()
@@ -181,12 +196,10 @@ def _api_error(_: Request, exc: Exception) -> JSONResponse:
 def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return APIError(exc.status_code, str(exc.detail), kind, headers=exc.headers).response()
-
-
-def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    logger.error("unhandled error", exc_info=exc)
-    return APIError(500, f"internal error: {type(exc).__name__}", "server_error").response()
+    code = "request_too_large" if exc.status_code == 413 else None
+    return APIError(
+        exc.status_code, str(exc.detail), kind, code=code, headers=exc.headers
+    ).response()
 
 
 def _engine_errors(e: Exception) -> APIError:
@@ -209,15 +222,38 @@ def _engine_errors(e: Exception) -> APIError:
 
 # ---- routes ---------------------------------------------------------------------------------
 
+
+def engine_version() -> str:
+    """The installed distribution's version (the engine ships in skybroker's)."""
+    try:
+        return importlib.metadata.version("skybroker")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    what = {
+        400: "Invalid request: the message and `param` name the field and what is allowed",
+        401: "Missing or wrong API key",
+        404: "No such model on this server (`model` names another)",
+        413: "Request body over the server's --max-request-bytes",
+        503: "Engine not ready, or overloaded (see Retry-After)",
+    }
+    return {c: {"model": ErrorResponse, "description": what[c]} for c in codes}
+
+
 router = APIRouter()
-api = APIRouter(dependencies=[Depends(check_api_key)])
+api = APIRouter(dependencies=[Depends(check_api_key)], responses=_errors(400, 401, 404, 413, 503))
+# With "stream": true: server-sent events, each `data:` a JSON chunk, the last `[DONE]`.
+_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+_STREAM = {"text/event-stream": {"schema": _EVENT}}
 
 
 def _state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-@router.get("/health")
+@router.get("/health", responses={503: {"description": "Loading, draining or failed"}})
 async def health(request: Request) -> JSONResponse:
     state = _state(request)
     ready = state.status == "ready" and state.engine is not None and state.engine.is_running
@@ -225,7 +261,7 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": status}, 200 if ready else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     body = _state(request).metrics.render()
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -240,19 +276,36 @@ async def models(request: Request) -> ModelList:
     return ModelList(data=[card])
 
 
+@api.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request) -> ModelCard:
+    state = _state(request)
+    state.require_engine()
+    check_model(state, model_id)
+    return ModelCard(id=model_id, root=model_id, max_model_len=state.max_model_len)
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    return {"version": engine_version()}
+
+
 @api.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state = _state(request)
     state.require_engine()
     check_model(state, body.model)
     if body.messages is not None:
-        chat = ChatCompletionRequest(
-            messages=body.messages, add_generation_prompt=body.add_generation_prompt
-        )
-        ids = state.tokenizer.encode(chat_prompt(state, chat), add_special_tokens=False)
+        text = chat_prompt(state, body, body.message_dicts())
+        ids = await encode_text(state, text, bool(body.add_special_tokens))
     else:
-        ids = state.tokenizer.encode(body.prompt or "")
-    return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids)
+        special = body.add_special_tokens is not False
+        ids = await encode_text(state, body.prompt or "", special)
+    strs = None
+    if body.return_token_strs:  # the vocabulary's own strings (vLLM: convert_ids_to_tokens)
+        strs = [state.tokenizer.tokenizer.id_to_token(t) or "" for t in ids]
+    return TokenizeResponse(
+        count=len(ids), max_model_len=state.max_model_len, tokens=ids, token_strs=strs
+    )
 
 
 @api.post("/detokenize")
@@ -266,18 +319,23 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     return DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens))
 
 
-@api.post("/v1/completions", response_model=None)
+@api.post(
+    "/v1/completions",
+    response_model=None,
+    responses={200: {"model": CompletionResponse, "content": _STREAM}},
+)
 async def completions(body: CompletionRequest, request: Request) -> Any:
     state = _state(request)
     state.require_engine()
     check_model(state, body.model)
     raw = body.prompts()
-    prompts = [encode_prompt(state, p, "prompt") for p in raw]
+    special = body.add_special_tokens
+    prompts = [await encode_prompt(state, p, "prompt", special) for p in raw]
     echo = (
         [p if isinstance(p, str) else state.tokenizer.decode(p) for p in raw] if body.echo else []
     )
     try:
-        sub = await submit(state, body, "cmpl", prompts, body.max_tokens, body.logprobs)
+        sub = await submit(state, body, "cmpl", prompts, body.max_tokens, body.engine_logprobs())
     except (QueueFullError, EngineDeadError, ValueError) as e:
         _reject(state, e)
         raise _engine_errors(e) from e
@@ -286,12 +344,17 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     return await _respond(request, completion_response(state, sub, body, echo))
 
 
-@api.post("/v1/chat/completions", response_model=None)
+@api.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses={200: {"model": ChatCompletionResponse, "content": _STREAM}},
+)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     state = _state(request)
     state.require_engine()
     check_model(state, body.model)
-    ids = encode_prompt(state, chat_prompt(state, body), "messages", add_special_tokens=False)
+    text = chat_prompt(state, body, body.message_dicts())
+    ids = await encode_prompt(state, text, "messages", body.add_special_tokens)
     try:
         sub = await submit(
             state, body, "chatcmpl", [ids], body.requested_max_tokens(), body.engine_logprobs()
@@ -346,7 +409,8 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(BodyLimit, limit=config.max_request_bytes)
+    app.add_middleware(CatchErrors)  # outermost of ours: it sees what BodyLimit raises too
     app.include_router(router)
     app.include_router(api)
     return app

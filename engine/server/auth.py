@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from engine.server.errors import APIError
 
+# Declares the bearer scheme in the OpenAPI schema; the check itself is below (a server
+# started without a key serves everyone).
+_BEARER = HTTPBearer(auto_error=False, description="the server's API key, if it has one")
 
-async def check_api_key(request: Request) -> None:
+
+async def check_api_key(
+    request: Request, _: HTTPAuthorizationCredentials | None = Depends(_BEARER)
+) -> None:
     """FastAPI dependency: raise 401 unless the request carries the server's key (if any).
 
     Async although it never awaits: FastAPI runs a sync dependency on a worker thread, a

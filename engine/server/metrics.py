@@ -1,4 +1,9 @@
-"""Prometheus metrics of the engine server (vLLM's metric names under the `engine:` prefix).
+"""Prometheus metrics of the engine server, under two prefixes.
+
+`vllm:` series carry vLLM's own names and labels (`model_name`; `finished_reason` on
+`vllm:request_success_total`), so vLLM dashboards and alerts work unchanged. `engine:` series
+carry the same figures under the engine's names, plus what vLLM has no name for (requests
+pending a first token, prefix-cache hit rate, outcomes `error` and `rejected`).
 
 Per-request figures (outcomes, TTFT, TPOT, end-to-end latency, token counts) are observed by the
 server as requests finish; engine state (queue lengths, KV usage, prefix hit rate, preemptions)
@@ -23,6 +28,7 @@ from prometheus_client.registry import Collector
 disable_created_metrics()  # the *_created series only add noise to every scrape
 
 OUTCOMES = ("stop", "length", "abort", "error", "rejected")
+FINISHED_REASONS = ("stop", "length", "abort")  # vllm:request_success_total's label values
 TTFT_BUCKETS = (
     0.001,
     0.005,
@@ -113,6 +119,10 @@ class _EngineCollector(Collector):
                 s.num_pending,
             ),
             ("engine:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", s.kv_usage),
+            ("vllm:num_requests_running", "Requests in the running batch.", s.num_running),
+            ("vllm:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", s.kv_usage),
+            ("vllm:gpu_cache_usage_perc", "KV-cache usage (vLLM's older name).", s.kv_usage),
             (
                 "engine:prefix_cache_hit_rate",
                 "Prefix-cache hit rate over prompt tokens (0-1).",
@@ -123,11 +133,12 @@ class _EngineCollector(Collector):
             g = GaugeMetricFamily(name, doc, labels=labels)
             g.add_metric([self._model], float(value))
             yield g
-        c = CounterMetricFamily(
-            "engine:num_preemptions", "Preemptions (by recompute).", labels=labels
-        )
-        c.add_metric([self._model], float(s.num_preemptions))
-        yield c
+        for prefix in ("engine", "vllm"):
+            c = CounterMetricFamily(
+                f"{prefix}:num_preemptions", "Preemptions (by recompute).", labels=labels
+            )
+            c.add_metric([self._model], float(s.num_preemptions))
+            yield c
 
 
 class ServerMetrics:
@@ -163,6 +174,7 @@ class ServerMetrics:
             buckets=E2E_BUCKETS,
             **kw,
         )
+        self.vllm = _VLLMSeries(self.registry, model_name)
         # The labelled children, looked up once (labels() takes a lock and builds a key per
         # call); every outcome exported from the start, so dashboards see zeros, not gaps.
         self._by_outcome = {o: self.requests.labels(model_name, o) for o in OUTCOMES}
@@ -191,13 +203,73 @@ class ServerMetrics:
         self._generation_tokens.inc(sum(output_lens))
         self._e2e.observe(e2e)
         longest = max(output_lens, default=0)
+        tpot = None
         if ttft is not None:
             self._ttft.observe(ttft)
             if longest > 1:
-                self._tpot.observe((e2e - ttft) / (longest - 1))
+                tpot = (e2e - ttft) / (longest - 1)
+                self._tpot.observe(tpot)
+        self.vllm.observe(outcome, prompt_tokens, sum(output_lens), ttft, tpot, e2e)
 
     def observe_rejected(self) -> None:
         self._by_outcome["rejected"].inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _VLLMSeries:
+    """The per-request series under vLLM's names, in the server's registry."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
+        kw = {"labelnames": ["model_name"], "registry": registry}
+        success = Counter(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            labelnames=["model_name", "finished_reason"],
+            registry=registry,
+        )
+        self.success = {r: success.labels(model_name, r) for r in FINISHED_REASONS}
+        self.prompt_tokens = Counter(
+            "vllm:prompt_tokens", "Number of prefill tokens processed.", **kw
+        ).labels(model_name)
+        self.generation_tokens = Counter(
+            "vllm:generation_tokens", "Number of generation tokens processed.", **kw
+        ).labels(model_name)
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            buckets=TTFT_BUCKETS,
+            **kw,
+        ).labels(model_name)
+        self.tpot = Histogram(
+            "vllm:time_per_output_token_seconds",
+            "Histogram of time per output token in seconds.",
+            buckets=TPOT_BUCKETS,
+            **kw,
+        ).labels(model_name)
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of end to end request latency in seconds.",
+            buckets=E2E_BUCKETS,
+            **kw,
+        ).labels(model_name)
+
+    def observe(
+        self,
+        outcome: str,
+        prompt_tokens: int,
+        generated: int,
+        ttft: float | None,
+        tpot: float | None,
+        e2e: float,
+    ) -> None:
+        if outcome in self.success:
+            self.success[outcome].inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(generated)
+        self.e2e.observe(e2e)
+        if ttft is not None:
+            self.ttft.observe(ttft)
+        if tpot is not None:
+            self.tpot.observe(tpot)

@@ -11,9 +11,10 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic_core import PydanticCustomError
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import MIN_REPETITION_PENALTY, SamplingParams
 
 MAX_N = 128
 MAX_LOGPROBS = 20
@@ -31,9 +32,28 @@ class ParamError(ValueError):
         self.param = param
 
 
+def _unicode(value: str) -> str:
+    """Reject lone UTF-16 surrogates (JSON lets `"\\ud800"` through): not text a tokenizer
+    or a UTF-8 response can hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PydanticCustomError(
+            "lone_surrogate",
+            "must be valid Unicode text; it holds a lone UTF-16 surrogate {char} at index "
+            "{index} (a \\ud800-\\udfff escape without its pair)",
+            {"char": ascii(value[e.start]), "index": e.start},
+        ) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+
+
 class OpenAIModel(BaseModel):
-    # Unknown fields are ignored (OpenAI SDKs send some we do not use, e.g. `user`).
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are ignored (OpenAI SDKs send some we do not use, e.g. `user`). Strict:
+    # a value has its JSON type (0 is no boolean, "3" no integer), as the schema says.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 # ---- errors ---------------------------------------------------------------------------------
@@ -64,29 +84,110 @@ class UsageInfo(OpenAIModel):
     total_tokens: int = 0
 
 
+def _unsupported(empty: dict[str, Any]) -> WithJsonSchema:
+    """The schema of a field this server rejects unless it is null or `empty`."""
+    return WithJsonSchema({"anyOf": [{"type": "null"}, empty]})
+
+
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+
+# vLLM request fields this server does not implement, with their no-op values: any other
+# value is a 400 naming the field, never silently ignored.
+UNSUPPORTED: dict[str, Any] = {
+    "prompt_logprobs": None,
+    "guided_json": None,
+    "guided_regex": None,
+    "guided_choice": None,
+    "guided_grammar": None,
+    "guided_decoding_backend": None,
+    "structured_outputs": None,
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "allowed_token_ids": None,
+    "bad_words": None,
+    "logits_processors": None,
+    "truncate_prompt_tokens": None,
+    "return_tokens_as_token_ids": False,
+    "include_stop_str_in_output": False,
+    "tool_choice": "none",
+    "functions": None,
+    "function_call": None,
+}
+
+
+def _reject_unsupported(data: Any) -> Any:
+    if isinstance(data, dict):
+        for name, noop in UNSUPPORTED.items():
+            if data.get(name, noop) not in (noop, None):
+                raise ParamError(name, "not supported by this server; omit it")
+    return data
+
+
+class ChatTemplateFields(OpenAIModel):
+    """How messages become the prompt (vLLM's names), for chat and /tokenize."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: Text | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_template(self) -> ChatTemplateFields:
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ParamError(
+                "continue_final_message",
+                "needs add_generation_prompt: false (they exclude each other)",
+            )
+        taken = set(self.chat_template_kwargs or {}) & RESERVED_TEMPLATE_VARS
+        if taken:
+            raise ParamError(
+                "chat_template_kwargs", f"{sorted(taken)} are set by the server, not here"
+            )
+        return self
+
+    def template_kwargs(self) -> dict[str, Any]:
+        return {
+            **(self.chat_template_kwargs or {}),
+            "add_generation_prompt": self.add_generation_prompt,
+            "continue_final_message": self.continue_final_message,
+            "chat_template": self.chat_template,
+        }
+
+
+RESERVED_TEMPLATE_VARS = frozenset(
+    {"messages", "add_generation_prompt", "continue_final_message", "chat_template",
+     "bos_token", "eos_token"}
+)  # fmt: skip
 
 
 class SamplingFields(OpenAIModel):
     """Sampling knobs common to /v1/completions and /v1/chat/completions."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _check_unsupported(cls, data: Any) -> Any:
+        return _reject_unsupported(data)
+
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None
+    # OpenAI's form: token ids (as JSON object keys, so strings) to a bias in [-100, 100]
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Bias] | None = None
     user: str | None = None
     # Extra parameters (vLLM's), sent by OpenAI clients through `extra_body`.
     top_k: int | None = Field(None, ge=-1)
     min_p: Probability | None = None
-    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=2.0)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
@@ -94,8 +195,6 @@ class SamplingFields(OpenAIModel):
 
     @model_validator(mode="after")
     def _check_common(self) -> SamplingFields:
-        if self.logit_bias:
-            raise ParamError("logit_bias", "not supported by this server; omit it")
         if self.stream_options is not None and not self.stream:
             raise ParamError("stream_options", "only allowed when stream is true")
         if self.top_k == 0:
@@ -103,6 +202,10 @@ class SamplingFields(OpenAIModel):
         if isinstance(self.stop, list) and any(not s for s in self.stop):
             raise ParamError("stop", "stop strings must be non-empty")
         return self
+
+    def samples(self) -> int:
+        """Samples per prompt the engine draws."""
+        return self.n
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -112,7 +215,7 @@ class SamplingFields(OpenAIModel):
     def to_sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """The engine's SamplingParams (raises ValueError naming the parameter)."""
         return SamplingParams(
-            n=self.n,
+            n=self.samples(),
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=-1 if self.top_k is None else self.top_k,
@@ -128,6 +231,7 @@ class SamplingFields(OpenAIModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            logit_bias={int(t): b for t, b in (self.logit_bias or {}).items()},
         )
 
 
@@ -135,17 +239,22 @@ class SamplingFields(OpenAIModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    add_special_tokens: bool = True
     best_of: int | None = Field(None, ge=1)
-    suffix: str | None = None
+    suffix: Annotated[str | None, _unsupported({"type": "string", "maxLength": 0})] = None
 
     @model_validator(mode="after")
     def _check_completion(self) -> CompletionRequest:
-        if self.best_of is not None and self.best_of != self.n:
-            raise ParamError("best_of", "only best_of == n is supported")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ParamError("best_of", f"must be >= n ({self.n}), got {self.best_of}")
+        if self.best_of is not None and self.best_of > MAX_N:
+            raise ParamError("best_of", f"must be <= {MAX_N}, got {self.best_of}")
+        if self.ranks_samples() and self.stream:
+            raise ParamError("best_of", "best_of > n cannot be streamed (the best are known last)")
         if self.suffix:
             raise ParamError("suffix", "not supported by this server; omit it")
         if self.echo and self.logprobs is not None:
@@ -156,6 +265,17 @@ class CompletionRequest(SamplingFields):
         if isinstance(p, list) and p and isinstance(p[0], int) and any(t < 0 for t in p):
             raise ParamError("prompt", "token ids must be >= 0")
         return self
+
+    def ranks_samples(self) -> bool:
+        """best_of > n: sample best_of, answer the n with the highest cumulative logprob."""
+        return self.best_of is not None and self.best_of > self.n
+
+    def samples(self) -> int:
+        return self.best_of if self.ranks_samples() else self.n  # type: ignore[return-value]
+
+    def engine_logprobs(self) -> int | None:
+        """Ranking needs each chosen token's logprob, asked for or not."""
+        return 0 if self.logprobs is None and self.ranks_samples() else self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts: one string or token list per entry."""
@@ -195,13 +315,13 @@ class CompletionResponse(OpenAIModel):
 
 class TextContentPart(OpenAIModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextContentPart] | None = None
-    name: str | None = None
+    content: Text | list[TextContentPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -210,16 +330,25 @@ class ChatMessage(OpenAIModel):
             return self.content
         return "".join(part.text for part in self.content)
 
+    def as_dict(self) -> dict[str, str]:
+        """The message as a chat template reads it."""
+        return {"role": self.role, "content": self.text()}
 
-class ChatCompletionRequest(SamplingFields):
+
+class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    add_special_tokens: bool = False  # the template writes BOS itself
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    add_generation_prompt: bool = True
-    tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: Annotated[
+        list[dict[str, Any]] | None, _unsupported({"type": "array", "maxItems": 0})
+    ] = None
+    response_format: Annotated[
+        dict[str, Any] | None,
+        _unsupported({"type": "object", "properties": {"type": {"const": "text"}}}),
+    ] = None
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
@@ -238,7 +367,7 @@ class ChatCompletionRequest(SamplingFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def message_dicts(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return [m.as_dict() for m in self.messages]
 
 
 class ChatLogProb(OpenAIModel):
@@ -293,23 +422,41 @@ class ModelList(OpenAIModel):
     data: list[ModelCard]
 
 
-class TokenizeRequest(OpenAIModel):
+class TokenizeRequest(ChatTemplateFields):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+                {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+            ]
+        }
+    )
     model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    add_generation_prompt: bool = True
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    # vLLM's defaults: a prompt gets BOS, templated messages carry their own
+    add_special_tokens: bool | None = None
+    return_token_strs: bool = False
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ParamError("prompt", "give exactly one of prompt or messages")
+        if self.prompt is not None:
+            for name in ("chat_template", "chat_template_kwargs", "continue_final_message"):
+                if getattr(self, name):
+                    raise ParamError(name, "only applies to messages, not to a prompt")
         return self
+
+    def message_dicts(self) -> list[dict[str, str]]:
+        return [m.as_dict() for m in self.messages or []]
 
 
 class TokenizeResponse(OpenAIModel):
     count: int
     max_model_len: int
     tokens: list[int]
+    token_strs: list[str] | None = None
 
 
 class DetokenizeRequest(OpenAIModel):

@@ -28,6 +28,7 @@ from engine.server.protocol import (
     ChatLogProb,
     ChatLogProbsContent,
     ChatResponseMessage,
+    ChatTemplateFields,
     CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
@@ -36,6 +37,7 @@ from engine.server.protocol import (
     UsageInfo,
     random_id,
 )
+from engine.tokenizer import LONG_TEXT
 
 if TYPE_CHECKING:
     from engine.llm_engine import CompletionOutput, RequestOutput
@@ -52,7 +54,16 @@ class ClientDisconnected(Exception):
 # ---- prompt preparation ---------------------------------------------------------------------
 
 
-def encode_prompt(
+async def encode_text(state: ServerState, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of `text`. A long text is encoded on a worker thread (with the GIL released,
+    see EngineTokenizer.encode), so the event loop, /health included, keeps answering."""
+    tokenizer = state.tokenizer
+    if len(text) < LONG_TEXT:
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens)
+
+
+async def encode_prompt(
     state: ServerState, prompt: str | list[int], param: str, add_special_tokens: bool = True
 ) -> list[int]:
     """Token ids of a prompt, checked against the vocabulary and the context length.
@@ -61,7 +72,7 @@ def encode_prompt(
     as the offline `LLM.chat` does.
     """
     if isinstance(prompt, str):
-        ids = state.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        ids = await encode_text(state, prompt, add_special_tokens)
     else:
         ids = list(prompt)
         vocab = state.vocab_size
@@ -95,20 +106,23 @@ def max_tokens_for(state: ServerState, prompt_len: int, requested: int | None) -
 
 
 def check_model(state: ServerState, model: str | None) -> None:
+    """404 for a model this server does not serve (OpenAI's and vLLM's status for it)."""
     if model is not None and model != state.config.served_model_name:
-        raise bad_request(
+        raise APIError(
+            404,
             f"model: the model {model!r} does not exist; this server serves "
             f"{state.config.served_model_name!r}",
+            "not_found_error",
             "model",
             code="model_not_found",
         )
 
 
-def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> str:
+def chat_prompt(
+    state: ServerState, body: ChatTemplateFields, messages: list[dict[str, str]]
+) -> str:
     try:
-        return state.tokenizer.apply_chat_template(
-            body.message_dicts(), add_generation_prompt=body.add_generation_prompt
-        )
+        return state.tokenizer.apply_chat_template(messages, **body.template_kwargs())
     except Exception as e:  # template errors (e.g. roles that must alternate) are the input's
         raise bad_request(f"messages: cannot apply the chat template: {e}", "messages") from e
 
@@ -146,6 +160,9 @@ async def submit(
             )
         except ValueError as e:
             raise bad_request(str(e), _param_of(str(e))) from e
+    vocab = state.vocab_size
+    if vocab is not None and params and any(t >= vocab for t in params[0].logit_bias):
+        raise bad_request(f"logit_bias: token ids must be < vocabulary size {vocab}", "logit_bias")
     engine = state.require_engine()
     request_id = random_id(prefix)
     arrival = time.time()
@@ -276,9 +293,11 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        watcher.cancel()
         if not task.done():
             task.cancel()
-        watcher.cancel()
+            # cancel() only asks: wait until the work has unwound (aborted its requests)
+            await asyncio.wait({task})
     if task.cancelled():
         raise ClientDisconnected
     return task.result()
@@ -287,8 +306,17 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 # ---- logprobs -------------------------------------------------------------------------------
 
 
+# vLLM's floor: JSON has no -inf (a banned token's logprob) and no NaN.
+MIN_LOGPROB = -9999.0
+
+
+def finite(logprob: float) -> float:
+    """A logprob JSON can carry: -inf and NaN become MIN_LOGPROB."""
+    return logprob if logprob >= MIN_LOGPROB else MIN_LOGPROB
+
+
 def _top(lp: dict[int, float], k: int) -> list[tuple[int, float]]:
-    return sorted(lp.items(), key=lambda kv: -kv[1])[:k]
+    return sorted(((t, finite(v)) for t, v in lp.items()), key=lambda kv: -kv[1])[:k]
 
 
 def completion_logprobs(
@@ -302,7 +330,8 @@ def completion_logprobs(
     for tid, lp in zip(token_ids, logprobs, strict=False):
         text = state.token_text(tid)
         out.tokens.append(text)
-        out.token_logprobs.append(lp.get(tid))
+        chosen = lp.get(tid)
+        out.token_logprobs.append(None if chosen is None else finite(chosen))
         top: dict[str, float] = {}
         for t, v in _top(lp, k):  # ids that print alike keep their highest logprob
             top.setdefault(state.token_text(t), v)
@@ -325,7 +354,7 @@ def chat_logprobs(
         content.append(
             ChatLogProbsContent(
                 token=text,
-                logprob=lp.get(tid, float("-inf")),
+                logprob=finite(lp.get(tid, MIN_LOGPROB)),
                 bytes=list(text.encode()),
                 top_logprobs=top,
             )
@@ -347,14 +376,17 @@ async def completion_response(
     await _drain(state, sub)
     choices = []
     for p, out in sorted(sub.last.items()):
-        for c in out.outputs:
+        outputs = sorted(out.outputs, key=lambda c: c.index)
+        if body.ranks_samples():
+            outputs = sorted(outputs, key=_cumulative_logprob, reverse=True)[: body.n]
+        for rank, c in enumerate(outputs):
             text = echo_texts[p] + c.text if body.echo else c.text
             lps = None
             if body.logprobs is not None and c.logprobs is not None:
                 lps = completion_logprobs(state, c.token_ids, c.logprobs, body.logprobs, 0)
             choices.append(
                 CompletionResponseChoice(
-                    index=p * sub.n + c.index,
+                    index=p * sub.n + rank,
                     text=text,
                     logprobs=lps,
                     finish_reason=c.finish_reason,
@@ -368,6 +400,10 @@ async def completion_response(
         choices=choices,
         usage=usage_of(sub),
     )
+
+
+def _cumulative_logprob(c: CompletionOutput) -> float:
+    return sum(lp[t] for t, lp in zip(c.token_ids, c.logprobs or [], strict=False))
 
 
 async def chat_response(
