@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from skybroker import __version__
+from skybroker.asgi import CatchErrors
 
 log = logging.getLogger("skybroker.api")
 
@@ -128,10 +129,13 @@ def _install_error_handlers(app: FastAPI) -> None:
             exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)
         ).response()
 
-    @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return ApiError(500, "internal", f"internal error: {type(exc).__name__}").response()
+    # Not an `Exception` handler: Starlette re-raises after one, and uvicorn then drops the
+    # keep-alive connection (skybroker.asgi).
+    app.add_middleware(CatchErrors, error_response=_internal_error)
+
+
+def _internal_error(exc: Exception) -> JSONResponse:
+    return ApiError(500, "internal", f"internal error: {type(exc).__name__}").response()
 
 
 # ---------------------------------------------------------------- auth
