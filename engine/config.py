@@ -49,6 +49,8 @@ class EngineArgs:
     # model's step gains less than the compile costs at start; pass False to compile anyway).
     enforce_eager: bool | None = None
     compile_cache_dir: str | None = None  # default: $SKYBROKER_COMPILE_CACHE or ~/.cache/...
+    # inductor's C++ wrapper: less host time per step, a first compile a few times longer
+    compile_cpp_wrapper: bool = False
     cuda_graphs: bool = False  # replay decode steps as CUDA graphs (needs the compiled step)
 
     def __post_init__(self) -> None:
