@@ -167,11 +167,12 @@ class CudaGraphs:
         self.sizes = [s for s in step.sizes if s <= max_batch]
         self.max_batch = self.sizes[-1]
         n = self.max_batch
-        self.ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.pos = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        self.tables = torch.zeros((n, max_blocks), dtype=torch.int32, device=dev)
-        self.lens = torch.ones(n, dtype=torch.int32, device=dev)
+        with torch.inference_mode():  # the kind of tensor the compiled graph was traced with
+            self.ids = torch.zeros(n, dtype=torch.int64, device=dev)
+            self.pos = torch.zeros(n, dtype=torch.int64, device=dev)
+            self.slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
+            self.tables = torch.zeros((n, max_blocks), dtype=torch.int32, device=dev)
+            self.lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.out: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
