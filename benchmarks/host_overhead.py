@@ -164,6 +164,8 @@ def main() -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--cache-dir", default=None,
+                   help="compile cache to use (default: a new, empty one: the first start is cold)")  # fmt: skip
     p.add_argument("--json", type=Path, default=None, help="write every measurement here")
     p.add_argument("--record", type=Path, default=None,
                    help="write the planner's host-time fit here "
@@ -180,7 +182,7 @@ def main() -> None:
         return
     work = Path(tempfile.gettempdir()) / "skybroker-host-overhead"
     dirs = build_models(work)
-    cache = tempfile.mkdtemp(prefix="compile-cache-", dir=work)  # empty: the first start is cold
+    cache = a.cache_dir or tempfile.mkdtemp(prefix="compile-cache-", dir=work)
     configs = [("baseline", a.baseline_tree)] if a.baseline_tree else []
     configs += [("eager", ROOT), ("compiled", ROOT), ("compiled-cpp", ROOT)]
     runs: dict[tuple[str, str], list[dict]] = {}

@@ -39,6 +39,7 @@ class _Row:
     row: int
     table: list[int]  # the sequence's block_table list object when last copied in
     synced: int  # how many of its entries are in the array
+    last: int = -1  # the last of them (copy-on-write replaces it in place)
 
 
 class InputBatch:
@@ -61,6 +62,8 @@ class InputBatch:
     def _sync(self, seq: Sequence) -> int:
         table = seq.block_table
         r = self._rows.get(seq.seq_id)
+        if r is not None and r.table is table and r.synced == len(table) and table[-1] == r.last:
+            return r.row  # most decode steps: no new block
         if r is None:
             if not self._free:
                 self._grow()
@@ -70,7 +73,7 @@ class InputBatch:
         start = max(r.synced - 1, 0)
         if start < len(table):
             self.tables[r.row, start : len(table)] = table[start:]
-        r.synced = len(table)
+        r.synced, r.last = len(table), table[-1]
         return r.row
 
     def prepare(self, out: SchedulerOutput) -> tuple[StepInputs, list[int]]:
