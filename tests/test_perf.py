@@ -173,7 +173,8 @@ def test_max_num_seqs_caps_the_batch() -> None:
 
 def test_capacity_meets_slo_and_is_tight() -> None:
     arch = lookup("llama-3.1-8b")
-    model = RooflineModel(arch, H100)
+    # a fixed host time: the SLO below is set against it (the recorded one is measured)
+    model = RooflineModel(arch, H100, overhead_s=0.004, overhead_per_seq_s=0.0)
     cfg = SchedulerConfig(64, 2048, kv_capacity_tokens(arch, H100) // 16, 16)
     rng = np.random.default_rng(1)
     cls = RequestClass(
