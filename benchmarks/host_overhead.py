@@ -166,6 +166,8 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--configs", nargs="+", default=["eager", "compiled", "compiled-cpp"],
+                   choices=["eager", "compiled", "compiled-cpp"], help="this tree's configurations")  # fmt: skip
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--cache-dir", default=None,
                    help="compile cache to use (default: a new, empty one: the first start is cold)")  # fmt: skip
@@ -187,7 +189,7 @@ def main() -> None:
     dirs = build_models(work)
     cache = a.cache_dir or tempfile.mkdtemp(prefix="compile-cache-", dir=work)
     configs = [("baseline", a.baseline_tree)] if a.baseline_tree else []
-    configs += [("eager", ROOT), ("compiled", ROOT), ("compiled-cpp", ROOT)]
+    configs += [(c, ROOT) for c in a.configs]
     runs: dict[tuple[str, str], list[dict]] = {}
     load = os.getloadavg()[0]
     for r in range(a.rounds):
@@ -213,7 +215,7 @@ def record(runs, a, load: float) -> None:
     from skybroker.perf.roofline import cpu_model_name
 
     steps = {}
-    for mode in ("eager", "compiled", "compiled-cpp"):
+    for mode in a.configs:
         rows, ys, points = [], [], []
         for name in a.models:
             layers = MODELS[name]["num_hidden_layers"]

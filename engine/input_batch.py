@@ -48,6 +48,11 @@ class InputBatch:
         self.tables = np.zeros((rows, max_blocks_per_seq), dtype=np.int32)
         self._rows: dict[int, _Row] = {}
         self._free = list(range(rows - 1, -1, -1))
+        self._no_prefill = (
+            torch.zeros((0, max_blocks_per_seq), dtype=torch.int32),
+            torch.zeros(1, dtype=torch.int32),
+            torch.zeros(0, dtype=torch.int32),
+        )
 
     def release(self, seq: Sequence) -> None:
         row = self._rows.pop(seq.seq_id, None)
@@ -81,11 +86,21 @@ class InputBatch:
         bs = self.block_size
         dec, pre = out.decode_seqs, out.prefill_seqs
         nd = len(dec)
-        rows_d = np.fromiter((self._sync(s) for s in dec), np.int64, nd)
-        pos_d = np.fromiter((s.num_computed_tokens for s in dec), np.int64, nd)
-        ids_d = [s.token_ids[s.num_computed_tokens] for s in dec]
+        rows_l, pos_l, ids_d, sampling = [], [], [], []
+        get = self._rows.get
+        for i, seq in enumerate(dec):  # one pass, the usual case (table unchanged) inline
+            r, table, p = get(seq.seq_id), seq.block_table, seq.num_computed_tokens
+            if r is None or r.table is not table or r.synced != len(table) or table[-1] != r.last:
+                rows_l.append(self._sync(seq))
+            else:
+                rows_l.append(r.row)
+            pos_l.append(p)
+            ids_d.append(seq.token_ids[p])
+            if p + 1 == len(seq.token_ids):
+                sampling.append(i)
+        rows_d = np.array(rows_l, dtype=np.int64)
+        pos_d = np.array(pos_l, dtype=np.int64)
         slots_d = self.tables[rows_d, pos_d // bs].astype(np.int64) * bs + pos_d % bs
-        sampling = [i for i, s in enumerate(dec) if s.num_computed_tokens + 1 == len(s)]
         width_d = int(pos_d.max()) // bs + 1 if nd else 0
         ids, positions, slots = [ids_d], [pos_d], [slots_d]
         cu, ctx_p, rows_p, logits = [0], [], [], list(sampling)
@@ -103,18 +118,27 @@ class InputBatch:
                 sampling.append(nd + j)
                 logits.append(nd + cu[-1] - 1)
         width_p = max(ctx_p, default=0) and (max(ctx_p) - 1) // bs + 1
+        if pre:
+            input_ids = torch.tensor(np.concatenate(ids), dtype=torch.int64)
+            pos_t = torch.from_numpy(np.concatenate(positions))
+            slots_t = torch.from_numpy(np.concatenate(slots))
+            pre_tables = torch.from_numpy(self.tables[np.array(rows_p, np.int64), :width_p])
+            cu_t = torch.tensor(cu, dtype=torch.int32)
+            ctx_t = torch.tensor(ctx_p, dtype=torch.int32)
+        else:  # decode only (most steps): no concatenations, the empty prefill tensors reused
+            input_ids = torch.tensor(ids_d, dtype=torch.int64)
+            pos_t, slots_t = torch.from_numpy(pos_d), torch.from_numpy(slots_d)
+            pre_tables, cu_t, ctx_t = self._no_prefill
         inputs = StepInputs(
-            input_ids=torch.tensor(np.concatenate(ids), dtype=torch.int64),
-            positions=torch.from_numpy(np.concatenate(positions)),
-            slot_mapping=torch.from_numpy(np.concatenate(slots)),
+            input_ids=input_ids,
+            positions=pos_t,
+            slot_mapping=slots_t,
             num_decode_tokens=nd,
             decode_block_tables=torch.from_numpy(self.tables[rows_d, :width_d]),
             decode_context_lens=torch.from_numpy((pos_d + 1).astype(np.int32)),
-            prefill_block_tables=torch.from_numpy(
-                self.tables[np.array(rows_p, np.int64), :width_p]
-            ),
-            prefill_cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
-            prefill_context_lens=torch.tensor(ctx_p, dtype=torch.int32),
+            prefill_block_tables=pre_tables,
+            prefill_cu_seqlens_q=cu_t,
+            prefill_context_lens=ctx_t,
             logits_indices=torch.tensor(logits, dtype=torch.int64),
             blocks_to_copy=out.blocks_to_copy,
         )

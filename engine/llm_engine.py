@@ -177,10 +177,12 @@ class LLMEngine:
         inputs, sampling = self._prepare_inputs(out)
         logits = self.runner.call("execute", inputs)
         seqs = out.seqs
-        cache_full_blocks = self.block_manager.cache_full_blocks
+        bm = self.block_manager
+        bs = bm.block_size if bm.enable_prefix_caching else 1 << 62
         for seq, n in zip(seqs, out.num_scheduled_tokens, strict=True):
             seq.num_computed_tokens += n
-            cache_full_blocks(seq)
+            if seq.num_computed_tokens >= (len(seq.block_hashes) + 1) * bs:
+                bm.cache_full_blocks(seq)  # a block became full
         touched = {} if only_finished else {s.request_id: self.requests[s.request_id] for s in seqs}
         shape = self._step_shape(out)  # before a finishing sequence frees its blocks
         rows: list[int] = []
@@ -232,10 +234,15 @@ class LLMEngine:
         finished: list[Request] = []
         self.counters.generation_tokens_total += len(seqs)
         for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
-            seq.append_token(token, lp)
-            req = self.requests[seq.request_id]
-            if req.first_token_time is None:
-                req.first_token_time = now
+            if lp is None:
+                seq.token_ids.append(token)
+            else:
+                seq.append_token(token, lp)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+                req = self.requests[seq.request_id]
+                if req.first_token_time is None:
+                    req.first_token_time = now
             limits = seq.stop_limits
             if limits is None:
                 limits = seq.stop_limits = self._stop_limits(seq)
@@ -252,6 +259,7 @@ class LLMEngine:
                 reason = "length"
             if reason is not None:
                 self._finish(seq, reason)
+                req = self.requests[seq.request_id]
                 if req.finished:
                     finished.append(req)
         return finished
