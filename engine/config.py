@@ -45,6 +45,13 @@ class EngineArgs:
     num_kv_blocks: int | None = None  # overrides kv_cache_gib / gpu_memory_utilization (tests)
     served_model_name: str | None = None
     step_log: str | None = None  # append one JSON line per step here (engine.metrics.StepLog)
+    # torch.compile the model step. None: compile on CUDA, run eager on CPU (there a tiny
+    # model's step gains less than the compile costs at start; pass False to compile anyway).
+    enforce_eager: bool | None = None
+    compile_cache_dir: str | None = None  # default: $SKYBROKER_COMPILE_CACHE or ~/.cache/...
+    # inductor's C++ wrapper: less host time per step, a first compile a few times longer
+    compile_cpp_wrapper: bool = False
+    cuda_graphs: bool = False  # replay decode steps as CUDA graphs (needs the compiled step)
 
     def __post_init__(self) -> None:
         if not Path(self.model).exists():
@@ -82,6 +89,18 @@ class EngineArgs:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device must be 'cpu' or 'auto' here: CUDA is not available")
         return torch.device(self.device)
+
+    def compiles(self, device: torch.device) -> bool:
+        """Whether the model step runs under torch.compile on `device`."""
+        if self.enforce_eager is None:
+            return device.type == "cuda"
+        return not self.enforce_eager
+
+    def resolved_compile_cache_dir(self) -> str:
+        import os
+
+        default = Path.home() / ".cache" / "skybroker" / "torch_compile"
+        return self.compile_cache_dir or os.environ.get("SKYBROKER_COMPILE_CACHE") or str(default)
 
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
         import torch

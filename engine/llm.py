@@ -97,9 +97,8 @@ class LLM:
             ids.append(request_id)
         finished: dict[str, RequestOutput] = {}
         while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    finished[out.request_id] = out
+            for out in engine.step(only_finished=True):
+                finished[out.request_id] = out
         return [finished[i] for i in ids]
 
     def chat(

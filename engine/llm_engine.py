@@ -8,11 +8,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from engine.block_manager import BlockManager
 from engine.config import EngineArgs, ModelConfig
+from engine.input_batch import InputBatch, StepInputs
 from engine.loader import load_generation_config, load_model_config
 from engine.metrics import Counters, EngineMetrics, StepLog, StepStats
-from engine.model_runner import ModelRunner, free_port, prepare_inputs, worker_main
+from engine.model_runner import ModelRunner, free_port, worker_main
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
@@ -80,6 +83,7 @@ class LLMEngine:
             self.block_manager, args.max_num_seqs, args.max_num_batched_tokens
         )
         self.sampler = Sampler(self.runner.device, args.seed)
+        self.input_batch = InputBatch(args.block_size, -(-self.max_model_len // args.block_size))
         self.requests: dict[str, Request] = {}
         self.counters = Counters()
         self.step_log = StepLog(args.step_log) if args.step_log else None
@@ -150,6 +154,7 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
                 self.sampler.forget(seq)
+                self.input_batch.release(seq)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -158,19 +163,27 @@ class LLMEngine:
         return len(self.requests)
 
     # -- the step ------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, only_finished: bool = False) -> list[RequestOutput]:
+        """Schedule and run one step; outputs of the requests it touched (cumulative text).
+
+        `only_finished=True` (the offline `LLM.generate`) returns just the requests that
+        finished, and detokenizes a sequence once, when it finishes, unless its stop strings
+        need the text every step.
+        """
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        inputs, sampling = prepare_inputs(out, self.args.block_size)
+        inputs, sampling = self._prepare_inputs(out)
         logits = self.runner.call("execute", inputs)
         seqs = out.seqs
-        touched: dict[str, Request] = {}
+        bm = self.block_manager
+        bs = bm.block_size if bm.enable_prefix_caching else 1 << 62
         for seq, n in zip(seqs, out.num_scheduled_tokens, strict=True):
             seq.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(seq)
-            touched[seq.request_id] = self.requests[seq.request_id]
+            if seq.num_computed_tokens >= (len(seq.block_hashes) + 1) * bs:
+                bm.cache_full_blocks(seq)  # a block became full
+        touched = {} if only_finished else {s.request_id: self.requests[s.request_id] for s in seqs}
         shape = self._step_shape(out)  # before a finishing sequence frees its blocks
         rows: list[int] = []
         sample_seqs: list[Sequence] = []
@@ -188,26 +201,106 @@ class LLMEngine:
                     rows.append(row)
                     sample_seqs.append(child)
                 seq.num_pending_forks = 0
-        now = time.monotonic()
+        finished: list[Request] = []
         if sample_seqs:
-            tokens, logprobs = self.sampler(logits[rows], sample_seqs, self.eos_token_ids)
-            for seq, token, lp in zip(sample_seqs, tokens, logprobs, strict=True):
-                seq.append_token(token, lp)
-                req = self.requests[seq.request_id]
-                if req.first_token_time is None:
-                    req.first_token_time = now
-                self._check_stop(seq, token)
+            if len(rows) != logits.shape[0] or rows[-1] != len(rows) - 1:
+                logits = logits[rows]
+            with torch.inference_mode():  # logits are an inference tensor the sampler edits
+                tokens, logprobs = self.sampler(logits, sample_seqs, self.eos_token_ids)
+            finished = self._append_and_check_stops(sample_seqs, tokens, logprobs, only_finished)
         self._record_step(out, shape, time.perf_counter() - t0)
-        outputs = [self._make_output(req) for req in touched.values()]
+        if only_finished:
+            outputs = [self._make_output(req) for req in finished]
+        else:
+            outputs = [self._make_output(req) for req in touched.values()]
         for o in outputs:
             if o.finished:
                 del self.requests[o.request_id]
                 self.counters.requests_finished_total += 1
         return outputs
 
-    def _check_stop(self, seq: Sequence, token: int) -> None:
+    def _prepare_inputs(self, out) -> tuple[StepInputs, list[int]]:
+        return self.input_batch.prepare(out)
+
+    def _append_and_check_stops(
+        self,
+        seqs: list[Sequence],
+        tokens: list[int],
+        logprobs: list[dict[int, float] | None],
+        defer_text: bool,
+    ) -> list[Request]:
+        """Append each sampled token, stop what must stop; return the requests that finished."""
+        now = time.monotonic()
+        finished: list[Request] = []
+        self.counters.generation_tokens_total += len(seqs)
+        for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
+            if lp is None:
+                seq.token_ids.append(token)
+            else:
+                seq.append_token(token, lp)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+                req = self.requests[seq.request_id]
+                if req.first_token_time is None:
+                    req.first_token_time = now
+            limits = seq.stop_limits
+            if limits is None:
+                limits = seq.stop_limits = self._stop_limits(seq)
+            stop_ids, min_len, max_len = limits
+            n = len(seq.token_ids)
+            reason: str | None = None
+            if seq.params.stop or not defer_text:
+                reason = self._check_text(seq, token, n >= min_len)
+            if reason is None and n >= min_len and token in stop_ids:
+                reason = "stop"
+                if token in seq.params.stop_token_ids and token not in self._eos_for(seq):
+                    seq.stop_reason = token
+            if reason is None and n >= max_len:
+                reason = "length"
+            if reason is not None:
+                self._finish(seq, reason)
+                req = self.requests[seq.request_id]
+                if req.finished:
+                    finished.append(req)
+        return finished
+
+    def _eos_for(self, seq: Sequence) -> set[int] | frozenset[int]:
+        return frozenset() if seq.params.ignore_eos else self.eos_token_ids
+
+    def _stop_limits(self, seq: Sequence) -> tuple[frozenset[int], int, int]:
+        """(token ids that stop it, the length from which it may stop, the length it stops at)."""
         p = seq.params
-        self.counters.generation_tokens_total += 1
+        max_len = self.max_model_len
+        if p.max_tokens is not None:
+            max_len = min(max_len, seq.num_prompt_tokens + p.max_tokens)
+        stop_ids = frozenset(self._eos_for(seq)) | frozenset(p.stop_token_ids)
+        return stop_ids, seq.num_prompt_tokens + p.min_tokens, max_len
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self._catch_up_text(seq)
+        self.scheduler.finish(seq, reason)
+        self.sampler.forget(seq)
+        self.input_batch.release(seq)
+
+    def _catch_up_text(self, seq: Sequence) -> None:
+        """Detokenize the tokens not yet turned into text (all at once when the text allows)."""
+        if seq.read_offset >= len(seq.token_ids):
+            return
+        skip = seq.params.skip_special_tokens
+        ids = seq.token_ids
+        delta, seq.prefix_offset, seq.read_offset = detokenize_incrementally(
+            self.tokenizer, ids, seq.prefix_offset, seq.read_offset, skip
+        )
+        seq.output_text += delta
+        for end in range(seq.read_offset + 1, len(ids) + 1) if not delta else ():
+            delta, seq.prefix_offset, seq.read_offset = detokenize_incrementally(
+                self.tokenizer, ids[:end], seq.prefix_offset, seq.read_offset, skip
+            )
+            seq.output_text += delta
+
+    def _check_text(self, seq: Sequence, token: int, can_stop: bool) -> str | None:
+        """Detokenize the new token; "stop" when a stop string completed (text cut before it)."""
+        p = seq.params
         prev_len = len(seq.output_text)
         delta, seq.prefix_offset, seq.read_offset = detokenize_incrementally(
             self.tokenizer,
@@ -217,28 +310,18 @@ class LLMEngine:
             p.skip_special_tokens,
         )
         seq.output_text += delta
-        reason: str | None = None
-        can_stop = seq.num_output_tokens >= p.min_tokens
-        if can_stop and not p.ignore_eos and token in self.eos_token_ids:
-            reason = "stop"
-        elif can_stop and token in p.stop_token_ids:
-            reason, seq.stop_reason = "stop", token
-        elif can_stop and p.stop and delta:
+        if can_stop and p.stop and delta:
+            if token in self._eos_for(seq) or token in p.stop_token_ids:
+                return None  # a stop token ends it first (and names its own reason)
             start = max(0, prev_len - max(len(s) for s in p.stop) + 1)
             hits = [(seq.output_text.find(s, start), s) for s in p.stop]
             hits = [(i, s) for i, s in hits if i >= 0]
             if hits:
                 idx, stop = min(hits)
                 seq.output_text = seq.output_text[:idx]
-                reason, seq.stop_reason = "stop", stop
-        if reason is None and (
-            (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens)
-            or len(seq) >= self.max_model_len
-        ):
-            reason = "length"
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
-            self.sampler.forget(seq)
+                seq.stop_reason = stop
+                return "stop"
+        return None
 
     def _make_output(self, req: Request) -> RequestOutput:
         by_index = {s.index: s for s in req.seqs}

@@ -7,87 +7,23 @@ broadcasts them; ranks 1.. run `worker_main` in spawned processes and mirror eve
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from engine.compiled_step import CompiledStep
 from engine.config import EngineArgs, ModelConfig
+from engine.input_batch import StepInputs
 from engine.loader import iter_weights
-from engine.models.llama import AttentionMetadata, LlamaForCausalLM, TPGroup
-from engine.scheduler import SchedulerOutput
+from engine.models.llama import LlamaForCausalLM, TPGroup
 from kernels import ops
-
-
-@dataclass
-class StepInputs:
-    """Plain CPU tensors describing one step (picklable, so rank 0 can broadcast them)."""
-
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    slot_mapping: torch.Tensor
-    num_decode_tokens: int
-    decode_block_tables: torch.Tensor
-    decode_context_lens: torch.Tensor
-    prefill_block_tables: torch.Tensor
-    prefill_cu_seqlens_q: torch.Tensor
-    prefill_context_lens: torch.Tensor
-    logits_indices: torch.Tensor
-    blocks_to_copy: list[tuple[int, int]]
+from kernels.attention_op import StepContext, step_context
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _block_tables(tables: list[list[int]]) -> torch.Tensor:
-    width = max((len(t) for t in tables), default=0)
-    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).reshape(
-        len(tables), width
-    )
-
-
-def prepare_inputs(out: SchedulerOutput, block_size: int) -> tuple[StepInputs, list[int]]:
-    """Step tensors for a schedule, and the indices (into out.seqs) of sequences that sample."""
-    ids: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    logits_indices: list[int] = []
-    sampling: list[int] = []
-    ctx_lens: list[int] = []
-    cu = [0]
-    tables: list[list[int]] = []
-    for i, (seq, n) in enumerate(zip(out.seqs, out.num_scheduled_tokens, strict=True)):
-        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-        table = seq.block_table
-        ids.extend(seq.token_ids[start:end])
-        positions.extend(range(start, end))
-        slots.extend(
-            table[p // block_size] * block_size + p % block_size for p in range(start, end)
-        )
-        cu.append(cu[-1] + n)
-        ctx_lens.append(end)
-        tables.append(table)
-        if end == len(seq):
-            sampling.append(i)
-            logits_indices.append(cu[-1] - 1)
-    nd = len(out.decode_seqs)
-    inputs = StepInputs(
-        input_ids=torch.tensor(ids, dtype=torch.int64),
-        positions=torch.tensor(positions, dtype=torch.int64),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        num_decode_tokens=nd,
-        decode_block_tables=_block_tables(tables[:nd]),
-        decode_context_lens=torch.tensor(ctx_lens[:nd], dtype=torch.int32),
-        prefill_block_tables=_block_tables(tables[nd:]),
-        prefill_cu_seqlens_q=torch.tensor([c - cu[nd] for c in cu[nd:]], dtype=torch.int32),
-        prefill_context_lens=torch.tensor(ctx_lens[nd:], dtype=torch.int32),
-        logits_indices=torch.tensor(logits_indices, dtype=torch.int64),
-        blocks_to_copy=out.blocks_to_copy,
-    )
-    return inputs, sampling
 
 
 class ModelRunner:
@@ -100,6 +36,7 @@ class ModelRunner:
         init_method: str | None = None,
     ) -> None:
         self.args, self.cfg, self.rank = args, cfg, rank
+        self.max_model_len = max_model_len
         self.world_size = args.tensor_parallel_size
         self.device = args.resolved_device()
         if self.device.type == "cuda":
@@ -123,6 +60,9 @@ class ModelRunner:
         self.model = model.eval()
         self.num_blocks = self._num_kv_blocks()
         self._allocate_kv_cache()
+        self.compiled: CompiledStep | None = None
+        if args.compiles(self.device):
+            self.compiled = CompiledStep.build(self)
 
     # -- KV cache ------------------------------------------------------------------------
     def _block_bytes(self) -> int:
@@ -150,18 +90,20 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> None:
         attn0 = self.model.layers[0].self_attn
         shape = (self.num_blocks, self.args.block_size, attn0.num_kv_heads, attn0.head_dim)
-        for layer in self.model.layers:
-            layer.self_attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            layer.self_attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+        def zeros() -> torch.Tensor:
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+        self.kv_caches = [(zeros(), zeros()) for _ in self.model.layers]
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
-        for layer in self.model.layers:
-            layer.self_attn.k_cache[dst] = layer.self_attn.k_cache[src]
-            layer.self_attn.v_cache[dst] = layer.self_attn.v_cache[src]
+        for k_cache, v_cache in self.kv_caches:
+            k_cache[dst] = k_cache[src]
+            v_cache[dst] = v_cache[src]
 
     # -- steps ---------------------------------------------------------------------------
     def call(self, method: str, *payload) -> object:
@@ -170,16 +112,14 @@ class ModelRunner:
             dist.broadcast_object_list([(method, payload)], src=0)
         return getattr(self, method)(*payload)
 
-    @torch.inference_mode()
-    def execute(self, inputs: StepInputs) -> torch.Tensor:
-        """Run one step; logits `[len(logits_indices), vocab]` fp32 on the model's device."""
-        self._copy_blocks(inputs.blocks_to_copy)
+    def step_context(self, inputs: StepInputs) -> StepContext:
         dev = self.device
 
         def to(t: torch.Tensor) -> torch.Tensor:
             return t.to(dev, non_blocking=True)
 
-        meta = AttentionMetadata(
+        return StepContext(
+            num_tokens=inputs.input_ids.shape[0],
             num_decode_tokens=inputs.num_decode_tokens,
             slot_mapping=to(inputs.slot_mapping),
             decode_block_tables=to(inputs.decode_block_tables),
@@ -187,10 +127,24 @@ class ModelRunner:
             prefill_block_tables=to(inputs.prefill_block_tables),
             prefill_cu_seqlens_q=to(inputs.prefill_cu_seqlens_q),
             prefill_context_lens=to(inputs.prefill_context_lens),
+            kv_caches=self.kv_caches,
         )
-        return self.model(
-            to(inputs.input_ids), to(inputs.positions), meta, to(inputs.logits_indices)
-        )
+
+    @torch.inference_mode()
+    def execute(self, inputs: StepInputs) -> torch.Tensor:
+        """Run one step; logits `[len(logits_indices), vocab]` fp32 on the model's device."""
+        self._copy_blocks(inputs.blocks_to_copy)
+        ctx = self.step_context(inputs)
+        ids, pos = inputs.input_ids.to(self.device), inputs.positions.to(self.device)
+        hidden = None
+        if self.compiled is not None:
+            hidden = self.compiled.run(ids, pos, ctx, inputs)
+            if hidden is None:  # it failed and warned: eager from now on
+                self.compiled = None
+        if hidden is None:
+            with step_context(ctx):
+                hidden = self.model(ids, pos)
+        return self.model.compute_logits(hidden, inputs.logits_indices.to(self.device))
 
     def exit(self) -> None:
         if self.world_size > 1:

@@ -9,6 +9,16 @@ from engine.sequence import Sequence
 _NEG_INF = float("-inf")
 
 
+def _plain_greedy(seq: Sequence) -> bool:
+    """Greedy with nothing else to apply (cached on the sequence: its params never change)."""
+    plain = seq.plain_greedy
+    if plain is None:
+        p = seq.params
+        plain = p.greedy and not p.needs_penalties and not p.min_tokens and p.logprobs is None
+        seq.plain_greedy = plain
+    return plain
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
@@ -65,6 +75,8 @@ class Sampler:
         self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]
     ) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits `[len(seqs), vocab]` fp32 (modified in place). Returns tokens and logprobs."""
+        if all(map(_plain_greedy, seqs)):
+            return logits.argmax(dim=-1).tolist(), [None] * len(seqs)
         for i, seq in enumerate(seqs):
             p = seq.params
             if p.needs_penalties:

@@ -78,9 +78,16 @@ class Scheduler:
         bm = self.block_manager
         budget = self.max_num_batched_tokens
         i = 0
+        bs, blocks = bm.block_size, bm.blocks
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
+            start = seq.num_computed_tokens
+            if n == 1 and start % bs and blocks[seq.block_table[start // bs]].ref_count == 1:
+                out.decode_seqs.append(seq)  # room in its own last block: nothing to allocate
+                budget -= 1
+                i += 1
+                continue
             while not bm.can_allocate(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)

@@ -49,6 +49,9 @@ class Sequence:
         self.read_offset = len(prompt_token_ids)
         self.stop_reason: str | int | None = None
         self.first_token_time: float | None = None
+        # (stop token ids, min length to stop, max length), set by the engine on first sample
+        self.stop_limits: tuple[frozenset[int], int, int] | None = None
+        self.plain_greedy: bool | None = None  # set by the sampler on first use
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -104,6 +104,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "clock, seconds, batch shape): to check a performance model against real serving",
     )
     p.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the model eager (default: torch.compile on CUDA, eager on CPU; "
+        "--no-enforce-eager compiles on CPU too)",
+    )
+    p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     return p.parse_args(argv)
@@ -122,6 +129,7 @@ ENGINE_FLAGS = (
     "seed",
     "enable_prefix_caching",
     "step_log",
+    "enforce_eager",
 )
 
 

@@ -75,7 +75,7 @@ def test_hf_config_and_gguf_header(tmp_path: Path) -> None:
 def test_8b_decode_on_h100_is_memory_bound() -> None:
     arch = lookup("llama-3.1-8b")
     m = RooflineModel(arch, H100)
-    t = m.step_time(0, 1, 512) - m.overhead_s
+    t = m.step_time(0, 1, 512) - m.host_s(1)
     floor = arch.weight_bytes / (H100.bandwidth_gbs * 1e9)
     assert floor <= t <= floor / m.memory_eff * 1.01  # weights / bandwidth, within the efficiency
     assert 2 * arch.num_params / (H100.tflops * 1e12) < t / 10  # compute is far below
@@ -173,7 +173,8 @@ def test_max_num_seqs_caps_the_batch() -> None:
 
 def test_capacity_meets_slo_and_is_tight() -> None:
     arch = lookup("llama-3.1-8b")
-    model = RooflineModel(arch, H100)
+    # a fixed host time: the SLO below is set against it (the recorded one is measured)
+    model = RooflineModel(arch, H100, overhead_s=0.004, overhead_per_seq_s=0.0)
     cfg = SchedulerConfig(64, 2048, kv_capacity_tokens(arch, H100) // 16, 16)
     rng = np.random.default_rng(1)
     cls = RequestClass(
@@ -313,3 +314,32 @@ def test_parallel_searches_equal_serial_ones(monkeypatch: pytest.MonkeyPatch) ->
     capacity._dirty.clear()
     parallel = capacity.max_rates(jobs, num_requests=20, workers=2)
     assert parallel == serial and any(r.rate > 0 for r in serial)
+
+
+def test_roofline_prices_the_engines_measured_host_time() -> None:
+    from skybroker.perf import roofline
+
+    data = json.loads(roofline._host_overhead_file().read_text())
+    assert data["cpu"] and data["measured"] and data["command"].startswith("python benchmarks/")
+    arch = lookup("llama-3.1-8b")
+    m = RooflineModel(arch, H100)
+    base, per_seq = roofline.engine_host_overhead(arch.num_layers, "compiled")
+    assert (m.overhead_s, m.overhead_per_seq_s) == (base, per_seq)
+    fit = data["steps"]["compiled"]["fit"]
+    assert base == pytest.approx(fit[0] + fit[1] * 32)
+    for p in data["steps"]["compiled"]["points"]:  # the fit follows what was measured
+        est = sum(
+            roofline.engine_host_overhead(p["num_layers"], "compiled")
+            * np.array([1, p["num_seqs"]])
+        )
+        assert est == pytest.approx(p["seconds"], rel=0.35, abs=5e-4)
+    eager = roofline.engine_host_overhead(32, "eager")
+    assert eager[0] + 64 * eager[1] > base + 64 * per_seq  # compiling takes host time off
+    fast = m.fast_step()
+    for d in (1, 8, 64):
+        assert fast(0, d, 512 * d) == pytest.approx(m.step_time(0, d, 512 * d))
+    assert m.step_time(0, 64, 0) - m.step_time(0, 1, 0) >= 63 * per_seq * 0.999
+    explicit = RooflineModel(arch, H100, overhead_s=0.004, overhead_per_seq_s=0.0)
+    assert explicit.step_time(0, 1, 512) == pytest.approx(
+        m.step_time(0, 1, 512) - m.host_s(1) + 0.004
+    )

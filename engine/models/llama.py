@@ -2,12 +2,13 @@
 
 Attention heads and the MLP's intermediate dimension are split across tensor-parallel ranks
 (column-parallel qkv/gate_up, row-parallel o/down followed by an all-reduce); embeddings, norms
-and the LM head are replicated. The hot-path ops come from `kernels.ops`.
+and the LM head are replicated. The hot-path ops come from `kernels.ops`; under `torch.compile`
+norms and RoPE are plain torch (the compiler fuses them) and attention is the opaque
+`torch.ops.skybroker.paged_attention`, which reads the step's cache layout from
+`kernels.attention_op.step_context`: the traced graph depends only on the token count.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -15,20 +16,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
-from kernels import ops
+from kernels import attention_op, ops, reference
+
+_compiling = torch.compiler.is_compiling
 
 
-@dataclass
-class AttentionMetadata:
-    """Where a step's tokens go in the cache. Decode tokens come first, then prefill chunks."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual=None):
+    if _compiling():
+        return reference.rms_norm(x, weight, eps, residual)
+    return ops.rms_norm(x, weight, eps, residual)
 
-    num_decode_tokens: int
-    slot_mapping: torch.Tensor  # [T] int64
-    decode_block_tables: torch.Tensor  # [Bd, max_blocks] int32
-    decode_context_lens: torch.Tensor  # [Bd] int32
-    prefill_block_tables: torch.Tensor  # [Bp, max_blocks] int32
-    prefill_cu_seqlens_q: torch.Tensor  # [Bp + 1] int32
-    prefill_context_lens: torch.Tensor  # [Bp] int32
+
+def apply_rotary(q, k, positions: torch.Tensor, rope: torch.Tensor):
+    if _compiling():
+        cos, sin = rope[positions].unsqueeze(1).chunk(2, dim=-1)
+        return reference._rotate(q, cos, sin), reference._rotate(k, cos, sin)
+    return ops.apply_rotary(q, k, positions, rope)
 
 
 class TPGroup:
@@ -50,7 +53,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        return ops.rms_norm(x, self.weight, self.eps, residual)
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
@@ -78,51 +81,20 @@ class LlamaAttention(nn.Module):
         self.sliding_window = cfg.layer_sliding_windows[layer_idx]
         self.qkv_proj = _linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias)
         self.o_proj = _linear(self.q_size, cfg.hidden_size, cfg.o_bias)
-        self.k_cache = torch.empty(0)
-        self.v_cache = torch.empty(0)
+        self.layer_idx = layer_idx
 
-    def forward(
-        self,
-        positions: torch.Tensor,
-        x: torch.Tensor,
-        meta: AttentionMetadata,
-        rope: torch.Tensor,
-    ) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = ops.apply_rotary(q, k, positions, rope)
-        ops.store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        nd = meta.num_decode_tokens
-        parts = []
-        if nd:
-            parts.append(
-                ops.paged_attention_decode(
-                    q[:nd],
-                    self.k_cache,
-                    self.v_cache,
-                    meta.decode_block_tables,
-                    meta.decode_context_lens,
-                    self.scale,
-                    self.sliding_window,
-                )
-            )
-        if q.shape[0] > nd:
-            parts.append(
-                ops.paged_attention_prefill(
-                    q[nd:],
-                    self.k_cache,
-                    self.v_cache,
-                    meta.prefill_block_tables,
-                    meta.prefill_cu_seqlens_q,
-                    meta.prefill_context_lens,
-                    self.scale,
-                    self.sliding_window,
-                )
-            )
-        o = parts[0] if len(parts) == 1 else torch.cat(parts)
+        q, k = apply_rotary(q, k, positions, rope)
+        args = (q, k, v, self.layer_idx, self.scale, self.sliding_window)
+        if _compiling():
+            o = torch.ops.skybroker.paged_attention(*args)
+        else:
+            o = attention_op.attend(*args)
         out = F.linear(o.reshape(-1, self.q_size), self.o_proj.weight)
         out = self.tp.all_reduce(out)
         if self.o_proj.bias is not None:
@@ -160,13 +132,13 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions, x, residual, meta, rope):
+    def forward(self, positions, x, residual, rope):
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, meta, rope)
+        x = self.self_attn(positions, x, rope)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -193,20 +165,21 @@ class LlamaForCausalLM(nn.Module):
         )
         self.register_buffer("rope", rope, persistent=False)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
-        logits_indices: torch.Tensor,
-    ) -> torch.Tensor:
-        """Run the step's tokens; return logits `[len(logits_indices), vocab]` in fp32."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Final hidden states `[T, hidden]` of the step's tokens (inside a `step_context`).
+
+        This is what `torch.compile` traces: its only inputs are the token ids and positions.
+        """
         x = self.embed_tokens(input_ids)
         residual = None
         for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta, self.rope)
-        x, _ = self.norm(x[logits_indices], residual[logits_indices])
-        return self.lm_head(x).float()
+            x, residual = layer(positions, x, residual, self.rope)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor, logits_indices: torch.Tensor) -> torch.Tensor:
+        """Logits `[len(logits_indices), vocab]` in fp32 of the rows that sample."""
+        return self.lm_head(hidden[logits_indices]).float()
 
     # -- weights -------------------------------------------------------------------------
     def load_weights(self, weights) -> None:

@@ -3,8 +3,12 @@
 A step of the engine runs a batch of `num_prefill_tokens` prompt tokens and `num_decode_seqs`
 decode tokens over `total_context_tokens` KV-cache tokens. Its time is the larger of compute
 time (FLOPs / (peak x compute efficiency)) and memory time (weights + KV bytes / (bandwidth x
-memory efficiency)), plus tensor-parallel all-reduces and a fixed per-step overhead (the
-engine's Python scheduler and kernel launches). The efficiency factors are the usual
+memory efficiency)), plus tensor-parallel all-reduces and the engine's host time per step
+(scheduler, input preparation, op dispatch, outputs: `overhead_s` + `overhead_per_seq_s` x
+sequences). Unless given, the host time is the engine's as measured by
+benchmarks/host_overhead.py on the narrow models, where the arithmetic is negligible
+(`catalogs/profiles/host/engine-host-overhead.json`, a function of layers and batch, with the
+CPU it ran on): compiled for GPUs, where the engine compiles its step by default. The efficiency factors are the usual
 calibrated values of serving engines on GPUs (~50-60% MFU in prefill, ~80% of HBM bandwidth
 in decode); a measured profile (`skybroker.perf.profile`) replaces all of this.
 
@@ -66,8 +70,21 @@ class RooflineModel:
     hw: Hardware
     compute_eff: float = 0.55
     memory_eff: float = 0.80
-    overhead_s: float = 0.004
+    overhead_s: float | None = None  # None: the measured host time (engine_host_overhead)
     allreduce_latency_s: float = 10e-6
+    overhead_per_seq_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.overhead_s is None or self.overhead_per_seq_s is None:
+            base, per_seq = engine_host_overhead(self.arch.num_layers, "compiled")
+            if self.overhead_s is None:
+                object.__setattr__(self, "overhead_s", base)
+            if self.overhead_per_seq_s is None:
+                object.__setattr__(self, "overhead_per_seq_s", per_seq)
+
+    def host_s(self, num_seqs: float) -> float:
+        """The engine's host time of a step of `num_seqs` sequences."""
+        return self.overhead_s + self.overhead_per_seq_s * num_seqs
 
     @property
     def source(self) -> str:
@@ -83,7 +100,13 @@ class RooflineModel:
         return (
             sorted(d["arch"].items())
             + sorted(d["hw"].items())
-            + [self.compute_eff, self.memory_eff, self.overhead_s, self.allreduce_latency_s]
+            + [
+                self.compute_eff,
+                self.memory_eff,
+                self.overhead_s,
+                self.allreduce_latency_s,
+                self.overhead_per_seq_s,
+            ]
         )
 
     def step_time(self, num_prefill_tokens: float, num_decode_seqs: float,
@@ -101,7 +124,7 @@ class RooflineModel:
         mem = a.weight_bytes + a.kv_bytes_per_token(self.kv_dtype_bytes) * total_context_tokens
         t_compute = flops / (tp * hw.tflops * 1e12 * self.compute_eff)
         t_memory = mem / (tp * hw.bandwidth_gbs * 1e9 * self.memory_eff)
-        t = np.maximum(t_compute, t_memory) + self.overhead_s
+        t = np.maximum(t_compute, t_memory) + self.host_s(np.maximum(num_decode_seqs, 1))
         if tp > 1:  # two ring all-reduces of the activations per layer
             nbytes = tokens * a.hidden_size * DTYPE_BYTES[a.dtype]
             per = (
@@ -121,6 +144,7 @@ class RooflineModel:
         inv_c = 1.0 / (tp * hw.tflops * 1e12 * self.compute_eff)
         inv_m = 1.0 / (tp * hw.bandwidth_gbs * 1e9 * self.memory_eff)
         w, kvb, oh = a.weight_bytes, a.kv_bytes_per_token(self.kv_dtype_bytes), self.overhead_s
+        ohs = self.overhead_per_seq_s
         ar_per_tok = ar0 = 0.0
         if tp > 1:
             ar_per_tok = (2 * a.num_layers * 2 * (tp - 1) / tp * a.hidden_size
@@ -133,7 +157,8 @@ class RooflineModel:
             dec_pairs = c - p if c > p else 0.0
             tc = (mm2 * tokens + attn0 + attn * (pairs + dec_pairs)) * inv_c
             tm = (w + kvb * c) * inv_m
-            return (tc if tc > tm else tm) + oh + (ar_per_tok * tokens + ar0 if tp > 1 else 0.0)
+            host = oh + ohs * (d if d > 1 else 1)
+            return (tc if tc > tm else tm) + host + (ar_per_tok * tokens + ar0 if tp > 1 else 0.0)
 
         return step
 
@@ -226,7 +251,40 @@ def cpu_hardware(cores: int | None = None, memory_gib: float | None = None) -> H
 
 def cpu_roofline(arch: ModelArch, hw: Hardware) -> RooflineModel:
     """The roofline of our engine on CPU: torch fp32 reaches a fraction of numpy's matmul peak
-    and pays per-layer Python overhead in every step."""
+    and pays the eager engine's host time (CPU replicas run eager by default) in every step."""
     fp32 = ModelArch(**{**asdict(arch), "dtype": "float32", "weight_bytes_override": None})
-    return RooflineModel(fp32, hw, compute_eff=0.8, memory_eff=0.8,
-                         overhead_s=0.002 + 0.0003 * arch.num_layers)  # fmt: skip
+    base, per_seq = engine_host_overhead(arch.num_layers, "eager")
+    return RooflineModel(fp32, hw, compute_eff=0.8, memory_eff=0.8, overhead_s=base,
+                         overhead_per_seq_s=per_seq)  # fmt: skip
+
+
+def _host_overhead_file() -> Path:
+    from skybroker.catalog.loader import BUNDLED_DIR
+
+    return BUNDLED_DIR / "profiles" / "host" / "engine-host-overhead.json"
+
+
+# Used when the file is missing (a wheel without it): the figures it held when written.
+_HOST_FALLBACK = {"compiled": [0.004, 0.0, 0.0, 0.0], "eager": [0.002, 0.0003, 0.0, 0.0]}
+
+
+def engine_host_overhead(num_layers: int, step: str = "compiled") -> tuple[float, float]:
+    """(seconds per step, seconds per sequence per step) of the engine's host work for a model
+    of `num_layers`, from the recorded fit host = a + b*layers + (c + d*layers)*sequences."""
+    fits = _host_fits()
+    a, b, c, d = fits.get(step) or _HOST_FALLBACK[step]
+    return a + b * num_layers, c + d * num_layers
+
+
+_HOST_FITS: dict | None = None
+
+
+def _host_fits() -> dict:
+    global _HOST_FITS
+    if _HOST_FITS is None:
+        try:
+            data = json.loads(_host_overhead_file().read_text())
+            _HOST_FITS = {k: v["fit"] for k, v in data["steps"].items()}
+        except (OSError, ValueError, KeyError):
+            _HOST_FITS = {}
+    return _HOST_FITS
