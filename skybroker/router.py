@@ -312,7 +312,7 @@ class Router:
         assert self._client is not None, "router app not started (lifespan)"
         body = await request.body()
         headers = self._upstream_headers(request)
-        if request.method == "POST":
+        if path != "/v1/models":  # a listing is no load
             self.load.arrived()
         tried: set[str] = set()
         last_503: tuple[bytes, dict[str, str]] | None = None

@@ -87,14 +87,15 @@ def _scaled(dist: Any, ratio: float) -> Any:
     return dist.model_copy(update=up)
 
 
-def load_planner(spec: Any, blocklist: frozenset = frozenset()) -> Any:
+def load_planner(
+    spec: Any, blocklist: frozenset = frozenset(), planner: Planner | None = None
+) -> Any:
     """The autoscaler's re-plan: (capacity req/s, mean input, mean output) -> targets, from
     the cheapest plan for that load (the planner's ILP, no baselines)."""
+    solve = planner or default_planner
 
     def replan(rate: float, mean_in: float, mean_out: float) -> list[dict[str, Any]]:
-        return targets_from_plan(
-            default_planner(spec_for_load(spec, rate, mean_in, mean_out), blocklist)
-        )
+        return targets_from_plan(solve(spec_for_load(spec, rate, mean_in, mean_out), blocklist))
 
     return replan
 
