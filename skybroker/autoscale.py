@@ -4,7 +4,9 @@
 targets serve within the SLO (their planned capacity, corrected for the observed token mix,
 less `headroom`). When the SLO is at risk (the rate exceeds that, or more requests are in
 flight than the replicas hold at that rate) it scales up once the overload has lasted
-`upscale_delay_s` (default: at once); when a cheaper placement would serve the load it scales
+`upscale_delay_s` (default: at once), and when the router's measured time to first byte
+at the SLO's percentile exceeds the TTFT target it adds one replica at a time (none while
+replicas are still starting); when a cheaper placement would serve the load it scales
 down only after that has held for `downscale_delay_s`.
 
 What to run is chosen among two candidates for the capacity needed (rate / (1 - headroom)):
@@ -40,6 +42,8 @@ class Load:
     output_tokens: float = 0.0
     in_flight: dict[str, int] = field(default_factory=dict)  # per replica
     window_s: float = 0.0
+    ttft_s: float | None = None  # time to first byte at the SLO's percentile (None: no data)
+    starting: int = 0  # replicas wanted that are not ready yet
 
 
 @dataclass
@@ -55,6 +59,7 @@ class Policy:
     planned_output: float = 256.0
     ttft_s: float = 2.0
     tpot_s: float = 0.1
+    percentile: float = 99.0
 
     @classmethod
     def from_spec(cls, spec: Any) -> Policy:
@@ -69,6 +74,7 @@ class Policy:
             planned_output=float(sum(outs) / len(outs)),
             ttft_s=spec.slo.ttft_ms / 1000,
             tpot_s=spec.slo.tpot_ms / 1000,
+            percentile=spec.slo.percentile,
         )
 
 
@@ -154,7 +160,9 @@ class Autoscaler:
             self.over_since = now if self.over_since is None else self.over_since
             if now - self.over_since < p.upscale_delay_s:
                 return Decision(targets, [f"{risk}; up in {self._left(now, True):.0f}s"])
-            if "in flight" in risk:  # queues build up: one step more than runs now
+            if load.starting and ("in flight" in risk or "TTFT" in risk):
+                return Decision(targets, [f"{risk}; waiting for {load.starting} starting"])
+            if "in flight" in risk or "TTFT" in risk:  # queues: one step more than runs now
                 need = max(need, capacity(targets) * factor * (1 + 1e-6))
             best, how = self._choose(load, targets, need / factor, factor)
             if hourly(best) <= hourly(targets) and capacity(best) <= capacity(targets):
@@ -162,6 +170,9 @@ class Autoscaler:
             self.over_since = None
             return self._decision(risk, targets, best, "up", how)
         self.over_since = None
+        if load.ttft_s is not None and load.ttft_s > p.ttft_s * (1 - p.headroom):
+            self.under_since = None  # measured near the SLO: fewer replicas would breach it
+            return Decision(targets, [])
         best, how = self._choose(load, targets, need / factor, factor)
         if hourly(best) >= hourly(targets) - 1e-9 or total_replicas(best) < p.min_replicas:
             self.under_since = None
@@ -188,6 +199,9 @@ class Autoscaler:
         busy = sum(load.in_flight.values())
         if busy > max(holds, 1.0) * 1.5:
             return f"{busy} requests in flight > {holds:.1f} the replicas hold within SLO"
+        if load.ttft_s is not None and load.ttft_s > p.ttft_s:
+            q = f"p{p.percentile:g}"
+            return f"TTFT {q} {load.ttft_s:.2f}s > {p.ttft_s:.2f}s SLO at {load.rate:.2f} req/s"
         return ""
 
     def _decision(self, why: str, old: Targets, new: Targets, kind: str, how: str) -> Decision:

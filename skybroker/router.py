@@ -100,16 +100,16 @@ class LoadCounter:
         self.started = time.time()
         self._lock = threading.Lock()
         self._arrivals: deque[float] = deque()
-        self._done: deque[tuple[float, int, int]] = deque()  # (time, input, output)
+        self._done: deque[tuple[float, int, int, float]] = deque()  # time, in, out, first byte
 
     def arrived(self) -> None:
         with self._lock:
             self._arrivals.append(time.time())
             self._trim()
 
-    def finished(self, input_tokens: int, output_tokens: int) -> None:
+    def finished(self, input_tokens: int, output_tokens: int, first_byte_s: float) -> None:
         with self._lock:
-            self._done.append((time.time(), input_tokens, output_tokens))
+            self._done.append((time.time(), input_tokens, output_tokens, first_byte_s))
             self._trim()
 
     def _trim(self) -> None:
@@ -124,15 +124,20 @@ class LoadCounter:
         span = max(1e-3, min(window_s, KEEP_S, now - self.started))
         with self._lock:
             arrivals = sum(t >= now - span for t in self._arrivals)
-            done = [(i, o) for t, i, o in self._done if t >= now - span]
+            done = [(i, o, f) for t, i, o, f in self._done if t >= now - span]
         n = len(done)
+        firsts = sorted(f for _, _, f in done)
         return {
             "window_s": round(span, 3),
             "arrivals": arrivals,
             "rate": arrivals / span,
             "completed": n,
-            "input_tokens": sum(i for i, _ in done) / n if n else 0.0,
-            "output_tokens": sum(o for _, o in done) / n if n else 0.0,
+            "input_tokens": sum(i for i, _, _ in done) / n if n else 0.0,
+            "output_tokens": sum(o for _, o, _ in done) / n if n else 0.0,
+            # time to the first byte of the response (of a stream: about the TTFT)
+            "ttft_s": {f"p{q}": firsts[min(n - 1, int(q / 100 * n))] for q in (50, 90, 99)}
+            if n
+            else {},
         }
 
 
@@ -312,6 +317,7 @@ class Router:
         assert self._client is not None, "router app not started (lifespan)"
         body = await request.body()
         headers = self._upstream_headers(request)
+        arrived = time.monotonic()
         if path != "/v1/models":  # a listing is no load
             self.load.arrived()
         tried: set[str] = set()
@@ -339,7 +345,7 @@ class Router:
                 await resp.aclose()
                 self._release(up)
                 continue
-            return self._relay(resp, up, body if request.method == "POST" else None)
+            return self._relay(resp, up, body if request.method == "POST" else None, arrived)
         if last_503 is not None:
             content, hdrs = last_503
             keep = {k: v for k, v in hdrs.items() if k.lower() not in _HOP_HEADERS}
@@ -349,12 +355,13 @@ class Router:
         )
 
     def _relay(
-        self, resp: httpx.Response, up: _Upstream, request: bytes | None
+        self, resp: httpx.Response, up: _Upstream, request: bytes | None, arrived: float
     ) -> StreamingResponse:
         async def body() -> AsyncIterator[bytes]:
-            tail, chunks = b"", 0
+            tail, chunks, first = b"", 0, 0.0
             try:
                 async for chunk in resp.aiter_raw():
+                    first = first or time.monotonic() - arrived
                     tail, chunks = (tail + chunk)[-4096:], chunks + chunk.count(b"data:")
                     yield chunk
             except httpx.TransportError:
@@ -364,20 +371,20 @@ class Router:
                 await resp.aclose()
                 self._release(up)
                 if request is not None and resp.status_code == 200:
-                    self._count(request, tail, chunks)
+                    self._count(request, tail, chunks, first)
 
         headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
         if "content-length" in resp.headers and "content-encoding" in resp.headers:
             headers["content-length"] = resp.headers["content-length"]
         return StreamingResponse(body(), status_code=resp.status_code, headers=headers)
 
-    def _count(self, request: bytes, tail: bytes, chunks: int) -> None:
+    def _count(self, request: bytes, tail: bytes, chunks: int, first_byte_s: float) -> None:
         usage = _USAGE.findall(tail)
         if usage:
             prompt, completion = (int(x) for x in usage[-1])
         else:  # no usage: the prompt's length, one token per streamed chunk
             prompt, completion = _prompt_tokens(request), max(0, chunks - 1)
-        self.load.finished(prompt, completion)
+        self.load.finished(prompt, completion, first_byte_s)
 
 
 class RouterServer:

@@ -27,7 +27,7 @@ from skybroker.autoscale import (
     merge_targets,
     total_replicas,
 )
-from skybroker.state import Deployment, Event
+from skybroker.state import Deployment, Event, ReplicaStatus
 from skybroker.targets import load_planner
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,10 @@ class Scaling:
         seen = self.controller.routers.load(dep.name, window)
         if seen is None:
             return None
+        ready = sum(r.status == ReplicaStatus.READY for r in self.controller.replicas(dep.name))
         load = Load(
+            ttft_s=_quantile(seen.get("ttft_s") or {}, scaler.policy.percentile),
+            starting=max(0, total_replicas(dep.targets) - ready),
             rate=float(seen["rate"]),
             input_tokens=float(seen.get("input_tokens") or 0.0),
             output_tokens=float(seen.get("output_tokens") or 0.0),
@@ -118,10 +121,19 @@ class Scaling:
                     "input_tokens": round(load.input_tokens, 1),
                     "output_tokens": round(load.output_tokens, 1),
                     "in_flight": sum(load.in_flight.values()),
+                    "ttft_s": load.ttft_s,
                 },
             },
         )
         log.info("%s: %s", dep.name, "; ".join(d.reasons))
+
+
+def _quantile(ttft: dict[str, float], percentile: float) -> float | None:
+    """The router's TTFT quantile nearest the SLO's percentile from above (p50/p90/p99)."""
+    for q in (50, 90, 99):
+        if f"p{q}" in ttft and q >= percentile:
+            return float(ttft[f"p{q}"])
+    return float(ttft["p99"]) if "p99" in ttft else None
 
 
 def scaling_view(events: list[Event], limit: int = 10) -> dict[str, Any]:

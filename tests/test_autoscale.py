@@ -141,3 +141,16 @@ def test_a_scaling_spec_parses() -> None:
                               "workload": {"rate": 1, "schedule": [1.0] * 24}})  # fmt: skip
     assert spec.autoscale.headroom == 0.2 and spec.spot.fallback == "on_demand"
     assert Policy.from_spec(spec).max_replicas == 3
+
+
+def test_measured_ttft_over_the_slo_adds_one_replica_at_a_time() -> None:
+    a = Autoscaler(policy(ttft_s=0.5, percentile=90))
+    ts = [target("us-east-1", 1, cap=100.0)]  # planned capacity is no constraint here
+    d = a.decide(Load(rate=1.0, ttft_s=0.9), ts, now=0)
+    assert d.changed and total_replicas(d.targets) == 2
+    assert d.reasons[0] == "TTFT p90 0.90s > 0.50s SLO at 1.00 req/s: +1 A40 aws/us-east-1"
+    held = a.decide(Load(rate=1.0, ttft_s=0.9, starting=1), d.targets, now=1)
+    assert not held.changed and "waiting for 1 starting" in held.reasons[0]
+    # near the SLO (within the headroom) no scale-down starts; well within it, one does
+    assert not a.decide(Load(rate=1.0, ttft_s=0.45), d.targets, now=2).reasons
+    assert "down in 60s" in a.decide(Load(rate=1.0, ttft_s=0.1), d.targets, now=3).reasons[0]

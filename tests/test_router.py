@@ -369,6 +369,7 @@ def test_load_counts_arrivals_tokens_and_in_flight_behind_the_admin_key(
     assert load["input_tokens"] == pytest.approx((3 * 1 + 100) / 4)
     assert load["output_tokens"] == pytest.approx((3 * 1 + 3) / 4)
     assert load["rate"] > 0 and load["in_flight"] == {"r1": 0}
+    assert 0.3 <= load["ttft_s"]["p50"] <= load["ttft_s"]["p99"] < 10  # upstream waits 0.3 s
     with ThreadPoolExecutor(2) as pool:  # requests in flight show per replica
         futs = [pool.submit(client.completions.create, model="m", prompt="x") for _ in range(2)]
         deadline = time.time() + 5
