@@ -174,7 +174,7 @@ class Autoscaler:
             self.under_since = None  # measured near the SLO: fewer replicas would breach it
             return Decision(targets, [])
         best, how = self._choose(load, targets, need / factor, factor)
-        if hourly(best) >= hourly(targets) - 1e-9 or total_replicas(best) < p.min_replicas:
+        if _cost(best) >= _cost(targets) or total_replicas(best) < p.min_replicas:
             self.under_since = None
             return Decision(targets, [])
         self.under_since = now if self.under_since is None else self.under_since
@@ -238,7 +238,7 @@ class Autoscaler:
             for t, k in launches
             if k > 0
         )
-        return hourly(new) * s.horizon_h + switch
+        return hourly(new) * s.horizon_h + switch + 1e-6 * total_replicas(new)
 
     def _step(self, targets: Targets, need: float) -> Targets:
         """The running targets with replicas added (best capacity per $ first) until they
@@ -275,6 +275,11 @@ class Autoscaler:
         while total_replicas(new) < p.min_replicas and new:
             max(new, key=lambda t: t["capacity_rps"])["replicas"] += 1
         return [t for t in new if t["replicas"] > 0]
+
+
+def _cost(targets: Targets) -> tuple[float, int]:
+    """$/h, then replicas (at $0, as on this machine, fewer replicas are still cheaper)."""
+    return round(hourly(targets), 9), total_replicas(targets)
 
 
 def _rescale(targets: Targets, factor: float) -> Targets:

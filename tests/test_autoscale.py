@@ -154,3 +154,9 @@ def test_measured_ttft_over_the_slo_adds_one_replica_at_a_time() -> None:
     # near the SLO (within the headroom) no scale-down starts; well within it, one does
     assert not a.decide(Load(rate=1.0, ttft_s=0.45), d.targets, now=2).reasons
     assert "down in 60s" in a.decide(Load(rate=1.0, ttft_s=0.1), d.targets, now=3).reasons[0]
+
+
+def test_free_replicas_scale_down_too() -> None:
+    a = Autoscaler(policy(downscale_delay_s=0))
+    d = a.decide(Load(rate=0.0), [target("local", 3, cap=10.0, price=0.0)], now=0)
+    assert d.changed and total_replicas(d.targets) == 1 and d.kind == "down"
