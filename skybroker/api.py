@@ -230,12 +230,29 @@ class DeploymentView(BaseModel):
     updated_at: float
 
 
+class ScaleDecision(BaseModel):
+    time: float
+    reason: str = Field(description='e.g. "rate 4.10 req/s > 2.40 served within SLO: +1 ..."')
+    kind: str | None = Field(description="up | down | replan")
+    load: dict[str, Any] | None = Field(description="the load it was decided on")
+
+
+class AutoscaleView(BaseModel):
+    history: list[list[float | int | None]] = Field(
+        description="[time, desired replicas, $/h] at each change, oldest first"
+    )
+    decisions: list[ScaleDecision] = Field(description="the last decisions, oldest first")
+
+
 class DeploymentDetail(DeploymentView):
     replicas: list[ReplicaView]
     events: list[EventView] = Field(description="recent events, oldest first")
     blocklist: list[list[Any]] = Field(description="offerings failed over from (capacity)")
     plan: dict[str, Any]
     spec: dict[str, Any]
+    autoscale: AutoscaleView | None = Field(
+        default=None, description="replicas over time and the last decisions (autoscaled only)"
+    )
 
 
 class LaunchView(DeploymentView):

@@ -12,7 +12,9 @@ events.
 A replica row exists before its launch starts and names everything the provisioner creates,
 so a launch that fails half-way (or a broker that dies mid-launch) leaves nothing running the
 store does not know about. A restarted controller re-adopts live replicas and cleans up the
-rest. One router per deployment serves its OpenAI endpoint, as a process of its own
+rest. Deployments with `autoscale:` follow their load (`skybroker.scaling`: the router's
+load in, the `skybroker.autoscale` policy's decision out, applied through `scale`; every
+decision an `autoscaled` event with its reason). One router per deployment serves its OpenAI endpoint, as a process of its own
 (`skybroker.routers`) that outlives the broker; its key is `api_key(name)`. Every replica
 gets an API key of its own (`skybroker.keys`), passed in its environment, never stored.
 """
@@ -45,6 +47,7 @@ from skybroker.routers import (
     RouterProcessError,
     replica_targets,
 )
+from skybroker.scaling import Scaling, scaling_view
 from skybroker.state import (
     Deployment,
     DeploymentStatus,
@@ -85,6 +88,7 @@ class Controller:
         serve_routers: bool = True,
         max_parallel_launches: int = 8,
         adopt: bool = True,
+        scale_interval_s: float = 5.0,
     ) -> None:
         self.store = store
         self.provisioners: dict[str, Provisioner] = dict(provisioners or {})
@@ -99,6 +103,7 @@ class Controller:
         self.failures = Failures(store, self.probe)
         self._failures = self.failures.runs  # deployment -> its failures in a row
         self._http = httpx.Client(timeout=self.probe.timeout_s)
+        self.scaling = Scaling(self, scale_interval_s)
         if adopt:
             self.adopt()
 
@@ -231,7 +236,10 @@ class Controller:
         if dep is None:
             return None
         events = self.events(name, limit=20)
-        return deployment_view(dep, self.replicas(name), events, self.failures.get(name))
+        view = deployment_view(dep, self.replicas(name), events, self.failures.get(name))
+        if dep.spec.get("autoscale"):
+            view["autoscale"] = scaling_view(self.events(name, limit=1000))
+        return view
 
     def logs(self, name: str, replica: str | int | None = None, tail: int = 200) -> str:
         """The engine log of one replica (by name, or index among live ones; default first)."""
@@ -276,6 +284,7 @@ class Controller:
             self._stop_router(name)
             self.store.delete_deployment(name)
             self._failures.pop(name, None)
+            self.scaling.forget(name)
             return True
 
     def reconcile_once(self) -> None:
@@ -377,6 +386,8 @@ class Controller:
                 self._check_drained(prov, dep, rep)
         dep = self.store.get_deployment(dep.name) or dep
         if dep.status != DeploymentStatus.FAILED:
+            self.scaling.tick(dep)
+            dep = self.store.get_deployment(dep.name) or dep
             reps = self._fill(dep, self.store.list_replicas(dep.name))
             if self.failures.may_launch(dep.name):  # else: backing off
                 for rep in reps:

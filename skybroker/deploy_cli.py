@@ -309,11 +309,28 @@ def _show_deployment(d: dict[str, Any]) -> None:
             r["url"] or "-",
         )
     console.print(table)
+    if d.get("autoscale"):
+        _show_scaling(d["autoscale"])
     if d["events"]:
         console.print("events:")
         for ev in d["events"][-10:]:
             stamp = time.strftime("%H:%M:%S", time.localtime(ev["time"]))
             console.print(f"  {stamp} [dim]{ev['kind']}[/dim] {ev['message']}", highlight=False)
+
+
+def _show_scaling(a: dict[str, Any]) -> None:
+    """Replicas over time and the autoscaler's last decisions."""
+    steps = [
+        f"{time.strftime('%H:%M:%S', time.localtime(t))} {n} ({_money(c or 0.0)})"
+        for t, n, c in a["history"][-12:]
+    ]
+    if steps:
+        console.print("replicas over time: " + " -> ".join(steps), highlight=False)
+    if a["decisions"]:
+        console.print("scaling decisions:")
+        for dec in a["decisions"][-5:]:
+            stamp = time.strftime("%H:%M:%S", time.localtime(dec["time"]))
+            console.print(f"  {stamp} {dec['reason']}", highlight=False)
 
 
 def status(

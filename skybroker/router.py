@@ -7,6 +7,11 @@ a connection failure also marks it unready here until the controller's next succ
 health probe. The router never sends to a replica the controller has not marked ready, nor a
 new request to one it is draining (its in-flight requests finish; `outstanding` says how many).
 
+It counts its load (`LoadCounter`): arrivals, and input and output tokens of finished
+requests (from the responses' `usage`, else estimated from the prompt's length and the
+streamed chunks), which `GET /router/load?window_s=30` returns with the in-flight requests
+per replica; the controller's autoscaler reads it.
+
 Clients send the deployment's key (`Authorization: Bearer KEY`, compared in constant time).
 The controller sets the replica set through the admin routes (`PUT /router/replicas`, with the
 router's admin key). Runs as an ASGI app (`Router.app`), in a thread (`RouterServer`), or as a
@@ -17,10 +22,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import re
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -81,6 +89,72 @@ class _Upstream:
         return self.target.ready and not self.target.draining and self.failed_at is None
 
 
+_USAGE = re.compile(rb'"prompt_tokens"\s*:\s*(\d+).*?"completion_tokens"\s*:\s*(\d+)', re.S)
+KEEP_S = 600.0  # load history the router keeps
+
+
+class LoadCounter:
+    """Arrivals and finished requests' token counts over a sliding window."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self._lock = threading.Lock()
+        self._arrivals: deque[float] = deque()
+        self._done: deque[tuple[float, int, int, float]] = deque()  # time, in, out, first byte
+
+    def arrived(self) -> None:
+        with self._lock:
+            self._arrivals.append(time.time())
+            self._trim()
+
+    def finished(self, input_tokens: int, output_tokens: int, first_byte_s: float) -> None:
+        with self._lock:
+            self._done.append((time.time(), input_tokens, output_tokens, first_byte_s))
+            self._trim()
+
+    def _trim(self) -> None:
+        cut = time.time() - KEEP_S
+        while self._arrivals and self._arrivals[0] < cut:
+            self._arrivals.popleft()
+        while self._done and self._done[0][0] < cut:
+            self._done.popleft()
+
+    def window(self, window_s: float) -> dict[str, Any]:
+        now = time.time()
+        span = max(1e-3, min(window_s, KEEP_S, now - self.started))
+        with self._lock:
+            arrivals = sum(t >= now - span for t in self._arrivals)
+            done = [(i, o, f) for t, i, o, f in self._done if t >= now - span]
+        n = len(done)
+        firsts = sorted(f for _, _, f in done)
+        return {
+            "window_s": round(span, 3),
+            "arrivals": arrivals,
+            "rate": arrivals / span,
+            "completed": n,
+            "input_tokens": sum(i for i, _, _ in done) / n if n else 0.0,
+            "output_tokens": sum(o for _, o, _ in done) / n if n else 0.0,
+            # time to the first byte of the response (of a stream: about the TTFT)
+            "ttft_s": {f"p{q}": firsts[min(n - 1, int(q / 100 * n))] for q in (50, 90, 99)}
+            if n
+            else {},
+        }
+
+
+def _prompt_tokens(body: bytes) -> int:
+    """A prompt's tokens estimated from its text (about 4 characters a token)."""
+    try:
+        req = json.loads(body or b"{}")
+    except ValueError:
+        return 0
+    if not isinstance(req, dict):
+        return 0
+    text = req.get("prompt") or ""
+    if isinstance(req.get("messages"), list):
+        text = " ".join(str(m.get("content", "")) for m in req["messages"] if isinstance(m, dict))
+    return max(1, len(str(text)) // 4)
+
+
 def _error(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse(
         {"error": {"message": message, "type": kind, "param": None, "code": status}},
@@ -108,6 +182,7 @@ class Router:
         self._lock = threading.Lock()
         self._upstreams: dict[str, _Upstream] = {}
         self._client: httpx.AsyncClient | None = None
+        self.load = LoadCounter()
         self.app = self._build_app()
 
     # -- replica set (called from the controller's thread) -------------------------------------
@@ -195,6 +270,16 @@ class Router:
                 return _error(401, "missing or wrong admin key", "auth_error")
             return JSONResponse(self.snapshot())
 
+        @app.get("/router/load")
+        async def load(request: Request, window_s: float = 30.0) -> JSONResponse:
+            if self.admin_key is not None and not self._bearer(request, self.admin_key):
+                return _error(401, "missing or wrong admin key", "auth_error")
+            if not 0 < window_s <= KEEP_S:
+                return _error(400, f"window_s must be in (0, {KEEP_S:.0f}]", "invalid_request")
+            body = self.load.window(window_s)
+            body["in_flight"] = {r["name"]: r["outstanding"] for r in self.snapshot()}
+            return JSONResponse(body)
+
         @app.put("/router/replicas")
         async def set_replicas(request: Request) -> JSONResponse:
             if self.admin_key is None or not self._bearer(request, self.admin_key):
@@ -232,6 +317,9 @@ class Router:
         assert self._client is not None, "router app not started (lifespan)"
         body = await request.body()
         headers = self._upstream_headers(request)
+        arrived = time.monotonic()
+        if path != "/v1/models":  # a listing is no load
+            self.load.arrived()
         tried: set[str] = set()
         last_503: tuple[bytes, dict[str, str]] | None = None
         while True:
@@ -257,7 +345,7 @@ class Router:
                 await resp.aclose()
                 self._release(up)
                 continue
-            return self._relay(resp, up)
+            return self._relay(resp, up, body if request.method == "POST" else None, arrived)
         if last_503 is not None:
             content, hdrs = last_503
             keep = {k: v for k, v in hdrs.items() if k.lower() not in _HOP_HEADERS}
@@ -266,10 +354,15 @@ class Router:
             503, f"deployment {self.name!r} has no ready replica right now", "service_unavailable"
         )
 
-    def _relay(self, resp: httpx.Response, up: _Upstream) -> StreamingResponse:
+    def _relay(
+        self, resp: httpx.Response, up: _Upstream, request: bytes | None, arrived: float
+    ) -> StreamingResponse:
         async def body() -> AsyncIterator[bytes]:
+            tail, chunks, first = b"", 0, 0.0
             try:
                 async for chunk in resp.aiter_raw():
+                    first = first or time.monotonic() - arrived
+                    tail, chunks = (tail + chunk)[-4096:], chunks + chunk.count(b"data:")
                     yield chunk
             except httpx.TransportError:
                 self.mark_failed(up.target.name)  # the replica died mid-response
@@ -277,11 +370,21 @@ class Router:
             finally:
                 await resp.aclose()
                 self._release(up)
+                if request is not None and resp.status_code == 200:
+                    self._count(request, tail, chunks, first)
 
         headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
         if "content-length" in resp.headers and "content-encoding" in resp.headers:
             headers["content-length"] = resp.headers["content-length"]
         return StreamingResponse(body(), status_code=resp.status_code, headers=headers)
+
+    def _count(self, request: bytes, tail: bytes, chunks: int, first_byte_s: float) -> None:
+        usage = _USAGE.findall(tail)
+        if usage:
+            prompt, completion = (int(x) for x in usage[-1])
+        else:  # no usage: the prompt's length, one token per streamed chunk
+            prompt, completion = _prompt_tokens(request), max(0, chunks - 1)
+        self.load.finished(prompt, completion, first_byte_s)
 
 
 class RouterServer:

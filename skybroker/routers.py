@@ -85,6 +85,14 @@ class RouterProcess:
             return []
         return r.json() if r.is_success else []
 
+    def load(self, window_s: float) -> dict[str, Any] | None:
+        """The router's load over the last `window_s` (None if it does not answer)."""
+        try:
+            r = self._http.get("/router/load", params={"window_s": window_s})
+        except httpx.HTTPError:
+            return None
+        return r.json() if r.is_success else None
+
     def close(self) -> None:
         self._http.close()
 
@@ -315,6 +323,17 @@ class DeploymentRouters:
         if not rows and isinstance(router, RouterProcess) and not router.alive():
             return None
         return sum(r["outstanding"] for r in rows if r["name"].split("/")[0] in replicas)
+
+    def load(self, name: str, window_s: float) -> dict[str, Any] | None:
+        """What the router of `name` saw over the last `window_s` (None: it cannot tell)."""
+        router = self._routers.get(name)
+        if router is None:
+            return None
+        if isinstance(router, RouterProcess):
+            return router.load(window_s)
+        body = router.load.window(window_s)
+        body["in_flight"] = {r["name"]: r["outstanding"] for r in router.snapshot()}
+        return body
 
     def stop(self, name: str) -> None:
         """Stop the router of `name` for good (`down`)."""

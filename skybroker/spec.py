@@ -119,6 +119,26 @@ def _length(v: Any) -> Any:
     return {"mean": v} if isinstance(v, int | float) and not isinstance(v, bool) else v
 
 
+def _hourly_schedule(v: Any) -> Any:
+    """`[r0, ..., r23]` or `{hour: rate}` -> {hour: rate}, hours 0-23 and rates > 0."""
+    if v is None:
+        return v
+    if isinstance(v, list):
+        if len(v) != 24:
+            raise ValueError(f"a list of 24 hourly rates (hours 0-23), not {len(v)}")
+        v = dict(enumerate(v))
+    if not isinstance(v, dict) or not v:
+        raise ValueError("rates per hour of day: [r0, ..., r23] or {hour: rate}")
+    out = {}
+    for h, r in v.items():
+        if not (isinstance(h, int) or str(h).isdigit()) or not 0 <= int(h) <= 23:
+            raise ValueError(f"hour {h!r}: hours of day are 0-23")
+        if isinstance(r, bool) or not isinstance(r, int | float) or r <= 0:
+            raise ValueError(f"hour {h}: rate {r!r} must be a number > 0 (requests/s)")
+        out[int(h)] = float(r)
+    return out
+
+
 class UserRegion(_Strict):
     """One user region: its share of the rate, optionally where it is."""
 
@@ -148,6 +168,14 @@ class Workload(_Strict):
     response_bytes_per_token: float = Field(
         default=200.0, ge=0, description="egress bytes per output token (streamed SSE chunks)"
     )
+    schedule: dict[int, float] | None = Field(
+        default=None, description="requests/s per hour of day (0-23, UTC), for a known curve"
+    )
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule(cls, v: Any) -> Any:
+        return _hourly_schedule(v)
 
     @field_validator("input_tokens", "output_tokens", mode="before")
     @classmethod
@@ -277,6 +305,33 @@ class EngineSpec(_Strict):
         return v
 
 
+class Autoscale(_Strict):
+    """Replicas follow the observed load (`skybroker.autoscale`)."""
+
+    min_replicas: int = Field(default=1, ge=0, description="replicas at least")
+    max_replicas: int = Field(default=10, gt=0, description="replicas at most")
+    upscale_delay_s: float = Field(default=0.0, ge=0, description="overload this long: up")
+    downscale_delay_s: float = Field(default=300.0, ge=0, description="spare this long: down")
+    headroom: float = Field(default=0.2, ge=0, lt=1, description="share of capacity kept free")
+    window_s: float = Field(default=30.0, gt=0, description="load is averaged over this long")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscale:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+
+class SpotPolicy(_Strict):
+    """How spot replicas are hedged: on-demand stand-ins while spot is scarce, spread."""
+
+    fallback: Literal["on_demand", "none"] = Field(
+        default="on_demand",
+        description="on_demand: on-demand replicas stand in while spot is scarce",
+    )
+    spread: int = Field(default=1, ge=1, description="spot replicas over at least N regions")
+
+
 class DeploymentSpec(_Strict):
     """One deployment: what to serve, to whom, how fast, within what."""
 
@@ -291,11 +346,30 @@ class DeploymentSpec(_Strict):
         default_factory=Constraints, description="where and how it may run"
     )
     engine: EngineSpec = Field(default_factory=EngineSpec, description="the engine's settings")
+    autoscale: Autoscale | None = Field(
+        default=None, description="replicas follow the observed load; null: a fixed plan"
+    )
+    spot: SpotPolicy | None = Field(default=None, description="how spot replicas are hedged")
 
     @field_validator("model", mode="before")
     @classmethod
     def _model_shorthand(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _scaling_fits(self) -> DeploymentSpec:
+        if self.spot is not None and self.constraints.spot == "never":
+            raise ValueError(
+                "spot: is given but constraints.spot is never; set constraints.spot to "
+                "allowed or prefer, or drop spot:"
+            )
+        a = self.autoscale
+        if a is not None and a.max_replicas < self.constraints.min_replicas:
+            raise ValueError(
+                f"autoscale.max_replicas {a.max_replicas} < constraints.min_replicas "
+                f"{self.constraints.min_replicas}"
+            )
+        return self
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -52,6 +52,54 @@ def default_planner(spec: Any, blocklist: frozenset = frozenset()) -> Any:
     return make_plan(spec, blocklist=blocklist, baselines=False)
 
 
+def spec_for_load(spec: Any, rate: float, mean_in: float = 0.0, mean_out: float = 0.0) -> Any:
+    """`spec` with its workload at `rate` req/s and its token lengths scaled to the observed
+    means (0: as planned), and the autoscaler's min_replicas as the plan's floor."""
+    from skybroker.perf.workload import workload_samples
+
+    w = spec.workload
+    update: dict[str, Any] = {"rate": max(rate, 1e-3), "schedule": None}
+    if (mean_in > 0 or mean_out > 0) and not w.trace:
+        ins, outs = workload_samples(w)
+        for field, mean, planned in (
+            ("input_tokens", mean_in, ins),
+            ("output_tokens", mean_out, outs),
+        ):
+            if mean > 0:
+                update[field] = _scaled(getattr(w, field), mean / float(planned.mean()))
+    new = spec.model_copy(update={"workload": w.model_copy(update=update)})
+    if spec.autoscale is not None:
+        c = spec.constraints.model_copy(update={"min_replicas": spec.autoscale.min_replicas})
+        new = new.model_copy(update={"constraints": c})
+    return new
+
+
+def _scaled(dist: Any, ratio: float) -> Any:
+    if abs(ratio - 1) < 0.05:  # within noise: the planned shape (and its cached capacities)
+        return dist
+    if dist.histogram is not None:
+        hist = [(max(1, round(t * ratio)), w) for t, w in dist.histogram]
+        return dist.model_copy(update={"histogram": hist})
+    fields = ("mean", "p50", "p90", "p99")
+    up = {f: getattr(dist, f) * ratio for f in fields if getattr(dist, f) is not None}
+    if dist.max is not None:
+        up["max"] = max(1, round(dist.max * ratio))
+    return dist.model_copy(update=up)
+
+
+def load_planner(
+    spec: Any, blocklist: frozenset = frozenset(), planner: Planner | None = None
+) -> Any:
+    """The autoscaler's re-plan: (capacity req/s, mean input, mean output) -> targets, from
+    the cheapest plan for that load (the planner's ILP, no baselines)."""
+    solve = planner or default_planner
+
+    def replan(rate: float, mean_in: float, mean_out: float) -> list[dict[str, Any]]:
+        return targets_from_plan(solve(spec_for_load(spec, rate, mean_in, mean_out), blocklist))
+
+    return replan
+
+
 def describe_key(key: Any) -> str:
     cloud, region, instance_type, spot = key
     return f"{cloud}/{region}/{instance_type}{' (spot)' if spot else ''}"

@@ -600,3 +600,40 @@ def test_down_cleans_a_launch_the_broker_died_in_and_twice_is_fine(env) -> None:
     assert not (cloud.local.run_dir(rep.name) / "replica.json").exists()
     assert c2.delete("demo") is False
     assert store.get_deployment("demo") is None
+
+
+def test_autoscaled_deployment_follows_its_load_and_says_why(env) -> None:
+    controller, _cloud, _store = env
+    c = controller([A], replicas=1)
+    c.scaling.interval_s = 0.2
+    spec = parse_spec(
+        {"name": "demo", "infra": "skypilot", "model": {"path": "/models/tiny"},
+         "workload": {"rate": 1},
+         "autoscale": {"min_replicas": 1, "max_replicas": 3, "downscale_delay_s": 1,
+                       "window_s": 2}}
+    )  # fmt: skip
+    c.create(spec, c.planner(spec))
+    c.wait_ready("demo", timeout_s=60)
+    url = c.get("demo").endpoint
+    # 1 replica of capacity 2 req/s serves 1.6 within the SLO (headroom 0.2); send ~8 req/s
+    with httpx.Client(headers=_auth(c), timeout=10) as http:
+        t_end = time.monotonic() + 3
+        while time.monotonic() < t_end:
+            assert http.get(url.removesuffix("/v1") + "/v1/x").status_code == 200
+            c.reconcile_once()
+            time.sleep(0.1)
+    assert c.get("demo").targets[0]["replicas"] == 3
+    _wait(lambda: sum(r.status == ReplicaStatus.READY for r in c.replicas("demo")) == 3, c=c)
+    # idle: down to min_replicas after the window and downscale_delay_s, by draining
+    _wait(lambda: c.get("demo").targets[0]["replicas"] == 1, timeout=20, c=c)
+    _wait(lambda: len(c.replicas("demo")) == 1, timeout=20, c=c)
+    view = c.describe("demo")["autoscale"]
+    ups = [d["reason"] for d in view["decisions"] if d["kind"] == "up"]
+    downs = [d["reason"] for d in view["decisions"] if d["kind"] == "down"]
+    assert ups and all(r.startswith("rate ") and "served within SLO: +" in r for r in ups)
+    assert all(r.endswith(" A10G aws/us-east-1") for r in ups + downs)
+    assert downs and all("within SLO: -" in r for r in downs)
+    counts = [n for _, n, _ in view["history"]]
+    assert counts[0] == 1 and max(counts) == 3 and counts[-1] == 1
+    kinds = [e.kind for e in c.events("demo")]
+    assert "draining" in kinds and "autoscaled" in kinds

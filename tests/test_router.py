@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -346,3 +347,36 @@ def test_router_process_refuses_off_loopback_without_a_key_and_serves_with_keys(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_load_counts_arrivals_tokens_and_in_flight_behind_the_admin_key(
+    servers, router_server
+) -> None:
+    served: Counter = Counter()
+    a = servers(upstream_app("a", served, delay_s=0.3))
+    router, srv = router_server(admin_key="admin-key")
+    router.set_replicas([ReplicaTarget("r1", a, 1.0, ready=True, probed_at=time.time())])
+    client = _client(srv)
+    for _ in range(3):  # usage in the body: 1 prompt token, 1 completion token each
+        client.completions.create(model="m", prompt="x")
+    # streamed, no usage: the prompt's length (~4 chars a token), one token per chunk
+    list(client.completions.create(model="m", prompt="y" * 400, stream=True))
+    admin = {"Authorization": "Bearer admin-key"}
+    assert httpx.get(srv.url + "/router/load").status_code == 401
+    assert httpx.get(srv.url + "/router/load?window_s=0", headers=admin).status_code == 400
+    load = httpx.get(srv.url + "/router/load?window_s=60", headers=admin).json()
+    assert load["arrivals"] == 4 and load["completed"] == 4
+    assert load["input_tokens"] == pytest.approx((3 * 1 + 100) / 4)
+    assert load["output_tokens"] == pytest.approx((3 * 1 + 3) / 4)
+    assert load["rate"] > 0 and load["in_flight"] == {"r1": 0}
+    assert 0.3 <= load["ttft_s"]["p50"] <= load["ttft_s"]["p99"] < 10  # upstream waits 0.3 s
+    with ThreadPoolExecutor(2) as pool:  # requests in flight show per replica
+        futs = [pool.submit(client.completions.create, model="m", prompt="x") for _ in range(2)]
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            busy = httpx.get(srv.url + "/router/load", headers=admin).json()["in_flight"]
+            if busy["r1"] == 2:
+                break
+            time.sleep(0.02)
+        assert busy == {"r1": 2}
+        [f.result() for f in futs]

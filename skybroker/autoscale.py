@@ -1,0 +1,306 @@
+"""The autoscaler: observed load in, desired placements out, each decision with its reasons.
+
+`Autoscaler.decide(load, targets, now)` compares the observed rate with what the running
+targets serve within the SLO (their planned capacity, corrected for the observed token mix,
+less `headroom`). When the SLO is at risk (the rate exceeds that, or more requests are in
+flight than the replicas hold at that rate) it scales up once the overload has lasted
+`upscale_delay_s` (default: at once), and when the router's measured time to first byte
+at the SLO's percentile exceeds the TTFT target it adds one replica at a time (none while
+replicas are still starting); when a cheaper placement would serve the load it scales
+down only after that has held for `downscale_delay_s`.
+
+What to run is chosen among two candidates for the capacity needed (rate / (1 - headroom)):
+the running targets grown or shrunk replica by replica (best capacity per $ first), and a
+fresh solve of the planner's ILP for the observed rate and mix (`Replan`). Each is scored as
+its $/h over `SwitchCost.horizon_h` plus what switching to it costs (every new replica is paid
+for `startup_s` before it serves, plus `per_launch` $), so a re-plan replaces what runs only
+when the change pays for itself. Targets are the controller's rows (`targets_from_plan`):
+`key`, `gpu`, `replicas`, `capacity_rps`, `price_per_hour`. Nothing here starts processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+Targets = list[dict[str, Any]]
+# (capacity req/s needed, mean input tokens, mean output tokens) -> targets, or raises
+Replan = Callable[[float, float, float], Targets]
+# Prefill of one token costs about this share of one decode step's per-request work; the
+# capacity correction for a mix that differs from the planned one (the re-plan is exact).
+PREFILL_WEIGHT = 0.1
+
+
+@dataclass
+class Load:
+    """What the router saw over the last window."""
+
+    rate: float  # arrivals per second
+    input_tokens: float = 0.0  # mean per request (0: unknown, the planned mix is assumed)
+    output_tokens: float = 0.0
+    in_flight: dict[str, int] = field(default_factory=dict)  # per replica
+    window_s: float = 0.0
+    ttft_s: float | None = None  # time to first byte at the SLO's percentile (None: no data)
+    starting: int = 0  # replicas wanted that are not ready yet
+
+
+@dataclass
+class Policy:
+    """The spec's `autoscale:` block plus the SLO and planned mix it is judged against."""
+
+    min_replicas: int = 1
+    max_replicas: int = 10
+    upscale_delay_s: float = 0.0
+    downscale_delay_s: float = 300.0
+    headroom: float = 0.2
+    planned_input: float = 512.0
+    planned_output: float = 256.0
+    ttft_s: float = 2.0
+    tpot_s: float = 0.1
+    percentile: float = 99.0
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> Policy:
+        from skybroker.perf.workload import workload_samples
+
+        a = spec.autoscale
+        ins, outs = workload_samples(spec.workload)
+        kw = {} if a is None else a.model_dump(exclude={"window_s"})
+        return cls(
+            **kw,
+            planned_input=float(sum(ins) / len(ins)),
+            planned_output=float(sum(outs) / len(outs)),
+            ttft_s=spec.slo.ttft_ms / 1000,
+            tpot_s=spec.slo.tpot_ms / 1000,
+            percentile=spec.slo.percentile,
+        )
+
+
+@dataclass
+class SwitchCost:
+    """What a change of placement costs, against what it saves over `horizon_h`."""
+
+    startup_s: float = 300.0  # a new replica is paid this long before it serves
+    per_launch: float = 0.05  # $ per launch (image pull, warm-up risk)
+    horizon_h: float = 1.0  # how long a decision is expected to hold
+
+
+@dataclass
+class Decision:
+    targets: Targets  # desired targets (the current ones where nothing changes)
+    reasons: list[str]
+    changed: bool = False
+    kind: str = "hold"  # "up" | "down" | "replan" | "hold"
+
+
+def capacity(targets: Targets) -> float:
+    return sum(t["replicas"] * t["capacity_rps"] for t in targets)
+
+
+def hourly(targets: Targets) -> float:
+    return sum(t["replicas"] * t["price_per_hour"] for t in targets)
+
+
+def total_replicas(targets: Targets) -> int:
+    return sum(int(t["replicas"]) for t in targets)
+
+
+def where(t: dict[str, Any]) -> str:
+    cloud, region, itype, spot = t["key"]
+    gpu = t.get("gpu") or itype
+    return f"{gpu} {cloud}/{region}{' spot' if spot else ''}"
+
+
+def changes(old: Targets, new: Targets) -> list[str]:
+    """`+1 A10G aws/us-east-1` per offering whose replica count differs."""
+    have = {tuple(t["key"]): t for t in old}
+    want = {tuple(t["key"]): t for t in new}
+    out = []
+    for key in list(want) + [k for k in have if k not in want]:
+        n_old = have[key]["replicas"] if key in have else 0
+        n_new = want[key]["replicas"] if key in want else 0
+        if n_new != n_old:
+            out.append(f"{n_new - n_old:+d} {where(want.get(key) or have[key])}")
+    return out
+
+
+class Autoscaler:
+    """The scaling policy of one deployment (its only state: since when it is over/under)."""
+
+    def __init__(
+        self, policy: Policy, replan: Replan | None = None, switch: SwitchCost | None = None
+    ) -> None:
+        self.policy = policy
+        self.replan = replan
+        self.switch = switch or SwitchCost()
+        self.over_since: float | None = None
+        self.under_since: float | None = None
+
+    def mix_factor(self, load: Load) -> float:
+        """Planned capacity x this = capacity for the observed mix (first order)."""
+        p = self.policy
+        if load.input_tokens <= 0 or load.output_tokens <= 0:
+            return 1.0
+        planned = PREFILL_WEIGHT * p.planned_input + p.planned_output
+        return planned / (PREFILL_WEIGHT * load.input_tokens + load.output_tokens)
+
+    def decide(self, load: Load, targets: Targets, now: float) -> Decision:
+        p = self.policy
+        factor = self.mix_factor(load)
+        served = capacity(targets) * factor * (1 - p.headroom)
+        need = load.rate / (1 - p.headroom)  # capacity that keeps the headroom free
+        n = total_replicas(targets)
+        risk = self._risk(load, targets, factor, served)
+        if n < p.min_replicas:
+            risk = f"{n} replicas < min_replicas {p.min_replicas}"
+        if risk:
+            self.under_since = None
+            self.over_since = now if self.over_since is None else self.over_since
+            if now - self.over_since < p.upscale_delay_s:
+                return Decision(targets, [f"{risk}; up in {self._left(now, True):.0f}s"])
+            if load.starting and ("in flight" in risk or "TTFT" in risk):
+                return Decision(targets, [f"{risk}; waiting for {load.starting} starting"])
+            if "in flight" in risk or "TTFT" in risk:  # queues: one step more than runs now
+                need = max(need, capacity(targets) * factor * (1 + 1e-6))
+            best, how = self._choose(load, targets, need / factor, factor)
+            if hourly(best) <= hourly(targets) and capacity(best) <= capacity(targets):
+                return Decision(targets, [f"{risk}; at max_replicas {p.max_replicas}"])
+            self.over_since = None
+            return self._decision(risk, targets, best, "up", how)
+        self.over_since = None
+        if load.ttft_s is not None and load.ttft_s > p.ttft_s * (1 - p.headroom):
+            self.under_since = None  # measured near the SLO: fewer replicas would breach it
+            return Decision(targets, [])
+        best, how = self._choose(load, targets, need / factor, factor)
+        if _cost(best) >= _cost(targets) or total_replicas(best) < p.min_replicas:
+            self.under_since = None
+            return Decision(targets, [])
+        self.under_since = now if self.under_since is None else self.under_since
+        why = f"rate {load.rate:.2f} req/s is served by {capacity(best) * factor * (1 - p.headroom):.2f}"
+        if now - self.under_since < p.downscale_delay_s:
+            return Decision(targets, [f"{why}; down in {self._left(now, False):.0f}s"])
+        self.under_since = None
+        return self._decision(f"{why} within SLO", targets, best, "down", how)
+
+    def _left(self, now: float, up: bool) -> float:
+        since = self.over_since if up else self.under_since
+        delay = self.policy.upscale_delay_s if up else self.policy.downscale_delay_s
+        return max(0.0, delay - (now - (now if since is None else since)))
+
+    def _risk(self, load: Load, targets: Targets, factor: float, served: float) -> str:
+        if load.rate > served + 1e-9:
+            return f"rate {load.rate:.2f} req/s > {served:.2f} served within SLO"
+        # Little's law: at the rate served within SLO, the replicas hold this many in flight.
+        p = self.policy
+        out = load.output_tokens or p.planned_output
+        holds = served * (p.ttft_s + out * p.tpot_s)
+        busy = sum(load.in_flight.values())
+        if busy > max(holds, 1.0) * 1.5:
+            return f"{busy} requests in flight > {holds:.1f} the replicas hold within SLO"
+        if load.ttft_s is not None and load.ttft_s > p.ttft_s:
+            q = f"p{p.percentile:g}"
+            return f"TTFT {q} {load.ttft_s:.2f}s > {p.ttft_s:.2f}s SLO at {load.rate:.2f} req/s"
+        return ""
+
+    def _decision(self, why: str, old: Targets, new: Targets, kind: str, how: str) -> Decision:
+        moves = changes(old, new)
+        reason = f"{why}: {', '.join(moves)}" + (f" ({how})" if how else "")
+        return Decision(new, [reason], changed=bool(moves), kind=kind if how == "" else "replan")
+
+    # -- candidates ---------------------------------------------------------------------------
+
+    def _choose(
+        self, load: Load, targets: Targets, need: float, factor: float
+    ) -> tuple[Targets, str]:
+        """The cheapest candidate (with switching) whose planned capacity is >= `need`, and
+        a note when it is the re-plan."""
+        cands = [(self._step(targets, need), "")]
+        if self.replan is not None:
+            try:
+                fresh = self.replan(need * factor, load.input_tokens, load.output_tokens)
+            except Exception:  # infeasible for this rate/mix: keep stepping what runs
+                fresh = None
+            if fresh is not None:
+                cands.append((self._clamp(_rescale(fresh, factor)), "re-planned"))
+        scored = [(self._score(targets, c), i, c, how) for i, (c, how) in enumerate(cands)]
+        ok = [s for s in scored if capacity(s[2]) >= need - 1e-9] or scored
+        _, _, best, how = min(ok, key=lambda s: (s[0], s[1]))
+        return (best, how) if changes(targets, best) else (targets, "")
+
+    def _score(self, old: Targets, new: Targets) -> float:
+        s = self.switch
+        have = {tuple(t["key"]): t["replicas"] for t in old}
+        launches = [(t, t["replicas"] - have.get(tuple(t["key"]), 0)) for t in new]
+        switch = sum(
+            k * (t["price_per_hour"] * s.startup_s / 3600 + s.per_launch)
+            for t, k in launches
+            if k > 0
+        )
+        return hourly(new) * s.horizon_h + switch + 1e-6 * total_replicas(new)
+
+    def _step(self, targets: Targets, need: float) -> Targets:
+        """The running targets with replicas added (best capacity per $ first) until they
+        reach `need`, or removed (worst first, each target keeping one) while they exceed it."""
+        new = [dict(t) for t in targets]
+        p = self.policy
+
+        def value(t: dict[str, Any]) -> float:
+            return t["capacity_rps"] / max(t["price_per_hour"], 1e-6)
+
+        while capacity(new) < need - 1e-9 and total_replicas(new) < p.max_replicas and new:
+            max(new, key=value)["replicas"] += 1
+        while total_replicas(new) > p.min_replicas:
+            spare = [
+                t
+                for t in new
+                if t["replicas"] > 1 and capacity(new) - t["capacity_rps"] >= need - 1e-9
+            ]
+            if not spare:
+                break
+            min(spare, key=value)["replicas"] -= 1
+        return new
+
+    def _clamp(self, targets: Targets) -> Targets:
+        """At most max_replicas (the cheapest capacity kept), at least min_replicas."""
+        new = [dict(t) for t in targets]
+        p = self.policy
+        while total_replicas(new) > p.max_replicas:
+            worst = min(
+                (t for t in new if t["replicas"] > 0),
+                key=lambda t: t["capacity_rps"] / max(t["price_per_hour"], 1e-6),
+            )
+            worst["replicas"] -= 1
+        while total_replicas(new) < p.min_replicas and new:
+            max(new, key=lambda t: t["capacity_rps"])["replicas"] += 1
+        return [t for t in new if t["replicas"] > 0]
+
+
+def _cost(targets: Targets) -> tuple[float, int]:
+    """$/h, then replicas (at $0, as on this machine, fewer replicas are still cheaper)."""
+    return round(hourly(targets), 9), total_replicas(targets)
+
+
+def _rescale(targets: Targets, factor: float) -> Targets:
+    """A re-plan's capacities are for the observed mix; as planned-mix figures (which the
+    rest of the policy multiplies by `factor`), they are divided by it."""
+    return [dict(t, capacity_rps=t["capacity_rps"] / factor) for t in targets]
+
+
+def merge_targets(old: Targets, new: Targets) -> Targets:
+    """`new` laid over `old`: offerings in both keep their index (their replicas keep their
+    target), offerings `new` lacks stay with 0 replicas (drained), new ones are appended."""
+    want = {tuple(t["key"]): t for t in new}
+    out = [dict(want.pop(tuple(t["key"]), {**t, "replicas": 0})) for t in old]
+    return out + [dict(t) for t in want.values()]
+
+
+def scheduled_rate(schedule: dict[int, float] | None, hour: float) -> float | None:
+    """The spec's `workload.schedule` rate at `hour` of day (piecewise constant), if any."""
+    if not schedule:
+        return None
+    hours = sorted(schedule)
+    h = math.floor(hour) % 24
+    prev = [x for x in hours if x <= h]
+    return schedule[prev[-1] if prev else hours[-1]]

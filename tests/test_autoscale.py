@@ -1,0 +1,162 @@
+"""The autoscaling policy on its own: load in, targets and reasons out (no processes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from skybroker.autoscale import (
+    Autoscaler,
+    Load,
+    Policy,
+    capacity,
+    changes,
+    merge_targets,
+    scheduled_rate,
+    total_replicas,
+)
+from skybroker.spec import SpecError, parse_spec
+
+
+def target(region: str, n: int, cap: float = 3.0, price: float = 0.44, gpu: str = "A40"):
+    return {"key": ["aws", region, f"{gpu}.x", False], "gpu": gpu, "replicas": n,
+            "capacity_rps": cap, "price_per_hour": price}  # fmt: skip
+
+
+def policy(**kw) -> Policy:
+    return Policy(**({"min_replicas": 1, "max_replicas": 6, "downscale_delay_s": 60} | kw))
+
+
+def test_scales_up_at_once_when_the_rate_exceeds_what_is_served_within_slo() -> None:
+    a = Autoscaler(policy())
+    d = a.decide(Load(rate=4.1), [target("us-east-1", 1)], now=0.0)
+    assert d.changed and d.kind == "up"
+    assert d.targets[0]["replicas"] == 2  # 2 x 3.0 x 0.8 = 4.8 >= 4.1
+    assert d.reasons == ["rate 4.10 req/s > 2.40 served within SLO: +1 A40 aws/us-east-1"]
+
+
+def test_upscale_delay_waits_then_scales() -> None:
+    a = Autoscaler(policy(upscale_delay_s=10))
+    ts = [target("us-east-1", 1)]
+    assert not a.decide(Load(rate=5), ts, now=0.0).changed
+    assert "up in 5s" in a.decide(Load(rate=5), ts, now=5.0).reasons[0]
+    assert a.decide(Load(rate=5), ts, now=10.0).changed
+
+
+def test_scales_down_only_after_the_downscale_delay_and_resets_on_a_burst() -> None:
+    a = Autoscaler(policy(downscale_delay_s=60))
+    ts = [target("us-east-1", 3)]
+    assert not a.decide(Load(rate=1.0), ts, now=0.0).changed
+    assert not a.decide(Load(rate=1.0), ts, now=30.0).changed
+    assert not a.decide(Load(rate=6.0), ts, now=40.0).changed  # busy again: the clock resets
+    assert not a.decide(Load(rate=1.0), ts, now=50.0).changed
+    assert not a.decide(Load(rate=1.0), ts, now=100.0).changed
+    d = a.decide(Load(rate=1.0), ts, now=111.0)
+    assert d.changed and d.kind == "down" and total_replicas(d.targets) == 1
+    assert d.reasons[0].endswith("within SLO: -2 A40 aws/us-east-1")
+
+
+def test_min_and_max_replicas_bound_the_fleet() -> None:
+    a = Autoscaler(policy(min_replicas=2, max_replicas=3, downscale_delay_s=0))
+    d = a.decide(Load(rate=100), [target("us-east-1", 2)], now=0)
+    assert total_replicas(d.targets) == 3
+    d = a.decide(Load(rate=0.0), [target("us-east-1", 3)], now=1)
+    assert total_replicas(d.targets) == 2
+    held = a.decide(Load(rate=100), [target("us-east-1", 3)], now=2)
+    assert not held.changed and "at max_replicas 3" in held.reasons[0]
+
+
+def test_in_flight_beyond_what_the_slo_allows_is_a_risk_too() -> None:
+    a = Autoscaler(policy(ttft_s=1.0, tpot_s=0.05, planned_output=20))
+    # served within SLO 2.4 req/s x (1 + 20 x 0.05) s = 4.8 in flight at most
+    d = a.decide(Load(rate=1.0, output_tokens=20, input_tokens=512, in_flight={"r": 30}),
+                 [target("us-east-1", 1)], now=0)  # fmt: skip
+    assert d.changed and "30 requests in flight" in d.reasons[0]
+
+
+def test_a_longer_mix_lowers_the_capacity_it_is_judged_by() -> None:
+    a = Autoscaler(policy(planned_input=512, planned_output=256))
+    ts = [target("us-east-1", 2)]  # 4.8 req/s within SLO for the planned mix
+    assert not a.decide(Load(rate=4.0, input_tokens=512, output_tokens=256), ts, 0).changed
+    d = a.decide(Load(rate=4.0, input_tokens=512, output_tokens=512), ts, 1)
+    assert d.changed and total_replicas(d.targets) == 4
+
+
+def test_replan_wins_only_when_it_pays_for_the_switch() -> None:
+    big = target("us-east-1", 1, cap=12.0, price=1.39, gpu="A100")
+
+    def replan(need: float, _in: float, _out: float):
+        return [dict(big, replicas=max(1, int(-(-need // 12))))]
+
+    # 6 req/s: stepping A40s needs 3 x 0.44 = 1.32/h; the A100 1.39/h: stay on A40s
+    a = Autoscaler(policy(max_replicas=20), replan=replan)
+    d = a.decide(Load(rate=6.0), [target("us-east-1", 1)], now=0)
+    assert [t["gpu"] for t in d.targets] == ["A40"] and total_replicas(d.targets) == 3
+    # 18 req/s: 8 A40s (3.52/h) vs 2 A100s (2.78/h + switching): the re-plan
+    d = a.decide(Load(rate=18.0), [target("us-east-1", 1)], now=1)
+    assert d.kind == "replan" and {t["gpu"] for t in d.targets} == {"A100"}
+    assert "-1 A40 aws/us-east-1" in d.reasons[0] and "+2 A100" in d.reasons[0]
+    assert capacity(d.targets) * 0.8 >= 18.0
+
+
+def test_merge_keeps_indices_and_zeroes_what_the_new_plan_drops() -> None:
+    old = [target("a", 2), target("b", 1)]
+    new = [target("b", 3), target("c", 1)]
+    merged = merge_targets(old, new)
+    assert [(t["key"][1], t["replicas"]) for t in merged] == [("a", 0), ("b", 3), ("c", 1)]
+    assert changes(old, new) == ["+2 A40 aws/b", "+1 A40 aws/c", "-2 A40 aws/a"]
+
+
+def test_schedule_is_piecewise_constant_over_the_day() -> None:
+    s = {0: 2.0, 8: 10.0, 20: 4.0}
+    assert [scheduled_rate(s, h) for h in (0, 7.9, 8, 19, 23.5, 24.2)] == [2, 2, 10, 10, 4, 2]
+    assert scheduled_rate(None, 3) is None
+
+
+BASE = {"name": "x", "model": "m", "workload": {"rate": 1}}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"autoscale": {"min_replicas": 3, "max_replicas": 2}}, "min_replicas 3 > max_replicas 2"),
+        ({"autoscale": {"headroom": 1.0}}, "autoscale.headroom"),
+        ({"autoscale": {"max_replicas": 1}, "constraints": {"min_replicas": 2}},
+         "autoscale.max_replicas 1 < constraints.min_replicas 2"),
+        ({"spot": {"fallback": "on_demand"}}, "constraints.spot is never"),
+        ({"spot": {"fallback": "sometimes"}, "constraints": {"spot": "allowed"}}, "spot.fallback"),
+        ({"spot": {"spread": 0}, "constraints": {"spot": "allowed"}}, "spot.spread"),
+        ({"workload": {"rate": 1, "schedule": [1] * 23}}, "24 hourly rates"),
+        ({"workload": {"rate": 1, "schedule": {24: 1}}}, "hours of day are 0-23"),
+        ({"workload": {"rate": 1, "schedule": {3: 0}}}, "must be a number > 0"),
+    ],
+)  # fmt: skip
+def test_bad_scaling_specs_say_what_is_wrong(extra: dict, message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        parse_spec(BASE | extra)
+
+
+def test_a_scaling_spec_parses() -> None:
+    spec = parse_spec(BASE | {"autoscale": {"min_replicas": 1, "max_replicas": 3},
+                              "constraints": {"spot": "allowed"}, "spot": {"spread": 2},
+                              "workload": {"rate": 1, "schedule": [1.0] * 24}})  # fmt: skip
+    assert spec.autoscale.headroom == 0.2 and spec.spot.fallback == "on_demand"
+    assert Policy.from_spec(spec).max_replicas == 3
+
+
+def test_measured_ttft_over_the_slo_adds_one_replica_at_a_time() -> None:
+    a = Autoscaler(policy(ttft_s=0.5, percentile=90))
+    ts = [target("us-east-1", 1, cap=100.0)]  # planned capacity is no constraint here
+    d = a.decide(Load(rate=1.0, ttft_s=0.9), ts, now=0)
+    assert d.changed and total_replicas(d.targets) == 2
+    assert d.reasons[0] == "TTFT p90 0.90s > 0.50s SLO at 1.00 req/s: +1 A40 aws/us-east-1"
+    held = a.decide(Load(rate=1.0, ttft_s=0.9, starting=1), d.targets, now=1)
+    assert not held.changed and "waiting for 1 starting" in held.reasons[0]
+    # near the SLO (within the headroom) no scale-down starts; well within it, one does
+    assert not a.decide(Load(rate=1.0, ttft_s=0.45), d.targets, now=2).reasons
+    assert "down in 60s" in a.decide(Load(rate=1.0, ttft_s=0.1), d.targets, now=3).reasons[0]
+
+
+def test_free_replicas_scale_down_too() -> None:
+    a = Autoscaler(policy(downscale_delay_s=0))
+    d = a.decide(Load(rate=0.0), [target("local", 3, cap=10.0, price=0.0)], now=0)
+    assert d.changed and total_replicas(d.targets) == 1 and d.kind == "down"
