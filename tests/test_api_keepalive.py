@@ -16,6 +16,7 @@ import uvicorn
 from skybroker.api import create_app
 from skybroker.controller import Controller
 from skybroker.state import Store
+from tests.raw_http import read_response
 
 
 class _Faulty(Controller):
@@ -57,21 +58,7 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[st
 
 def _get(sock: socket.socket, path: str) -> tuple[int, bytes]:
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed after {buf!r}"
-        buf += chunk
-    head, _, body = buf.partition(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )  # fmt: skip
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed mid-body"
-        body += chunk
-    return int(head.split(b" ", 2)[1]), body
+    return read_response(sock)
 
 
 def test_500_keeps_the_keep_alive_connection(

@@ -25,6 +25,7 @@ import pytest
 from engine.config import EngineArgs
 from engine.llm_engine import LLMEngine
 from engine.serve import build_app, main, parse_args
+from tests.raw_http import read_response
 from tests.test_server import ENGINE_KW, MODEL, _serve
 from tests.test_server_process import ROOT, _free_port
 
@@ -289,24 +290,6 @@ def _request(body: dict[str, object]) -> bytes:
     return head.encode() + data
 
 
-def _read_response(sock: socket.socket) -> tuple[int, bytes]:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed after {buf!r}"
-        buf += chunk
-    head, _, body = buf.partition(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )  # fmt: skip
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed mid-body"
-        body += chunk
-    return int(head.split(b" ", 2)[1]), body
-
-
 @pytest.mark.slow
 def test_500_keeps_the_keep_alive_connection(
     tiny_llama_dir: Path, caplog: pytest.LogCaptureFixture
@@ -323,13 +306,13 @@ def test_500_keeps_the_keep_alive_connection(
     with _serve(engine) as srv, socket.create_connection(srv.sock.getsockname()[:2]) as sock:
         for _ in range(3):
             sock.sendall(_request({"prompt": "boom", "max_tokens": 2}))
-            status, body = _read_response(sock)
+            status, body = read_response(sock)
             assert status == 500, body
             err = json.loads(body)["error"]
             assert err == {"message": "internal error: RuntimeError", "type": "server_error",
                            "param": None, "code": None}  # fmt: skip
             sock.sendall(_request({"prompt": "the cat", "max_tokens": 2}))
-            status, body = _read_response(sock)
+            status, body = read_response(sock)
             assert status == 200, body
     errors = [r for r in caplog.records if r.getMessage().startswith("unhandled error")]
     assert len(errors) == 3  # logged once each, with the traceback
