@@ -14,7 +14,13 @@ def _plain_greedy(seq: Sequence) -> bool:
     plain = seq.plain_greedy
     if plain is None:
         p = seq.params
-        plain = p.greedy and not p.needs_penalties and not p.min_tokens and p.logprobs is None
+        plain = (
+            p.greedy
+            and not p.needs_penalties
+            and not p.min_tokens
+            and p.logprobs is None
+            and not p.logit_bias
+        )
         seq.plain_greedy = plain
     return plain
 

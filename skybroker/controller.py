@@ -172,7 +172,7 @@ class Controller:
             plan=plan.to_dict(),
             targets=targets,
             blocklist=[],
-            router_host=self.router_host,
+            router_host=self.routers.host,
             router_port=None,
             message="",
             created_at=now,

@@ -387,6 +387,17 @@ def test_health_counts_deployments(client: TestClient) -> None:
     assert client.delete("/v1/deployments/tiny").status_code == 200
 
 
+def test_dry_run_answers_what_would_launch_and_launches_nothing(
+    client: TestClient, controller: Controller
+) -> None:
+    r = client.post("/v1/deployments", params={"dry_run": "true"}, json=TINY)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["dry_run"] is True and body["name"] == "tiny"
+    assert [x["key"][0] for x in body["replicas"]] == ["local"]
+    assert controller.list() == []
+
+
 def test_infeasible_launch_records_nothing(client: TestClient, controller: Controller) -> None:
     spec = {**TINY, "slo": {"ttft_ms": 0.01, "tpot_ms": 0.001}}
     _error(client.post("/v1/deployments", json=spec), 422, "infeasible")
