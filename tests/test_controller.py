@@ -408,11 +408,10 @@ def test_a_dead_router_is_started_again_on_its_port(env) -> None:
     assert process_start_time(new) is None and c.router("demo") is None
 
 
-def test_scale_down_drains_before_stopping(env) -> None:
-    """A replica the plan no longer wants gets no new request, and the one in flight on it
-    finishes before it is stopped; so does `down`."""
-    controller, _cloud, store = env
-    c = controller(replicas=2)
+def _drain_one_of_two(c):
+    """Two ready replicas, a slow request in flight on each, then a scale-down to one:
+    (the status codes of the slow requests as they finish, a function that sends one more,
+    the threads sending the first two, the draining replica)."""
     spec = _spec()
     dep = c.create(spec, c.planner(spec))
     c.wait_ready("demo", timeout_s=60)
@@ -429,9 +428,18 @@ def test_scale_down_drains_before_stopping(env) -> None:
     c.scale("demo", 0, 1)
     c.reconcile_once()
     (draining,) = [r for r in c.replicas("demo") if r.status == ReplicaStatus.DRAINING]
+    return results, slow, senders, draining
+
+
+def test_scale_down_drains_before_stopping(env) -> None:
+    """A replica the plan no longer wants gets no new request, and the one in flight on it
+    finishes before it is stopped; so does `down`."""
+    controller, _cloud, store = env
+    c = controller(replicas=2)
+    results, slow, senders, draining = _drain_one_of_two(c)
     assert {r["name"]: r["draining"] for r in c.router("demo").snapshot()}[draining.name]
     for _ in range(5):  # new requests go to the other one
-        r = httpx.get(dep.endpoint + "/models", headers=_auth(c), timeout=5)
+        r = httpx.get(c.get("demo").endpoint + "/models", headers=_auth(c), timeout=5)
         assert r.status_code == 200
     _wait(lambda: store.get_replica(draining.name).status == ReplicaStatus.TERMINATED, 20, c)
     for t in senders:
@@ -530,22 +538,7 @@ def test_restarted_broker_keeps_counting_a_crash_loop(env, tmp_path: Path) -> No
 def test_a_drain_that_times_out_stops_the_replica_and_its_request_goes_elsewhere(env) -> None:
     controller, _cloud, store = env
     c = controller(replicas=2, probe=dataclasses.replace(PROBE, drain_timeout_s=0.5))
-    spec = _spec()
-    dep = c.create(spec, c.planner(spec))
-    c.wait_ready("demo", timeout_s=60)
-    results: list[int] = []
-
-    def slow() -> None:
-        r = httpx.get(dep.endpoint + "/slow", headers=_auth(c), timeout=30)
-        results.append(r.status_code)
-
-    senders = [threading.Thread(target=slow) for _ in range(2)]
-    for t in senders:
-        t.start()
-    _wait(lambda: sum(r["outstanding"] for r in c.router("demo").snapshot()) == 2, 10)
-    c.scale("demo", 0, 1)
-    c.reconcile_once()
-    (draining,) = [r for r in c.replicas("demo") if r.status == ReplicaStatus.DRAINING]
+    results, _, senders, draining = _drain_one_of_two(c)
     _wait(lambda: store.get_replica(draining.name).status == ReplicaStatus.TERMINATED, 10, c)
     assert ("terminated", "scaled down (drain timed out)") in [
         (e.kind, e.message) for e in c.events("demo") if e.replica == draining.name
