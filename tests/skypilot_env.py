@@ -16,7 +16,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,8 +24,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
+
+from skybroker.provision import ReplicaSpec
+from skybroker.provision.local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -38,10 +41,22 @@ RUNPOD_KEY = "rp_test_key"
 PROFILE = "skybroker-test-profile"  # the instance profile replicas get (aws.remote_identity)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def replica_spec(**kw: Any) -> ReplicaSpec:
+    """A one-GPU spot replica of the 8B model on AWS us-east-1 (g5.xlarge), `kw` overriding."""
+    base: dict[str, Any] = dict(
+        name="demo-12",
+        deployment="demo",
+        model="meta-llama/Llama-3.1-8B-Instruct",
+        served_model_name="llama",
+        cloud="aws",
+        region="us-east-1",
+        instance_type="g5.xlarge",
+        spot=True,
+        gpu="A10G",
+        gpu_count=1,
+        secrets={"HF_TOKEN": "hf_secret_value"},
+    )
+    return ReplicaSpec(**{**base, **kw})
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:

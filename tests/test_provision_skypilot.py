@@ -39,7 +39,7 @@ from skybroker.provision.skypilot import (
     map_sky_error,
     missing_sdk_calls,
 )
-from tests.skypilot_env import ROOT, free_port, seed_catalogs
+from tests.skypilot_env import ROOT, free_port, replica_spec, seed_catalogs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 WHEEL = "skybroker-0.1.0-py3-none-any.whl"
@@ -80,23 +80,8 @@ def wheel(tmp_path: Path) -> Path:
 
 
 def _spec(**kw: Any) -> ReplicaSpec:
-    base = dict(
-        name="demo-12",
-        deployment="demo",
-        model="meta-llama/Llama-3.1-8B-Instruct",
-        served_model_name="llama",
-        cloud="aws",
-        region="us-east-1",
-        instance_type="g5.xlarge",
-        spot=True,
-        gpu="A10G",
-        gpu_count=1,
-        engine_args={"max_model_len": 4096},
-        envs={"SKYBROKER_LOG": "info"},
-        secrets={"HF_TOKEN": "hf_secret_value"},
-    )
-    base.update(kw)
-    return ReplicaSpec(**base)  # type: ignore[arg-type]
+    base = dict(engine_args={"max_model_len": 4096}, envs={"SKYBROKER_LOG": "info"})
+    return replica_spec(**{**base, **kw})
 
 
 def test_cluster_names_are_valid() -> None:

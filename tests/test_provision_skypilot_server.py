@@ -23,8 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from skybroker.provision import ReplicaSpec
-from tests.skypilot_env import ROOT, SkyServers, sky_servers
+from tests.skypilot_env import ROOT, SkyServers, replica_spec, sky_servers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -49,20 +48,8 @@ def drive(servers: SkyServers, *args: str, timeout: float = 300) -> dict[str, An
 
 
 def _spec(**kw: Any) -> str:
-    base = dict(
-        name="probe-1",
-        deployment="probe",
-        model="meta-llama/Llama-3.1-8B-Instruct",
-        served_model_name="llama",
-        cloud="aws",
-        region="us-east-1",
-        instance_type="g5.xlarge",
-        spot=True,
-        gpu="A10G",
-        gpu_count=1,
-        secrets={"HF_TOKEN": "hf_secret"},
-    )
-    return json.dumps(asdict(ReplicaSpec(**{**base, **kw})))
+    base = dict(name="probe-1", deployment="probe", secrets={"HF_TOKEN": "hf_secret"})
+    return json.dumps(asdict(replica_spec(**{**base, **kw})))
 
 
 def test_check_through_the_api_server(servers: SkyServers) -> None:
