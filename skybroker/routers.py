@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from typing import Any
 import httpx
 
 from skybroker.keys import endpoint_api_key, replica_api_key, router_admin_key
-from skybroker.provision.local import free_port, group_alive, process_start_time
+from skybroker.provision.local import free_port, process_start_time, stop_recorded
 from skybroker.router import (
     ADMIN_KEY_ENV,
     API_KEY_ENV,
@@ -187,10 +186,7 @@ class RouterProcesses:
         """Stop the router of `name` (SIGTERM: in-flight requests finish; then SIGKILL)."""
         info = self._record(name)
         if info is not None:
-            pgid = int(info["pid"])
-            started = process_start_time(pgid)
-            if started is None or started == info.get("start_time", started):
-                _kill_group(pgid, timeout_s)
+            stop_recorded(info, timeout_s)
         with contextlib.suppress(FileNotFoundError):
             (self.run_dir(name) / _RECORD).unlink()
 
@@ -214,21 +210,6 @@ def _free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _kill_group(pgid: int, timeout_s: float) -> None:
-    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(-pgid, os.WNOHANG)  # reap it where it is our child
-            if not group_alive(pgid):
-                return
-            time.sleep(0.05)
 
 
 def replica_targets(

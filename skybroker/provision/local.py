@@ -89,6 +89,32 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+def stop_recorded(info: dict[str, Any], timeout_s: float,
+                  proc: subprocess.Popen | None = None) -> None:  # fmt: skip
+    """Stop the process group a record (`pid`, `start_time`) names: SIGTERM, SIGKILL after
+    `timeout_s`. A live leader with another start time is a reused pid, not ours: left alone
+    (a dead leader cannot have had its pid reused while its group still has members)."""
+    pgid = int(info["pid"])
+    started = process_start_time(pgid)
+    if started is not None and started != info.get("start_time", started):
+        return
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if proc is not None:
+                proc.poll()  # reap our own child
+            else:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(-pgid, os.WNOHANG)  # reap it where it is our child
+            if not group_alive(pgid):
+                return
+            time.sleep(0.05)
+
+
 def _importable(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
@@ -209,30 +235,9 @@ class LocalProvisioner:
         info = self._info(handle)
         if info is None:
             return
-        pgid = int(info["pid"])
-        started = process_start_time(pgid)
-        # A live leader with another start time is a reused pid: not ours, leave it alone.
-        # A dead leader cannot have had its pid reused while its group still has members.
-        if started is None or started == info.get("start_time", started):
-            self._kill_group(pgid, handle.name)
-        self._procs.pop(handle.name, None)
+        stop_recorded(info, self.stop_timeout_s, self._procs.pop(handle.name, None))
         with contextlib.suppress(FileNotFoundError):
             (self.run_dir(handle.name) / _RECORD).unlink()
-
-    def _kill_group(self, pgid: int, name: str) -> None:
-        proc = self._procs.get(name)
-        for sig, wait_s in ((signal.SIGTERM, self.stop_timeout_s), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                return
-            deadline = time.monotonic() + wait_s
-            while time.monotonic() < deadline:
-                if proc is not None:
-                    proc.poll()  # reap our own child
-                if not group_alive(pgid):
-                    return
-                time.sleep(0.05)
 
     def endpoint(self, handle: ReplicaHandle) -> str:
         info = self._info(handle)
