@@ -20,7 +20,6 @@ when the change pays for itself. Targets are the controller's rows (`targets_fro
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -294,13 +293,3 @@ def merge_targets(old: Targets, new: Targets) -> Targets:
     want = {tuple(t["key"]): t for t in new}
     out = [dict(want.pop(tuple(t["key"]), {**t, "replicas": 0})) for t in old]
     return out + [dict(t) for t in want.values()]
-
-
-def scheduled_rate(schedule: dict[int, float] | None, hour: float) -> float | None:
-    """The spec's `workload.schedule` rate at `hour` of day (piecewise constant), if any."""
-    if not schedule:
-        return None
-    hours = sorted(schedule)
-    h = math.floor(hour) % 24
-    prev = [x for x in hours if x <= h]
-    return schedule[prev[-1] if prev else hours[-1]]

@@ -11,7 +11,6 @@ from skybroker.autoscale import (
     capacity,
     changes,
     merge_targets,
-    scheduled_rate,
     total_replicas,
 )
 from skybroker.spec import SpecError, parse_spec
@@ -104,12 +103,6 @@ def test_merge_keeps_indices_and_zeroes_what_the_new_plan_drops() -> None:
     merged = merge_targets(old, new)
     assert [(t["key"][1], t["replicas"]) for t in merged] == [("a", 0), ("b", 3), ("c", 1)]
     assert changes(old, new) == ["+2 A40 aws/b", "+1 A40 aws/c", "-2 A40 aws/a"]
-
-
-def test_schedule_is_piecewise_constant_over_the_day() -> None:
-    s = {0: 2.0, 8: 10.0, 20: 4.0}
-    assert [scheduled_rate(s, h) for h in (0, 7.9, 8, 19, 23.5, 24.2)] == [2, 2, 10, 10, 4, 2]
-    assert scheduled_rate(None, 3) is None
 
 
 BASE = {"name": "x", "model": "m", "workload": {"rate": 1}}
