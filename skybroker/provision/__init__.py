@@ -47,7 +47,8 @@ class ReplicaState(StrEnum):
 
     RUNNING = "RUNNING"  # the machine/process is up (the engine may still be loading)
     LAUNCHING = "LAUNCHING"  # the provider is still provisioning it
-    PREEMPTED = "PREEMPTED"  # the provider took it away (spot preemption, stopped)
+    PREEMPTED = "PREEMPTED"  # the provider took it away (spot reclaim): replace, do not count
+    FAILED = "FAILED"  # the machine is up but the replica's job ended (setup or engine exit)
     DEAD = "DEAD"  # gone: exited, crashed, or never existed
 
 
@@ -119,8 +120,18 @@ class Provisioner(Protocol):
         ...
 
     # Optional (the controller uses them when present):
-    # `check(clouds: set[str]) -> None` raises a ProvisionError naming what is missing (an
-    # extra, credentials) before anything is recorded; `exit_code(handle) -> int | None`.
+    # - `check(clouds: set[str]) -> None` raises a ProvisionError naming what is missing (an
+    #   extra, credentials) before anything is recorded;
+    # - `exit_code(handle) -> int | None`: the engine's (or the replica job's) exit status;
+    # - `statuses(handles: list[ReplicaHandle]) -> dict[str, ReplicaState]`: many replicas'
+    #   states in one query, keyed by handle name (a name missing from the answer: unknown);
+    # - `failure(handle) -> str | None`: why a FAILED or DEAD replica ended, for a person
+    #   (the job's state and exit code, the log tail);
+    # - `startup_deadline_s(spec: ReplicaSpec) -> float`: how long this replica may take from
+    #   launch to its first healthy probe (install, model download and load);
+    # - `progress(handle) -> str | None`: a marker that changes while a starting replica makes
+    #   progress (its log's length, the job's phase); the controller extends the deadline
+    #   while it changes.
 
 
 def engine_command(spec: ReplicaSpec, host: str, port: int, python: str = "python") -> list[str]:
