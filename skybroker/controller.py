@@ -2,21 +2,24 @@
 
 Desired state is the plan's placements ("targets": offering, replicas, tensor parallel,
 planned capacity); actual state is the store's replica rows plus what provisioners and
-`/health` probes report. `reconcile_once()` closes the gap: it launches missing replicas
-(in worker threads, so probing goes on), marks replicas ready when /health answers 200 (after
-an initial delay), replaces dead, preempted or long-unhealthy ones (backing off crash loops,
-`skybroker.health`), drains replicas the plan no longer wants before it stops them, and on a
-CapacityError blocklists the offering and re-solves the plan without it (failover), recording
-events.
+`/health` probes report. `reconcile_once()` closes the gap, one deployment at a time: it
+observes the running replicas off the lock (one `statuses()` query, a probe per engine),
+then under it judges each (`skybroker.supervisor` and `skybroker.verdict`: why a replica is
+marked ready or replaced, and whether that counts toward the crash-loop backoff of
+`skybroker.health`), launches missing replicas (in worker threads, so probing goes on),
+drains replicas the plan no longer wants before it stops them, and on a CapacityError
+blocklists the offering and re-solves the plan without it (failover; for spot, a cool-down:
+`skybroker.spot`), recording events.
 
 A replica row exists before its launch starts and names everything the provisioner creates,
 so a launch that fails half-way (or a broker that dies mid-launch) leaves nothing running the
-store does not know about. A restarted controller re-adopts live replicas and cleans up the
-rest. Deployments with `autoscale:` follow their load (`skybroker.scaling`: the router's
-load in, the `skybroker.autoscale` policy's decision out, applied through `scale`; every
-decision an `autoscaled` event with its reason). One router per deployment serves its OpenAI endpoint, as a process of its own
-(`skybroker.routers`) that outlives the broker; its key is `api_key(name)`. Every replica
-gets an API key of its own (`skybroker.keys`), passed in its environment, never stored.
+store does not know about. A restarted controller re-adopts live replicas (each with a fresh
+probe window) and cleans up the rest. Deployments with `autoscale:` follow their load
+(`skybroker.scaling`: the router's load in, the `skybroker.autoscale` policy's decision out,
+applied through `scale`; every decision an `autoscaled` event with its reason). One router
+per deployment serves its OpenAI endpoint, as a process of its own (`skybroker.routers`)
+that outlives the broker; its key is `api_key(name)`. Every replica gets an API key of its
+own (`skybroker.keys`), passed in its environment, never stored.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from typing import Any
 
 import httpx
 
-from skybroker.health import FailureRun, Failures, ProbeConfig, crash_reason
+from skybroker.dry_run import dry_run
+from skybroker.health import FailureRun, Failures, ProbeConfig
 from skybroker.keys import endpoint_api_key, replica_api_key
+from skybroker.observe import handle_of, states
 from skybroker.provision import (
     CapacityError,
     Provisioner,
@@ -48,6 +53,7 @@ from skybroker.routers import (
     replica_targets,
 )
 from skybroker.scaling import Scaling, scaling_view
+from skybroker.spot import SpotConfig, SpotHedge
 from skybroker.state import (
     Deployment,
     DeploymentStatus,
@@ -57,6 +63,7 @@ from skybroker.state import (
     StateError,
     Store,
 )
+from skybroker.supervisor import RUNNING_STATUSES, Supervisor
 from skybroker.targets import (
     Planner,
     default_planner,
@@ -66,11 +73,11 @@ from skybroker.targets import (
     replica_spec,
     targets_from_plan,
 )
+from skybroker.verdict import Observation
 from skybroker.views import deployment_view
 
 log = logging.getLogger(__name__)
 
-RUNNING_STATUSES = (ReplicaStatus.STARTING, ReplicaStatus.READY, ReplicaStatus.NOT_READY)
 __all__ = ["Controller", "FailureRun", "ProbeConfig", "replica_api_key", "targets_from_plan"]
 
 
@@ -89,6 +96,7 @@ class Controller:
         max_parallel_launches: int = 8,
         adopt: bool = True,
         scale_interval_s: float = 5.0,
+        spot: SpotConfig | None = None,
     ) -> None:
         self.store = store
         self.provisioners: dict[str, Provisioner] = dict(provisioners or {})
@@ -97,13 +105,15 @@ class Controller:
         self.routers = DeploymentRouters(store, router_host, serve_routers)
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_parallel_launches, thread_name_prefix="launch")
+        self._pass = threading.Lock()  # one reconcile pass at a time; API calls need _lock only
         self._launches: dict[str, Future[ReplicaHandle]] = {}
-        self._probed_at: dict[str, float] = {}  # replica -> last 200 from /health
         self._drain_since: dict[str, float] = {}  # replica -> when it began draining
         self.failures = Failures(store, self.probe)
         self._failures = self.failures.runs  # deployment -> its failures in a row
         self._http = httpx.Client(timeout=self.probe.timeout_s)
         self.scaling = Scaling(self, scale_interval_s)
+        self.spot = SpotHedge(store, self.planner, spot)
+        self.health = Supervisor(self)
         if adopt:
             self.adopt()
 
@@ -155,58 +165,10 @@ class Controller:
             return self.store.update_deployment(name, targets=targets)
 
     def dry_run(self, spec: Any, plan: Any) -> list[dict[str, Any]]:
-        """What `create` would launch, validated by the provisioner and launching nothing:
-        its checks, then each placement's replica built and passed to the provisioner's
-        `dry_run` (SkyPilot validates the Task) when it has one. Raises ProvisionError."""
-        targets = targets_from_plan(plan)
+        """What `create` would launch, validated by the provisioner, launching nothing
+        (`skybroker.dry_run`). Raises ProvisionError."""
         prov = self._provisioner(spec.infra)
-        check = getattr(prov, "check", None)
-        if check is not None:
-            check({t["key"][0] for t in targets})
-        now = time.time()
-        dep = Deployment(
-            name=spec.name,
-            infra=spec.infra,
-            status="DRY_RUN",
-            spec=spec.model_dump(mode="json"),
-            plan=plan.to_dict(),
-            targets=targets,
-            blocklist=[],
-            router_host=self.routers.host,
-            router_port=None,
-            message="",
-            created_at=now,
-            updated_at=now,
-        )
-        replicas = []
-        for i, t in enumerate(targets):
-            cloud, region, instance_type, spot = t["key"]
-            rep = Replica(
-                id=i,
-                deployment=spec.name,
-                name=f"{spec.name}-dry{i}",
-                target=i,
-                cloud=cloud,
-                region=region,
-                instance_type=instance_type,
-                spot=bool(spot),
-                status=ReplicaStatus.PENDING,
-                url=None,
-                handle=None,
-                failures=0,
-                message="",
-                created_at=now,
-                updated_at=now,
-                launched_at=None,
-                ready_at=None,
-            )
-            replicas.append(self._replica_spec(dep, rep))
-        validate = getattr(prov, "dry_run", None)
-        checked = list(self._pool.map(validate, replicas)) if validate else [{}] * len(targets)
-        return [
-            {**t, "validated": validate is not None, **c}
-            for t, c in zip(targets, checked, strict=True)
-        ]
+        return dry_run(prov, spec, plan, self.routers.host, self._pool)
 
     def list(self) -> list[Deployment]:
         return self.store.list_deployments()
@@ -239,6 +201,10 @@ class Controller:
         view = deployment_view(dep, self.replicas(name), events, self.failures.get(name))
         if dep.spec.get("autoscale"):
             view["autoscale"] = scaling_view(self.events(name, limit=1000))
+        view["cooldowns"] = [
+            {"key": list(k), "until": until} for k, until in self.spot.cooling(name).items()
+        ]
+        view["network_suspect_since"] = self.health.suspect.get(name)
         return view
 
     def logs(self, name: str, replica: str | int | None = None, tail: int = 200) -> str:
@@ -285,17 +251,24 @@ class Controller:
             self.store.delete_deployment(name)
             self._failures.pop(name, None)
             self.scaling.forget(name)
+            self.spot.forget(name)
+            self.health.suspect.pop(name, None)
             return True
 
     def reconcile_once(self) -> None:
-        """One pass over every deployment (see module doc)."""
-        with self._lock:
+        """One pass over every deployment (see module doc): each is observed off the lock
+        (provider states, probes), then reconciled under it."""
+        with self._pass:
             for dep in self.store.list_deployments():
                 if dep.status == DeploymentStatus.DELETING:
                     continue
                 try:
-                    self._reconcile(dep)
+                    seen = self.health.observe(dep)
+                    with self._lock:
+                        self._reconcile(dep, seen)
                 except Exception as e:  # one deployment's trouble must not stop the others
+                    if self.store.get_deployment(dep.name) is None:
+                        continue  # deleted meanwhile
                     log.exception("reconcile of %s failed", dep.name)
                     self.store.add_event(dep.name, "error", f"reconcile failed: {e}")
 
@@ -329,6 +302,7 @@ class Controller:
         re-adopts them), so the endpoints keep serving meanwhile."""
         self.routers.close()
         self._pool.shutdown(wait=True)
+        self.health.close()
         with self._lock:  # launches that finished meanwhile: record their handles
             for dep in self.store.list_deployments():
                 self._collect_launches(dep.name)
@@ -351,41 +325,48 @@ class Controller:
             self.delete(dep.name)
             return
         self.failures.restore(dep.name)
+        self.spot.restore(dep)
         prov = self._provisioner(dep.infra)
-        for rep in self.store.list_replicas(dep.name):
+        reps = self.store.list_replicas(dep.name)
+        running = [r for r in reps if r.status in RUNNING_STATUSES]
+        state = states(prov, [handle_of(r, dep.infra) for r in running])
+        for rep in reps:
             if rep.status == ReplicaStatus.PENDING:
                 continue
             if rep.status == ReplicaStatus.DRAINING:  # drains on, from now
                 self._drain_since[rep.name] = time.time()
                 continue
-            handle = self._handle(rep, dep.infra)
-            alive = rep.status in RUNNING_STATUSES and self._state(prov, handle) in (
-                ReplicaState.RUNNING,
-                ReplicaState.LAUNCHING,
-            )
+            alive = state.get(rep.name) in (ReplicaState.RUNNING, ReplicaState.LAUNCHING)
             if alive:  # a ready one stays in the router's set until a probe says otherwise
                 if rep.status != ReplicaStatus.READY:
                     self.store.update_replica(rep.name, status=ReplicaStatus.STARTING)
-                self.store.add_event(dep.name, "adopted", "replica still runs", rep.name)
+                self.health.restart_clock(dep, rep)
+                self.store.add_event(
+                    dep.name, "adopted", "replica still runs; a fresh probe window", rep.name
+                )
             else:
                 self._terminate(prov, rep, dep.infra, event="cleaned up after restart")
         self._start_router(dep)
 
     # -- one deployment ---------------------------------------------------------------------
 
-    def _reconcile(self, dep: Deployment) -> None:
+    def _reconcile(self, dep: Deployment, seen: dict[str, Observation]) -> None:
         self._collect_launches(dep.name)
-        dep = self.store.get_deployment(dep.name) or dep
+        current = self.store.get_deployment(dep.name)
+        if current is None or current.status == DeploymentStatus.DELETING:
+            return
+        dep = current
         if dep.name not in self.routers:  # its adoption failed: try again
             dep = self._start_router(dep)
         prov = self._provisioner(dep.infra)
+        self.health.check(prov, dep, seen)
         for rep in self.store.list_replicas(dep.name):
-            if rep.status in RUNNING_STATUSES:
-                self._check(prov, dep, rep)
-            elif rep.status == ReplicaStatus.DRAINING:
+            if rep.status == ReplicaStatus.DRAINING:
                 self._check_drained(prov, dep, rep)
         dep = self.store.get_deployment(dep.name) or dep
         if dep.status != DeploymentStatus.FAILED:
+            self.spot.tick(dep)
+            dep = self.store.get_deployment(dep.name) or dep
             self.scaling.tick(dep)
             dep = self.store.get_deployment(dep.name) or dep
             reps = self._fill(dep, self.store.list_replicas(dep.name))
@@ -401,7 +382,7 @@ class Controller:
         reps = [r for r in reps if r.status != ReplicaStatus.DRAINING]
         for i, t in enumerate(dep.targets):
             have = [r for r in reps if r.target == i and r.offering_key == tuple(t["key"])]
-            for _ in range(t["replicas"] - len(have)):
+            for _ in range(0 if t.get("standby") else t["replicas"] - len(have)):
                 self.store.add_replica(dep.name, i, tuple(t["key"]))
             extra = sorted(have, key=lambda r: r.status == ReplicaStatus.READY)
             for rep in extra[: max(0, len(have) - t["replicas"])]:
@@ -483,6 +464,7 @@ class Controller:
                     url=handle.url,
                     launched_at=time.time(),
                 )
+                self.health.restart_clock(dep, rep)
                 self.store.add_event(name, "launched", f"engine at {handle.url}", rep_name)
             else:
                 self._launch_failed(dep, rep, error)
@@ -496,7 +478,13 @@ class Controller:
         self.store.update_replica(rep.name, status=ReplicaStatus.FAILED, message=str(error))
         if isinstance(error, CapacityError):
             self.store.add_event(dep.name, "capacity_error", str(error), rep.name)
-            self._failover(dep, error.offering_key)
+            key = tuple(error.offering_key)
+            if key[3]:  # spot: out of the plan for a cool-down, not for good
+                give_up = self.spot.cool_down(dep, key, f"no spot capacity: {error}")
+                if give_up is not None:
+                    self._fail(dep, give_up)
+            else:
+                self._failover(dep, key)
             return
         self.store.add_event(dep.name, "launch_failed", str(error), rep.name)
         self._count_failure(dep, f"launch of {rep.name} failed: {error}")
@@ -510,9 +498,6 @@ class Controller:
         if give_up is not None:
             self._fail(dep, give_up)
 
-    def _crash_reason(self, prov: Provisioner, rep: Replica, infra: str, what: str) -> str:
-        return crash_reason(prov, self._handle(rep, infra), what)
-
     def _failover(self, dep: Deployment, key: Any) -> None:
         """Blocklist the offering and re-solve the plan without it (once per offering)."""
         give_up = replan(self.store, self.planner, dep, key)
@@ -522,54 +507,6 @@ class Controller:
     def _fail(self, dep: Deployment, message: str) -> None:
         self.store.update_deployment(dep.name, status=DeploymentStatus.FAILED, message=message)
         self.store.add_event(dep.name, "failed", message)
-
-    def _check(self, prov: Provisioner, dep: Deployment, rep: Replica) -> None:
-        """Provider state, then /health: mark ready, unready, or replace."""
-        state = self._state(prov, self._handle(rep, dep.infra))
-        if state == ReplicaState.PREEMPTED:
-            self._terminate(prov, rep, dep.infra, event="replica preempted; replacing it")
-            return
-        if state == ReplicaState.DEAD:
-            reason = self._crash_reason(prov, rep, dep.infra, "died")
-            self._terminate(prov, rep, dep.infra, event=f"{reason}; replacing it")
-            self._count_failure(dep, reason)
-            return
-        now = time.time()
-        launched = rep.launched_at or rep.created_at
-        if now - launched < self.probe.initial_delay_s or not rep.url:
-            return
-        if self._healthy(rep.url):
-            self._probed_at[rep.name] = now
-            if rep.status != ReplicaStatus.READY:
-                self.store.update_replica(
-                    rep.name, status=ReplicaStatus.READY, ready_at=now, failures=0, message=""
-                )
-                self.store.add_event(dep.name, "ready", f"{rep.url}/health answers 200", rep.name)
-            elif rep.failures:
-                self.store.update_replica(rep.name, failures=0)
-            launched = rep.launched_at or rep.created_at
-            self.failures.ready_for(dep.name, rep.name, launched, rep.ready_at or now)
-            return
-        if rep.status == ReplicaStatus.STARTING:
-            if now - launched > self.probe.startup_timeout_s:
-                reason = self._crash_reason(prov, rep, dep.infra, "never became ready")
-                self._terminate(prov, rep, dep.infra, event=f"{reason}; replacing it")
-                self._count_failure(dep, reason)
-            return
-        failures = rep.failures + 1
-        if rep.status == ReplicaStatus.READY and failures >= self.probe.failure_threshold:
-            self.store.update_replica(rep.name, status=ReplicaStatus.NOT_READY, failures=failures)
-            self.store.add_event(dep.name, "not_ready", f"{failures} probes failed", rep.name)
-        elif (
-            rep.status == ReplicaStatus.NOT_READY
-            and now - self._probed_at.get(rep.name, rep.ready_at or launched)
-            > self.probe.unhealthy_timeout_s
-        ):
-            reason = self._crash_reason(prov, rep, dep.infra, "was unhealthy too long")
-            self._terminate(prov, rep, dep.infra, event=f"{reason}; replacing it")
-            self._count_failure(dep, reason)
-        else:
-            self.store.update_replica(rep.name, failures=failures)
 
     def _healthy(self, url: str) -> bool:
         try:
@@ -586,7 +523,7 @@ class Controller:
             self.store.add_event(rep.deployment, "terminate_failed", str(e), rep.name)
             raise
         self.store.update_replica(rep.name, status=ReplicaStatus.TERMINATED)
-        self._probed_at.pop(rep.name, None)
+        self.health.forget(rep.name)
         if event:
             self.store.add_event(rep.deployment, "terminated", event, rep.name)
 
@@ -619,7 +556,8 @@ class Controller:
 
     def _update_router(self, dep: Deployment) -> None:
         reps = self.store.list_replicas(dep.name)
-        self.routers.push(dep, replica_targets(dep, reps, self._probed_at))
+        targets = replica_targets(dep, reps, self.health.probed_at, self.health.down())
+        self.routers.push(dep, targets)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -630,13 +568,4 @@ class Controller:
 
     @staticmethod
     def _handle(rep: Replica, infra: str) -> ReplicaHandle:
-        if rep.handle:
-            return ReplicaHandle.from_dict(rep.handle)
-        return ReplicaHandle(provider=infra, name=rep.name)
-
-    @staticmethod
-    def _state(prov: Provisioner, handle: ReplicaHandle) -> ReplicaState:
-        try:
-            return prov.status(handle)
-        except ProvisionError:
-            return ReplicaState.LAUNCHING  # the provider cannot tell now: do not replace
+        return handle_of(rep, infra)

@@ -6,7 +6,7 @@ errors, replicas that die or never get ready; preemptions do not count): each de
 launch by backoff_base_s * 2**(n-1), at most backoff_max_s; after max_launch_failures the
 deployment is FAILED; a replica launched after the last failure that stays ready for
 stable_s ends the run. The run lives in the event log too, so a restarted broker goes on
-from where the previous one was.
+from where the previous one was. When to replace a replica is `skybroker.verdict`'s call.
 """
 
 from __future__ import annotations
@@ -24,9 +24,13 @@ class ProbeConfig:
 
     timeout_s: float = 2.0  # per probe
     initial_delay_s: float = 0.0  # after launch, before the first probe
-    startup_timeout_s: float = 900.0  # launch -> first 200, else replaced
+    startup_timeout_s: float = 900.0  # launch -> first 200 (a provisioner may say per replica)
+    startup_stall_s: float = 300.0  # past its deadline, a replica whose progress changed
+    startup_max_factor: float = 4.0  # ... this recently waits on, up to this x its deadline
     failure_threshold: int = 2  # failed probes in a row: READY -> NOT_READY
     unhealthy_timeout_s: float = 30.0  # NOT_READY this long -> replaced
+    network_suspect_share: float = 0.8  # this share of >= 2 served replicas failing at once:
+    network_outage_s: float = 900.0  # the broker's network is suspect; replaced after this
     max_launch_failures: int = 5
     backoff_base_s: float = 2.0
     backoff_max_s: float = 120.0
@@ -105,9 +109,9 @@ class Failures:
             )
 
 
-def crash_reason(prov: Provisioner, handle: ReplicaHandle, what: str) -> str:
-    """`replica NAME what`, with its exit code and last log lines where the provider knows."""
-    parts = [f"replica {handle.name} {what}"]
+def crash_details(prov: Provisioner, handle: ReplicaHandle) -> list[str]:
+    """What the provider knows of how a replica ended: its exit code, its last log lines."""
+    parts = []
     code = getattr(prov, "exit_code", lambda _h: None)(handle)
     if code is not None:
         parts.append(f"exit code {code}" if code >= 0 else f"killed by signal {-code}")
@@ -117,4 +121,4 @@ def crash_reason(prov: Provisioner, handle: ReplicaHandle, what: str) -> str:
         tail = ""
     if tail:
         parts.append("log tail: " + " | ".join(tail.splitlines())[-400:])
-    return "; ".join(parts)
+    return parts

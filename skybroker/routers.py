@@ -213,24 +213,30 @@ def _free(host: str, port: int) -> bool:
 
 
 def replica_targets(
-    dep: Deployment, replicas: list[Replica], probed_at: dict[str, float]
+    dep: Deployment,
+    replicas: list[Replica],
+    probed_at: dict[str, float],
+    down: dict[str, set[int]] | None = None,
 ) -> list[ReplicaTarget]:
     """The router's view of a deployment's replicas: ready ones, draining ones (in-flight
     requests finish there), and the others it must not use yet. A replica running several
-    engines (data parallel: `info.urls`) is one target per engine."""
+    engines (data parallel: `info.urls`) is one target per engine; `down` names the engines
+    (by index) whose probes fail, which get nothing new though their replica is ready."""
     targets = []
     for rep in replicas:
         if not rep.url or rep.status not in _ROUTED:
             continue
         t = dep.targets[rep.target] if rep.target < len(dep.targets) else {}
-        urls = (rep.handle or {}).get("info", {}).get("urls") or [rep.url]
+        urls = rep.engine_urls
+        failing = (down or {}).get(rep.name, set())
         for i, url in enumerate(urls):
             targets.append(
                 ReplicaTarget(
                     name=rep.name if i == 0 else f"{rep.name}/{i}",
                     url=url,
                     capacity_rps=float(t.get("capacity_rps") or 1.0) / len(urls),
-                    ready=rep.status in (ReplicaStatus.READY, ReplicaStatus.DRAINING),
+                    ready=rep.status in (ReplicaStatus.READY, ReplicaStatus.DRAINING)
+                    and i not in failing,
                     probed_at=probed_at.get(rep.name, 0.0),
                     draining=rep.status == ReplicaStatus.DRAINING,
                 )

@@ -172,6 +172,12 @@ class Replica:
     def offering_key(self) -> tuple[str, str, str, bool]:
         return (self.cloud, self.region, self.instance_type, self.spot)
 
+    @property
+    def engine_urls(self) -> list[str]:
+        """Its engines' base URLs: one, or one per engine of a data-parallel replica."""
+        urls = (self.handle or {}).get("info", {}).get("urls")
+        return list(urls) if urls else [self.url] if self.url else []
+
 
 @dataclass
 class Event:

@@ -4,7 +4,8 @@ A target is one placement of the plan as a JSON-able row (offering key, replicas
 parallel, planned capacity, $/h, vCPUs); the store keeps them as the deployment's desired
 state. `replica_spec` turns a replica row into what a provisioner launches (keys and hub
 tokens go into its secrets, never into the store). `replan` blocklists an offering that
-had no capacity and re-solves the plan without it.
+had no capacity and re-solves the plan without it; `set_targets` makes new targets the
+desired state, keeping each replica on its offering's target.
 """
 
 from __future__ import annotations
@@ -151,27 +152,51 @@ def replica_spec(dep: Deployment, rep: Replica) -> ReplicaSpec:
     )
 
 
-def replan(store: Store, planner: Planner, dep: Deployment, key: Any) -> str | None:
-    """Blocklist offering `key` and re-solve the plan without it (once per offering); the
-    reason to fail the deployment when nothing feasible is left, else None."""
+def set_targets(
+    store: Store, dep: Deployment, targets: list[dict[str, Any]], plan: Any = None
+) -> Deployment:
+    """Make `targets` the desired state. Replicas keep their offering's new target index; the
+    others are retired by the controller's filling (drained where they served)."""
+    index = {tuple(t["key"]): i for i, t in enumerate(targets)}
+    for rep in store.list_replicas(dep.name):
+        if rep.offering_key in index and rep.target != index[rep.offering_key]:
+            store.update_replica(rep.name, target=index[rep.offering_key])
+    fields: dict[str, Any] = {"targets": targets}
+    if plan is not None:
+        fields["plan"] = plan.to_dict()
+    return store.update_deployment(dep.name, **fields)
+
+
+def solve(planner: Planner, dep: Deployment, blocklist: set[tuple]) -> Any:
+    """The planner's plan for `dep`'s spec without the `blocklist` offerings (raises
+    the planner's error when nothing feasible is left)."""
+    from skybroker.spec import DeploymentSpec
+
+    return planner(DeploymentSpec.model_validate(dep.spec), blocklist=frozenset(blocklist))
+
+
+Shape = Callable[[list[dict[str, Any]], list[dict[str, Any]]], list[dict[str, Any]]]
+
+
+def replan(
+    store: Store, planner: Planner, dep: Deployment, key: Any, shape: Shape | None = None
+) -> str | None:
+    """Blocklist offering `key` and re-solve the plan without it (once per offering); `shape`
+    (old targets, new targets) -> targets may trim the new ones. The reason to fail the
+    deployment when nothing feasible is left, else None."""
     if tuple(key) in {tuple(k) for k in dep.blocklist}:
         return None
     blocklist = {tuple(k) for k in dep.blocklist} | {tuple(key)}
     dep = store.update_deployment(dep.name, blocklist=sorted(blocklist))
     try:
-        from skybroker.spec import DeploymentSpec
-
-        plan = planner(DeploymentSpec.model_validate(dep.spec), blocklist=frozenset(blocklist))
+        plan = solve(planner, dep, blocklist)
     except Exception as e:  # InfeasibleError: nothing left that meets the spec
         return f"no feasible plan without {describe_key(key)}: {e}"
     targets = targets_from_plan(plan)
+    if shape is not None:
+        targets = shape(dep.targets, targets)
     old = plan_summary(dep.targets)
-    # Replicas keep their offering's new target index; the others are retired by the filling.
-    index = {tuple(t["key"]): i for i, t in enumerate(targets)}
-    for rep in store.list_replicas(dep.name):
-        if rep.offering_key in index:
-            store.update_replica(rep.name, target=index[rep.offering_key])
-    store.update_deployment(dep.name, plan=plan.to_dict(), targets=targets)
+    set_targets(store, dep, targets, plan)
     store.add_event(
         dep.name,
         "failover",

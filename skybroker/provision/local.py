@@ -33,6 +33,7 @@ from skybroker.state import default_home
 
 _RECORD = "replica.json"
 _LOG = "engine.log"
+_PREEMPTED = "preempted"  # marker: `preempt` took the replica away
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -222,8 +223,20 @@ class LocalProvisioner:
     def status(self, handle: ReplicaHandle) -> ReplicaState:
         info = self._info(handle)
         if info is None or not self._alive(info, handle.name):
+            if (self.run_dir(handle.name) / _PREEMPTED).exists():
+                return ReplicaState.PREEMPTED
             return ReplicaState.DEAD
         return ReplicaState.RUNNING
+
+    def preempt(self, handle: ReplicaHandle) -> None:
+        """Take the replica away as a cloud reclaims a spot instance (a hook for tests and
+        demos): it is marked preempted and its processes are killed; `status` then says
+        PREEMPTED until it is terminated."""
+        info = self._info(handle)
+        if info is None:
+            raise ProvisionError(f"replica {handle.name} has no local record (not launched?)")
+        (self.run_dir(handle.name) / _PREEMPTED).write_text(str(time.time()))
+        stop_recorded(info, 0.0, self._procs.get(handle.name))
 
     def exit_code(self, handle: ReplicaHandle) -> int | None:
         """The exit status of a replica this provisioner started and that has exited (negative:
@@ -233,11 +246,11 @@ class LocalProvisioner:
 
     def terminate(self, handle: ReplicaHandle) -> None:
         info = self._info(handle)
-        if info is None:
-            return
-        stop_recorded(info, self.stop_timeout_s, self._procs.pop(handle.name, None))
-        with contextlib.suppress(FileNotFoundError):
-            (self.run_dir(handle.name) / _RECORD).unlink()
+        if info is not None:
+            stop_recorded(info, self.stop_timeout_s, self._procs.pop(handle.name, None))
+        for leftover in (_RECORD, _PREEMPTED):
+            with contextlib.suppress(FileNotFoundError):
+                (self.run_dir(handle.name) / leftover).unlink()
 
     def endpoint(self, handle: ReplicaHandle) -> str:
         info = self._info(handle)
