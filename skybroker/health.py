@@ -27,6 +27,7 @@ class ProbeConfig:
     startup_timeout_s: float = 900.0  # launch -> first 200 (a provisioner may say per replica)
     startup_stall_s: float = 300.0  # past its deadline, a replica whose progress changed
     startup_max_factor: float = 4.0  # ... this recently waits on, up to this x its deadline
+    progress_every_s: float = 5.0  # how often a starting replica's progress is read
     failure_threshold: int = 2  # failed probes in a row: READY -> NOT_READY
     unhealthy_timeout_s: float = 30.0  # NOT_READY this long -> replaced
     network_suspect_share: float = 0.8  # this share of >= 2 served replicas failing at once:

@@ -29,7 +29,6 @@ from skybroker.verdict import (
 )
 
 RUNNING_STATUSES = (ReplicaStatus.STARTING, ReplicaStatus.READY, ReplicaStatus.NOT_READY)
-PROGRESS_EVERY_S = 5.0  # how often a starting replica's progress marker is read
 
 
 class Supervisor:
@@ -73,7 +72,7 @@ class Supervisor:
         progress_of = set()
         for r in reps:
             clock = self.clocks.get(r.name)
-            due = clock is not None and now - clock.progress_read_at >= PROGRESS_EVERY_S
+            due = clock is not None and now - clock.progress_read_at >= self.probe.progress_every_s
             if r.status == ReplicaStatus.STARTING and due:
                 clock.progress_read_at = now  # type: ignore[union-attr]
                 progress_of.add(r.name)

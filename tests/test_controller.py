@@ -110,11 +110,12 @@ class Infeasible(Exception):
     pass
 
 
-def planner(offerings: list[Offering], replicas: int = 2):
+def planner(offerings: list[Offering], replicas: int = 2, spot: bool = False):
     def plan(spec: Any, blocklist: frozenset = frozenset()) -> FakePlan:
         for o in sorted(offerings, key=lambda o: o.price or 0):
-            if (o.cloud, o.region, o.instance_type, False) not in blocklist:
-                return FakePlan(spec, [FakePlacement(o, False, replicas, price_per_hour=o.price)])
+            if (o.cloud, o.region, o.instance_type, spot) not in blocklist:
+                price = o.spot_price if spot else o.price
+                return FakePlan(spec, [FakePlacement(o, spot, replicas, price_per_hour=price)])
         raise Infeasible("every offering is blocklisted")
 
     return plan
@@ -151,6 +152,9 @@ class CloudOnThisMachine:
     def terminate(self, handle):
         self.local.terminate(handle)
 
+    def preempt(self, handle):
+        self.local.preempt(handle)
+
     def endpoint(self, handle):
         return self.local.endpoint(handle)
 
@@ -180,11 +184,12 @@ def env(tmp_path: Path, monkeypatch):
         replicas: int = 2,
         probe: ProbeConfig | None = None,
         adopt: bool = True,
+        spot: bool = False,
     ) -> Controller:
         c = Controller(
             store,
             {"local": local, "skypilot": cloud},
-            planner=planner(plan_offerings, replicas),
+            planner=planner(plan_offerings, replicas, spot),
             probe=probe or PROBE,
             adopt=adopt,
         )
@@ -408,10 +413,10 @@ def test_a_dead_router_is_started_again_on_its_port(env) -> None:
     assert process_start_time(new) is None and c.router("demo") is None
 
 
-def _drain_one_of_two(c):
-    """Two ready replicas, a slow request in flight on each, then a scale-down to one:
-    (the status codes of the slow requests as they finish, a function that sends one more,
-    the threads sending the first two, the draining replica)."""
+def _slow_on_each(c):
+    """Two ready replicas with a slow request in flight on each: (the status codes of the
+    slow requests as they finish, a function that sends one more, the threads sending the
+    first two, the deployment)."""
     spec = _spec()
     dep = c.create(spec, c.planner(spec))
     c.wait_ready("demo", timeout_s=60)
@@ -425,6 +430,14 @@ def _drain_one_of_two(c):
     for t in senders:
         t.start()
     _wait(lambda: sum(r["outstanding"] for r in c.router("demo").snapshot()) == 2, 10)
+    return results, slow, senders, dep
+
+
+def _drain_one_of_two(c):
+    """`_slow_on_each`, then a scale-down to one: (the status codes of the slow requests as
+    they finish, a function that sends one more, the threads sending the first two, the
+    draining replica)."""
+    results, slow, senders, _ = _slow_on_each(c)
     c.scale("demo", 0, 1)
     c.reconcile_once()
     (draining,) = [r for r in c.replicas("demo") if r.status == ReplicaStatus.DRAINING]
@@ -630,3 +643,48 @@ def test_autoscaled_deployment_follows_its_load_and_says_why(env) -> None:
     assert counts[0] == 1 and max(counts) == 3 and counts[-1] == 1
     kinds = [e.kind for e in c.events("demo")]
     assert "draining" in kinds and "autoscaled" in kinds
+
+
+def test_a_preempted_spot_replica_is_replaced_uncounted_and_no_request_is_lost(env) -> None:
+    """The local provisioner's preemption hook takes a spot replica away (marked preempted,
+    its process killed) with a slow request in flight on it and requests arriving: the
+    router sends them elsewhere, the replica is replaced, nothing counts as a failure."""
+    controller, cloud, store = env
+    c = controller([A], replicas=2, spot=True)
+    results, _, senders, _ = _slow_on_each(c)
+    victim = c.replicas("demo")[0]
+    quick: list[int] = []
+    stop = threading.Event()
+
+    def keep_sending() -> None:
+        with httpx.Client(headers=_auth(c), timeout=10) as http:
+            while not stop.is_set():
+                quick.append(http.get(c.get("demo").endpoint + "/models").status_code)
+                time.sleep(0.02)
+
+    sender = threading.Thread(target=keep_sending)
+    sender.start()
+    try:
+        cloud.preempt(c._handle(victim, "skypilot"))
+        assert cloud.status(c._handle(victim, "skypilot")).value == "PREEMPTED"
+        _wait(
+            lambda: (
+                c.get("demo").status == DeploymentStatus.READY
+                and victim.name not in [r.name for r in c.replicas("demo")]
+            ),
+            60,
+            c,
+        )
+    finally:
+        stop.set()
+        sender.join()
+    for t in senders:
+        t.join()
+    assert results == [200, 200] and quick and set(quick) == {200}
+    (msg,) = [e.message for e in c.events("demo") if e.kind == "terminated"]
+    assert msg.startswith(f"replica {victim.name} preempted (spot aws/us-east-1/g5.xlarge)")
+    assert msg.endswith("replacing it, not counted as a failure")
+    assert "backoff" not in [e.kind for e in c.events("demo")]
+    assert c.describe("demo")["failures"] == 0
+    assert store.get_replica(victim.name).status == ReplicaStatus.TERMINATED
+    assert not (cloud.local.run_dir(victim.name) / "preempted").exists()
