@@ -244,10 +244,21 @@ class AutoscaleView(BaseModel):
     decisions: list[ScaleDecision] = Field(description="the last decisions, oldest first")
 
 
+class CooldownView(BaseModel):
+    key: list[Any] = Field(description="the offering: cloud, region, instance type, spot")
+    until: float = Field(description="when the plan may use it again (epoch seconds)")
+
+
 class DeploymentDetail(DeploymentView):
     replicas: list[ReplicaView]
     events: list[EventView] = Field(description="recent events, oldest first")
     blocklist: list[list[Any]] = Field(description="offerings failed over from (capacity)")
+    cooldowns: list[CooldownView] = Field(
+        default_factory=list, description="offerings out of the plan for a while (spot)"
+    )
+    network_suspect_since: float | None = Field(
+        None, description="since when most replicas fail their probes at once (None: they don't)"
+    )
     plan: dict[str, Any]
     spec: dict[str, Any]
     autoscale: AutoscaleView | None = Field(
