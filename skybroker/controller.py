@@ -7,9 +7,9 @@ observes the running replicas off the lock (one `statuses()` query, a probe per 
 then under it judges each (`skybroker.supervisor` and `skybroker.verdict`: why a replica is
 marked ready or replaced, and whether that counts toward the crash-loop backoff of
 `skybroker.health`), launches missing replicas (in worker threads, so probing goes on),
-drains replicas the plan no longer wants before it stops them, and on a CapacityError
-blocklists the offering and re-solves the plan without it (failover; for spot, a cool-down:
-`skybroker.spot`), recording events.
+drains replicas the plan no longer wants before it stops them (`skybroker.draining`), and
+on a CapacityError blocklists the offering and re-solves the plan without it (failover; for
+spot, a cool-down: `skybroker.spot`), recording events.
 
 A replica row exists before its launch starts and names everything the provisioner creates,
 so a launch that fails half-way (or a broker that dies mid-launch) leaves nothing running the
@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx
 
+from skybroker.draining import Drains
 from skybroker.dry_run import dry_run
 from skybroker.health import FailureRun, Failures, ProbeConfig
 from skybroker.keys import endpoint_api_key, replica_api_key
@@ -107,13 +108,13 @@ class Controller:
         self._pool = ThreadPoolExecutor(max_parallel_launches, thread_name_prefix="launch")
         self._pass = threading.Lock()  # one reconcile pass at a time; API calls need _lock only
         self._launches: dict[str, Future[ReplicaHandle]] = {}
-        self._drain_since: dict[str, float] = {}  # replica -> when it began draining
         self.failures = Failures(store, self.probe)
         self._failures = self.failures.runs  # deployment -> its failures in a row
         self._http = httpx.Client(timeout=self.probe.timeout_s)
         self.scaling = Scaling(self, scale_interval_s)
         self.spot = SpotHedge(store, self.planner, spot)
         self.health = Supervisor(self)
+        self.drains = Drains(self)
         if adopt:
             self.adopt()
 
@@ -242,7 +243,7 @@ class Controller:
                 fut.exception()
         with self._lock:
             self._collect_launches(name)
-            self._drain_all(dep)
+            self.drains.all(dep)
             prov = self._provisioner(dep.infra)
             for rep in self.store.list_replicas(name, live_only=False):
                 if rep.status != ReplicaStatus.TERMINATED or rep.handle:
@@ -334,7 +335,7 @@ class Controller:
             if rep.status == ReplicaStatus.PENDING:
                 continue
             if rep.status == ReplicaStatus.DRAINING:  # drains on, from now
-                self._drain_since[rep.name] = time.time()
+                self.drains.adopted(rep.name)
                 continue
             alive = state.get(rep.name) in (ReplicaState.RUNNING, ReplicaState.LAUNCHING)
             if alive:  # a ready one stays in the router's set until a probe says otherwise
@@ -362,7 +363,7 @@ class Controller:
         self.health.check(prov, dep, seen)
         for rep in self.store.list_replicas(dep.name):
             if rep.status == ReplicaStatus.DRAINING:
-                self._check_drained(prov, dep, rep)
+                self.drains.check(prov, dep, rep)
         dep = self.store.get_deployment(dep.name) or dep
         if dep.status != DeploymentStatus.FAILED:
             self.spot.tick(dep)
@@ -386,47 +387,12 @@ class Controller:
                 self.store.add_replica(dep.name, i, tuple(t["key"]))
             extra = sorted(have, key=lambda r: r.status == ReplicaStatus.READY)
             for rep in extra[: max(0, len(have) - t["replicas"])]:
-                self._retire(dep, rep, "scaled down")
+                self.drains.retire(dep, rep, "scaled down")
         for rep in reps:
             t = dep.targets[rep.target] if rep.target < len(dep.targets) else None
             if t is None or tuple(t["key"]) != rep.offering_key:
-                self._retire(dep, rep, "no longer in the plan")
+                self.drains.retire(dep, rep, "no longer in the plan")
         return self.store.list_replicas(dep.name)
-
-    # -- draining ----------------------------------------------------------------------------
-
-    def _retire(self, dep: Deployment, rep: Replica, why: str) -> None:
-        """Stop a replica the plan no longer wants: at once if it never served, else drain it
-        first (the router sends it nothing new; in-flight requests finish)."""
-        if rep.status not in (ReplicaStatus.READY, ReplicaStatus.NOT_READY):
-            self._terminate(self._provisioner(dep.infra), rep, dep.infra, event=why)
-            return
-        self.store.update_replica(rep.name, status=ReplicaStatus.DRAINING, message=why)
-        self._drain_since[rep.name] = time.time()
-        self.store.add_event(dep.name, "draining", f"{why}: no new requests", rep.name)
-        self._update_router(dep)
-
-    def _check_drained(self, prov: Provisioner, dep: Deployment, rep: Replica) -> None:
-        since = self._drain_since.setdefault(rep.name, time.time())
-        busy = self.routers.in_flight(dep.name, {rep.name})
-        late = time.time() - since > self.probe.drain_timeout_s
-        if not busy or late:
-            what = f"drained; {rep.message}" if not late else f"{rep.message} (drain timed out)"
-            self._drain_since.pop(rep.name, None)
-            self._terminate(prov, rep, dep.infra, event=what)
-
-    def _drain_all(self, dep: Deployment) -> None:
-        """Before `down`: every replica drains (until the drain timeout)."""
-        reps = [r for r in self.store.list_replicas(dep.name) if r.status in RUNNING_STATUSES]
-        if not reps or dep.name not in self.routers:
-            return
-        for rep in reps:
-            self.store.update_replica(rep.name, status=ReplicaStatus.DRAINING)
-        self._update_router(dep)
-        names = {r.name for r in reps}
-        deadline = time.monotonic() + self.probe.drain_timeout_s
-        while (self.routers.in_flight(dep.name, names) or 0) > 0 and time.monotonic() < deadline:
-            time.sleep(0.1)
 
     def _replica_spec(self, dep: Deployment, rep: Replica) -> ReplicaSpec:
         return replica_spec(dep, rep)

@@ -128,6 +128,7 @@ class Supervisor:
         self, prov: Provisioner, dep: Deployment, rep: Replica, v: Verdict, now: float
     ) -> None:
         clock = self.clocks[rep.name]
+        launched = rep.launched_at or rep.created_at  # a run of failures ends on a newer one
         if v.note:
             self.store.add_event(dep.name, "startup_extended", v.note, rep.name)
         if v.action == "ready":
@@ -136,11 +137,11 @@ class Supervisor:
             )
             urls = ", ".join(rep.engine_urls)
             self.store.add_event(dep.name, "ready", f"{urls} /health answers 200", rep.name)
-            self.c.failures.ready_for(dep.name, rep.name, clock.grace_from, now)
+            self.c.failures.ready_for(dep.name, rep.name, launched, now)
         elif v.action == "ok" and rep.status == ReplicaStatus.READY:
             if rep.failures:
                 self.store.update_replica(rep.name, failures=0)
-            self.c.failures.ready_for(dep.name, rep.name, clock.grace_from, rep.ready_at or now)
+            self.c.failures.ready_for(dep.name, rep.name, launched, rep.ready_at or now)
         elif v.action == "not_ready":
             failures = max(clock.engine_failures)
             self.store.update_replica(rep.name, status=ReplicaStatus.NOT_READY, failures=failures)

@@ -452,6 +452,9 @@ def test_a_spot_capacity_error_cools_down_and_fallback_none_keeps_off_on_demand(
     assert "no spot capacity: InsufficientInstanceCapacity" in _events(c, "cooldown")[0]
     c.reconcile_once()
     assert c.get("demo").targets == [] and sky.clusters == {}  # no on-demand stand-in
+    c.close()  # a restarted broker keeps the cool-down
+    c = controller(markets=[(A, True), (B, False)], replicas=1)
+    assert [d["key"] for d in c.describe("demo")["cooldowns"]] == [list(spot_a)]
     sky.no_capacity.clear()  # spot is back after the cool-down
     _until(lambda: _ready(c), c)
     assert {r.offering_key for r in c.replicas("demo")} == {spot_a}
