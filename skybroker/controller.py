@@ -446,9 +446,7 @@ class Controller:
             self.store.add_event(dep.name, "capacity_error", str(error), rep.name)
             key = tuple(error.offering_key)
             if key[3]:  # spot: out of the plan for a cool-down, not for good
-                give_up = self.spot.cool_down(dep, key, f"no spot capacity: {error}")
-                if give_up is not None:
-                    self._fail(dep, give_up)
+                self.spot.cool_down(dep, key, f"no spot capacity: {error}")
             else:
                 self._failover(dep, key)
             return

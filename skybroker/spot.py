@@ -84,26 +84,25 @@ class SpotHedge:
     def cooling(self, name: str) -> dict[Key, float]:
         return dict(self.until.get(name, {}))
 
-    def reclaimed(self, dep: Deployment, key: Key) -> str | None:
-        """One more reclaim of `key`: cool it down when they repeat (the reason to fail the
-        deployment when no plan is left, else None)."""
+    def reclaimed(self, dep: Deployment, key: Key) -> None:
+        """One more reclaim of `key`: cool it down when they repeat."""
         now = time.time()
         seen = self._reclaims.setdefault((dep.name, key), deque())
         seen.append(now)
         while seen and now - seen[0] > self.config.reclaim_window_s:
             seen.popleft()
         if len(seen) < self.config.reclaims_to_cool:
-            return None
+            return
         seen.clear()
         window = self.config.reclaim_window_s / 60
-        why = f"{self.config.reclaims_to_cool} reclaims within {window:.0f} min"
-        return self.cool_down(dep, key, why)
+        self.cool_down(dep, key, f"{self.config.reclaims_to_cool} reclaims within {window:.0f} min")
 
-    def cool_down(self, dep: Deployment, key: Key, why: str) -> str | None:
-        """Keep `key` out of the plan for cooldown_s and re-plan without it."""
+    def cool_down(self, dep: Deployment, key: Key, why: str) -> None:
+        """Keep `key` out of the plan for cooldown_s and re-plan without it (when nothing else
+        is feasible, the deployment waits for the cool-down with what else it has)."""
         key = tuple(key)  # type: ignore[assignment]
         if key in {tuple(k) for k in dep.blocklist}:
-            return None
+            return
         until = time.time() + self.config.cooldown_s
         self.until.setdefault(dep.name, {})[key] = until
         self.store.add_event(
@@ -113,8 +112,15 @@ class SpotHedge:
             data={"key": list(key), "until": until},
         )
         fallback = (dep.spec.get("spot") or {}).get("fallback", "on_demand")
-        return replan(self.store, self.planner, dep, key, keep_on_demand if fallback == "none"
-                      else None)  # fmt: skip
+        shape = keep_on_demand if fallback == "none" else None
+        stuck = replan(self.store, self.planner, dep, key, shape)
+        if stuck is not None:  # nothing else is feasible: wait for the cool-down to end
+            dep = self.store.get_deployment(dep.name) or dep
+            rest = [t for t in dep.targets if tuple(t["key"]) != key]
+            set_targets(self.store, dep, rest)
+            self.store.add_event(dep.name, "failover", f"{stuck}; waiting for the cool-down",
+                                 data={"blocked": list(key), "targets": rest})  # fmt: skip
+        return None
 
     def tick(self, dep: Deployment) -> None:
         """End due cool-downs (re-plan with the offering allowed again) and drain stand-ins

@@ -162,6 +162,4 @@ class Supervisor:
         if counted:
             self.c._count_failure(dep, reason)
         elif v.preempted and rep.spot:
-            give_up = self.c.spot.reclaimed(dep, rep.offering_key)
-            if give_up is not None:
-                self.c._fail(dep, give_up)
+            self.c.spot.reclaimed(dep, rep.offering_key)

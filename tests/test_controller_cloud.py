@@ -472,3 +472,17 @@ def test_spot_target_shaping() -> None:
     live = {("gcp", "r", "g2", False): 2}
     assert with_standby([od], [spot], live) == [spot, dict(od, replicas=2, standby=True)]
     assert with_standby([od], [spot], {}) == [spot]
+
+
+def test_a_cool_down_with_nothing_else_feasible_waits_instead_of_failing(cloud) -> None:
+    controller, sky, _store = cloud
+    spot_a = ("aws", "us-east-1", "g5.xlarge", True)
+    sky.no_capacity.add(spot_a)
+    c = controller(markets=[(A, True)], replicas=1, hedge=SpotConfig(cooldown_s=0.8),
+                   constraints={"spot": "prefer"})  # fmt: skip
+    _until(lambda: _events(c, "cooldown"), c)
+    assert c.get("demo").status != DeploymentStatus.FAILED
+    assert any("waiting for the cool-down" in m for m in _events(c, "failover"))
+    sky.no_capacity.clear()
+    _until(lambda: _ready(c), c)
+    assert {r.offering_key for r in c.replicas("demo")} == {spot_a}
