@@ -244,6 +244,12 @@ class AutoscaleView(BaseModel):
     decisions: list[ScaleDecision] = Field(description="the last decisions, oldest first")
 
 
+class PreemptView(BaseModel):
+    name: str
+    replica: str
+    message: str
+
+
 class CooldownView(BaseModel):
     key: list[Any] = Field(description="the offering: cloud, region, instance type, spot")
     until: float = Field(description="when the plan may use it again (epoch seconds)")
@@ -512,6 +518,18 @@ def _file_policy(allowed: list[PathLib], owner_key: str | None) -> Any:
     return policy
 
 
+def _owner_only(owner_key: str | None) -> Any:
+    """A dependency: 403 unless the request carries the owner key (OWNER_HEADER)."""
+    expected = owner_key.encode() if owner_key else None
+
+    async def owner(request: Request) -> None:
+        given = request.headers.get(OWNER_HEADER, "").encode()
+        if expected is None or not given or not hmac.compare_digest(given, expected):
+            raise ApiError(403, "forbidden", f"this route wants the owner key ({OWNER_HEADER})")
+
+    return owner
+
+
 def create_app(
     controller: Any,
     token: str | None = None,
@@ -655,6 +673,29 @@ def create_app(
         if not existed:
             raise ApiError(404, "not_found", f"no deployment named {name!r}", "name")
         return DeleteResponse(name=name, status="DELETED", message="torn down")
+
+    @app.post(
+        "/v1/deployments/{name}/replicas/{replica}/preempt",
+        tags=["deployments"],
+        dependencies=[*auth, Depends(_owner_only(owner_key))],
+        responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+                   409: {"model": ErrorResponse}},
+    )  # fmt: skip
+    async def preempt_replica(
+        name: Annotated[str, Path()], replica: Annotated[str, Path()]
+    ) -> PreemptView:
+        """Take a replica away as a spot reclaim does (local infra; for tests and demos):
+        the controller replaces it without counting a failure. Wants the owner key."""
+        from skybroker.provision import ProvisionError
+        from skybroker.state import StateError
+
+        try:
+            await run_in_threadpool(controller.preempt, name, replica)
+        except StateError as e:
+            raise ApiError(404, "not_found", str(e), "replica") from None
+        except ProvisionError as e:
+            raise ApiError(409, "unsupported", str(e)) from None
+        return PreemptView(name=name, replica=replica, message="preempted; it will be replaced")
 
     @app.get(
         "/v1/deployments/{name}/logs",

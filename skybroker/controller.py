@@ -229,6 +229,22 @@ class Controller:
         assert dep is not None
         return self._provisioner(dep.infra).logs(self._handle(rep, dep.infra), tail=tail)
 
+    def preempt(self, name: str, replica: str) -> None:
+        """Take a replica away as a spot reclaim does, through the provisioner's `preempt`
+        hook (the local provisioner's: for tests and demos); the next pass replaces it.
+        Raises StateError (no such replica) or ProvisionError (no hook on this infra)."""
+        dep = self.get(name)
+        if dep is None:
+            raise StateError(f"unknown deployment {name!r}")
+        rep = next((r for r in self.replicas(name) if r.name == replica), None)
+        if rep is None or rep.status not in RUNNING_STATUSES:
+            raise StateError(f"deployment {name!r} has no running replica {replica!r}")
+        hook = getattr(self._provisioner(dep.infra), "preempt", None)
+        if hook is None:
+            raise ProvisionError(f"infra {dep.infra!r} cannot preempt on request (local can)")
+        hook(self._handle(rep, dep.infra))
+        self.store.add_event(name, "preempt_requested", "taken away as a reclaim would", replica)
+
     def delete(self, name: str) -> bool:
         """Tear a deployment down completely; False if there was none (twice is fine)."""
         with self._lock:

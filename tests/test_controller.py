@@ -21,7 +21,9 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
+from skybroker.api import create_app
 from skybroker.catalog import Offering
 from skybroker.controller import Controller, ProbeConfig, replica_api_key
 from skybroker.provision import (
@@ -646,9 +648,10 @@ def test_autoscaled_deployment_follows_its_load_and_says_why(env) -> None:
 
 
 def test_a_preempted_spot_replica_is_replaced_uncounted_and_no_request_is_lost(env) -> None:
-    """The local provisioner's preemption hook takes a spot replica away (marked preempted,
-    its process killed) with a slow request in flight on it and requests arriving: the
-    router sends them elsewhere, the replica is replaced, nothing counts as a failure."""
+    """The local provisioner's preemption hook (through the REST route) takes a spot replica
+    away (marked preempted, its process killed) with a slow request in flight on it and
+    requests arriving: the router sends them elsewhere, the replica is replaced, nothing
+    counts as a failure."""
     controller, cloud, store = env
     c = controller([A], replicas=2, spot=True)
     results, _, senders, _ = _slow_on_each(c)
@@ -664,8 +667,13 @@ def test_a_preempted_spot_replica_is_replaced_uncounted_and_no_request_is_lost(e
 
     sender = threading.Thread(target=keep_sending)
     sender.start()
+    api = TestClient(create_app(c, owner_key="owner-key"))
+    route = f"/v1/deployments/demo/replicas/{victim.name}/preempt"
+    assert api.post(route).status_code == 403  # the test hook wants the owner key
+    owner = {"X-Skybroker-Owner": "owner-key"}
+    assert api.post("/v1/deployments/demo/replicas/nope/preempt", headers=owner).status_code == 404
     try:
-        cloud.preempt(c._handle(victim, "skypilot"))
+        assert api.post(route, headers=owner).status_code == 200
         assert cloud.status(c._handle(victim, "skypilot")).value == "PREEMPTED"
         _wait(
             lambda: (

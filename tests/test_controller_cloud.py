@@ -25,10 +25,16 @@ import pytest
 
 from skybroker.catalog import Offering
 from skybroker.controller import Controller, ProbeConfig
-from skybroker.provision import CapacityError, ReplicaHandle, ReplicaSpec, ReplicaState
+from skybroker.provision import (
+    CapacityError,
+    ProvisionError,
+    ReplicaHandle,
+    ReplicaSpec,
+    ReplicaState,
+)
 from skybroker.spec import parse_spec
 from skybroker.spot import SpotConfig, keep_on_demand, with_standby
-from skybroker.state import DeploymentStatus, ReplicaStatus, Store
+from skybroker.state import DeploymentStatus, ReplicaStatus, StateError, Store
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -486,3 +492,14 @@ def test_a_cool_down_with_nothing_else_feasible_waits_instead_of_failing(cloud) 
     sky.no_capacity.clear()
     _until(lambda: _ready(c), c)
     assert {r.offering_key for r in c.replicas("demo")} == {spot_a}
+
+
+def test_preempting_on_request_needs_the_provisioner_hook(cloud) -> None:
+    controller, sky, _store = cloud
+    c = controller(replicas=1)
+    _until(lambda: _ready(c), c)
+    (name,) = sky.clusters
+    with pytest.raises(ProvisionError, match="'skypilot' cannot preempt on request"):
+        c.preempt("demo", name)
+    with pytest.raises(StateError, match="no running replica 'demo-99'"):
+        c.preempt("demo", "demo-99")
