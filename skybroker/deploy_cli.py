@@ -294,6 +294,17 @@ def _show_deployment(d: dict[str, Any]) -> None:
         wait = d.get("next_launch_in_s")
         after = f"; next launch in {wait:.0f}s" if wait else ""
         console.print(f"  [yellow]{d['failures']} replica failure(s) in a row{after}[/yellow]")
+    for c in d.get("cooldowns") or []:
+        cloud, region, itype, spot = c["key"]
+        left = max(0.0, c["until"] - time.time()) / 60
+        what = f"{cloud}/{region}/{itype}{' (spot)' if spot else ''}"
+        console.print(
+            f"  [yellow]{what} cools down: out of the plan for {left:.0f} more min[/yellow]"
+        )
+    if d.get("network_suspect_since"):
+        since = time.time() - d["network_suspect_since"]
+        console.print(f"  [yellow]most replicas have failed their probes for {since:.0f}s: the "
+                      "broker's own network is suspect[/yellow]")  # fmt: skip
     console.print(f"endpoint: {d['endpoint'] or '-'}")
     table = Table(title="replicas", title_justify="left")
     for col in ("#", "replica", "status", "healthy", "where", "market", "url"):

@@ -269,6 +269,14 @@ def test_status_shows_failures_in_a_row_then_why_it_failed(
         controller._count_failure(controller.get("tiny"), "replica tiny-1 died; exit code 3")
         flat = " ".join(_cli("status", "tiny", "--api-url", api_url).output.split())
         assert re.search(r"1 replica failure\(s\) in a row; next launch in [0-2]s", flat), flat
+        spot = ("aws", "us-east-1", "g5.xlarge", True)
+        controller.spot.until["tiny"] = {spot: time.time() + 600}
+        controller.health.suspect["tiny"] = time.time() - 40
+        flat = " ".join(_cli("status", "tiny", "--api-url", api_url).output.split())
+        assert "aws/us-east-1/g5.xlarge (spot) cools down: out of the plan for 10 more" in flat
+        assert re.search(r"failed their probes for 4\ds: the broker's own network is", flat)
+        controller.spot.forget("tiny")
+        controller.health.suspect.clear()
         controller._fail(controller.get("tiny"), "5 failures in a row, giving up; exit code 3")
         r = _cli("status", "tiny", "--api-url", api_url)
         flat = " ".join(r.output.split())
