@@ -115,7 +115,7 @@ def _shot(driver, name: str) -> None:
     if where:
         Path(where).mkdir(parents=True, exist_ok=True)
         height = driver.execute_script("return document.documentElement.scrollHeight")
-        driver.set_window_size(1280, height)  # the whole page
+        driver.set_window_size(1280, height + 160)  # the whole page, below the window bars
         time.sleep(0.5)
         driver.save_screenshot(str(Path(where) / f"dashboard-{name}.png"))
         driver.set_window_size(1280, 900)
