@@ -160,3 +160,43 @@ def test_a_window_without_requests_has_no_latency_and_old_samples_go() -> None:
     assert series.points()[0]["ttft_s"] == {"p50": None, "p99": None}
     series.add(Sample(5000.0, None, {}))  # the router did not answer, no engine did
     assert len(series.samples) == 1 and series.points()[0]["rate"] is None
+
+
+# ---------------------------------------------------------------- `skybroker dashboard`
+
+
+@pytest.mark.parametrize(
+    ("env", "tty", "browser", "opens"),
+    [
+        ({"DISPLAY": ":0"}, True, "gui", True),
+        ({"DISPLAY": ":0", "CI": "true"}, True, "gui", False),  # CI: never
+        ({}, True, "gui", False),  # no display
+        ({"DISPLAY": ":0"}, False, "gui", False),  # output not a terminal
+        ({"DISPLAY": ":0"}, True, "console", False),  # it would take over the terminal
+        ({"DISPLAY": ":0"}, True, None, False),  # none at all
+    ],
+)
+def test_a_browser_opens_only_where_it_cannot_hang(
+    monkeypatch: pytest.MonkeyPatch, env: dict, tty: bool, browser: str | None, opens: bool
+) -> None:
+    import sys
+    import webbrowser
+
+    from skybroker.deploy_cli import _gui_browser
+
+    for var in ("CI", "DISPLAY", "WAYLAND_DISPLAY"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: tty, raising=False)
+
+    def get() -> object:
+        if browser is None:
+            raise webbrowser.Error("could not locate runnable browser")
+        if browser == "console":
+            return webbrowser.GenericBrowser("lynx")
+        return webbrowser.BackgroundBrowser("xdg-open")
+
+    monkeypatch.setattr(webbrowser, "get", get)
+    assert (_gui_browser() is not None) == opens

@@ -207,6 +207,9 @@ def test_deployment_pages_show_the_replica_map_and_live_latency(
     r = httpx.post(f"{url}/v1/deployments", json=spec, timeout=120)
     assert r.status_code == 202, r.text
     endpoint, key = r.json()["endpoint"], r.json()["api_key"]
+    browser.get(f"{url}/dashboard#/d/dash-tiny")  # while it launches: no engine to read yet
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#chart-ttft canvas"), what="charts")
+    assert _console_errors(browser) == []
     controller.wait_ready("dash-tiny", timeout_s=300)
 
     browser.get(f"{url}/dashboard")
