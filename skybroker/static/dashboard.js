@@ -280,7 +280,7 @@ function deploymentPage(main, name) {
     h("div", { class: "split" }, card("Map", mapBox), h("div", {}, card("Flows", flowsBox), card("Cost against the baselines", baselines))),
     card("Live", h("div", { class: "sub", id: "live-note" }, "sampled every few seconds"), chartBox),
     card("Replicas", replicas), card("Placements", placements), card("Events", events));
-  let planShown = false;
+  let planShown = null;
   every(DETAIL_EVERY_MS, async () => {
     try {
       const d = await api(`/v1/deployments/${encodeURIComponent(name)}?events=50`);
@@ -291,12 +291,13 @@ function deploymentPage(main, name) {
         [`${d.ready_replicas}/${d.desired_replicas}`, "replicas ready"], [money(d.cost_per_hour), "now"],
         [money(d.planned_cost_per_hour), "planned"], [age(d.created_at), "age"], [String(d.failures), "failures in a row"],
       ].map(([v, t]) => h("div", { class: "stat" }, h("b", {}, v), h("span", {}, t))));
-      if (!planShown && d.map) {
+      const planKey = JSON.stringify([d.map, d.plan.placements]); // a failover re-plans
+      if (d.map && planKey !== planShown) {
         mapBox.replaceChildren(mapView(d.map));
         flowsBox.replaceChildren(flowsTable(d.map));
         placements.replaceChildren(placementsTable(d.plan));
         baselines.replaceChildren(baselinesView(d.plan));
-        planShown = true;
+        planShown = planKey;
       }
       replicas.replaceChildren(d.replicas.length ? table(["replica", "status", "health", "where", "instance", "$/h", "url", "message"],
         d.replicas.map((r) => [r.name, badge(r.status), h("span", { class: `badge ${r.healthy ? "ok" : "bad"}` }, r.healthy ? "healthy" : "not serving"),
@@ -459,5 +460,12 @@ async function serverLine() {
   } catch (_) { /* the pages say what failed */ }
 }
 
+function fitCharts() {
+  for (const c of Object.values(charts)) {
+    if (c.plot) c.plot.setSize({ width: Math.max(260, c.target.clientWidth), height: 190 });
+  }
+}
+
 window.addEventListener("hashchange", route);
+window.addEventListener("resize", fitCharts);
 window.addEventListener("DOMContentLoaded", () => { serverLine(); route(); });
