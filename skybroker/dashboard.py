@@ -89,7 +89,9 @@ def add_dashboard(app: FastAPI, controller: Any, auth: list[Any]) -> None:
         replica KV-cache use and queue; sampled when asked, kept 10 minutes."""
         import time
 
-        dep = controller.get(name)
+        from fastapi.concurrency import run_in_threadpool
+
+        dep = await run_in_threadpool(controller.get, name)
         if dep is None:
             series.pop(name, None)
             raise not_found(f"no deployment named {name!r}", "name")

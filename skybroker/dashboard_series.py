@@ -204,7 +204,7 @@ async def take_sample(controller: Any, name: str) -> Sample:
     from skybroker.keys import replica_api_key
     from skybroker.state import ReplicaStatus
 
-    reps = controller.replicas(name)
+    reps = await run_in_threadpool(controller.replicas, name)  # the store may be remote
     running = [r for r in reps if r.status in (ReplicaStatus.READY, ReplicaStatus.NOT_READY,
                                                ReplicaStatus.DRAINING)]  # fmt: skip
     load = await run_in_threadpool(controller.routers.load, name, WINDOW_S)

@@ -238,6 +238,10 @@ def test_deployment_pages_show_the_replica_map_and_live_latency(
         "TTFT points",
     )
     assert points > 0
+    last = httpx.get(f"{url}/v1/deployments/dash-tiny/metrics", timeout=30).json()["points"][-1]
+    assert 0 < last["ttft_s"]["p50"] <= last["ttft_s"]["p99"] < 30  # the engine's histogram
+    engine = last["replicas"][rep.name]
+    assert 0 <= engine["kv_cache"] <= 1 and engine["in_flight"] == 0 and engine["waiting"] == 0
     assert browser.find_elements(By.CSS_SELECTOR, "#chart-ttft canvas")
     _wait(browser, lambda d: int(d.find_element(By.ID, "chart-rate").get_attribute("data-points")))
     assert key not in browser.page_source
