@@ -114,7 +114,7 @@ def _shot(driver, name: str) -> None:
     where = os.environ.get("SKYBROKER_SCREENSHOTS")
     if where:
         Path(where).mkdir(parents=True, exist_ok=True)
-        height = driver.execute_script("return document.documentElement.scrollHeight")
+        height = driver.execute_script("return Math.max(400, document.body.scrollHeight)")
         driver.set_window_size(1280, height + 160)  # the whole page, below the window bars
         time.sleep(0.5)
         driver.save_screenshot(str(Path(where) / f"dashboard-{name}.png"))

@@ -46,6 +46,10 @@ function table(headers, rows, numeric = []) {
     h("tbody", {}, rows.map((r) => h("tr", {}, r.map((c, i) => h("td", { class: numeric.includes(i) ? "num" : null }, c))))));
 }
 
+function statItems(pairs) {
+  return pairs.map(([v, t]) => h("div", { class: "stat" }, h("b", {}, v), h("span", {}, t)));
+}
+
 function badge(text) {
   return h("span", { class: `badge ${text}` }, text);
 }
@@ -146,10 +150,16 @@ function failed(where, e) {
 
 function deploymentsPage(main) {
   const body = h("div", {}, h("p", { class: "empty" }, "loading ..."));
-  main.append(h("h1", {}, "Deployments"), h("div", { class: "sub" }, "every deployment this broker manages"), card(null, body));
+  const stats = h("div", { class: "stats" });
+  main.append(h("h1", {}, "Deployments"), h("div", { class: "sub" }, "every deployment this broker manages"), stats, card(null, body));
   every(DETAIL_EVERY_MS, async () => {
     try {
       const { deployments } = await api("/v1/deployments");
+      const sum = (f) => deployments.reduce((n, d) => n + (d[f] || 0), 0);
+      stats.replaceChildren(...statItems([
+        [String(deployments.length), "deployments"], [`${sum("ready_replicas")}/${sum("desired_replicas")}`, "replicas ready"],
+        [money(sum("cost_per_hour")), "now"], [money(sum("planned_cost_per_hour")), "planned"],
+      ]));
       if (!deployments.length) {
         body.replaceChildren(h("p", { class: "empty" }, "No deployments. Launch one with ",
           h("code", {}, "skybroker launch SPEC"), ", or plan one on the ", h("a", { href: "#/plan" }, "plan page"), "."));
@@ -287,10 +297,10 @@ function deploymentPage(main, name) {
       head.replaceChildren(h("h1", {}, d.name, " ", badge(d.status)),
         h("div", { class: "sub" }, `${d.model || "-"} · ${d.infra} · `, h("code", {}, d.endpoint || "no endpoint yet"),
           d.message ? ` · ${d.message}` : ""));
-      stats.replaceChildren(...[
+      stats.replaceChildren(...statItems([
         [`${d.ready_replicas}/${d.desired_replicas}`, "replicas ready"], [money(d.cost_per_hour), "now"],
         [money(d.planned_cost_per_hour), "planned"], [age(d.created_at), "age"], [String(d.failures), "failures in a row"],
-      ].map(([v, t]) => h("div", { class: "stat" }, h("b", {}, v), h("span", {}, t))));
+      ]));
       const planKey = JSON.stringify([d.map, d.plan.placements]); // a failover re-plans
       if (d.map && planKey !== planShown) {
         mapBox.replaceChildren(mapView(d.map));
@@ -439,12 +449,12 @@ function showPlan(out, answer) {
   const plan = answer.plan;
   const solver = plan.solver || {};
   out.replaceChildren(
-    h("div", { class: "stats" }, ...[
+    h("div", { class: "stats" }, ...statItems([
       [money(plan.cost_per_hour), `total (egress ${money(plan.egress_per_hour)})`],
       [String(plan.placements.reduce((n, p) => n + p.replicas, 0)), "replicas"],
       [solver.status || "-", `solver${typeof solver.gap === "number" ? `, gap ${(100 * solver.gap).toFixed(1)}%` : ""}`],
       [plan.model, "model"],
-    ].map(([v, t]) => h("div", { class: "stat" }, h("b", {}, v), h("span", {}, t)))),
+    ])),
     h("div", { class: "split" }, card("Map", answer.map ? mapView(answer.map) : h("p", { class: "empty" }, "no map")),
       h("div", {}, card("Flows", answer.map ? flowsTable(answer.map) : ""), card("Cost against the baselines", baselinesView(plan)))),
     card("Placements", placementsTable(plan)));
