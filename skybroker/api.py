@@ -170,15 +170,18 @@ class Health(BaseModel):
     deployments: int
 
 
+MAP_FIELD = Field(
+    default=None,
+    description="the plan's geography (skybroker.plan_map): users and sites (lat/lon, null "
+    "where unknown), flows (req/s from a user to a site) with their estimated RTT (ms)",
+)
+
+
 class PlanResponse(BaseModel):
     name: str
     infra: Infra
     plan: dict[str, Any] = Field(description="the plan: placements, $/h, solver, baselines")
-    map: dict[str, Any] | None = Field(
-        default=None,
-        description="the plan's geography: users and sites (lat/lon, null where unknown), "
-        "flows (req/s from a user to a site) with their estimated RTT (ms)",
-    )
+    map: dict[str, Any] | None = MAP_FIELD
 
 
 class DryRunResponse(BaseModel):
@@ -259,11 +262,7 @@ class DeploymentDetail(DeploymentView):
     autoscale: AutoscaleView | None = Field(
         default=None, description="replicas over time and the last decisions (autoscaled only)"
     )
-    map: dict[str, Any] | None = Field(
-        default=None,
-        description="the plan's geography: users and sites (lat/lon, null where unknown), "
-        "flows (req/s from a user to a site) with their estimated RTT (ms)",
-    )
+    map: dict[str, Any] | None = MAP_FIELD
 
 
 class LaunchView(DeploymentView):
