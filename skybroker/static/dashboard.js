@@ -247,7 +247,7 @@ function flowsTable(map) {
 
 function placementsTable(plan) {
   return table(["region", "instance", "GPUs", "replicas", "$/h", "req/s each", "TTFT", "TPOT", "serves", "perf"],
-    plan.placements.map((p) => [
+    (plan.placements || []).map((p) => [
       `${p.cloud}/${p.region}`, h("span", {}, p.instance_type, p.spot ? " (spot)" : ""),
       p.gpu_count ? `${p.gpu_count}x ${p.gpu}${p.tensor_parallel > 1 ? ` TP${p.tensor_parallel}` : ""}` : p.gpu,
       p.replicas, money(p.cost_per_hour), p.capacity_rps.toFixed(2), ms(p.ttft_s), ms(p.tpot_s),
@@ -301,7 +301,7 @@ function deploymentPage(main, name) {
         [`${d.ready_replicas}/${d.desired_replicas}`, "replicas ready"], [money(d.cost_per_hour), "now"],
         [money(d.planned_cost_per_hour), "planned"], [age(d.created_at), "age"], [String(d.failures), "failures in a row"],
       ]));
-      const planKey = JSON.stringify([d.map, d.plan.placements]); // a failover re-plans
+      const planKey = JSON.stringify([d.map, d.plan]); // a failover re-plans
       if (d.map && planKey !== planShown) {
         mapBox.replaceChildren(mapView(d.map));
         flowsBox.replaceChildren(flowsTable(d.map));
@@ -451,7 +451,7 @@ function showPlan(out, answer) {
   out.replaceChildren(
     h("div", { class: "stats" }, ...statItems([
       [money(plan.cost_per_hour), `total (egress ${money(plan.egress_per_hour)})`],
-      [String(plan.placements.reduce((n, p) => n + p.replicas, 0)), "replicas"],
+      [String((plan.placements || []).reduce((n, p) => n + p.replicas, 0)), "replicas"],
       [solver.status || "-", `solver${typeof solver.gap === "number" ? `, gap ${(100 * solver.gap).toFixed(1)}%` : ""}`],
       [plan.model, "model"],
     ])),
