@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from skybroker import __version__
 from skybroker.asgi import CatchErrors
+from skybroker.dashboard import add_dashboard
 
 log = logging.getLogger("skybroker.api")
 
@@ -169,10 +170,18 @@ class Health(BaseModel):
     deployments: int
 
 
+MAP_FIELD = Field(
+    default=None,
+    description="the plan's geography (skybroker.plan_map): users and sites (lat/lon, null "
+    "where unknown), flows (req/s from a user to a site) with their estimated RTT (ms)",
+)
+
+
 class PlanResponse(BaseModel):
     name: str
     infra: Infra
     plan: dict[str, Any] = Field(description="the plan: placements, $/h, solver, baselines")
+    map: dict[str, Any] | None = MAP_FIELD
 
 
 class DryRunResponse(BaseModel):
@@ -270,6 +279,7 @@ class DeploymentDetail(DeploymentView):
     autoscale: AutoscaleView | None = Field(
         default=None, description="replicas over time and the last decisions (autoscaled only)"
     )
+    map: dict[str, Any] | None = MAP_FIELD
 
 
 class LaunchView(DeploymentView):
@@ -444,7 +454,9 @@ def _make_plan(spec: Any, blocklist: frozenset = frozenset()) -> Any:  # -> Plan
 # ---------------------------------------------------------------- deployments
 
 
-def _describe(controller: Any, name: str, events: int = 20) -> DeploymentDetail:
+def _describe(
+    controller: Any, name: str, events: int = 20, with_map: bool = True
+) -> DeploymentDetail:
     """The controller's description of one deployment, as the API's model (404 if none)."""
     d = controller.describe(name)
     dep = controller.get(name)
@@ -463,7 +475,21 @@ def _describe(controller: Any, name: str, events: int = 20) -> DeploymentDetail:
         blocklist=d["blocklist"],
         plan=_finite(dep.plan),
         spec=dep.spec,
+        map=_map(dep.spec, dep.plan) if with_map else None,
     )
+
+
+def _map(spec: Any, plan: dict[str, Any]) -> dict[str, Any] | None:
+    """`skybroker.plan_map` of a spec (parsed, or as stored) and its plan."""
+    from skybroker.plan_map import plan_map
+    from skybroker.spec import SpecError, parse_spec
+
+    if isinstance(spec, dict):
+        try:
+            spec = parse_spec(spec)
+        except SpecError:
+            return None
+    return _finite(plan_map(spec, plan, _catalog()))
 
 
 @functools.cache
@@ -552,6 +578,7 @@ def create_app(
     _install_error_handlers(app)
     auth = [Depends(_auth_dependency(token))]
     files = Depends(_file_policy(list(allowed_paths or []), owner_key))
+    add_dashboard(app, controller, auth)
 
     @app.get("/health", tags=["server"])
     def health() -> Health:
@@ -580,8 +607,10 @@ def create_app(
         """Solve the cheapest placement meeting the spec's SLO, with baselines."""
         spec = _parse_spec(await _spec_data(request), infra)
         spec = await run_in_threadpool(_check_spec, spec, allowed)
-        plan = await run_in_threadpool(_make_plan, spec)
-        return PlanResponse(name=spec.name, infra=spec.infra, plan=_finite(plan.to_dict()))
+        plan = (await run_in_threadpool(_make_plan, spec)).to_dict()
+        return PlanResponse(
+            name=spec.name, infra=spec.infra, plan=_finite(plan), map=_map(spec, plan)
+        )
 
     @app.post(
         "/v1/deployments",
@@ -621,13 +650,16 @@ def create_app(
             raise ApiError(409, "conflict", _taken(spec.name), "name") from None
         except ProvisionError as e:
             raise ApiError(502, "provisioner_error", str(e)) from None
-        view = _summary(_describe(controller, spec.name, events=0))
+        view = _summary(_describe(controller, spec.name, events=0, with_map=False))
         return LaunchView(**view.model_dump(), api_key=controller.api_key(spec.name))
 
     @app.get("/v1/deployments", tags=["deployments"], dependencies=auth)
     def list_deployments() -> DeploymentList:
         """All deployments with their status, endpoint and $/h."""
-        views = [_summary(_describe(controller, d.name, events=0)) for d in controller.list()]
+        views = [
+            _summary(_describe(controller, d.name, events=0, with_map=False))
+            for d in controller.list()
+        ]
         return DeploymentList(deployments=views)
 
     @app.get(

@@ -1,4 +1,5 @@
-"""CLI commands for deployments and the broker server: launch, status, down, logs, server.
+"""CLI commands for deployments and the broker server: launch, status, down, logs,
+dashboard, server.
 
 They all go through the broker's REST API (skybroker.client): to `--api-url` /
 $SKYBROKER_API_URL when given, else to the local broker server, started in the background
@@ -34,6 +35,7 @@ ApiUrl = Annotated[
     ),
 ]
 TERMINAL = ("READY", "FAILED")
+DASHBOARD_PATH = "/dashboard"  # skybroker.dashboard serves it
 
 server_app = typer.Typer(help="Run the broker server (REST API + controller) in the background.")
 
@@ -413,6 +415,49 @@ def logs(
     typer.echo(text, nl=not text.endswith("\n"))
 
 
+def _gui_browser() -> Any:
+    """The system's web browser when one opens a window of its own (never one that would
+    take over this terminal, nor any without a display or in CI); else None."""
+    import os
+    import sys
+    import webbrowser
+
+    if os.environ.get("CI") or not sys.stdout.isatty():
+        return None
+    if sys.platform.startswith("linux") and not (
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    ):
+        return None
+    try:
+        browser = webbrowser.get()
+    except webbrowser.Error:
+        return None
+    if isinstance(browser, webbrowser.BackgroundBrowser):
+        return browser
+    if isinstance(browser, webbrowser.GenericBrowser):  # a console browser: it would block
+        return None
+    if isinstance(browser, webbrowser.UnixBrowser) and not browser.background:
+        return None
+    return browser
+
+
+def dashboard(
+    api_url: ApiUrl = None,
+    browser: Annotated[
+        bool, typer.Option("--browser/--no-browser", help="open it in a web browser if one")
+    ] = True,
+) -> None:
+    """Print the web dashboard's URL and open it in a browser (when there is one)."""
+    with _errors():
+        client = _client(api_url)
+        client.health()  # a URL that answers, not one that merely parses
+    url = f"{client.api_url}{DASHBOARD_PATH}"
+    console.print(f"dashboard: {url}", highlight=False)
+    opener = _gui_browser() if browser else None
+    if opener is not None and opener.open(url, new=2):
+        console.print("opened in your web browser", highlight=False)
+
+
 # ---------------------------------------------------------------- server
 
 
@@ -456,6 +501,7 @@ def server_start(
         )
     what = "started" if started else "already running"
     console.print(f"broker server {what}: {info.url} (pid {info.pid}); log: {server.log_path()}")
+    console.print(f"dashboard: {info.url}{DASHBOARD_PATH}", highlight=False)
 
 
 @server_app.command("stop")
@@ -488,7 +534,7 @@ def server_status() -> None:
 
 
 def register(app: typer.Typer) -> None:
-    """Add launch/status/down/logs and the `server` group to the main CLI."""
-    for fn in (launch, status, down, logs):
+    """Add launch/status/down/logs/dashboard and the `server` group to the main CLI."""
+    for fn in (launch, status, down, logs, dashboard):
         app.command()(fn)
     app.add_typer(server_app, name="server")

@@ -186,6 +186,11 @@ def test_cli_autostarts_server_then_start_status_stop(
 
         r = _skybroker("server", "start")
         assert r.exit_code == 0 and "already running" in r.output
+        assert f"dashboard: {url}/dashboard" in r.output
+        r = _skybroker("dashboard")  # not a terminal: prints the URL, opens no browser
+        assert r.exit_code == 0 and r.output.strip() == f"dashboard: {url}/dashboard"
+        page = httpx.get(f"{url}/dashboard")  # open: the page holds no secret, its data does
+        assert page.status_code == 200 and token not in page.text
         r = _skybroker("server", "status")
         assert r.exit_code == 0 and "healthy" in r.output and str(info.pid) in r.output
     finally:
