@@ -16,7 +16,8 @@ rest. Deployments with `autoscale:` follow their load (`skybroker.scaling`: the 
 load in, the `skybroker.autoscale` policy's decision out, applied through `scale`; every
 decision an `autoscaled` event with its reason). One router per deployment serves its OpenAI endpoint, as a process of its own
 (`skybroker.routers`) that outlives the broker; its key is `api_key(name)`. Every replica
-gets an API key of its own (`skybroker.keys`), passed in its environment, never stored.
+gets an API key of its own (`skybroker.keys`), passed in its environment, never stored; the
+probe reaches a replica that serves HTTPS over its pinned certificate (`replica_auth`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from skybroker.provision import (
     ReplicaState,
     get_provisioner,
 )
+from skybroker.replica_auth import ReplicaClients
 from skybroker.router import Router
 from skybroker.routers import (
     DeploymentRouters,
@@ -102,7 +104,7 @@ class Controller:
         self._drain_since: dict[str, float] = {}  # replica -> when it began draining
         self.failures = Failures(store, self.probe)
         self._failures = self.failures.runs  # deployment -> its failures in a row
-        self._http = httpx.Client(timeout=self.probe.timeout_s)
+        self._replica_http = ReplicaClients(self.probe.timeout_s)
         self.scaling = Scaling(self, scale_interval_s)
         if adopt:
             self.adopt()
@@ -332,7 +334,7 @@ class Controller:
         with self._lock:  # launches that finished meanwhile: record their handles
             for dep in self.store.list_deployments():
                 self._collect_launches(dep.name)
-        self._http.close()
+        self._replica_http.close()
 
     # -- restart --------------------------------------------------------------------------------
 
@@ -538,7 +540,7 @@ class Controller:
         launched = rep.launched_at or rep.created_at
         if now - launched < self.probe.initial_delay_s or not rep.url:
             return
-        if self._healthy(rep.url):
+        if self._healthy(rep):
             self._probed_at[rep.name] = now
             if rep.status != ReplicaStatus.READY:
                 self.store.update_replica(
@@ -571,9 +573,10 @@ class Controller:
         else:
             self.store.update_replica(rep.name, failures=failures)
 
-    def _healthy(self, url: str) -> bool:
+    def _healthy(self, rep: Replica, url: str | None = None) -> bool:
+        """/health of `rep` (or of its engine at `url`), its certificate pinned for HTTPS."""
         try:
-            return self._http.get(url + "/health").status_code == 200
+            return self._replica_http.get(rep).get((url or rep.url) + "/health").status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -587,6 +590,7 @@ class Controller:
             raise
         self.store.update_replica(rep.name, status=ReplicaStatus.TERMINATED)
         self._probed_at.pop(rep.name, None)
+        self._replica_http.forget(rep.name)
         if event:
             self.store.add_event(rep.deployment, "terminated", event, rep.name)
 

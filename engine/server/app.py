@@ -261,7 +261,12 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": status}, 200 if ready else 503)
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    dependencies=[Depends(check_api_key)],  # load and queue figures are the key holder's
+    responses=_errors(401),
+)
 async def metrics(request: Request) -> Response:
     body = _state(request).metrics.render()
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
