@@ -247,6 +247,7 @@ api = APIRouter(dependencies=[Depends(check_api_key)], responses=_errors(400, 40
 # With "stream": true: server-sent events, each `data:` a JSON chunk, the last `[DONE]`.
 _EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
 _STREAM = {"text/event-stream": {"schema": _EVENT}}
+_ERROR_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
 
 
 def _state(request: Request) -> ServerState:
@@ -265,7 +266,8 @@ async def health(request: Request) -> JSONResponse:
     "/metrics",
     response_class=PlainTextResponse,
     dependencies=[Depends(check_api_key)],  # load and queue figures are the key holder's
-    responses=_errors(401),
+    # The 401 is JSON, as on every route; the 200 is Prometheus text.
+    responses={401: {"description": "Missing or wrong API key", "content": _ERROR_JSON}},
 )
 async def metrics(request: Request) -> Response:
     body = _state(request).metrics.render()
