@@ -16,8 +16,9 @@ Clients send the deployment's key (`Authorization: Bearer KEY`, compared in cons
 The controller sets the replica set through the admin routes (`PUT /router/replicas`, with the
 router's admin key), each replica with its own key, which the router sends it in place of the
 client's, and, for a replica serving HTTPS, its certificate: the router trusts exactly that
-one (`skybroker.tls.pinned_context`), one connection pool per certificate. Runs as an ASGI app (`Router.app`), in a thread (`RouterServer`), or as a
-process of its own (`python -m skybroker.router`, see `main`): that one outlives the broker.
+one (`skybroker.tls.pinned_context`), one connection pool per certificate. Runs as an ASGI
+app (`Router.app`), in a thread (`RouterServer`), or as a process of its own
+(`python -m skybroker.router`, see `main`): that one outlives the broker.
 """
 
 from __future__ import annotations
@@ -324,18 +325,19 @@ class Router:
             return self._client
         pin = fingerprint(target.tls_cert)
         client = self._pinned.get(pin)
-        if client is None:
-            with self._lock:
-                certs = [u.target.tls_cert for u in self._upstreams.values()]
-            live = {fingerprint(c) for c in certs if c}
-            for old in [p for p in self._pinned if p not in live]:
-                await self._pinned.pop(old).aclose()
-            client = httpx.AsyncClient(
-                timeout=self.timeout,
-                limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
-                verify=pinned_context(target.tls_cert),
-            )
-            self._pinned[pin] = client
+        if client is not None:
+            return client
+        with self._lock:
+            certs = [u.target.tls_cert for u in self._upstreams.values()]
+        live = {fingerprint(c) for c in certs if c}
+        stale = [self._pinned.pop(p) for p in list(self._pinned) if p not in live]
+        client = self._pinned[pin] = httpx.AsyncClient(  # before any await: made once
+            timeout=self.timeout,
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+            verify=pinned_context(target.tls_cert),
+        )
+        for old in stale:
+            await old.aclose()
         return client
 
     async def forward(self, request: Request, path: str) -> Response:

@@ -163,6 +163,7 @@ def test_the_router_sends_over_tls_and_refuses_a_wrong_certificate(engine: TLSEn
         router.set_replicas([good])
         out = client.completions.create(model=MODEL, prompt="the cat", max_tokens=4)
         assert out.usage.completion_tokens == 4
+        assert list(router._pinned) == [auth.pin]  # the impostor's pool is closed
         stream = client.completions.create(model=MODEL, prompt="the", max_tokens=3, stream=True)
         assert len([c for c in stream if c.choices and c.choices[0].text]) >= 1
         stale = replace(good, api_key=replica_api_key("tls-1", CREATED - 1))  # a past replica's
