@@ -245,6 +245,8 @@ def test_local_replicas_over_tls_end_to_end(
             time.sleep(0.2)
         (rep,) = c.replicas("tls")
         assert rep.url.startswith("https://127.0.0.1:")
+        pin = fingerprint(rep.handle["info"]["tls_cert"])
+        assert c.describe("tls")["replicas"][0]["tls_sha256"] == pin  # what status shows
         key_file = tmp_path / "home" / "replicas" / rep.name / "tls.key"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         assert key_file.read_text() not in Path(tmp_path / "state.db").read_text(errors="replace")
