@@ -9,6 +9,9 @@ the rest.
 The API key comes from, first found: --api-key-file, --api-key (which any local user can read
 with `ps`), the SKYBROKER_API_KEY environment variable, the file SKYBROKER_API_KEY_FILE names.
 Off loopback the server refuses to start without a key unless --allow-unauthenticated.
+
+--ssl-certfile and --ssl-keyfile (PEM; uvicorn's) serve HTTPS instead of HTTP; the pair is
+loaded before the port opens, so a missing or mismatched file is an error at once.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import ssl
 import sys
 from pathlib import Path
 
@@ -55,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--allow-unauthenticated",
         action="store_true",
         help="serve off loopback (--host other than 127.0.0.1/::1/localhost) without an API key",
+    )
+    p.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")
+    p.add_argument(
+        "--ssl-keyfile", default=None, help="the certificate's private key (PEM; keep it 0600)"
     )
     p.add_argument(
         "--max-request-bytes",
@@ -183,6 +191,26 @@ def check_bind(host: str, api_key: str | None, allow_unauthenticated: bool) -> N
     )
 
 
+def check_tls(certfile: str | None, keyfile: str | None) -> None:
+    """Raise ValueError unless both files are given and hold a matching pair, or neither."""
+    if not certfile and not keyfile:
+        return
+    if not (certfile and keyfile):
+        given, missing = ("--ssl-certfile", "--ssl-keyfile")
+        if keyfile:
+            given, missing = missing, given
+        raise ValueError(f"{given} needs {missing} too (HTTPS wants the certificate and its key)")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except ssl.SSLError as e:  # before OSError, which it is
+        raise ValueError(
+            f"--ssl-certfile {certfile} and --ssl-keyfile {keyfile} are not a PEM certificate "
+            f"and its private key ({e.reason or e})"
+        ) from None
+    except OSError as e:
+        raise ValueError(f"cannot read the TLS files: {e.strerror}: {e.filename}") from None
+
+
 def default_model_name(model: str) -> str:
     path = Path(model)
     return path.stem if path.suffix == ".gguf" else path.name
@@ -203,6 +231,7 @@ def build_app(args: argparse.Namespace):
 
     api_key = read_api_key(args)
     check_bind(args.host, api_key, args.allow_unauthenticated)
+    check_tls(args.ssl_certfile, args.ssl_keyfile)
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     config = ServerConfig(
@@ -243,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port,
             log_level=args.log_level,
             timeout_graceful_shutdown=int(args.shutdown_timeout) + 1,
+            ssl_certfile=args.ssl_certfile,
+            ssl_keyfile=args.ssl_keyfile,
         )
     )
 

@@ -207,6 +207,9 @@ class ReplicaView(BaseModel):
     instance_type: str
     spot: bool
     url: str | None
+    tls_sha256: str | None = Field(
+        None, description="SHA-256 of the one certificate an https replica may show (pinned)"
+    )
     price_per_hour: float
     message: str
 

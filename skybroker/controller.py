@@ -19,7 +19,8 @@ probe window) and cleans up the rest. Deployments with `autoscale:` follow their
 applied through `scale`; every decision an `autoscaled` event with its reason). One router
 per deployment serves its OpenAI endpoint, as a process of its own (`skybroker.routers`)
 that outlives the broker; its key is `api_key(name)`. Every replica gets an API key of its
-own (`skybroker.keys`), passed in its environment, never stored.
+own (`skybroker.keys`), passed in its environment, never stored; the probe
+reaches a replica that serves HTTPS over its pinned certificate (`replica_auth`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from skybroker.provision import (
     ReplicaState,
     get_provisioner,
 )
+from skybroker.replica_auth import ReplicaClients
 from skybroker.router import Router
 from skybroker.routers import (
     DeploymentRouters,
@@ -110,7 +112,7 @@ class Controller:
         self._launches: dict[str, Future[ReplicaHandle]] = {}
         self.failures = Failures(store, self.probe)
         self._failures = self.failures.runs  # deployment -> its failures in a row
-        self._http = httpx.Client(timeout=self.probe.timeout_s)
+        self._replica_http = ReplicaClients(self.probe.timeout_s)
         self.scaling = Scaling(self, scale_interval_s)
         self.spot = SpotHedge(store, self.planner, spot)
         self.health = Supervisor(self)
@@ -323,7 +325,7 @@ class Controller:
         with self._lock:  # launches that finished meanwhile: record their handles
             for dep in self.store.list_deployments():
                 self._collect_launches(dep.name)
-        self._http.close()
+        self._replica_http.close()
 
     # -- restart --------------------------------------------------------------------------------
 
@@ -488,9 +490,10 @@ class Controller:
         self.store.update_deployment(dep.name, status=DeploymentStatus.FAILED, message=message)
         self.store.add_event(dep.name, "failed", message)
 
-    def _healthy(self, url: str) -> bool:
+    def _healthy(self, rep: Replica, url: str | None = None) -> bool:
+        """/health of `rep` (or of its engine at `url`), its certificate pinned for HTTPS."""
         try:
-            return self._http.get(url + "/health").status_code == 200
+            return self._replica_http.get(rep).get((url or rep.url) + "/health").status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -504,6 +507,7 @@ class Controller:
             raise
         self.store.update_replica(rep.name, status=ReplicaStatus.TERMINATED)
         self.health.forget(rep.name)
+        self._replica_http.forget(rep.name)
         if event:
             self.store.add_event(rep.deployment, "terminated", event, rep.name)
 

@@ -6,7 +6,9 @@ restarted broker computes the same ones:
 
 - `endpoint_api_key(name, created_at)`: what clients of a deployment's endpoint send
   (`Authorization: Bearer ...`); the creation time makes a re-created name a new key;
-- `replica_api_key(name)`: what the router sends to the deployment's engine replicas;
+- `replica_api_key(replica, created_at)`: what the router and the controller send to one
+  engine replica; the replica row's creation time makes every replica, a replacement
+  included, a new key, so a key seen on one replica opens no other;
 - `router_admin_key(name)`: what the controller sends to the router's admin routes.
 """
 
@@ -39,9 +41,10 @@ def _derive(*parts: str) -> str:
     return hmac.new(broker_secret(), "\0".join(parts).encode(), hashlib.sha256).hexdigest()
 
 
-def replica_api_key(deployment: str) -> str:
-    """The API key of a deployment's engine replicas (local and cloud)."""
-    return hmac.new(broker_secret(), deployment.encode(), hashlib.sha256).hexdigest()
+def replica_api_key(replica: str, created_at: float) -> str:
+    """The API key of one engine replica (local and cloud), the row `replica` made at
+    `created_at`."""
+    return _derive("replica", replica, repr(float(created_at)))
 
 
 def endpoint_api_key(deployment: str, created_at: float) -> str:

@@ -58,7 +58,7 @@ def observe(
     prov: Provisioner,
     reps: list[Replica],
     infra: str,
-    healthy: Callable[[str], bool],
+    healthy: Callable[[Replica, str], bool],
     pool: ThreadPoolExecutor,
     progress_of: Collection[str] = (),
 ) -> dict[str, Observation]:
@@ -67,7 +67,7 @@ def observe(
     handles = {r.name: handle_of(r, infra) for r in reps}
     state = states(prov, list(handles.values()))
     probes: dict[str, list[Future[bool]]] = {
-        r.name: [pool.submit(healthy, url) for url in r.engine_urls]
+        r.name: [pool.submit(healthy, r, url) for url in r.engine_urls]
         for r in reps
         if state[r.name] in UP and r.engine_urls
     }

@@ -14,8 +14,11 @@ per replica; the controller's autoscaler reads it.
 
 Clients send the deployment's key (`Authorization: Bearer KEY`, compared in constant time).
 The controller sets the replica set through the admin routes (`PUT /router/replicas`, with the
-router's admin key). Runs as an ASGI app (`Router.app`), in a thread (`RouterServer`), or as a
-process of its own (`python -m skybroker.router`, see `main`): that one outlives the broker.
+router's admin key), each replica with its own key, which the router sends it in place of the
+client's, and, for a replica serving HTTPS, its certificate: the router trusts exactly that
+one (`skybroker.tls.pinned_context`), one connection pool per certificate. Runs as an ASGI
+app (`Router.app`), in a thread (`RouterServer`), or as a process of its own
+(`python -m skybroker.router`, see `main`): that one outlives the broker.
 """
 
 from __future__ import annotations
@@ -39,10 +42,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from skybroker.keys import same_key
+from skybroker.tls import fingerprint, pinned_context
 
 API_KEY_ENV = "SKYBROKER_ROUTER_API_KEY"  # clients' key (the deployment's endpoint key)
 ADMIN_KEY_ENV = "SKYBROKER_ROUTER_ADMIN_KEY"  # the controller's key for /router/*
-UPSTREAM_KEY_ENV = "SKYBROKER_ROUTER_UPSTREAM_KEY"  # sent to the replicas
 
 _HOP_HEADERS = {
     "host",
@@ -75,6 +78,8 @@ class ReplicaTarget:
     ready: bool
     probed_at: float = 0.0  # time of the last successful /health probe
     draining: bool = False  # no new requests; in-flight ones finish
+    api_key: str | None = None  # sent to this replica (never shown by GET /router/replicas)
+    tls_cert: str | None = None  # PEM: the only certificate this replica may show (https)
 
 
 @dataclass
@@ -169,19 +174,18 @@ class Router:
         self,
         name: str,
         api_key: str | None = None,
-        upstream_api_key: str | None = None,
         connect_timeout_s: float = 2.0,
         read_timeout_s: float = 600.0,
         admin_key: str | None = None,
     ) -> None:
         self.name = name
         self.api_key = api_key
-        self.upstream_api_key = upstream_api_key
         self.admin_key = admin_key  # None: the admin routes read-only and open (in-process use)
         self.timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
         self._lock = threading.Lock()
         self._upstreams: dict[str, _Upstream] = {}
         self._client: httpx.AsyncClient | None = None
+        self._pinned: dict[str, httpx.AsyncClient] = {}  # certificate's SHA-256 -> pool
         self.load = LoadCounter()
         self.app = self._build_app()
 
@@ -256,6 +260,9 @@ class Router:
             finally:
                 await self._client.aclose()
                 self._client = None
+                for client in self._pinned.values():
+                    await client.aclose()
+                self._pinned.clear()
 
         app = FastAPI(title=f"skybroker router: {self.name}", lifespan=lifespan)
 
@@ -304,12 +311,34 @@ class Router:
     def _authorized(self, request: Request) -> bool:
         return self.api_key is None or self._bearer(request, self.api_key)
 
-    def _upstream_headers(self, request: Request) -> dict[str, str]:
+    @staticmethod
+    def _upstream_headers(request: Request) -> dict[str, str]:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
         headers.pop("authorization", None)
-        if self.upstream_api_key:
-            headers["authorization"] = f"Bearer {self.upstream_api_key}"
         return headers
+
+    async def _client_for(self, target: ReplicaTarget) -> httpx.AsyncClient:
+        """The shared pool for plain HTTP; for HTTPS the pool that trusts only the replica's
+        certificate (pools of certificates no replica shows any more are closed here)."""
+        assert self._client is not None, "router app not started (lifespan)"
+        if not target.tls_cert:
+            return self._client
+        pin = fingerprint(target.tls_cert)
+        client = self._pinned.get(pin)
+        if client is not None:
+            return client
+        with self._lock:
+            certs = [u.target.tls_cert for u in self._upstreams.values()]
+        live = {fingerprint(c) for c in certs if c}
+        stale = [self._pinned.pop(p) for p in list(self._pinned) if p not in live]
+        client = self._pinned[pin] = httpx.AsyncClient(  # before any await: made once
+            timeout=self.timeout,
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+            verify=pinned_context(target.tls_cert),
+        )
+        for old in stale:
+            await old.aclose()
+        return client
 
     async def forward(self, request: Request, path: str) -> Response:
         if not self._authorized(request):
@@ -327,15 +356,19 @@ class Router:
             if up is None:
                 break
             tried.add(up.target.name)
-            upstream_req = self._client.build_request(
+            client = await self._client_for(up.target)
+            sent = headers
+            if up.target.api_key:
+                sent = {**headers, "authorization": f"Bearer {up.target.api_key}"}
+            upstream_req = client.build_request(
                 request.method,
                 up.target.url + path,
                 params=request.query_params,
-                headers=headers,
+                headers=sent,
                 content=body,
             )
             try:
-                resp = await self._client.send(upstream_req, stream=True)
+                resp = await client.send(upstream_req, stream=True)
             except _RETRYABLE:
                 self.mark_failed(up.target.name)
                 self._release(up)
@@ -442,8 +475,8 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m skybroker.router --name NAME --port PORT`: one deployment's router process.
 
     Keys come from the environment (never the command line, which any local user can read):
-    SKYBROKER_ROUTER_API_KEY (clients), SKYBROKER_ROUTER_ADMIN_KEY (the controller) and
-    SKYBROKER_ROUTER_UPSTREAM_KEY (sent to the replicas). It refuses to listen off loopback
+    SKYBROKER_ROUTER_API_KEY (clients) and SKYBROKER_ROUTER_ADMIN_KEY (the controller); the
+    replicas' keys and certificates come with the replica set. It refuses to listen off loopback
     without a client key. SIGTERM stops accepting connections and lets in-flight requests
     finish (up to --shutdown-timeout seconds).
     """
@@ -463,12 +496,7 @@ def main(argv: list[str] | None = None) -> None:
     if admin_key is None:
         print(f"error: {ADMIN_KEY_ENV} is not set: nobody could set the replicas", file=sys.stderr)
         raise SystemExit(2)
-    router = Router(
-        args.name,
-        api_key=api_key,
-        upstream_api_key=os.environ.get(UPSTREAM_KEY_ENV) or None,
-        admin_key=admin_key,
-    )
+    router = Router(args.name, api_key=api_key, admin_key=admin_key)
     config = uvicorn.Config(
         router.app,
         host=args.host,

@@ -22,12 +22,12 @@ from typing import Any
 
 import httpx
 
-from skybroker.keys import endpoint_api_key, replica_api_key, router_admin_key
+from skybroker.keys import endpoint_api_key, router_admin_key
 from skybroker.provision.local import free_port, process_start_time, stop_recorded
+from skybroker.replica_auth import replica_auth
 from skybroker.router import (
     ADMIN_KEY_ENV,
     API_KEY_ENV,
-    UPSTREAM_KEY_ENV,
     ReplicaTarget,
     Router,
     targets_json,
@@ -51,14 +51,12 @@ class RouterProcess:
         host: str,
         port: int,
         info: dict[str, Any],
-        upstream_api_key: str | None = None,
     ) -> None:
         self.name = name
         self.host = host
         self.port = port
         self.info = info  # pid, start_time
         self.admin_key = router_admin_key(name)
-        self.upstream_api_key = upstream_api_key
         self._http = httpx.Client(
             base_url=f"http://{_connect_host(host)}:{port}",
             headers={"Authorization": f"Bearer {self.admin_key}"},
@@ -121,11 +119,10 @@ class RouterProcesses:
         host: str,
         port: int | None,
         api_key: str,
-        upstream_api_key: str | None,
         timeout_s: float = 30.0,
     ) -> RouterProcess:
         """The live router of `name` on (host, port), else a new one (on `port` while free)."""
-        old = self._adopt(name, host, port, upstream_api_key)
+        old = self._adopt(name, host, port)
         if old is not None:
             return old
         self.stop(name)
@@ -134,9 +131,6 @@ class RouterProcesses:
         if port is None or not _free(host, port):
             port = free_port(host)
         env = {**os.environ, API_KEY_ENV: api_key, ADMIN_KEY_ENV: router_admin_key(name)}
-        env.pop(UPSTREAM_KEY_ENV, None)
-        if upstream_api_key:
-            env[UPSTREAM_KEY_ENV] = upstream_api_key
         cmd = [self.python, "-m", "skybroker.router", "--name", name]
         cmd += ["--host", host, "--port", str(port)]
         with open(run_dir / _LOG, "ab") as log:
@@ -152,7 +146,7 @@ class RouterProcesses:
         info = {"pid": proc.pid, "start_time": process_start_time(proc.pid)}
         info |= {"host": host, "port": port}
         (run_dir / _RECORD).write_text(json.dumps(info))
-        router = RouterProcess(name, host, port, info, upstream_api_key)
+        router = RouterProcess(name, host, port, info)
         deadline = time.monotonic() + timeout_s
         while not _answers(router):
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -164,13 +158,11 @@ class RouterProcesses:
             time.sleep(0.05)
         return router
 
-    def _adopt(
-        self, name: str, host: str, port: int | None, upstream_api_key: str | None
-    ) -> RouterProcess | None:
+    def _adopt(self, name: str, host: str, port: int | None) -> RouterProcess | None:
         info = self._record(name)
         if info is None or info.get("host") != host or (port and info.get("port") != port):
             return None
-        router = RouterProcess(name, host, int(info["port"]), info, upstream_api_key)
+        router = RouterProcess(name, host, int(info["port"]), info)
         if router.alive() and _answers(router):
             return router
         router.close()
@@ -221,11 +213,13 @@ def replica_targets(
     """The router's view of a deployment's replicas: ready ones, draining ones (in-flight
     requests finish there), and the others it must not use yet. A replica running several
     engines (data parallel: `info.urls`) is one target per engine; `down` names the engines
-    (by index) whose probes fail, which get nothing new though their replica is ready."""
+    (by index) whose probes fail, which get nothing new though their replica is ready. Each
+    carries the replica's key and, for HTTPS, its certificate."""
     targets = []
     for rep in replicas:
         if not rep.url or rep.status not in _ROUTED:
             continue
+        auth = replica_auth(rep)
         t = dep.targets[rep.target] if rep.target < len(dep.targets) else {}
         urls = rep.engine_urls
         failing = (down or {}).get(rep.name, set())
@@ -239,6 +233,8 @@ def replica_targets(
                     and i not in failing,
                     probed_at=probed_at.get(rep.name, 0.0),
                     draining=rep.status == ReplicaStatus.DRAINING,
+                    api_key=auth.api_key,
+                    tls_cert=auth.tls_cert,
                 )
             )
     return targets
@@ -275,11 +271,10 @@ class DeploymentRouters:
         if dep.name in self._routers:
             return dep
         key = endpoint_api_key(dep.name, dep.created_at)
-        upstream = replica_api_key(dep.name)
         if not self.serve:
-            self._routers[dep.name] = Router(dep.name, api_key=key, upstream_api_key=upstream)
+            self._routers[dep.name] = Router(dep.name, api_key=key)
             return dep
-        router = self.procs.ensure(dep.name, self.host, dep.router_port, key, upstream)
+        router = self.procs.ensure(dep.name, self.host, dep.router_port, key)
         self._routers[dep.name] = router
         if router.port != dep.router_port or dep.router_host != self.host:
             dep = self.store.update_deployment(

@@ -128,7 +128,7 @@ def replica_spec(dep: Deployment, rep: Replica) -> ReplicaSpec:
     else:
         args["gpu_memory_utilization"] = eng.get("gpu_memory_utilization")
     secrets = {k: os.environ[k] for k in SECRET_ENVS if os.environ.get(k)}
-    secrets |= dict.fromkeys(REPLICA_KEY_ENVS, replica_api_key(dep.name))
+    secrets |= dict.fromkeys(REPLICA_KEY_ENVS, replica_api_key(rep.name, rep.created_at))
     envs = {}
     if dep.infra == "local":  # replicas share this machine: each its share of the cores
         envs["OMP_NUM_THREADS"] = str(max(1, int(t.get("vcpus") or 1)))

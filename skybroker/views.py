@@ -7,6 +7,7 @@ from typing import Any
 
 from skybroker.health import FailureRun
 from skybroker.state import Deployment, Event, Replica, ReplicaStatus
+from skybroker.tls import fingerprint
 
 # Replicas that cost money now (running, or finishing their in-flight requests).
 BILLED = (
@@ -45,6 +46,7 @@ def deployment_view(
                 "spot": r.spot,
                 "status": r.status,
                 "url": r.url,
+                "tls_sha256": _pin(r),
                 "price_per_hour": price.get(r.target, 0.0),
                 "message": r.message,
             }
@@ -58,3 +60,8 @@ def deployment_view(
             for e in events
         ],
     }
+
+
+def _pin(rep: Replica) -> str | None:
+    cert = (rep.handle or {}).get("info", {}).get("tls_cert")
+    return fingerprint(cert) if cert else None

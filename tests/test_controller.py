@@ -270,16 +270,18 @@ def test_replicas_and_endpoint_get_keys_that_are_never_stored(env, infra: str) -
     spec = _spec(infra)
     dep = c.create(spec, c.planner(spec))
     c.wait_ready("demo", timeout_s=60)
-    key = replica_api_key("demo")
-    assert key == replica_api_key("demo") and key != replica_api_key("other")
+    reps = c.replicas("demo")
+    keys = [replica_api_key(r.name, r.created_at) for r in reps]
+    assert len(set(keys)) == len(reps) == 2  # a key per replica
     endpoint_key = c.api_key("demo")
-    assert endpoint_key.startswith("sk-") and endpoint_key not in (key, c.api_key("nope"))
+    assert endpoint_key.startswith("sk-") and endpoint_key not in (*keys, c.api_key("nope"))
     rows = Path(store.url.removeprefix("sqlite:///")).read_bytes()
-    assert key.encode() not in rows and endpoint_key.encode() not in rows
-    assert c.router("demo").upstream_api_key == key
-    # The replica refuses a request without its key; through the router it answers.
-    url = c.replicas("demo")[0].url
-    assert httpx.get(url + "/v1/models", timeout=5).status_code == 401
+    assert not any(k.encode() in rows for k in (*keys, endpoint_key))
+    # Each replica takes its own key only; through the router it answers.
+    for rep, key, other in zip(reps, keys, keys[::-1], strict=True):
+        assert httpx.get(rep.url + "/v1/models", timeout=5).status_code == 401
+        assert httpx.get(rep.url + "/v1/models", headers=_bearer(other)).status_code == 401
+        assert httpx.get(rep.url + "/v1/models", headers=_bearer(key)).status_code == 200
     r = httpx.get(dep.endpoint + "/models", headers=_auth(c), timeout=5)
     assert r.status_code == 200
     if infra == "local":  # each local replica runs on its share of the cores (vcpus: 2)
@@ -288,6 +290,38 @@ def test_replicas_and_endpoint_get_keys_that_are_never_stored(env, infra: str) -
     c.delete("demo")
     c.create(spec, c.planner(spec))
     assert c.api_key("demo") != endpoint_key
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_a_replacement_replica_gets_a_new_key(env) -> None:
+    """A key seen on a replica that is gone opens none of its replacements."""
+    controller, _cloud, _store = env
+    c = controller(replicas=1)
+    spec = _spec("skypilot")
+    dep = c.create(spec, c.planner(spec))
+    c.wait_ready("demo", timeout_s=60)
+    (victim,) = c.replicas("demo")
+    old_key = replica_api_key(victim.name, victim.created_at)
+    os.kill(victim.handle["info"]["pid"], signal.SIGKILL)
+    _wait(
+        lambda: (
+            c.get("demo").status == DeploymentStatus.READY
+            and victim.name not in [r.name for r in c.replicas("demo")]
+        ),
+        60,
+        c,
+    )
+    (new,) = c.replicas("demo")
+    new_key = replica_api_key(new.name, new.created_at)
+    assert new_key != old_key
+    assert httpx.get(new.url + "/v1/models", headers=_bearer(old_key)).status_code == 401
+    assert httpx.get(new.url + "/v1/models", headers=_bearer(new_key)).status_code == 200
+    # The router was handed the new key with the new replica.
+    assert httpx.get(dep.endpoint + "/models", headers=_auth(c), timeout=5).status_code == 200
+    assert "api_key" not in c.router("demo").snapshot()[0]
 
 
 def test_sigkilled_replica_is_replaced(env) -> None:

@@ -72,7 +72,10 @@ def test_dry_run_validates_the_task_against_the_catalog(servers: SkyServers) -> 
     assert task["resources"]["infra"] == "aws/us-east-1"
     assert task["resources"]["instance_type"] == "g5.xlarge"
     assert task["resources"]["use_spot"] is True
-    assert task["secrets"] == {"HF_TOKEN": "<secret>"}  # never echoed back
+    # never echoed back: the hub token, and the replica's TLS certificate and key
+    masked = dict.fromkeys(("HF_TOKEN", "SKYBROKER_TLS_CERT", "SKYBROKER_TLS_KEY"), "<secret>")
+    assert task["secrets"] == masked
+    assert "--ssl-keyfile" in task["run"]
     # A region the catalog does not offer the instance in, and GPUs the instance lacks:
     # SkyPilot's own validation refuses them, and the broker names the call and SkyPilot's why.
     answer = drive(servers, "dry_run", _spec(region="eu-west-1"))

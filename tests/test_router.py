@@ -206,15 +206,22 @@ def test_least_outstanding_weighted_by_capacity(servers, router_server) -> None:
 
 def test_api_keys_client_side_and_upstream_side(servers, router_server) -> None:
     served: Counter = Counter()
-    a = servers(upstream_app("a", served))
-    router, srv = router_server(api_key="client-key", upstream_api_key="replica-key")
-    router.set_replicas([ReplicaTarget("r1", a, 1.0, True)])
+    a, b = servers(upstream_app("a", served)), servers(upstream_app("b", served))
+    router, srv = router_server(api_key="client-key")
+    router.set_replicas(
+        [
+            ReplicaTarget("r1", a, 1.0, True, api_key="key-of-r1"),
+            ReplicaTarget("r2", b, 1.0, True, api_key="key-of-r2"),
+        ]
+    )
     with pytest.raises(openai.AuthenticationError):
         _client(srv, "wrong").completions.create(model="m", prompt="x")
-    assert (
-        _client(srv, "client-key").completions.create(model="m", prompt="x").choices[0].text == "a"
-    )
-    assert served["auth:Bearer replica-key"] == 1  # the client's key is not forwarded
+    for _ in range(4):
+        _client(srv, "client-key").completions.create(model="m", prompt="x")
+    # Each replica gets its own key, never the client's.
+    assert served["a"] == served["b"] == 2
+    assert served["auth:Bearer key-of-r1"] == served["auth:Bearer key-of-r2"] == 2
+    assert all("api_key" not in r for r in router.snapshot())
 
 
 def test_keys_are_compared_whole_and_admin_routes_need_the_admin_key(
@@ -322,11 +329,7 @@ def test_router_process_refuses_off_loopback_without_a_key_and_serves_with_keys(
     served: Counter = Counter()
     a = servers(upstream_app("a", served))
     port = free_port()
-    env = {
-        "SKYBROKER_ROUTER_API_KEY": "ck",
-        "SKYBROKER_ROUTER_ADMIN_KEY": "adm",
-        "SKYBROKER_ROUTER_UPSTREAM_KEY": "rk",
-    }
+    env = {"SKYBROKER_ROUTER_API_KEY": "ck", "SKYBROKER_ROUTER_ADMIN_KEY": "adm"}
     proc = _router_proc(port, env)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -338,12 +341,17 @@ def test_router_process_refuses_off_loopback_without_a_key_and_serves_with_keys(
             except httpx.TransportError:
                 assert time.monotonic() < deadline and proc.poll() is None
                 time.sleep(0.1)
-        body = [{"name": "r1", "url": a, "capacity_rps": 1.0, "ready": True}]
+        body = [
+            {"name": "r1", "url": a, "capacity_rps": 1.0, "ready": True, "api_key": "key-of-r1"}
+        ]
         headers = {"Authorization": "Bearer adm"}
         assert httpx.put(url + "/router/replicas", json=body, headers=headers).is_success
         client = openai.OpenAI(base_url=url + "/v1", api_key="ck", max_retries=0)
         assert client.completions.create(model="m", prompt="x").choices[0].text == "a"
-        assert served["auth:Bearer rk"] == 1
+        assert served["auth:Bearer key-of-r1"] == 1
+        # The replica's key came with the replica set; the admin route does not show it.
+        shown = httpx.get(url + "/router/replicas", headers=headers).text
+        assert "key-of-r1" not in shown
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -92,8 +92,10 @@ def _engine_of(server: ServerThread) -> LLMEngine:
 
 
 def _metric(server: ServerThread, name: str) -> float:
-    text = httpx.get(f"{server.url}/metrics").text
-    for line in text.splitlines():
+    key = server.server.config.app.state.server.config.api_key  # /metrics wants it, if any
+    r = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    for line in r.text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"metric {name} not found")
@@ -490,6 +492,7 @@ def test_auth(guarded: ServerThread) -> None:
     assert r.headers["www-authenticate"] == "Bearer"
     assert httpx.get(url, headers={"Authorization": "Bearer sekret"}).status_code == 200
     assert httpx.get(f"{guarded.url}/health").status_code == 200  # probes need no key
+    assert httpx.get(f"{guarded.url}/metrics").status_code == 401
     bad = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.completions.create(model=MODEL, prompt="x", max_tokens=1)

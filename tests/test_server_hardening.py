@@ -96,6 +96,16 @@ def test_key_comes_from_the_key_file(server: Proc) -> None:
     assert httpx.get(f"{server.url}/v1/models", headers=AUTH).status_code == 200
 
 
+def test_metrics_want_the_key_and_health_does_not(server: Proc) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.get(f"{server.url}/metrics", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert "engine:" not in r.text
+    r = httpx.get(f"{server.url}/metrics", headers=AUTH)
+    assert r.status_code == 200 and "engine:requests_total" in r.text
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
 # ---- 1. lone surrogates ---------------------------------------------------------------------
 
 SURROGATES = [
@@ -249,7 +259,9 @@ def _in_engine(server: Proc) -> float:
 
 
 def _metric(server: Proc, name: str, label: str) -> float:
-    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+    r = httpx.get(f"{server.url}/metrics", headers=AUTH)
+    assert r.status_code == 200, r.text
+    for line in r.text.splitlines():
         if line.startswith(name + "{") and label in line:
             return float(line.rsplit(" ", 1)[1])
     return 0.0

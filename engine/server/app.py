@@ -247,6 +247,7 @@ api = APIRouter(dependencies=[Depends(check_api_key)], responses=_errors(400, 40
 # With "stream": true: server-sent events, each `data:` a JSON chunk, the last `[DONE]`.
 _EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
 _STREAM = {"text/event-stream": {"schema": _EVENT}}
+_ERROR_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
 
 
 def _state(request: Request) -> ServerState:
@@ -261,7 +262,13 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": status}, 200 if ready else 503)
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    dependencies=[Depends(check_api_key)],  # load and queue figures are the key holder's
+    # The 401 is JSON, as on every route; the 200 is Prometheus text.
+    responses={401: {"description": "Missing or wrong API key", "content": _ERROR_JSON}},
+)
 async def metrics(request: Request) -> Response:
     body = _state(request).metrics.render()
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -85,7 +85,9 @@ class ReplicaHandle:
     provider: str  # "local" | "skypilot"
     name: str
     url: str | None = None  # engine base URL, e.g. http://127.0.0.1:8123
-    info: dict[str, Any] = field(default_factory=dict)  # provider's own: pid, cluster, log ...
+    # provider's own: pid, cluster, log ...; `tls_cert` (PEM, public) for an https URL: the
+    # one certificate the engine may show (skybroker.tls)
+    info: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,10 +136,19 @@ class Provisioner(Protocol):
     #   while it changes.
 
 
-def engine_command(spec: ReplicaSpec, host: str, port: int, python: str = "python") -> list[str]:
-    """The `python -m engine.serve ...` command line of a replica (see engine/serve)."""
+def engine_command(
+    spec: ReplicaSpec,
+    host: str,
+    port: int,
+    python: str = "python",
+    tls: tuple[str, str] | None = None,
+) -> list[str]:
+    """The `python -m engine.serve ...` command line of a replica (see engine/serve); with
+    `tls` (certificate file, key file) it serves HTTPS."""
     cmd = [python, "-m", "engine.serve", "--model", spec.model]
     cmd += ["--served-model-name", spec.served_model_name, "--host", host, "--port", str(port)]
+    if tls is not None:
+        cmd += ["--ssl-certfile", tls[0], "--ssl-keyfile", tls[1]]
     if spec.tensor_parallel_size != 1:
         cmd += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
     for key, value in sorted(spec.engine_args.items()):

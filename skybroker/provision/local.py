@@ -5,6 +5,10 @@ Each replica gets a free port, a run directory `$SKYBROKER_HOME/replicas/<name>/
 (start_new_session), so terminating it kills the engine and anything it spawned. The record
 is written the moment the process exists, so a broker that dies mid-launch leaves nothing a
 later `terminate(name)` cannot find.
+
+Replicas serve plain HTTP on loopback; with `tls=True` each gets a certificate of its own
+(`tls.pem` and `tls.key`, 0600, in its run directory) and serves HTTPS, the certificate in its
+handle for the broker to pin, as a cloud replica does.
 """
 
 from __future__ import annotations
@@ -34,6 +38,26 @@ from skybroker.state import default_home
 _RECORD = "replica.json"
 _LOG = "engine.log"
 _PREEMPTED = "preempted"  # marker: `preempt` took the replica away
+_CERT, _KEY = "tls.pem", "tls.key"
+
+
+def _write_tls(run_dir: Path, name: str) -> str:
+    """A fresh certificate and key for replica `name` in its run directory (the key 0600);
+    returns the certificate (PEM)."""
+    from skybroker.tls import self_signed
+
+    pair = self_signed(name)
+    for file, text, mode in ((_CERT, pair.cert_pem, 0o644), (_KEY, pair.key_pem, 0o600)):
+        path = run_dir / file
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    return pair.cert_pem
+
+
+def _url(host: str, port: int, info: dict[str, Any]) -> str:
+    return f"{'https' if info.get('tls_cert') else 'http'}://{host}:{port}"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -136,6 +160,7 @@ class LocalProvisioner:
         cwd: Path | None = None,
         env: dict[str, str] | None = None,
         stop_timeout_s: float = 10.0,
+        tls: bool = False,
     ) -> None:
         self.home = Path(home) if home else default_home()
         self.python = python
@@ -143,6 +168,7 @@ class LocalProvisioner:
         self.cwd = cwd
         self.env = env or {}
         self.stop_timeout_s = stop_timeout_s
+        self.tls = tls
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def run_dir(self, name: str) -> Path:
@@ -176,7 +202,9 @@ class LocalProvisioner:
         run_dir = self.run_dir(spec.name)
         run_dir.mkdir(parents=True, exist_ok=True)
         log_path = run_dir / _LOG
-        cmd = engine_command(spec, self.host, port, python=self.python)
+        cert = _write_tls(run_dir, spec.name) if self.tls else None
+        tls = (str(run_dir / _CERT), str(run_dir / _KEY)) if cert else None
+        cmd = engine_command(spec, self.host, port, python=self.python, tls=tls)
         env = {**os.environ, **self.env, **spec.envs, **spec.secrets}
         with open(log_path, "ab") as log:
             log.write(f"$ {' '.join(cmd)}\n".encode())
@@ -200,9 +228,11 @@ class LocalProvisioner:
             "port": port,
             "log_path": str(log_path),
         }
+        if cert is not None:
+            info["tls_cert"] = cert
         (run_dir / _RECORD).write_text(json.dumps(info))
         return ReplicaHandle(
-            provider=self.name, name=spec.name, url=f"http://{self.host}:{port}", info=info
+            provider=self.name, name=spec.name, url=_url(self.host, port, info), info=info
         )
 
     def _info(self, handle: ReplicaHandle) -> dict[str, Any] | None:
@@ -256,7 +286,7 @@ class LocalProvisioner:
         info = self._info(handle)
         if info is None:
             raise ProvisionError(f"replica {handle.name} has no local record (not launched?)")
-        return f"http://{self.host}:{info['port']}"
+        return _url(self.host, info["port"], info)
 
     def logs(self, handle: ReplicaHandle, tail: int = 200) -> str:
         path = self.run_dir(handle.name) / _LOG

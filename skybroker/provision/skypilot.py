@@ -3,20 +3,25 @@
 The Task's setup installs the engine (the source tree of a checkout, else the wheel of the
 installed skybroker, mounted into the Task), its run starts `python -m engine.serve`, which
 fetches a hub model on the replica; the Resources are pinned to the plan's cloud, region,
-instance type and market with the engine's port exposed. Every call goes through SkyPilot's
-client SDK module (`sky.client.sdk`: `launch` returns a request id, `stream_and_get` / `get`
-wait), never through names on the `sky` package that a submodule import can shadow.
+instance type and market with the engine's port exposed. The engine serves HTTPS: each
+launch makes a certificate and key of its own (`skybroker.tls`), the key travels as a
+SkyPilot secret, and the certificate (public) is kept in the handle for the broker to pin.
+Every call goes through SkyPilot's client SDK module (`sky.client.sdk`: `launch` returns a
+request id, `stream_and_get` / `get` wait), never through names on the `sky` package that a
+submodule import can shadow.
 SkyPilot's exceptions become the broker's own (`CapacityError` feeds failover). `sky` is
 imported lazily: the broker runs without it.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import importlib.util
 import inspect
 import io
 import re
+import shlex
 import threading
 from pathlib import Path
 from typing import Any, TextIO
@@ -33,10 +38,15 @@ from skybroker.provision import (
     engine_command,
     shell_join,
 )
+from skybroker.tls import CertPair, self_signed
 
 ENGINE_PORT = 8000
 REMOTE_MODEL_DIR = "/skybroker/model"
 REMOTE_WHEEL_DIR = "/skybroker/dist"
+# The replica's TLS files, relative to the run's working directory; their contents arrive
+# base64-encoded in these secrets (one line each, whatever the channel does to newlines).
+REMOTE_TLS = (".skybroker-tls/cert.pem", ".skybroker-tls/key.pem")
+TLS_SECRETS = ("SKYBROKER_TLS_CERT", "SKYBROKER_TLS_KEY")
 _CLUSTER_PREFIX = "sb-"
 # The SkyPilot releases this provisioner is tested with (pyproject's `cloud` extra pins the same).
 SKYPILOT_RANGE = ">=0.14.1,<0.15"
@@ -137,11 +147,13 @@ class SkyPilotProvisioner:
         output_stream: TextIO | None = None,
         launch_timeout_s: float | None = 1800.0,
         wheel: Path | None = None,
+        tls: bool = True,
     ) -> None:
         """`workdir=True` uploads this project's source tree when it is one (a dev install);
         False or no tree found mounts the wheel of the installed skybroker (`wheel`, else one
         rebuilt from the installed distribution). A launch still running after
-        `launch_timeout_s` is cancelled and fails (the controller then tears it down)."""
+        `launch_timeout_s` is cancelled and fails (the controller then tears it down).
+        `tls=False` serves plain HTTP (a private network the broker shares with its replicas)."""
         self.port = port
         self.workdir = project_root() if workdir is True else (workdir or None)
         self.extras = extras
@@ -149,6 +161,7 @@ class SkyPilotProvisioner:
         self.output_stream = output_stream if output_stream is not None else io.StringIO()
         self.launch_timeout_s = launch_timeout_s
         self._wheel = wheel
+        self.tls = tls
 
     # -- building the task --------------------------------------------------------------------
 
@@ -181,16 +194,20 @@ class SkyPilotProvisioner:
     def ports(self, spec: ReplicaSpec) -> list[int]:
         return [self.port + i for i in range(max(1, spec.data_parallel))]
 
-    def run_command(self, spec: ReplicaSpec) -> str:
-        """One engine, or `data_parallel` engines each on its own GPUs and port."""
+    def run_command(self, spec: ReplicaSpec, tls: bool = False) -> str:
+        """One engine, or `data_parallel` engines each on its own GPUs and port; with `tls`
+        the TLS files are written from their secrets first (0600) and every engine serves
+        HTTPS with them."""
         ports = self.ports(spec)
+        files = REMOTE_TLS if tls else None
+        lines = [tls_files_command()] if tls else []
         if len(ports) == 1:
-            return shell_join(engine_command(spec, "0.0.0.0", ports[0]))
+            lines.append(shell_join(engine_command(spec, "0.0.0.0", ports[0], tls=files)))
+            return "\n".join(lines)
         tp = spec.tensor_parallel_size
-        lines = []
         for i, port in enumerate(ports):
             gpus = ",".join(str(g) for g in range(i * tp, (i + 1) * tp))
-            cmd = shell_join(engine_command(spec, "0.0.0.0", port))
+            cmd = shell_join(engine_command(spec, "0.0.0.0", port, tls=files))
             lines.append(f"CUDA_VISIBLE_DEVICES={gpus} {cmd} &")
         return "\n".join([*lines, "wait"])
 
@@ -222,11 +239,15 @@ class SkyPilotProvisioner:
         except Exception as e:
             raise map_sky_error(e, spec, "sky.Resources") from e
 
-    def build_task(self, spec: ReplicaSpec) -> Any:
-        """The sky.Task of one replica (secrets go to SkyPilot's `secrets`, never to envs)."""
+    def build_task(self, spec: ReplicaSpec, tls: CertPair | None = None) -> Any:
+        """The sky.Task of one replica (secrets go to SkyPilot's `secrets`, never to envs);
+        with `tls` its engines serve HTTPS with that certificate and key."""
         import_sdk()
         from sky import task as sky_task
 
+        secrets = dict(spec.secrets)
+        if tls is not None:
+            secrets |= tls_secrets(tls)
         model, model_mounts = self.model_mount(spec.model)
         setup, install_mounts = self.install()
         remote = dataclasses.replace(spec, model=model)
@@ -235,9 +256,9 @@ class SkyPilotProvisioner:
             task = sky_task.Task(
                 name=cluster_name(spec.name),
                 setup=setup,
-                run=self.run_command(remote),
+                run=self.run_command(remote, tls=tls is not None),
                 envs=dict(spec.envs),
-                secrets=dict(spec.secrets) or None,
+                secrets=secrets or None,
                 workdir=str(self.workdir) if self.workdir else None,
                 file_mounts={**install_mounts, **model_mounts} or None,
             )
@@ -285,7 +306,7 @@ class SkyPilotProvisioner:
         its optimizer resolves the pinned offering against its catalog); launches nothing.
         Returns the Task as SkyPilot's YAML, secrets masked."""
         sdk = import_sdk()
-        task = self.build_task(spec)
+        task = self.build_task(spec, self._cert(spec))
         try:
             request_id = sdk.launch(task, cluster_name=cluster_name(spec.name), dryrun=True)
             sdk.stream_and_get(request_id, output_stream=self.output_stream)
@@ -296,9 +317,14 @@ class SkyPilotProvisioner:
             config["secrets"] = {k: "<secret>" for k in config["secrets"]}
         return {"cluster": cluster_name(spec.name), "task": config}
 
+    def _cert(self, spec: ReplicaSpec) -> CertPair | None:
+        """A new certificate and key for this launch (None: plain HTTP)."""
+        return self_signed(cluster_name(spec.name)) if self.tls else None
+
     def launch(self, spec: ReplicaSpec) -> ReplicaHandle:
         sdk = import_sdk()
-        task = self.build_task(spec)
+        cert = self._cert(spec)
+        task = self.build_task(spec, cert)
         cluster = cluster_name(spec.name)
         try:
             request_id = sdk.launch(
@@ -315,6 +341,8 @@ class SkyPilotProvisioner:
             name=spec.name,
             info={"cluster": cluster, "job_id": job_id, "port": self.port},
         )
+        if cert is not None:
+            handle.info["tls_cert"] = cert.cert_pem
         handle.url = self.endpoint(handle)
         if spec.data_parallel > 1:
             ports = self.ports(spec)
@@ -385,7 +413,8 @@ class SkyPilotProvisioner:
         url = found.get(port) or found.get(str(port))
         if not url:
             raise ProvisionError(f"SkyPilot exposes no endpoint for port {port} of {handle.name}")
-        return url if "://" in url else f"http://{url}"
+        scheme = "https" if handle.info.get("tls_cert") else "http"
+        return f"{scheme}://{url.split('://', 1)[-1]}"
 
     def logs(self, handle: ReplicaHandle, tail: int = 200) -> str:
         sdk = import_sdk()
@@ -395,6 +424,24 @@ class SkyPilotProvisioner:
         except Exception as e:
             raise map_sky_error(e, None, "sky logs") from e
         return out.getvalue()
+
+
+def tls_secrets(pair: CertPair) -> dict[str, str]:
+    """The certificate and key as the replica's secrets (base64 of the PEM, one line each)."""
+    return {
+        name: base64.b64encode(pem.encode()).decode()
+        for name, pem in zip(TLS_SECRETS, (pair.cert_pem, pair.key_pem), strict=True)
+    }
+
+
+def tls_files_command() -> str:
+    """Shell that writes the TLS files from their secrets, readable by the owner only."""
+    writes = [
+        f'echo "${name}" | base64 -d > {shlex.quote(path)}'
+        for name, path in zip(TLS_SECRETS, REMOTE_TLS, strict=True)
+    ]
+    folder = shlex.quote(str(Path(REMOTE_TLS[0]).parent))
+    return f"(umask 077 && mkdir -p {folder} && {' && '.join(writes)})"
 
 
 def _field(record: Any, name: str) -> Any:
