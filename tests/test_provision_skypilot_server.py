@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
+from skybroker.provision.sky_names import BROKER_LABEL, broker_id, cluster_name
 from tests.skypilot_env import ROOT, SkyServers, replica_spec, sky_servers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -62,13 +63,17 @@ def test_check_through_the_api_server(servers: SkyServers) -> None:
 
 def test_status_and_down_of_a_cluster_that_does_not_exist(servers: SkyServers) -> None:
     assert drive(servers, "status", "nothing-here") == {"ok": "DEAD"}
+    assert drive(servers, "statuses", "a-1,b-2,c-3") == {
+        "ok": dict.fromkeys(["a-1", "b-2", "c-3"], "DEAD")
+    }
     assert drive(servers, "terminate", "nothing-here") == {"ok": None}
 
 
 def test_dry_run_validates_the_task_against_the_catalog(servers: SkyServers) -> None:
     answer = drive(servers, "dry_run", _spec())
     task = answer["ok"]["task"]
-    assert answer["ok"]["cluster"] == "sb-probe-1"
+    broker = broker_id(servers.home / "skybroker")  # created by the driver's provisioner
+    assert answer["ok"]["cluster"] == cluster_name("probe-1", broker)
     assert task["resources"]["infra"] == "aws/us-east-1"
     assert task["resources"]["instance_type"] == "g5.xlarge"
     assert task["resources"]["use_spot"] is True
@@ -109,14 +114,11 @@ def test_cli_dry_run_of_the_example(servers: SkyServers, tmp_path: Path) -> None
     assert servers.instances() == []
 
 
-def test_launch_on_moto_creates_the_planned_instance_then_tears_it_down(
-    servers: SkyServers, tmp_path: Path
-) -> None:
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(
+def _write_spec(path: Path, name: str) -> Path:
+    path.write_text(
         yaml.safe_dump(
             {
-                "name": "moto-chat",
+                "name": name,
                 "infra": "skypilot",
                 "model": "meta-llama/Llama-3.1-8B-Instruct",
                 "workload": {
@@ -135,6 +137,13 @@ def test_launch_on_moto_creates_the_planned_instance_then_tears_it_down(
             }
         )
     )
+    return path
+
+
+def test_launch_on_moto_creates_the_planned_instance_then_tears_it_down(
+    servers: SkyServers, tmp_path: Path
+) -> None:
+    spec = _write_spec(tmp_path / "spec.yaml", "moto-chat")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.sky_driver", "deploy", str(spec), "60"],
         cwd=ROOT,
@@ -167,4 +176,49 @@ def test_launch_on_moto_creates_the_planned_instance_then_tears_it_down(
     assert "was not up after 60s; cancelled it" in failed["message"]
     assert answer["replicas"][0]["status"] == "FAILED"
     left = [i for i in servers.instances() if i["State"]["Name"] not in ("terminated",)]
+    assert left == [], [(i["InstanceId"], i["State"]["Name"]) for i in left]
+
+
+def test_a_broker_killed_mid_launch_leaks_no_cluster(servers: SkyServers, tmp_path: Path) -> None:
+    """The broker dies while SkyPilot's API server runs its launch; the restarted broker's
+    store has lost track of the replica (its row TERMINATED). Adoption finds the launch
+    request the provisioner recorded, cancels it, and sweeps the cluster that carries this
+    broker's prefix and labels: nothing is left running in moto."""
+    spec = _write_spec(tmp_path / "spec.yaml", "moto-crash")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.sky_driver", "deploy", str(spec), "600"],
+        cwd=ROOT,
+        env=servers.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    launches = servers.home / "skybroker" / "skypilot" / "launches"
+    seen: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + 300
+    try:
+        while not (seen and list(launches.glob("*.json"))) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the broker ended before its launch got an instance"
+            for inst in servers.instances():
+                if inst["State"]["Name"] in ("pending", "running"):
+                    seen[inst["InstanceId"]] = inst
+            time.sleep(1)
+    finally:
+        proc.kill()  # SIGKILL: no cleanup of any kind
+        proc.wait(30)
+    assert seen, "SkyPilot created no instance in moto"
+    broker = broker_id(servers.home / "skybroker")
+    for inst in seen.values():  # the cluster carries the ownership labels as EC2 tags
+        tags = {t["Key"]: t["Value"] for t in inst.get("Tags", [])}
+        assert tags.get(BROKER_LABEL) == broker, tags
+    answer = drive(servers, "adopt", "moto-crash", "1", timeout=400)["ok"]
+    [(cluster, statuses)] = answer["requests"].items()
+    assert cluster.startswith(f"sb-{broker}-moto-cras")  # the slug: a prefix of the name
+    assert statuses == ["CANCELLED"], answer
+    assert answer["launch_records_left"] == []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        left = [i for i in servers.instances() if i["State"]["Name"] != "terminated"]
+        if not left:
+            break
+        time.sleep(2)
     assert left == [], [(i["InstanceId"], i["State"]["Name"]) for i in left]

@@ -27,7 +27,6 @@ from skybroker.provision import (
     ProvisionError,
     ReplicaHandle,
     ReplicaSpec,
-    ReplicaState,
     sky_jobs,
     sky_names,
     sky_setup,
@@ -41,6 +40,7 @@ from skybroker.provision.sky_sdk import (  # noqa: F401  (re-exported)
     map_sky_error,
     missing_sdk_calls,
 )
+from skybroker.provision.sky_watch import Seen, SkyWatch
 
 ENGINE_PORT = 8000
 REMOTE_MODEL_DIR = "/skybroker/model"
@@ -66,22 +66,7 @@ def wheel_cache_dir() -> Path:
     return default_home() / "wheels"
 
 
-def _refresh(mode: str) -> Any:
-    from sky.utils import common
-
-    return getattr(common.StatusRefreshMode, mode)
-
-
-@dataclasses.dataclass
-class _Seen:
-    """What the provisioner learnt of one replica since it started (not persisted)."""
-
-    job_status: str | None = None
-    job_checked_at: float = 0.0
-    failure: str | None = None
-
-
-class SkyPilotProvisioner:
+class SkyPilotProvisioner(SkyWatch):
     """Engine replicas on clouds through SkyPilot (one single-node cluster per replica)."""
 
     name = "skypilot"
@@ -121,7 +106,7 @@ class SkyPilotProvisioner:
         self._home = home
         self._broker = broker
         self._logs: dict[str, sky_jobs.RingLog] = {}
-        self._seen: dict[str, _Seen] = {}
+        self._seen: dict[str, Seen] = {}
 
     # -- names and records --------------------------------------------------------------------
 
@@ -141,6 +126,9 @@ class SkyPilotProvisioner:
 
     def cluster_of(self, replica: str) -> str:
         return sky_names.cluster_name(replica, self.broker)
+
+    def _sdk(self) -> Any:
+        return import_sdk()
 
     def _cluster(self, handle: ReplicaHandle) -> str:
         return str(handle.info.get("cluster") or self.cluster_of(handle.name))
@@ -353,104 +341,6 @@ class SkyPilotProvisioner:
         if "error" in outcome:
             raise map_sky_error(outcome["error"], spec, "sky launch") from outcome["error"]
         return outcome["result"]
-
-    # -- state ----------------------------------------------------------------------------------
-
-    def _records(self, clusters: list[str] | None, mode: str = "AUTO") -> list[Any]:
-        sdk = import_sdk()
-        try:
-            return list(sdk.get(sdk.status(clusters, refresh=_refresh(mode))) or [])
-        except Exception as e:
-            raise map_sky_error(e, None, "sky status") from e
-
-    def statuses(self, handles: list[ReplicaHandle]) -> dict[str, ReplicaState]:
-        """Every replica's state from one `sky.status` call (spot clusters refresh against
-        the cloud), plus the job state of UP clusters (at most every `job_poll_s`)."""
-        if not handles:
-            return {}
-        by_cluster = {self._cluster(h): h for h in handles}
-        records = {
-            sky_names.field_of(r, "name"): r for r in self._records(list(by_cluster), "AUTO")
-        }
-        return {h.name: self._state(h, c, records.get(c)) for c, h in by_cluster.items()}
-
-    def status(self, handle: ReplicaHandle) -> ReplicaState:
-        return self.statuses([handle])[handle.name]
-
-    def _state(self, handle: ReplicaHandle, cluster: str, record: Any) -> ReplicaState:
-        seen = self._seen.setdefault(handle.name, _Seen())
-        spot = sky_jobs.record_spot(record) if record is not None else None
-        if spot is not None:
-            handle.info["spot"] = spot
-        spot = bool(handle.info.get("spot"))
-        seen_up = bool(handle.info.get("seen_up"))
-        state = sky_jobs.cluster_state(record, spot, seen_up)
-        if state == ReplicaState.RUNNING:
-            handle.info["seen_up"] = True
-            if handle.info.get("job_id") is not None and self._job_ended(handle, cluster, seen):
-                state = ReplicaState.FAILED
-        if state in (ReplicaState.PREEMPTED, ReplicaState.DEAD) and record is None:
-            seen.failure = sky_jobs.vanished_reason(cluster, spot, seen_up)
-        elif state == ReplicaState.PREEMPTED:
-            seen.failure = f"spot cluster {cluster} was stopped by the cloud (preempted)"
-        elif state == ReplicaState.FAILED and seen.failure is None:
-            seen.failure = self._job_failure(handle, cluster, seen)
-        return state
-
-    def _job_status(self, cluster: str, job_id: Any) -> str | None:
-        sdk = import_sdk()
-        try:
-            found = sdk.get(sdk.job_status(cluster, job_ids=[int(job_id)])) or {}
-        except Exception as e:
-            raise map_sky_error(e, None, "sky queue") from e
-        status = found.get(int(job_id), found.get(str(job_id)))
-        return sky_jobs.value(status)
-
-    def _job_ended(self, handle: ReplicaHandle, cluster: str, seen: _Seen) -> bool:
-        if seen.job_status in sky_jobs.JOB_ENDED:
-            return True
-        now = time.monotonic()
-        if now - seen.job_checked_at >= self.job_poll_s:
-            seen.job_checked_at = now
-            seen.job_status = self._job_status(cluster, handle.info["job_id"])
-        return seen.job_status in sky_jobs.JOB_ENDED
-
-    def _job_failure(self, handle: ReplicaHandle, cluster: str, seen: _Seen) -> str:
-        job_id = handle.info.get("job_id")
-        try:
-            log = self.logs(handle, tail=40)
-        except ProvisionError as e:
-            log = f"(log unavailable: {e})"
-        return sky_jobs.failure_text(cluster, job_id, seen.job_status or "AUTOSTOPPING", log)
-
-    def failure(self, handle: ReplicaHandle) -> str | None:
-        """Why a FAILED, PREEMPTED or DEAD replica ended: the job's state and exit code and its
-        log tail, or how its cluster went away; None when nothing is known."""
-        seen = self._seen.get(handle.name)
-        return seen.failure if seen else None
-
-    def exit_code(self, handle: ReplicaHandle) -> int | None:
-        """The replica job's exit status as SkyPilot's driver logged it, None when unknown."""
-        seen = self._seen.get(handle.name)
-        if seen is None or seen.job_status not in sky_jobs.JOB_ENDED:
-            return None
-        try:
-            return sky_jobs.exit_code(self.logs(handle, tail=40))
-        except ProvisionError:
-            return None
-
-    def progress(self, handle: ReplicaHandle) -> str | None:
-        """A marker that changes while a starting replica installs, downloads and loads: the
-        job's state and its log's last line (setup prints install lines, the run script the
-        model cache's size every 30 s while it grows). None when the log cannot be read."""
-        job_id = handle.info.get("job_id")
-        if job_id is None:
-            return None
-        try:
-            status = self._job_status(self._cluster(handle), job_id)
-            return sky_jobs.progress_marker(status, self.logs(handle, tail=5))
-        except ProvisionError:
-            return None
 
     # -- teardown, adoption, leaks --------------------------------------------------------------
 
