@@ -12,6 +12,7 @@ tests/test_provision_skypilot_server.py.
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -336,3 +337,53 @@ def test_the_run_script_is_valid_bash_and_uses_the_venv_python() -> None:
     assert script.count(f"{sky_setup.PYTHON} -m engine.serve") == 2
     setup = sky_setup.setup_script("'/skybroker/dist/x.whl[engine]'")
     assert subprocess.run(["/bin/bash", "-n", "-c", setup]).returncode == 0
+
+
+def _tiny_wheel(tmp_path: Path) -> Path:
+    """A one-module wheel with no dependencies (what setup installs, offline)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {
+        "tinypkg/__init__.py": "VALUE = 42\n",
+        "tinypkg-0.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: tinypkg\nVersion: 0.1\n",
+        "tinypkg-0.1.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\n"
+        "Root-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for name, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+        record.append(f"{name},sha256={digest.decode()},{len(text.encode())}")
+    files["tinypkg-0.1.dist-info/RECORD"] = "\n".join([*record, "tinypkg-0.1.dist-info/RECORD,,"])
+    path = tmp_path / "tinypkg-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return path
+
+
+UV = Path(sys.executable).parent / "uv"
+
+
+@needs_pyenv
+@pytest.mark.skipif(not UV.exists(), reason="needs uv beside the test interpreter")
+def test_setup_makes_a_venv_with_a_new_enough_python_and_installs_into_it(tmp_path) -> None:
+    """The whole setup script, offline: python3 on PATH is 3.10, so it takes python3.12,
+    makes the venv with uv and installs the package there; the run's Python is that venv's."""
+    wheel = _tiny_wheel(tmp_path)
+    bin_dir = _bin(tmp_path, {"python3": "3.10.13", "python3.12": "3.12.1"})
+    (bin_dir / "uv").symlink_to(UV)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PATH": str(bin_dir), "HOME": str(home), "UV_OFFLINE": "1", "UV_NO_CONFIG": "1"}
+    script = sky_setup.setup_script(f"--no-index '{wheel}'")
+    out = subprocess.run(["/bin/bash", "-c", script], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    run = subprocess.run(
+        ["/bin/bash", "-c", f'{sky_setup.PYTHON} -c "import sys, tinypkg; print(sys.version_info[:2], tinypkg.VALUE)"'],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.stdout.strip() == "(3, 12) 42", run.stderr
+    again = subprocess.run(["/bin/bash", "-c", script], env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr  # a re-run setup keeps the venv

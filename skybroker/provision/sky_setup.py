@@ -72,7 +72,7 @@ def setup_script(install_target: str) -> str:
         [
             "set -e",
             pick_python_script(),
-            f'if command -v uv >/dev/null 2>&1; then uv venv -q --python "$SB_PY" {VENV}; '
+            f'if command -v uv >/dev/null 2>&1; then uv venv -q --allow-existing --python "$SB_PY" {VENV}; '
             f'else "$SB_PY" -m venv {VENV}; fi',
             f"if command -v uv >/dev/null 2>&1; then uv pip install -q --python {PYTHON} "
             f"{install_target}; else {PYTHON} -m pip install -q {install_target}; fi",

@@ -7,11 +7,14 @@ the rules of what SkyPilot's states mean are in `sky_jobs`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Any
 
 from skybroker.provision import ProvisionError, ReplicaHandle, ReplicaState, sky_jobs, sky_names
 from skybroker.provision.sky_sdk import map_sky_error
+
+log = logging.getLogger(__name__)
 
 
 def _refresh(mode: str) -> Any:
@@ -27,6 +30,8 @@ class Seen:
     job_status: str | None = None
     job_checked_at: float = 0.0
     failure: str | None = None
+    progress: str | None = None
+    progress_at: float = 0.0
 
 
 class SkyWatch:
@@ -100,7 +105,10 @@ class SkyWatch:
         now = time.monotonic()
         if now - seen.job_checked_at >= self.job_poll_s:
             seen.job_checked_at = now
-            seen.job_status = self._job_status(cluster, handle.info["job_id"])
+            try:
+                seen.job_status = self._job_status(cluster, handle.info["job_id"])
+            except ProvisionError as e:  # this cluster's job cannot be read now: unknown
+                log.debug("job state of %s: %s", cluster, e)
         return seen.job_status in sky_jobs.JOB_ENDED
 
     def _job_failure(self, handle: ReplicaHandle, cluster: str, seen: Seen) -> str:
@@ -134,8 +142,14 @@ class SkyWatch:
         job_id = handle.info.get("job_id")
         if job_id is None:
             return None
+        seen = self._seen.setdefault(handle.name, Seen())
+        now = time.monotonic()
+        if seen.progress is not None and now - seen.progress_at < self.job_poll_s:
+            return seen.progress  # two SSH round trips: at most every job_poll_s
         try:
             status = self._job_status(self._cluster(handle), job_id)
-            return sky_jobs.progress_marker(status, self.logs(handle, tail=5))
+            marker = sky_jobs.progress_marker(status, self.logs(handle, tail=5))
         except ProvisionError:
             return None
+        seen.progress, seen.progress_at = marker, now
+        return marker
