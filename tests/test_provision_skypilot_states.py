@@ -192,6 +192,9 @@ def test_long_deployment_names_no_longer_collide(sky) -> None:  # noqa: F811
         limit = registry.CLOUD_REGISTRY.from_str(cloud_name).max_cluster_name_length()
         on_cloud = common_utils.make_cluster_name_on_cloud(name, limit)
         assert on_cloud.startswith(name + "-"), (cloud_name, limit, on_cloud)
+        cloud = registry.CLOUD_REGISTRY.from_str(cloud_name)
+        for key, value in sky_names.labels("x" * 90, BROKER).items():  # GCP's rules are strict
+            assert cloud.is_label_valid(key, value) == (True, None), (cloud_name, key)
 
 
 def test_broker_id_is_kept_under_the_brokers_home(tmp_path) -> None:

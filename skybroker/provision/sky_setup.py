@@ -31,9 +31,12 @@ LOAD_BYTES_PER_S = 200e6  # safetensors from the instance's disk into GPU memory
 MARGIN = 1.5
 MIN_DEADLINE_S = 900.0
 UNKNOWN_WEIGHT_BYTES = 16e9  # a model the broker cannot size: taken as an 8B in bf16
-# Sustained download rate from the Hugging Face hub, per cloud: an assumption well below the
-# instances' network (AWS lists its GPU instances at "up to 10 Gbps" and more; GCP, Azure
-# similar), because one hub download rarely keeps up with the NIC. Unlisted clouds: DEFAULT.
+# Sustained download rate from the Hugging Face hub, per cloud: an assumption, about a
+# twelfth of what the network allows. The catalog has no bandwidth column; AWS's EC2 user
+# guide ("Amazon EC2 instance network bandwidth") caps traffic through an internet gateway
+# at 5 Gbps (625 MB/s) for instances under 32 vCPUs and any single flow at 5 Gbps, and one
+# hub download rarely fills that. GCP and Azure get AWS's figure (not checked against their
+# documentation); clouds without a figure here (RunPod, Lambda, ...) get half of it.
 DOWNLOAD_BYTES_PER_S: dict[str, float] = {"aws": 50e6, "gcp": 50e6, "azure": 50e6}
 DEFAULT_DOWNLOAD_BYTES_PER_S = 25e6
 
