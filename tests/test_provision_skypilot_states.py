@@ -84,11 +84,15 @@ def test_stopped_and_autostopping_clusters(fake, tmp_path) -> None:
     fake.stop(spot.info["cluster"])  # Azure deallocates a reclaimed spot VM
     fake.stop(ondemand.info["cluster"])
     assert prov.statuses([spot, ondemand]) == {"chat-1": "PREEMPTED", "chat-2": "DEAD"}
+    assert "stopped by the cloud (preempted)" in prov.failure(spot)
+    assert prov.failure(ondemand).endswith("is STOPPED (stopped outside the broker?)")
     third = _launch(prov, name="chat-3", spot=False)
     fake.clusters[third.info["cluster"]].status = "AUTOSTOPPING"  # idle: the job ended
     fake.end_job(third.info["cluster"], "FAILED", ["engine: CUDA out of memory"])
     assert prov.status(third) == ReplicaState.FAILED
-    assert "CUDA out of memory" in prov.failure(third)
+    why = prov.failure(third)
+    assert why.startswith(f"job 1 on {third.info['cluster']} is FAILED; log tail: ")
+    assert "CUDA out of memory" in why and "AUTOSTOPPING" in why
 
 
 # -- 2. the replica's job ------------------------------------------------------------------

@@ -82,12 +82,19 @@ class SkyWatch:
             handle.info["seen_up"] = True
             if handle.info.get("job_id") is not None and self._job_ended(handle, cluster, seen):
                 state = ReplicaState.FAILED
+        status = sky_jobs.value(sky_names.field_of(record, "status")) if record else None
         if state in (ReplicaState.PREEMPTED, ReplicaState.DEAD) and record is None:
             seen.failure = sky_jobs.vanished_reason(cluster, spot, seen_up)
         elif state == ReplicaState.PREEMPTED:
             seen.failure = f"spot cluster {cluster} was stopped by the cloud (preempted)"
+        elif state == ReplicaState.DEAD:
+            seen.failure = f"cluster {cluster} is {status} (stopped outside the broker?)"
         elif state == ReplicaState.FAILED and seen.failure is None:
+            if seen.job_status is None and handle.info.get("job_id") is not None:
+                self._job_ended(handle, cluster, seen)  # AUTOSTOPPING: read how the job ended
             seen.failure = self._job_failure(handle, cluster, seen)
+            if status == "AUTOSTOPPING":
+                seen.failure += f"; the cluster is AUTOSTOPPING (idle: {cluster}'s job ended)"
         return state
 
     def _job_status(self, cluster: str, job_id: Any) -> str | None:
@@ -117,7 +124,7 @@ class SkyWatch:
             log = self.logs(handle, tail=40)
         except ProvisionError as e:
             log = f"(log unavailable: {e})"
-        return sky_jobs.failure_text(cluster, job_id, seen.job_status or "AUTOSTOPPING", log)
+        return sky_jobs.failure_text(cluster, job_id, seen.job_status, log)
 
     def failure(self, handle: ReplicaHandle) -> str | None:
         """Why a FAILED, PREEMPTED or DEAD replica ended: the job's state and exit code and its
