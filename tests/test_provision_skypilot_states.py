@@ -312,7 +312,8 @@ def _bin(tmp_path: Path, pythons: dict[str, str]) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, version in pythons.items():
-        (bin_dir / name).symlink_to(PYENV / version / "bin" / "python")
+        target = Path(version) if version.startswith("/") else PYENV / version / "bin" / "python"
+        (bin_dir / name).symlink_to(target)
     return bin_dir
 
 
@@ -320,6 +321,18 @@ needs_pyenv = pytest.mark.skipif(
     not (PYENV / "3.10.13").is_dir() or not (PYENV / "3.12.1").is_dir(),
     reason="needs pyenv's 3.10 and 3.12 interpreters",
 )
+
+
+def test_setup_takes_the_python3_on_path_when_it_is_new_enough(tmp_path) -> None:
+    out = _pick(_bin(tmp_path, {"python3": sys.executable}))
+    assert out.returncode == 0, out.stderr
+    assert f"picked={tmp_path}/bin/python3" in out.stdout
+
+
+def test_setup_without_any_python_or_uv_fails_clearly(tmp_path) -> None:
+    out = _pick(_bin(tmp_path, {}))
+    assert out.returncode == 1
+    assert sky_setup.NO_PYTHON in out.stderr
 
 
 @needs_pyenv
@@ -373,13 +386,16 @@ def _tiny_wheel(tmp_path: Path) -> Path:
 UV = Path(sys.executable).parent / "uv"
 
 
-@needs_pyenv
 @pytest.mark.skipif(not UV.exists(), reason="needs uv beside the test interpreter")
 def test_setup_makes_a_venv_with_a_new_enough_python_and_installs_into_it(tmp_path) -> None:
-    """The whole setup script, offline: python3 on PATH is 3.10, so it takes python3.12,
-    makes the venv with uv and installs the package there; the run's Python is that venv's."""
+    """The whole setup script, offline: with pyenv's interpreters, python3 on PATH is 3.10,
+    so it takes python3.12 (else the test's own Python as python3); makes the venv with uv
+    and installs the package there; the run's Python is that venv's."""
     wheel = _tiny_wheel(tmp_path)
-    bin_dir = _bin(tmp_path, {"python3": "3.10.13", "python3.12": "3.12.1"})
+    have_pyenv = (PYENV / "3.10.13").is_dir() and (PYENV / "3.12.1").is_dir()
+    pythons = {"python3": "3.10.13", "python3.12": "3.12.1"} if have_pyenv else {}
+    bin_dir = _bin(tmp_path, pythons or {"python3": sys.executable})
+    want = "(3, 12)" if have_pyenv else str(tuple(sys.version_info[:2]))
     (bin_dir / "uv").symlink_to(UV)
     home = tmp_path / "home"
     home.mkdir()
@@ -391,6 +407,6 @@ def test_setup_makes_a_venv_with_a_new_enough_python_and_installs_into_it(tmp_pa
         ["/bin/bash", "-c", f'{sky_setup.PYTHON} -c "import sys, tinypkg; print(sys.version_info[:2], tinypkg.VALUE)"'],
         env=env, capture_output=True, text=True,
     )  # fmt: skip
-    assert run.stdout.strip() == "(3, 12) 42", run.stderr
+    assert run.stdout.strip() == f"{want} 42", run.stderr
     again = subprocess.run(["/bin/bash", "-c", script], env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr  # a re-run setup keeps the venv

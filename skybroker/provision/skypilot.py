@@ -8,7 +8,9 @@ and labelled with the broker and replica they belong to (`sky_names`). Every cal
 through SkyPilot's client SDK module (`sky.client.sdk`: `launch` returns a request id,
 `stream_and_get` / `get` wait; `sky_sdk`), never through names on the `sky` package that a
 submodule import can shadow. A replica's state comes from its cluster's record and its job
-(`sky_jobs`): a reclaimed spot cluster is PREEMPTED, a job that ended is FAILED.
+(`sky_watch`, by the rules in `sky_jobs`): a reclaimed spot cluster is PREEMPTED, a job that
+ended is FAILED. Launch requests are recorded under $SKYBROKER_HOME so a restarted broker
+cancels them (`reconcile_launch`, `terminate`) and downs clusters no replica owns (`sweep`).
 """
 
 from __future__ import annotations
