@@ -7,6 +7,11 @@ NAME,NAME..., terminate NAME) or:
 - `deploy SPEC_YAML TIMEOUT_S`: a Controller with the SkyPilot provisioner plans the spec,
   creates the deployment and reconciles until its first replica launch has failed (or is
   up), then prints the deployment's events and replicas and deletes it;
+- `cancel NAME`: the launch of deployment NAME's replica, cancelled through the provisioner
+  (`reconcile_launch`, the request id it recorded); prints the replica, its cluster and what
+  was done;
+- `status_as REPLICA SPOT SEEN_UP`: the replica's state from a handle holding only these
+  (what a stored handle remembers);
 - `adopt NAME FORGET`: a restarted broker: the store's replicas of deployment NAME are first
   marked TERMINATED when FORGET is 1 (a store that lost track of a launch), then a
   Controller adopts (cleans up, sweeps unknown clusters); prints the launch requests that
@@ -77,6 +82,22 @@ def adopt(name: str, forget: str) -> dict[str, Any]:
     return {"requests": requests, "events": events, "launch_records_left": left}
 
 
+def cancel(name: str) -> dict[str, Any]:
+    from skybroker.state import Store
+
+    [rep] = Store().list_replicas(name)
+    prov = SkyPilotProvisioner()
+    done = prov.reconcile_launch(ReplicaHandle("skypilot", rep.name))
+    return {"replica": rep.name, "cluster": prov.cluster_of(rep.name), "done": done}
+
+
+def status_as(replica: str, spot: str, seen_up: str) -> str:
+    info = {"spot": spot == "1", "seen_up": seen_up == "1"}
+    prov = SkyPilotProvisioner()
+    handle = ReplicaHandle("skypilot", replica, info=info)
+    return f"{prov.status(handle).value}: {prov.failure(handle)}"
+
+
 def main(call: str, *args: str) -> None:
     prov = SkyPilotProvisioner()
     try:
@@ -84,6 +105,10 @@ def main(call: str, *args: str) -> None:
             result: Any = deploy(*args)
         elif call == "adopt":
             result = adopt(*args)
+        elif call == "cancel":
+            result = cancel(*args)
+        elif call == "status_as":
+            result = status_as(*args)
         elif call == "statuses":
             handles = [ReplicaHandle("skypilot", n) for n in args[0].split(",")]
             result = {k: v.value for k, v in prov.statuses(handles).items()}

@@ -23,7 +23,13 @@ from typing import Any
 import pytest
 import yaml
 
-from skybroker.provision.sky_names import BROKER_LABEL, broker_id, cluster_name
+from skybroker.provision.sky_names import (
+    BROKER_LABEL,
+    REPLICA_LABEL,
+    broker_id,
+    cluster_name,
+    replica_hash,
+)
 from tests.skypilot_env import ROOT, SkyServers, replica_spec, sky_servers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -35,11 +41,15 @@ def servers(tmp_path_factory: pytest.TempPathFactory):
         yield s
 
 
-def drive(servers: SkyServers, *args: str, timeout: float = 300) -> dict[str, Any]:
+def drive(
+    servers: SkyServers, *args: str, timeout: float = 300, home: Path | None = None
+) -> dict[str, Any]:
+    """Run a sky_driver call; `home`: that broker's SKYBROKER_HOME instead of the default."""
+    env = {**servers.env, "SKYBROKER_HOME": str(home)} if home else servers.env
     out = subprocess.run(
         [sys.executable, "-m", "tests.sky_driver", *args],
         cwd=ROOT,
-        env=servers.env,
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -179,42 +189,82 @@ def test_launch_on_moto_creates_the_planned_instance_then_tears_it_down(
     assert left == [], [(i["InstanceId"], i["State"]["Name"]) for i in left]
 
 
-def test_a_broker_killed_mid_launch_leaks_no_cluster(servers: SkyServers, tmp_path: Path) -> None:
-    """The broker dies while SkyPilot's API server runs its launch; the restarted broker's
-    store has lost track of the replica (its row TERMINATED). Adoption finds the launch
-    request the provisioner recorded, cancels it, and sweeps the cluster that carries this
-    broker's prefix and labels: nothing is left running in moto."""
-    spec = _write_spec(tmp_path / "spec.yaml", "moto-crash")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.sky_driver", "deploy", str(spec), "600"],
-        cwd=ROOT,
-        env=servers.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    launches = servers.home / "skybroker" / "skypilot" / "launches"
+def _state(servers: SkyServers, instance_id: str) -> str:
+    [inst] = [i for i in servers.instances() if i["InstanceId"] == instance_id]
+    return inst["State"]["Name"]
+
+
+def _tags(inst: dict[str, Any]) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in inst.get("Tags", [])}
+
+
+def test_a_broker_killed_mid_launch_leaks_no_cluster_and_a_reclaim_is_a_preemption(
+    servers: SkyServers, tmp_path: Path
+) -> None:
+    """Two brokers (own stores and ids) launch through one SkyPilot API server and are
+    SIGKILLed mid-launch. `moto-crash`: the restarted broker's store has lost track of the
+    replica (its row TERMINATED); adoption finds the launch request the provisioner recorded,
+    cancels it and sweeps the cluster carrying this broker's prefix and labels, leaving the
+    other broker's alone. `moto-reclaim`: its launch is cancelled, then the cloud reclaims
+    the spot instance; SkyPilot's refresh drops the cluster (`sky.status` lists nothing),
+    which a replica that was UP on spot reads as PREEMPTED and on-demand as DEAD. Nothing is
+    left running in moto."""
+    homes = {name: tmp_path / name for name in ("moto-crash", "moto-reclaim")}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "tests.sky_driver", "deploy",
+             str(_write_spec(tmp_path / f"{name}.yaml", name)), "600"],
+            cwd=ROOT, env={**servers.env, "SKYBROKER_HOME": str(home)},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for name, home in homes.items()
+    }  # fmt: skip
+    records = [home / "skypilot" / "launches" for home in homes.values()]
     seen: dict[str, dict[str, Any]] = {}
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 400
     try:
-        while not (seen and list(launches.glob("*.json"))) and time.monotonic() < deadline:
-            assert proc.poll() is None, "the broker ended before its launch got an instance"
+        while time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs.values()), "a broker ended early"
             for inst in servers.instances():
                 if inst["State"]["Name"] in ("pending", "running"):
                     seen[inst["InstanceId"]] = inst
+            if len(seen) == 2 and all(list(r.glob("*.json")) for r in records):
+                break
             time.sleep(1)
     finally:
-        proc.kill()  # SIGKILL: no cleanup of any kind
-        proc.wait(30)
-    assert seen, "SkyPilot created no instance in moto"
-    broker = broker_id(servers.home / "skybroker")
-    for inst in seen.values():  # the cluster carries the ownership labels as EC2 tags
-        tags = {t["Key"]: t["Value"] for t in inst.get("Tags", [])}
-        assert tags.get(BROKER_LABEL) == broker, tags
-    answer = drive(servers, "adopt", "moto-crash", "1", timeout=400)["ok"]
+        for proc in procs.values():
+            proc.kill()  # SIGKILL: no cleanup of any kind
+            proc.wait(30)
+    assert len(seen) == 2, f"SkyPilot created {len(seen)} of 2 instances in moto"
+    brokers = {name: broker_id(home) for name, home in homes.items()}
+    assert len(set(brokers.values())) == 2  # two brokers, two ids
+    assert {_tags(i).get(BROKER_LABEL) for i in seen.values()} == set(brokers.values())
+
+    answer = drive(servers, "adopt", "moto-crash", "1", timeout=400, home=homes["moto-crash"])
+    answer = answer["ok"]
     [(cluster, statuses)] = answer["requests"].items()
-    assert cluster.startswith(f"sb-{broker}-moto-cras")  # the slug: a prefix of the name
+    assert cluster.startswith(f"sb-{brokers['moto-crash']}-moto-cras"), cluster
     assert statuses == ["CANCELLED"], answer
     assert answer["launch_records_left"] == []
+    by_broker = {_tags(i)[BROKER_LABEL]: i["InstanceId"] for i in seen.values()}
+    crash_id, reclaim_id = by_broker[brokers["moto-crash"]], by_broker[brokers["moto-reclaim"]]
+    assert _state(servers, crash_id) in ("shutting-down", "terminated")  # swept
+    assert _state(servers, reclaim_id) in ("pending", "running")  # another broker's: kept
+
+    reclaim = drive(servers, "cancel", "moto-reclaim", home=homes["moto-reclaim"])["ok"]
+    assert reclaim["done"].startswith("cancelled launch request"), reclaim
+    mine = [i["InstanceId"] for i in seen.values()
+            if _tags(i).get(REPLICA_LABEL) == replica_hash(reclaim["replica"])]  # fmt: skip
+    assert len(mine) == 1
+    servers.ec2().terminate_instances(InstanceIds=mine)  # the cloud reclaims the spot VM
+    state = drive(servers, "status_as", reclaim["replica"], "1", "1", home=homes["moto-reclaim"])
+    state = state["ok"]
+    assert state.startswith("PREEMPTED: spot cluster"), state
+    assert "preempted" in state
+    state = drive(servers, "status_as", reclaim["replica"], "0", "1", home=homes["moto-reclaim"])
+    state = state["ok"]
+    assert state.startswith("DEAD: on-demand cluster"), state
+
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         left = [i for i in servers.instances() if i["State"]["Name"] != "terminated"]

@@ -425,10 +425,10 @@ class SkyPilotProvisioner(SkyWatch):
         prefix = sky_names.broker_prefix(self.broker)
         gone: list[str] = []
         launches = self.home / "skypilot" / "launches"
-        for path in sorted(launches.glob("*.json")) if launches.is_dir() else []:
-            record = self._launch_record(path.stem) or {}
-            request_id = record.get("request_id")
-            if path.stem not in known and request_id and self._cancel_if_live(str(request_id)):
+        stale = [p for p in sorted(launches.glob("*.json")) if p.stem not in known]
+        for path in stale:
+            request_id = (self._launch_record(path.stem) or {}).get("request_id")
+            if request_id and self._cancel_if_live(str(request_id)):
                 gone.append(path.stem)
         for record in self._records(None, "NONE"):
             cluster = str(sky_names.field_of(record, "name"))
@@ -443,9 +443,8 @@ class SkyPilotProvisioner(SkyWatch):
             self._logs.pop(cluster, None)
             if cluster not in gone:
                 gone.append(cluster)
-        for cluster in gone:
-            with contextlib.suppress(FileNotFoundError):
-                self._launch_file(cluster).unlink()
+        for path in stale:  # no live replica will ever finish these launches
+            path.unlink(missing_ok=True)
         return gone
 
     # -- endpoints and logs ---------------------------------------------------------------------
