@@ -414,8 +414,7 @@ class SkyPilotProvisioner(SkyWatch):
         self._down(cluster, handle.name, handle.name)
         with contextlib.suppress(FileNotFoundError):
             self._launch_file(cluster).unlink()
-        self._logs.pop(handle.name, None)
-        self._seen.pop(handle.name, None)
+        self._logs.pop(handle.name, None)  # _seen stays: failure() may be asked after
 
     def sweep(self, known_names: set[str] | list[str]) -> list[str]:
         """Down the clusters with this broker's name prefix whose replica the store does not
