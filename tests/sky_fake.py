@@ -29,6 +29,7 @@ class Cluster:
     job_status: str = "SETTING_UP"
     log: list[str] = field(default_factory=list)
     expose_after: int = 0  # endpoints calls that answer {} first
+    job_error: BaseException | None = None  # what job_status raises (e.g. ClusterNotUpError)
 
 
 @dataclass
@@ -145,6 +146,8 @@ class FakeSDK:
         if c is None:
             return self._request("job_status", cluster_name,
                                  sx.ClusterDoesNotExist(f"Cluster {cluster_name!r} does not exist."))  # fmt: skip
+        if c.job_error is not None:
+            return self._request("job_status", cluster_name, c.job_error)
         return self._request("job_status", cluster_name,
                              {j: JobStatus(c.job_status) for j in job_ids or [1]})  # fmt: skip
 

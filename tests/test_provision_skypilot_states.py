@@ -129,6 +129,20 @@ def test_an_engine_crash_reports_the_return_code(fake, tmp_path) -> None:
     assert "is FAILED; exit code 137" in prov.failure(handle)
 
 
+def test_an_unreadable_job_state_leaves_the_replica_running_and_others_answered(
+    fake, tmp_path
+) -> None:
+    from sky import exceptions as sx
+
+    prov = _prov(tmp_path)
+    flaky, fine = _launch(prov, name="chat-1"), _launch(prov, name="chat-2")
+    fake.clusters[flaky.info["cluster"]].job_error = sx.CommandError(
+        255, "ssh", "Failed to run command: ssh timed out", None
+    )
+    fake.end_job(fine.info["cluster"], "FAILED", ["boom"])
+    assert prov.statuses([flaky, fine]) == {"chat-1": "RUNNING", "chat-2": "FAILED"}
+
+
 def test_job_state_is_polled_at_most_every_job_poll_s(fake, tmp_path) -> None:
     prov = _prov(tmp_path, job_poll_s=3600)
     handle = _launch(prov)
