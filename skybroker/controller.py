@@ -46,6 +46,7 @@ from skybroker.provision import (
     ReplicaSpec,
     ReplicaState,
     get_provisioner,
+    sweep_unknown,
 )
 from skybroker.replica_auth import ReplicaClients
 from skybroker.router import Router
@@ -338,6 +339,7 @@ class Controller:
                 except ProvisionError as e:  # e.g. a missing extra: keep the others going
                     log.error("cannot adopt %s: %s", dep.name, e)
                     self.store.add_event(dep.name, "error", f"cannot adopt after restart: {e}")
+            sweep_unknown(self.provisioners.values(), self.store)
 
     def _adopt(self, dep: Deployment) -> None:
         if dep.status == DeploymentStatus.DELETING:

@@ -322,6 +322,8 @@ def _show_deployment(d: dict[str, Any]) -> None:
             r["url"] or "-",
         )
     console.print(table)
+    for note in d.get("left_open", []):
+        console.print(f"[yellow]open:[/yellow] {note}", highlight=False)
     if d.get("autoscale"):
         _show_scaling(d["autoscale"])
     if d["events"]:

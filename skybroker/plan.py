@@ -47,6 +47,7 @@ from skybroker.plan_problem import (
     local_replicas,
     with_perf,
 )
+from skybroker.provision.ports import left_open, port_unreachable
 from skybroker.spec import DeploymentSpec
 
 MIX_ROUNDS = 3  # re-solves with corrected capacities at most
@@ -114,6 +115,9 @@ class Plan:
     model: str = ""
     request_classes: list[dict[str, Any]] = field(default_factory=list)
     perf_notes: list[str] = field(default_factory=list)  # measured profiles skipped, and why
+    # offerings left out because SkyPilot cannot open ports there, and what stays open on
+    # the clouds placed (skybroker.provision.ports)
+    network_notes: list[str] = field(default_factory=list)
     mix_rounds: int = 0  # ILP re-solves after correcting capacities for the simulated mixes
     # every placement's simulated mix within MIX_TOL of its (corrected) linear capacity; False
     # when the re-solves ran out first (the placements' mix_rule_error says by how much)
@@ -159,6 +163,7 @@ class Plan:
             "baseline_notes": self.baseline_notes,
             "request_classes": self.request_classes,
             "perf_notes": self.perf_notes,
+            "network_notes": self.network_notes,
             "mix_rounds": self.mix_rounds,
             "mix_confirmed": self.mix_confirmed,
         }
@@ -179,6 +184,18 @@ def _rows(spec: DeploymentSpec, catalog: Catalog | None, blocklist: frozenset[Of
 
         catalog = load_catalog()
     return catalog, allowed_offerings(spec, catalog, blocklist)
+
+
+def network_notes(spec: DeploymentSpec, catalog: Catalog, placements: list[Placement]) -> list[str]:
+    """What the plan left out because SkyPilot cannot expose a port there (said where the
+    constraints name that cloud or region), and what stays open on the clouds placed."""
+    named = set(spec.constraints.clouds or []) | set(spec.constraints.regions or [])
+    skipped = sorted({(o.cloud, o.region) for o in catalog.offerings
+                      if (o.cloud in named or o.region in named)
+                      and port_unreachable(o.cloud, o.region)})  # fmt: skip
+    notes = [f"left out {cloud} {region}: {port_unreachable(cloud, region)}"
+             for cloud, region in skipped]  # fmt: skip
+    return notes + left_open(p.offering.cloud for p in placements)
 
 
 def make_plan(spec: DeploymentSpec, catalog: Catalog | None = None,
@@ -273,6 +290,7 @@ def make_plan(spec: DeploymentSpec, catalog: Catalog | None = None,
                                                                 lambda k: _linear(refine(k)))  # fmt: skip
     # the notes of the configurations placed (every configuration would repeat them per TP)
     plan.perf_notes = sorted({n for i in sol.counts for n in meta.perf[i].notes})
+    plan.network_notes = network_notes(spec, catalog, plan.placements)
     searched = sorted({k[0] for k, rp in perf.items() if rp and rp.exact})
     plan.solver = SolverInfo(sol.status, sol.solve_time_s, sol.gap, sol.build_time_s, perf_s[0],
                              len(rows), len(problem.offerings), sol.num_offerings,

@@ -202,6 +202,8 @@ def render_plan(plan: Plan, wide: bool = False) -> None:
     _print_headroom(con, plan)
     for note in summarize_notes(plan.perf_notes):
         con.print(f"note: {note}", highlight=False)
+    for note in plan.network_notes:
+        con.print(f"network: {note}", highlight=False)
     for name, cost in plan.baselines.items():
         note = plan.baseline_notes.get(name, "")
         if cost is None:

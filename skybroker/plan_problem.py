@@ -22,6 +22,7 @@ from skybroker.perf.roofline import (
 )
 from skybroker.perf.workload import RequestClass
 from skybroker.plan_perf import ConfigKey, ReplicaPerf
+from skybroker.provision.ports import port_unreachable
 from skybroker.spec import DeploymentSpec, SpecError
 
 OfferingKey = tuple[str, str, str, bool]  # (cloud, region, instance_type, spot)
@@ -80,6 +81,8 @@ def allowed_offerings(spec: DeploymentSpec, catalog: Catalog,
         if (c.regions and o.region not in c.regions) or o.region in c.exclude_regions:
             continue
         if (gpus is not None and o.gpu.lower() not in gpus) or o.gpu.lower() in excl_g:
+            continue
+        if port_unreachable(o.cloud, o.region):  # replicas there could never be reached
             continue
         for spot in markets:
             price = o.hourly(spot)

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from skybroker.health import FailureRun
+from skybroker.provision.ports import left_open
 from skybroker.state import Deployment, Event, Replica, ReplicaStatus
 from skybroker.tls import fingerprint
 
@@ -53,6 +54,9 @@ def deployment_view(
             for r in reps
         ],
         "blocklist": [list(k) for k in dep.blocklist],
+        # firewall rules SkyPilot opened beyond the replicas (account-wide ones stay open
+        # after the replicas go down)
+        "left_open": left_open(r.cloud for r in reps),
         "failures": run.count,  # in a row (see skybroker.health)
         "next_launch_in_s": round(wait, 1) if run.count and wait > 0 else None,
         "events": [

@@ -76,9 +76,8 @@ def prov(tmp_path: Path, fake_engine_dir: Path):
 
 
 def _spec(name: str = "demo-1", **kw) -> ReplicaSpec:
-    return ReplicaSpec(
-        name=name, deployment="demo", model="/models/tiny", served_model_name="tiny", **kw
-    )
+    kw.setdefault("model", "/models/tiny")
+    return ReplicaSpec(name=name, deployment="demo", served_model_name="tiny", **kw)
 
 
 def _wait_http(url: str, timeout: float = 20) -> httpx.Response:
@@ -157,6 +156,31 @@ def test_sigkill_is_seen_as_dead(prov) -> None:
         time.sleep(0.05)
     assert prov.status(handle) == ReplicaState.DEAD
     prov.terminate(handle)  # kills the orphaned grandchild in the group
+
+
+def test_statuses_failure_progress_and_deadline(prov, tmp_path) -> None:
+    handle = prov.launch(_spec())
+    other = ReplicaHandle(provider="local", name="never-launched")
+    _wait_http(handle.url + "/health")
+    assert prov.statuses([handle, other]) == {"demo-1": "RUNNING", "never-launched": "DEAD"}
+    assert prov.failure(handle) is None  # still running
+    size = prov.progress(handle)
+    assert size is not None and int(size) > 0  # the log has the command and the banner
+    (prov.run_dir("demo-1") / "engine.log").open("a").write("loading weights\n")
+    assert prov.progress(handle) != size
+    (prov.run_dir("demo-1") / "engine.log").open("a").write("Traceback: CUDA error\n")
+    os.killpg(handle.info["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while prov.status(handle) != ReplicaState.DEAD and time.monotonic() < deadline:
+        time.sleep(0.05)
+    why = prov.failure(handle)
+    assert why.startswith("replica demo-1's engine process ended; killed by signal 9")
+    assert "Traceback: CUDA error" in why
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"\0" * 1000)
+    assert prov.startup_deadline_s(_spec(model=str(model))) == 300.0
+    big = prov.startup_deadline_s(_spec(model="meta-llama/Llama-3.1-70B-Instruct"))
+    assert big == pytest.approx(120 + 141.1e9 / 100e6, rel=0.01)
 
 
 def test_reused_pid_is_not_killed(prov) -> None:

@@ -30,11 +30,12 @@ from skybroker.provision import (
     ProvisionError,
     ReplicaSpec,
 )
+from skybroker.provision.sky_names import cluster_name, replica_hash
+from skybroker.provision.sky_setup import PYTHON, progress_loop, setup_script
 from skybroker.provision.skypilot import (
     SKYPILOT_RANGE,
     SkyPilotProvisioner,
     check_sdk,
-    cluster_name,
     import_sky,
     map_sky_error,
     missing_sdk_calls,
@@ -43,6 +44,13 @@ from tests.skypilot_env import ROOT, free_port, replica_spec, seed_catalogs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 WHEEL = "skybroker-0.1.0-py3-none-any.whl"
+BROKER = "brk22"
+CLUSTER = cluster_name("demo-12", BROKER)
+LABELS = {"skybroker-broker": BROKER, "skybroker-replica": replica_hash("demo-12")}
+
+
+def Prov(**kw: Any) -> SkyPilotProvisioner:
+    return SkyPilotProvisioner(**{"broker": BROKER, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -79,26 +87,32 @@ def wheel(tmp_path: Path) -> Path:
     return path
 
 
+def run_script(*engines: str) -> str:
+    """The run script around `engines` (each ending in ` &`): pids kept, the model cache's
+    progress printed while they live, the first engine's exit ends the job."""
+    lines = ["pids="]
+    for engine in engines:
+        lines += [engine, 'pids="$pids $!"']
+    return "\n".join([*lines, progress_loop("$pids"), "wait -n $pids; code=$?",
+                      "kill $pids 2>/dev/null", "exit $code"])  # fmt: skip
+
+
 def _spec(**kw: Any) -> ReplicaSpec:
     base = dict(engine_args={"max_model_len": 4096}, envs={"SKYBROKER_LOG": "info"})
     return replica_spec(**{**base, **kw})
 
 
-def test_cluster_names_are_valid() -> None:
-    assert cluster_name("demo-12") == "sb-demo-12"
-    assert cluster_name("My_Deploy.v2-3") == "sb-my-deploy-v2-3"
-    assert len(cluster_name("x" * 200)) <= 60
-
-
 def test_golden_task_yaml_for_hub_model(sky, wheel) -> None:
-    prov = SkyPilotProvisioner(workdir=False, wheel=wheel)
+    prov = Prov(workdir=False, wheel=wheel)
     config = prov.build_task(_spec()).to_yaml_config()
     assert "HF_TOKEN" not in config["envs"]  # secrets travel as SkyPilot secrets only
     assert config == {
-        "name": "sb-demo-12",
-        "setup": f"pip install -q '/skybroker/dist/{WHEEL}[engine,gpu]'",
-        "run": "python -m engine.serve --model meta-llama/Llama-3.1-8B-Instruct "
-        "--served-model-name llama --host 0.0.0.0 --port 8000 --max-model-len 4096",
+        "name": CLUSTER,
+        "setup": setup_script(f"'/skybroker/dist/{WHEEL}[engine,gpu]'"),
+        "run": run_script(
+            f"{PYTHON} -m engine.serve --model meta-llama/Llama-3.1-8B-Instruct "
+            "--served-model-name llama --host 0.0.0.0 --port 8000 --max-model-len 4096 &"
+        ),
         "envs": {"SKYBROKER_LOG": "info"},
         "secrets": {"HF_TOKEN": "hf_secret_value"},
         "num_nodes": 1,
@@ -110,6 +124,7 @@ def test_golden_task_yaml_for_hub_model(sky, wheel) -> None:
             "accelerators": {"A10G": 1},
             "use_spot": True,
             "ports": ["8000"],
+            "labels": LABELS,
             "memory": "16.0",
         },
     }
@@ -120,7 +135,7 @@ def test_task_for_local_model_dir_and_gguf_uses_file_mounts_and_workdir(sky, tmp
     model_dir.mkdir()
     gguf = tmp_path / "smollm2.gguf"
     gguf.write_bytes(b"GGUF")
-    prov = SkyPilotProvisioner(workdir=tmp_path)
+    prov = Prov(workdir=tmp_path)
     task = prov.build_task(
         _spec(
             model=str(model_dir),
@@ -133,7 +148,8 @@ def test_task_for_local_model_dir_and_gguf_uses_file_mounts_and_workdir(sky, tmp
     config = task.to_yaml_config()
     assert config["file_mounts"] == {"/skybroker/model": str(model_dir)}
     assert config["workdir"] == str(tmp_path)
-    assert config["setup"] == "pip install -q -e '.[engine,gpu]'"
+    assert config["setup"] == setup_script("-e '.[engine,gpu]'")
+    assert config["setup"].endswith("install -q -e '.[engine,gpu]'; fi")
     assert "--model /skybroker/model " in config["run"]
     assert "--tensor-parallel-size 4" in config["run"]
     assert config["resources"]["instance_type"] == "g5.12xlarge"
@@ -144,14 +160,14 @@ def test_task_for_local_model_dir_and_gguf_uses_file_mounts_and_workdir(sky, tmp
 
 
 def test_resources_are_pinned(sky) -> None:
-    res = SkyPilotProvisioner().build_resources(_spec(region="us-west-2"))
+    res = Prov().build_resources(_spec(region="us-west-2"))
     assert str(res.cloud) == "AWS"
     assert res.region == "us-west-2"
     assert res.instance_type == "g5.xlarge"
     assert res.use_spot is True
     assert res.ports == ["8000"]
     with pytest.raises(ProvisionError, match="use infra: local"):
-        SkyPilotProvisioner().build_resources(_spec(cloud="local"))
+        Prov().build_resources(_spec(cloud="local"))
 
 
 def test_project_root_is_this_checkout() -> None:
@@ -165,7 +181,7 @@ def test_project_root_is_this_checkout() -> None:
 def test_golden_task_yaml_for_data_parallel_spot_placement(sky, wheel) -> None:
     """A placement of 2 engines x TP 2 on a 4-GPU spot instance: one engine per GPU pair and
     port, every port exposed, GPUs and market pinned."""
-    prov = SkyPilotProvisioner(workdir=False, wheel=wheel)
+    prov = Prov(workdir=False, wheel=wheel)
     spec = _spec(
         instance_type="g5.12xlarge",
         gpu_count=4,
@@ -176,15 +192,17 @@ def test_golden_task_yaml_for_data_parallel_spot_placement(sky, wheel) -> None:
     )
     config = prov.build_task(spec).to_yaml_config()
     engine = (
-        "python -m engine.serve --model meta-llama/Llama-3.1-8B-Instruct "
+        f"{PYTHON} -m engine.serve --model meta-llama/Llama-3.1-8B-Instruct "
         "--served-model-name llama --host 0.0.0.0 --port {port} --tensor-parallel-size 2 "
         "--max-model-len 4096"
     )
     assert config == {
-        "name": "sb-demo-12",
-        "setup": f"pip install -q '/skybroker/dist/{WHEEL}[engine,gpu]'",
-        "run": f"CUDA_VISIBLE_DEVICES=0,1 {engine.format(port=8000)} &\n"
-        f"CUDA_VISIBLE_DEVICES=2,3 {engine.format(port=8001)} &\nwait",
+        "name": CLUSTER,
+        "setup": setup_script(f"'/skybroker/dist/{WHEEL}[engine,gpu]'"),
+        "run": run_script(
+            f"CUDA_VISIBLE_DEVICES=0,1 {engine.format(port=8000)} &",
+            f"CUDA_VISIBLE_DEVICES=2,3 {engine.format(port=8001)} &",
+        ),
         "num_nodes": 1,
         "file_mounts": {f"/skybroker/dist/{WHEEL}": str(wheel)},
         "volumes": {},
@@ -194,6 +212,7 @@ def test_golden_task_yaml_for_data_parallel_spot_placement(sky, wheel) -> None:
             "accelerators": {"A10G": 4},
             "use_spot": True,
             "ports": ["8000-8001"],  # SkyPilot folds consecutive ports into a range
+            "labels": LABELS,
             "memory": "192.0",
         },
     }
@@ -203,7 +222,7 @@ def test_golden_task_yaml_pins_gpus_of_an_on_demand_tp_placement(sky, wheel) -> 
     spec = _spec(
         instance_type="g5.12xlarge", gpu_count=4, tensor_parallel_size=4, spot=False, secrets={}
     )
-    prov = SkyPilotProvisioner(workdir=False, wheel=wheel)
+    prov = Prov(workdir=False, wheel=wheel)
     res = prov.build_task(spec).to_yaml_config()["resources"]
     assert res["accelerators"] == {"A10G": 4} and res["use_spot"] is False
     assert res["ports"] == ["8000"]
@@ -212,11 +231,11 @@ def test_golden_task_yaml_pins_gpus_of_an_on_demand_tp_placement(sky, wheel) -> 
 def test_placement_needing_more_gpus_than_the_instance_has_is_refused(sky) -> None:
     spec = _spec(gpu_count=1, tensor_parallel_size=2, data_parallel=1)
     with pytest.raises(ProvisionError, match=r"need 2 GPUs, but g5.xlarge has 1"):
-        SkyPilotProvisioner().build_resources(spec)
+        Prov().build_resources(spec)
 
 
 def test_task_round_trips_through_skypilots_yaml(sky, wheel) -> None:
-    config = SkyPilotProvisioner(workdir=False, wheel=wheel).build_task(_spec()).to_yaml_config()
+    config = Prov(workdir=False, wheel=wheel).build_task(_spec()).to_yaml_config()
     again = sky.Task.from_yaml_config(copy.deepcopy(config)).to_yaml_config()
     assert {k: v for k, v in again.items() if not k.startswith("_")} == config
 
@@ -237,7 +256,7 @@ def test_pinned_offering_resolves_in_skypilots_catalog(sky, instance: str, spot:
 
     row = _bundled("aws", "us-east-1", instance)
     spec = _spec(instance_type=instance, gpu=row["gpu"], gpu_count=int(row["gpu_count"]), spot=spot)
-    res = SkyPilotProvisioner().build_resources(spec)
+    res = Prov().build_resources(spec)
     assert catalog.instance_type_exists(res.instance_type, clouds="aws")
     assert catalog.validate_region_zone(res.region, None, clouds="aws")[0] == "us-east-1"
     found = catalog.get_accelerators_from_instance_type(res.instance_type, clouds="aws")
@@ -306,6 +325,6 @@ def test_missing_skypilot_names_the_extra(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "sky", None)
     monkeypatch.setitem(sys.modules, "sky.client", None)
     with pytest.raises(MissingExtraError, match=r"pip install 'skybroker\[cloud\]'"):
-        SkyPilotProvisioner().check({"aws"})
+        Prov().check({"aws"})
     with pytest.raises(MissingExtraError, match=r"pip install 'skybroker\[cloud\]'"):
-        SkyPilotProvisioner().launch(_spec())
+        Prov().launch(_spec())

@@ -44,7 +44,8 @@ def test_replica_gets_the_installed_wheel(wheel: Path, tmp_path: Path) -> None: 
     assert answer["root"] == "None"  # no source tree: the wheel path
     [(remote, local)] = answer["mounts"].items()
     assert remote == f"/skybroker/dist/{wheel.name}"
-    assert answer["setup"] == f"pip install -q '{remote}[engine,gpu]'"
+    venv_python = "$HOME/.skybroker/venv/bin/python"
+    assert f"uv pip install -q --python {venv_python} '{remote}[engine,gpu]'" in answer["setup"]
     rebuilt, original = zipfile.ZipFile(local), zipfile.ZipFile(wheel)
     skip = ("RECORD",)
     names = {n for n in original.namelist() if not n.endswith(skip)}

@@ -10,11 +10,14 @@ holds only the name, so a launch that died half-way can still be cleaned up.
 
 from __future__ import annotations
 
+import logging
 import shlex
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
+log = logging.getLogger(__name__)
 OfferingKey = tuple[str, str, str, bool]  # (cloud, region, instance_type, spot)
 
 
@@ -133,7 +136,12 @@ class Provisioner(Protocol):
     #   launch to its first healthy probe (install, model download and load);
     # - `progress(handle) -> str | None`: a marker that changes while a starting replica makes
     #   progress (its log's length, the job's phase); the controller extends the deadline
-    #   while it changes.
+    #   while it changes;
+    # - `reconcile_launch(handle) -> str | None`: cancel the replica's launch if the provider
+    #   still runs or queues it (a broker restarted mid-launch); says what it did. `terminate`
+    #   does it too, first;
+    # - `sweep(known_names) -> list[str]`: take down what the provider runs for this broker
+    #   under a name the store does not know (called on adoption: `sweep_unknown`).
 
 
 def engine_command(
@@ -163,6 +171,31 @@ def shell_join(cmd: list[str]) -> str:
     return " ".join(shlex.quote(c) for c in cmd)
 
 
+def sweep_unknown(provisioners: Iterable[Provisioner], store: Any) -> dict[str, list[str]]:
+    """After a broker (re)start: each provisioner that has `sweep(known_names)` takes down
+    what it runs for this broker that the store does not know as a live replica (a launch
+    that finished after the broker died). Returns what each swept; errors are logged."""
+    known = {
+        r.name
+        for d in store.list_deployments()
+        for r in store.list_replicas(d.name)
+        if str(r.status) not in ("TERMINATED", "FAILED")
+    }
+    swept: dict[str, list[str]] = {}
+    for prov in provisioners:
+        sweep = getattr(prov, "sweep", None)
+        if sweep is None:
+            continue
+        try:
+            swept[prov.name] = sweep(known)
+        except ProvisionError as e:
+            log.error("cannot sweep %s for unknown replicas: %s", prov.name, e)
+            continue
+        if swept[prov.name]:
+            log.warning("took down %s: no live replica of this broker", swept[prov.name])
+    return swept
+
+
 def get_provisioner(infra: str, **kwargs: Any) -> Provisioner:
     """The provisioner for a spec's `infra` ("local" | "skypilot")."""
     if infra == "local":
@@ -190,4 +223,5 @@ __all__ = [
     "engine_command",
     "get_provisioner",
     "shell_join",
+    "sweep_unknown",
 ]

@@ -60,6 +60,11 @@ def _url(host: str, port: int, info: dict[str, Any]) -> str:
     return f"{'https' if info.get('tls_cert') else 'http'}://{host}:{port}"
 
 
+LOCAL_BASE_S = 120.0  # interpreter, torch import, warm-up
+LOCAL_LOAD_BYTES_PER_S = 100e6  # weights from local disk, converted on the CPU
+LOCAL_MIN_DEADLINE_S = 300.0
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -267,6 +272,39 @@ class LocalProvisioner:
             raise ProvisionError(f"replica {handle.name} has no local record (not launched?)")
         (self.run_dir(handle.name) / _PREEMPTED).write_text(str(time.time()))
         stop_recorded(info, 0.0, self._procs.get(handle.name))
+
+    def statuses(self, handles: list[ReplicaHandle]) -> dict[str, ReplicaState]:
+        return {h.name: self.status(h) for h in handles}
+
+    def failure(self, handle: ReplicaHandle) -> str | None:
+        """Why a replica's process ended: its exit status (where this provisioner started
+        it) and the last lines of its log; None while it runs."""
+        if self.status(handle) != ReplicaState.DEAD:
+            return None
+        code = self.exit_code(handle)
+        parts = [f"replica {handle.name}'s engine process ended"]
+        if code is not None:
+            parts.append(f"exit code {code}" if code >= 0 else f"killed by signal {-code}")
+        tail = [ln for ln in self.logs(handle, tail=8).splitlines() if ln.strip()]
+        if tail:
+            parts.append("log tail: " + " | ".join(tail)[-600:])
+        return "; ".join(parts)
+
+    def startup_deadline_s(self, spec: ReplicaSpec) -> float:
+        """Start-up of a local engine: interpreter and torch import, then the weights read
+        from this machine's disk (no install, no download)."""
+        from skybroker.provision.sky_setup import weight_bytes
+
+        size = weight_bytes(spec.model) or 0.0
+        return float(max(LOCAL_MIN_DEADLINE_S, LOCAL_BASE_S + size / LOCAL_LOAD_BYTES_PER_S))
+
+    def progress(self, handle: ReplicaHandle) -> str | None:
+        """The engine log's size: it grows while the engine imports, loads and warms up."""
+        path = self.run_dir(handle.name) / _LOG
+        try:
+            return str(path.stat().st_size)
+        except FileNotFoundError:
+            return None
 
     def exit_code(self, handle: ReplicaHandle) -> int | None:
         """The exit status of a replica this provisioner started and that has exited (negative:

@@ -1,43 +1,53 @@
 """The SkyPilot provisioner: one SkyPilot cluster per replica, pinned to the planned offering.
 
-The Task's setup installs the engine (the source tree of a checkout, else the wheel of the
-installed skybroker, mounted into the Task), its run starts `python -m engine.serve`, which
-fetches a hub model on the replica; the Resources are pinned to the plan's cloud, region,
-instance type and market with the engine's port exposed. The engine serves HTTPS: each
-launch makes a certificate and key of its own (`skybroker.tls`), the key travels as a
-SkyPilot secret, and the certificate (public) is kept in the handle for the broker to pin.
-Every call goes through SkyPilot's client SDK module (`sky.client.sdk`: `launch` returns a
-request id, `stream_and_get` / `get` wait), never through names on the `sky` package that a
-submodule import can shadow.
-SkyPilot's exceptions become the broker's own (`CapacityError` feeds failover). `sky` is
-imported lazily: the broker runs without it.
+The Task's setup picks a Python >= 3.11 and installs the engine (the source tree of a
+checkout, else the wheel of the installed skybroker, mounted into the Task); its run starts
+`engine.serve`, which fetches a hub model on the replica (`sky_setup`). The Resources are
+pinned to the plan's cloud, region, instance type and market with the engine's ports exposed,
+and labelled with the broker and replica they belong to (`sky_names`). Every call goes
+through SkyPilot's client SDK module (`sky.client.sdk`: `launch` returns a request id,
+`stream_and_get` / `get` wait; `sky_sdk`), never through names on the `sky` package that a
+submodule import can shadow. A replica's state comes from its cluster's record and its job
+(`sky_watch`, by the rules in `sky_jobs`): a reclaimed spot cluster is PREEMPTED, a job that
+ended is FAILED. Launch requests are recorded under $SKYBROKER_HOME so a restarted broker
+cancels them (`reconcile_launch`, `terminate`) and downs clusters no replica owns (`sweep`).
+The engine serves HTTPS: each launch makes a certificate and key of its own
+(`skybroker.tls`), the key travels as a SkyPilot secret, and the certificate (public) is kept
+in the handle for the broker to pin.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import importlib.util
-import inspect
 import io
-import re
+import json
 import shlex
 import threading
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
 from skybroker.provision import (
-    CapacityError,
-    CredentialsError,
-    MissingExtraError,
-    NoCloudAccessError,
     ProvisionError,
     ReplicaHandle,
     ReplicaSpec,
-    ReplicaState,
-    engine_command,
-    shell_join,
+    sky_jobs,
+    sky_names,
+    sky_setup,
 )
+from skybroker.provision.sky_sdk import (  # noqa: F401  (re-exported)
+    SDK_CALLS,
+    SKYPILOT_RANGE,
+    check_sdk,
+    import_sdk,
+    import_sky,
+    map_sky_error,
+    missing_sdk_calls,
+)
+from skybroker.provision.sky_watch import Seen, SkyWatch
 from skybroker.tls import CertPair, self_signed
 
 ENGINE_PORT = 8000
@@ -47,72 +57,7 @@ REMOTE_WHEEL_DIR = "/skybroker/dist"
 # base64-encoded in these secrets (one line each, whatever the channel does to newlines).
 REMOTE_TLS = (".skybroker-tls/cert.pem", ".skybroker-tls/key.pem")
 TLS_SECRETS = ("SKYBROKER_TLS_CERT", "SKYBROKER_TLS_KEY")
-_CLUSTER_PREFIX = "sb-"
-# The SkyPilot releases this provisioner is tested with (pyproject's `cloud` extra pins the same).
-SKYPILOT_RANGE = ">=0.14.1,<0.15"
-# The SDK calls the provisioner makes, with the keyword arguments it passes.
-SDK_CALLS: dict[str, tuple[str, ...]] = {
-    "check": ("infra_list", "verbose"),
-    "launch": ("task", "cluster_name", "retry_until_up", "idle_minutes_to_autostop", "dryrun"),
-    "stream_and_get": ("request_id", "output_stream"),
-    "get": ("request_id",),
-    "status": ("cluster_names", "refresh"),
-    "down": ("cluster_name",),
-    "endpoints": ("cluster", "port"),
-    "tail_logs": ("cluster_name", "job_id", "follow", "tail", "output_stream"),
-    "api_cancel": ("request_ids", "silent"),
-}
-
-
-def import_sdk() -> Any:
-    """SkyPilot's client SDK module, or a MissingExtraError that says how to install it."""
-    try:
-        from sky.client import sdk
-    except ImportError as e:
-        raise MissingExtraError(
-            f"SkyPilot is not installed ({e}); infra 'skypilot' needs it: "
-            "pip install 'skybroker[cloud]'"
-        ) from e
-    return sdk
-
-
-def import_sky() -> Any:
-    """The `sky` package (Task, Resources, exceptions), or a MissingExtraError."""
-    import_sdk()
-    import sky
-
-    return sky
-
-
-def missing_sdk_calls(sdk: Any) -> list[str]:
-    """What the provisioner needs that this SDK lacks: `name` or `name(arg)`, [] when none."""
-    missing = []
-    for name, params in SDK_CALLS.items():
-        fn = getattr(sdk, name, None)
-        if not callable(fn) or inspect.ismodule(fn):
-            missing.append(name)
-            continue
-        have = inspect.signature(fn).parameters
-        missing += [f"{name}({p})" for p in params if p not in have]
-    return missing
-
-
-def check_sdk(sdk: Any) -> None:
-    """Raise a ProvisionError naming the missing calls if this SkyPilot cannot serve us."""
-    missing = missing_sdk_calls(sdk)
-    if missing:
-        version = getattr(import_sky(), "__version__", "?")
-        raise ProvisionError(
-            f"the installed SkyPilot {version} lacks {', '.join(missing)} in sky.client.sdk; "
-            f"skybroker is tested with skypilot{SKYPILOT_RANGE}: "
-            f"pip install 'skypilot{SKYPILOT_RANGE}'"
-        )
-
-
-def cluster_name(replica_name: str) -> str:
-    """SkyPilot cluster name of a replica: `sb-<name>`, lowercase, [a-z0-9-], <= 60 chars."""
-    name = re.sub(r"[^a-z0-9-]+", "-", replica_name.lower()).strip("-")
-    return (_CLUSTER_PREFIX + name)[:60].rstrip("-")
+_LIVE_REQUESTS = ("PENDING", "RUNNING")
 
 
 def project_root() -> Path | None:
@@ -133,7 +78,7 @@ def wheel_cache_dir() -> Path:
     return default_home() / "wheels"
 
 
-class SkyPilotProvisioner:
+class SkyPilotProvisioner(SkyWatch):
     """Engine replicas on clouds through SkyPilot (one single-node cluster per replica)."""
 
     name = "skypilot"
@@ -148,20 +93,86 @@ class SkyPilotProvisioner:
         launch_timeout_s: float | None = 1800.0,
         wheel: Path | None = None,
         tls: bool = True,
+        home: Path | None = None,
+        broker: str | None = None,
+        endpoint_wait_s: float = 120.0,
+        job_poll_s: float = 10.0,
+        log_limit: int = 64 * 1024,
     ) -> None:
         """`workdir=True` uploads this project's source tree when it is one (a dev install);
         False or no tree found mounts the wheel of the installed skybroker (`wheel`, else one
         rebuilt from the installed distribution). A launch still running after
         `launch_timeout_s` is cancelled and fails (the controller then tears it down).
-        `tls=False` serves plain HTTP (a private network the broker shares with its replicas)."""
+        `tls=False` serves plain HTTP (a private network the broker shares with its replicas).
+        `home` ($SKYBROKER_HOME) keeps the broker id (`broker` overrides it) and the launch
+        requests in flight. SkyPilot's output goes to `output_stream` when given, else to one
+        bounded buffer per replica (`launch_log`, the last `log_limit` characters)."""
         self.port = port
         self.workdir = project_root() if workdir is True else (workdir or None)
         self.extras = extras
         self.idle_minutes_to_autostop = idle_minutes_to_autostop
-        self.output_stream = output_stream if output_stream is not None else io.StringIO()
+        self.output_stream = output_stream
         self.launch_timeout_s = launch_timeout_s
+        self.endpoint_wait_s = endpoint_wait_s
+        self.job_poll_s = job_poll_s
+        self.log_limit = log_limit
         self._wheel = wheel
         self.tls = tls
+        self._home = home
+        self._broker = broker
+        self._logs: dict[str, sky_jobs.RingLog] = {}
+        self._seen: dict[str, Seen] = {}
+
+    # -- names and records --------------------------------------------------------------------
+
+    @property
+    def home(self) -> Path:
+        if self._home is None:
+            from skybroker.state import default_home
+
+            self._home = default_home()
+        return self._home
+
+    @property
+    def broker(self) -> str:
+        if self._broker is None:
+            self._broker = sky_names.broker_id(self.home)
+        return self._broker
+
+    def cluster_of(self, replica: str) -> str:
+        return sky_names.cluster_name(replica, self.broker)
+
+    def _sdk(self) -> Any:
+        return import_sdk()
+
+    def _cluster(self, handle: ReplicaHandle) -> str:
+        return str(handle.info.get("cluster") or self.cluster_of(handle.name))
+
+    def _stream(self, replica: str) -> TextIO:
+        if self.output_stream is not None:
+            return self.output_stream
+        return self._logs.setdefault(replica, sky_jobs.RingLog(self.log_limit))  # type: ignore[return-value]
+
+    def launch_log(self, replica: str) -> str:
+        """The last `log_limit` characters SkyPilot printed for this replica's calls."""
+        found = self._logs.get(replica)
+        return found.getvalue() if found else ""
+
+    def _launch_file(self, cluster: str) -> Path:
+        return self.home / "skypilot" / "launches" / f"{cluster}.json"
+
+    def _record_launch(self, cluster: str, replica: str, request_id: str) -> None:
+        """Written as soon as SkyPilot accepts the launch, so a broker restarted mid-launch
+        can cancel it (`reconcile_launch`, `sweep`)."""
+        path = self._launch_file(cluster)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"request_id": str(request_id), "replica": replica}))
+
+    def _launch_record(self, cluster: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self._launch_file(cluster).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
 
     # -- building the task --------------------------------------------------------------------
 
@@ -174,12 +185,12 @@ class SkyPilotProvisioner:
         return self._wheel
 
     def install(self) -> tuple[str, dict[str, str]]:
-        """The setup command that installs the engine, and the file_mounts it needs."""
+        """The setup script that installs the engine, and the file_mounts it needs."""
         if self.workdir is not None:
-            return f"pip install -q -e '.[{self.extras}]'", {}
+            return sky_setup.setup_script(f"-e '.[{self.extras}]'"), {}
         local = self.wheel()
         remote = f"{REMOTE_WHEEL_DIR}/{local.name}"
-        return f"pip install -q '{remote}[{self.extras}]'", {remote: str(local)}
+        return sky_setup.setup_script(f"'{remote}[{self.extras}]'"), {remote: str(local)}
 
     def model_mount(self, model: str) -> tuple[str, dict[str, str]]:
         """The model argument on the replica, and the file_mounts that bring a local model."""
@@ -198,18 +209,8 @@ class SkyPilotProvisioner:
         """One engine, or `data_parallel` engines each on its own GPUs and port; with `tls`
         the TLS files are written from their secrets first (0600) and every engine serves
         HTTPS with them."""
-        ports = self.ports(spec)
-        files = REMOTE_TLS if tls else None
-        lines = [tls_files_command()] if tls else []
-        if len(ports) == 1:
-            lines.append(shell_join(engine_command(spec, "0.0.0.0", ports[0], tls=files)))
-            return "\n".join(lines)
-        tp = spec.tensor_parallel_size
-        for i, port in enumerate(ports):
-            gpus = ",".join(str(g) for g in range(i * tp, (i + 1) * tp))
-            cmd = shell_join(engine_command(spec, "0.0.0.0", port, tls=files))
-            lines.append(f"CUDA_VISIBLE_DEVICES={gpus} {cmd} &")
-        return "\n".join([*lines, "wait"])
+        script = sky_setup.run_script(spec, self.ports(spec), tls=REMOTE_TLS if tls else None)
+        return f"{tls_files_command()}\n{script}" if tls else script
 
     def build_resources(self, spec: ReplicaSpec) -> Any:
         from sky import resources
@@ -235,6 +236,7 @@ class SkyPilotProvisioner:
                 accelerators=accelerators,
                 use_spot=spec.spot,
                 ports=self.ports(spec),
+                labels=sky_names.labels(spec.name, self.broker),
             )
         except Exception as e:
             raise map_sky_error(e, spec, "sky.Resources") from e
@@ -254,7 +256,7 @@ class SkyPilotProvisioner:
         resources = self.build_resources(spec)
         try:
             task = sky_task.Task(
-                name=cluster_name(spec.name),
+                name=self.cluster_of(spec.name),
                 setup=setup,
                 run=self.run_command(remote, tls=tls is not None),
                 envs=dict(spec.envs),
@@ -267,39 +269,18 @@ class SkyPilotProvisioner:
             raise map_sky_error(e, spec, "sky.Task") from e
         return task
 
+    def startup_deadline_s(self, spec: ReplicaSpec) -> float:
+        """How long the replica may take from launched to healthy (install, download, load)."""
+        return sky_setup.startup_deadline_s(spec)
+
     # -- the Provisioner interface ------------------------------------------------------------
 
     def check(self, clouds: set[str]) -> None:
         """Raise unless SkyPilot is installed and can use every cloud in `clouds` (`sky check`
         through its API server); the error says what to install or configure."""
-        sdk = import_sdk()
-        check_sdk(sdk)
-        wanted = sorted(c.lower() for c in clouds)
-        if "local" in wanted:
-            raise ProvisionError("the plan runs on this machine (cloud 'local'): use infra: local")
-        try:
-            result = sdk.get(sdk.check(tuple(wanted), verbose=False)) or {}
-        except Exception as e:
-            raise map_sky_error(e, None, "sky check") from e
-        enabled = {
-            cloud.lower()
-            for workspace in result.values()
-            for cloud, capabilities in (workspace or {}).items()
-            if "compute" in capabilities
-        }
-        missing = [c for c in wanted if c not in enabled]
-        if not missing:
-            return
-        fix = (
-            f"configure credentials for {', '.join(missing)}, then run "
-            f"`sky check {' '.join(missing)}`"
-        )
-        if not enabled:
-            raise NoCloudAccessError(f"SkyPilot has no cloud enabled for compute: {fix}")
-        raise CredentialsError(
-            f"SkyPilot cannot use {', '.join(missing)} (enabled: {', '.join(sorted(enabled))}): "
-            f"{fix}"
-        )
+        from skybroker.provision.sky_sdk import check_clouds
+
+        check_clouds(clouds)
 
     def dry_run(self, spec: ReplicaSpec) -> dict[str, Any]:
         """Build the replica's Task and have SkyPilot validate it (`sky launch --dryrun`:
@@ -307,25 +288,31 @@ class SkyPilotProvisioner:
         Returns the Task as SkyPilot's YAML, secrets masked."""
         sdk = import_sdk()
         task = self.build_task(spec, self._cert(spec))
+        cluster = self.cluster_of(spec.name)
         try:
-            request_id = sdk.launch(task, cluster_name=cluster_name(spec.name), dryrun=True)
-            sdk.stream_and_get(request_id, output_stream=self.output_stream)
+            request_id = sdk.launch(task, cluster_name=cluster, dryrun=True)
+            sdk.stream_and_get(request_id, output_stream=self._stream(spec.name))
         except Exception as e:
             raise map_sky_error(e, spec, "sky launch --dryrun") from e
+        finally:
+            self._logs.pop(spec.name, None)
         config = task.to_yaml_config()
         if config.get("secrets"):
             config["secrets"] = {k: "<secret>" for k in config["secrets"]}
-        return {"cluster": cluster_name(spec.name), "task": config}
+        return {"cluster": cluster, "task": config}
 
     def _cert(self, spec: ReplicaSpec) -> CertPair | None:
         """A new certificate and key for this launch (None: plain HTTP)."""
-        return self_signed(cluster_name(spec.name)) if self.tls else None
+        return self_signed(self.cluster_of(spec.name)) if self.tls else None
 
     def launch(self, spec: ReplicaSpec) -> ReplicaHandle:
         sdk = import_sdk()
         cert = self._cert(spec)
         task = self.build_task(spec, cert)
-        cluster = cluster_name(spec.name)
+        cluster = self.cluster_of(spec.name)
+        self._refuse_foreign(cluster, spec.name, "reuse")
+        self._seen.pop(spec.name, None)
+        self._logs.pop(spec.name, None)
         try:
             request_id = sdk.launch(
                 task,
@@ -335,27 +322,35 @@ class SkyPilotProvisioner:
             )
         except Exception as e:
             raise map_sky_error(e, spec, "sky launch") from e
+        self._record_launch(cluster, spec.name, request_id)
         job_id, _ = self._wait(sdk, request_id, spec)
         handle = ReplicaHandle(
             provider=self.name,
             name=spec.name,
-            info={"cluster": cluster, "job_id": job_id, "port": self.port},
+            info={
+                "cluster": cluster,
+                "job_id": job_id,
+                "port": self.port,
+                "request_id": str(request_id),
+                "spot": spec.spot,
+                "seen_up": True,  # sky launch returns once the cluster is UP
+            },
         )
         if cert is not None:
             handle.info["tls_cert"] = cert.cert_pem
         handle.url = self.endpoint(handle)
         if spec.data_parallel > 1:
-            ports = self.ports(spec)
-            handle.info["urls"] = [self.endpoint(handle, port) for port in ports]
+            handle.info["urls"] = [self.endpoint(handle, port) for port in self.ports(spec)]
         return handle
 
     def _wait(self, sdk: Any, request_id: Any, spec: ReplicaSpec) -> Any:
         """The launch request's result, streaming its log; cancelled past the timeout."""
         outcome: dict[str, Any] = {}
+        stream_to = self._stream(spec.name)
 
         def stream() -> None:
             try:
-                outcome["result"] = sdk.stream_and_get(request_id, output_stream=self.output_stream)
+                outcome["result"] = sdk.stream_and_get(request_id, output_stream=stream_to)
             except BaseException as e:
                 outcome["error"] = e
 
@@ -376,51 +371,144 @@ class SkyPilotProvisioner:
             raise map_sky_error(outcome["error"], spec, "sky launch") from outcome["error"]
         return outcome["result"]
 
-    def status(self, handle: ReplicaHandle) -> ReplicaState:
-        sdk = import_sdk()
-        from sky.utils import common
+    # -- teardown, adoption, leaks --------------------------------------------------------------
 
-        cluster = cluster_name(handle.name)
-        try:
-            records = sdk.get(sdk.status([cluster], refresh=common.StatusRefreshMode.AUTO))
-        except Exception as e:
-            raise map_sky_error(e, None, "sky status") from e
-        for record in records:
-            if _field(record, "name") == cluster:
-                return _state(_field(record, "status"))
-        return ReplicaState.DEAD
+    def _refuse_foreign(self, cluster: str, replica: str | None, what: str) -> Any:
+        """The cluster's record (None: no such cluster); raise if its labels say another
+        broker, or another replica than `replica` (None: any of this broker's), owns it."""
+        records = self._records([cluster], "NONE")
+        records = [r for r in records if sky_names.field_of(r, "name") == cluster]
+        if not records:
+            return None
+        broker, rhash = sky_names.owner_of(records[0])
+        if (broker, rhash) == (None, None):
+            return records[0]  # unlabelled: the name carries this broker's id
+        if broker != self.broker or (
+            replica is not None and rhash != sky_names.replica_hash(replica)
+        ):
+            whose = f"replica {replica} of this broker" if replica else "this broker"
+            raise ProvisionError(
+                f"SkyPilot cluster {cluster} belongs to broker {broker!r} (replica hash "
+                f"{rhash!r}), not to {whose} ({self.broker}): refusing to {what} it"
+            )
+        return records[0]
 
-    def terminate(self, handle: ReplicaHandle) -> None:
+    def _down(self, cluster: str, replica: str | None, log_key: str) -> None:
         sdk = import_sdk()
         from sky import exceptions as sx
 
-        try:
-            sdk.stream_and_get(
-                sdk.down(cluster_name(handle.name)), output_stream=self.output_stream
-            )
-        except sx.ClusterDoesNotExist:
+        if self._refuse_foreign(cluster, replica, "down") is None:
             return
+        try:
+            sdk.stream_and_get(sdk.down(cluster), output_stream=self._stream(log_key))
+        except sx.ClusterDoesNotExist:
+            pass
         except Exception as e:
             raise map_sky_error(e, None, "sky down") from e
 
+    def reconcile_launch(self, handle: ReplicaHandle) -> str | None:
+        """Cancel this replica's launch request if it is still queued or running in SkyPilot's
+        API server (a broker that restarted mid-launch); says what it did, None if nothing."""
+        cluster = self._cluster(handle)
+        record = self._launch_record(cluster) or {}
+        request_id = handle.info.get("request_id") or record.get("request_id")
+        if not request_id:
+            return None
+        return self._cancel_if_live(str(request_id))
+
+    def _cancel_if_live(self, request_id: str) -> str | None:
+        sdk = import_sdk()
+        try:
+            found = sdk.api_status([request_id])
+        except Exception as e:
+            raise map_sky_error(e, None, "sky api status") from e
+        live = [r for r in found if sky_jobs.value(_payload(r, "status")) in _LIVE_REQUESTS]
+        if not live:
+            return None
+        try:
+            sdk.get(sdk.api_cancel(request_id, silent=True))
+        except Exception as e:
+            raise map_sky_error(e, None, "sky api cancel") from e
+        return (
+            f"cancelled launch request {request_id} ({sky_jobs.value(_payload(live[0], 'status'))})"
+        )
+
+    def terminate(self, handle: ReplicaHandle) -> None:
+        """Cancel the replica's launch if one is in flight, then `sky down` its cluster
+        (unless its labels say another broker or replica owns it); idempotent."""
+        cluster = self._cluster(handle)
+        self.reconcile_launch(handle)
+        self._down(cluster, handle.name, handle.name)
+        with contextlib.suppress(FileNotFoundError):
+            self._launch_file(cluster).unlink()
+        self._logs.pop(handle.name, None)  # _seen stays: failure() may be asked after
+
+    def sweep(self, known_names: set[str] | list[str]) -> list[str]:
+        """Down the clusters with this broker's name prefix whose replica the store does not
+        know (`known_names`: replica names), and cancel launches in flight for unknown
+        replicas; returns the clusters it took down or whose launch it cancelled."""
+        known = {self.cluster_of(n) for n in known_names}
+        prefix = sky_names.broker_prefix(self.broker)
+        gone: list[str] = []
+        launches = self.home / "skypilot" / "launches"
+        stale = [p for p in sorted(launches.glob("*.json")) if p.stem not in known]
+        for path in stale:
+            request_id = (self._launch_record(path.stem) or {}).get("request_id")
+            if request_id and self._cancel_if_live(str(request_id)):
+                gone.append(path.stem)
+        for record in self._records(None, "NONE"):
+            cluster = str(sky_names.field_of(record, "name"))
+            broker, _ = sky_names.owner_of(record)
+            if (
+                not cluster.startswith(prefix)
+                or cluster in known
+                or broker not in (None, self.broker)
+            ):
+                continue
+            self._down(cluster, None, cluster)
+            self._logs.pop(cluster, None)
+            if cluster not in gone:
+                gone.append(cluster)
+        for path in stale:  # no live replica will ever finish these launches
+            path.unlink(missing_ok=True)
+        return gone
+
+    # -- endpoints and logs ---------------------------------------------------------------------
+
     def endpoint(self, handle: ReplicaHandle, port: int | None = None) -> str:
+        """The engine's URL; waits up to `endpoint_wait_s` while SkyPilot has not exposed the
+        port yet (`sky.endpoints` answers {} until then)."""
         sdk = import_sdk()
         port = port or int(handle.info.get("port", self.port))
-        try:
-            found = sdk.get(sdk.endpoints(cluster_name(handle.name), port))
-        except Exception as e:
-            raise map_sky_error(e, None, "sky status --endpoint") from e
-        url = found.get(port) or found.get(str(port))
-        if not url:
-            raise ProvisionError(f"SkyPilot exposes no endpoint for port {port} of {handle.name}")
-        scheme = "https" if handle.info.get("tls_cert") else "http"
-        return f"{scheme}://{url.split('://', 1)[-1]}"
+        deadline = time.monotonic() + self.endpoint_wait_s
+        while True:
+            try:
+                found = sdk.get(sdk.endpoints(self._cluster(handle), port)) or {}
+            except Exception as e:
+                raise map_sky_error(e, None, "sky status --endpoint") from e
+            url = found.get(port) or found.get(str(port))
+            if url:
+                scheme = "https" if handle.info.get("tls_cert") else "http"
+                return f"{scheme}://{url.split('://', 1)[-1]}"
+            if time.monotonic() >= deadline:
+                raise ProvisionError(
+                    f"SkyPilot exposed no endpoint for port {port} of {handle.name} within "
+                    f"{self.endpoint_wait_s:.0f}s"
+                )
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
     def logs(self, handle: ReplicaHandle, tail: int = 200) -> str:
         sdk = import_sdk()
         out = io.StringIO()
+        job_id = handle.info.get("job_id")
         try:
-            sdk.tail_logs(cluster_name(handle.name), None, False, tail=tail, output_stream=out)
+            sdk.tail_logs(
+                self._cluster(handle),
+                int(job_id) if job_id is not None else None,
+                False,
+                tail=tail,
+                output_stream=out,
+            )
         except Exception as e:
             raise map_sky_error(e, None, "sky logs") from e
         return out.getvalue()
@@ -444,72 +532,5 @@ def tls_files_command() -> str:
     return f"(umask 077 && mkdir -p {folder} && {' && '.join(writes)})"
 
 
-def _field(record: Any, name: str) -> Any:
-    return record.get(name) if isinstance(record, dict) else getattr(record, name, None)
-
-
-def _state(status: Any) -> ReplicaState:
-    value = getattr(status, "value", status)
-    return {
-        "UP": ReplicaState.RUNNING,
-        "INIT": ReplicaState.LAUNCHING,
-        "STOPPED": ReplicaState.PREEMPTED,
-    }.get(str(value), ReplicaState.DEAD)
-
-
-def _describe(errors: list[BaseException]) -> str:
-    return "; ".join(f"{type(e).__name__}: {e}" for e in errors)
-
-
-def map_sky_error(
-    e: BaseException, spec: ReplicaSpec | None, call: str = "SkyPilot"
-) -> ProvisionError:
-    """SkyPilot's exception as the broker's own error (CapacityError feeds failover).
-
-    Errors a user can act on say what to do; any other names `call` and SkyPilot's message.
-    """
-    if isinstance(e, ProvisionError):
-        return e
-    from sky import exceptions as sx
-
-    where = f" for {spec.name} on {'/'.join(map(str, spec.offering_key))}" if spec else ""
-    credential_errors = (
-        sx.InvalidCloudCredentials,
-        sx.CloudUserIdentityError,
-        sx.ClusterOwnerIdentityMismatchError,
-    )
-    if isinstance(e, sx.ProvisionPrechecksError):
-        reasons = list(e.reasons)
-        if reasons and all(isinstance(r, sx.ResourcesUnavailableError) for r in reasons):
-            e = reasons[0]
-        else:
-            return ProvisionError(f"{call}: SkyPilot prechecks failed{where}: {_describe(reasons)}")
-    if isinstance(e, sx.ResourcesUnavailableError):
-        history = list(e.failover_history)
-        if history and all(isinstance(h, credential_errors) for h in history):
-            return CredentialsError(
-                f"cloud credentials rejected{where}: {_describe(history)}. "
-                "Fix them, then run `sky check`"
-            )
-        detail = _describe(history) if history else str(e)
-        message = f"no capacity{where}: {detail}"
-        if spec is None:
-            return ProvisionError(f"{call}: {message}")
-        return CapacityError(spec.offering_key, message)
-    if isinstance(e, sx.NoCloudAccessError):
-        return NoCloudAccessError(
-            f"SkyPilot has no cloud enabled{where}: {e}. Configure credentials, then run "
-            "`sky check`"
-        )
-    if isinstance(e, credential_errors):
-        return CredentialsError(
-            f"cloud credentials problem{where}: {e}. Fix them, then run `sky check`"
-        )
-    if isinstance(e, sx.ApiServerConnectionError):
-        return ProvisionError(
-            f"cannot reach the SkyPilot API server{where}: {e}. Start it with `sky api start` "
-            "or point SKYPILOT_API_SERVER_ENDPOINT at yours"
-        )
-    if isinstance(e, sx.RequestCancelled):
-        return ProvisionError(f"{call} was cancelled{where}: {e}")
-    return ProvisionError(f"{call} failed{where}: {type(e).__name__}: {e}")
+def _payload(request: Any, name: str) -> Any:
+    return request.get(name) if isinstance(request, dict) else getattr(request, name, None)
