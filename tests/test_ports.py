@@ -59,7 +59,8 @@ def test_status_says_what_stays_open() -> None:
 
     def rep(cloud: str, status: str) -> SimpleNamespace:
         return SimpleNamespace(name=f"r-{cloud}", cloud=cloud, region="x", instance_type="i",
-                               spot=False, status=status, url=None, message="", target=0)  # fmt: skip
+                               spot=False, status=status, url=None, message="", target=0,
+                                   handle=None)  # fmt: skip
 
     dep = SimpleNamespace(name="d", infra="skypilot", status="READY", message="", endpoint=None,
                           spec={}, plan={}, blocklist=[],

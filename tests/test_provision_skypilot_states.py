@@ -276,7 +276,7 @@ def test_sweep_downs_this_brokers_unknown_clusters_only(fake, tmp_path) -> None:
 def test_launch_waits_for_the_endpoint_to_be_exposed(fake, tmp_path) -> None:
     fake.expose_after = 2
     prov = _prov(tmp_path, endpoint_wait_s=30)
-    assert _launch(prov).url == "http://3.90.1.2:8000"
+    assert _launch(prov).url == "https://3.90.1.2:8000"  # TLS by default
     fake.expose_after = 10**6
     slow = _prov(tmp_path, endpoint_wait_s=0.2)
     with pytest.raises(ProvisionError, match=r"no endpoint for port 8000 of demo-9 within 0s"):
