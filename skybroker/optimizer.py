@@ -312,7 +312,7 @@ def _solve_component(p: Problem, users: list[str], idx: list[int], total: float,
     elif opts.backend == "highspy" and opts.solver == "highs" and has_highspy():
         start, r = _warm_start(lp, opts) if opts.warm_start else (None, None)
         left = max(opts.time_limit - (time.perf_counter() - t1), 0.1)
-        r, name = r or run_highs(lp, left, opts.gap_rel, start), "HiGHS"
+        r, name = r or run_highs(lp, left, opts.gap_rel, start, opts.node_limit), "HiGHS"
     else:
         r = run_pulp(lp, opts.solver, opts.time_limit, opts.gap_rel)
         name = "HiGHS (pulp)" if opts.solver == "highs" and has_highspy() else "CBC (pulp)"
@@ -392,6 +392,9 @@ class Options:
     # need the cost bound or which offerings a near-optimal placement uses, fast
     relaxation: bool = False
     far_prune: bool = True  # under a region share, dominance across locations (`far_prune`)
+    # branch-and-bound nodes at most: unlike the time limit, the same on a busy machine, so a
+    # solve it stops still gives the same answer every run (status "feasible", gap printed)
+    node_limit: int = 500
 
 
 def solve(p: Problem, *, time_limit: float = 20.0, gap_rel: float = 1e-4, solver: str = "highs",

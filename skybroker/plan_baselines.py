@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from skybroker.optimizer import OfferingClass, Problem
 from skybroker.plan_problem import Meta
-from skybroker.plan_solve import Search
+from skybroker.plan_solve import BASELINE_MIX_ROUNDS, Search
 
 Refine = Callable[[int], tuple[Problem, Meta]]
 MixCap = Callable[[int, Meta, list[float]], float]
@@ -47,7 +47,7 @@ def compute_baselines(search: Search) -> tuple[dict, dict]:
     for gpu in sorted(kinds, key=lambda g: (bound[g], g)):
         if not math.isfinite(bound[gpu]) or bound[gpu] >= best[0]:
             break
-        mixed = search.mix_corrected(only(gpu))
+        mixed = search.mix_corrected(only(gpu), BASELINE_MIX_ROUNDS)
         if mixed is not None and mixed.sol.cost < best[0]:
             best = (mixed.sol.cost, gpu)
     costs["cheapest_single_gpu"] = best[0] if best[1] else None

@@ -8,8 +8,11 @@ plan_perf`), the searches done so far, and the per-offering mix factors:
   uses only searched ones (it is then the real optimum: bounds only relax the problem);
 - `mix_corrected(only)` repeats: simulate each chosen placement serving its own mix at its
   own load (`skybroker.plan_mix.check`), set that offering's factor to simulated / linear
-  where the two differ by more than MIX_TOL (up or down), re-solve; until no factor changes,
-  a set of factors comes back, or MIX_ROUNDS re-solves. The answer is the cheapest solution
+  where the two differ by more than MIX_TOL, re-solve; until no factor changes, a set of
+  factors comes back, or MIX_ROUNDS re-solves. Factors go up (where a mix batches better
+  than the rule says) only after the first solution, down after any: capacities raised for
+  one mix invite the ILP to give that offering another, and raising them again each round
+  oscillates instead of settling. The answer is the cheapest solution
   of those rounds whose every placement's load is within its simulated mix capacity
   (`confirmed`), else the last one.
 
@@ -35,7 +38,8 @@ from skybroker.plan_perf import ConfigKey, ReplicaPerf, replica_perfs
 from skybroker.plan_problem import Meta, with_perf
 from skybroker.spec import DeploymentSpec
 
-MIX_ROUNDS = 4  # re-solves with corrected capacities at most
+MIX_ROUNDS = 3  # re-solves with corrected capacities at most
+BASELINE_MIX_ROUNDS = 1  # ... for each single-GPU-kind fleet a baseline tries
 Only = Callable[[int], bool] | None  # which offering classes a (baseline's) problem keeps
 
 
@@ -108,13 +112,13 @@ class Search:
             else:
                 return p, m, sol
 
-    def mix_corrected(self, only: Only = None) -> Mixed | None:
+    def mix_corrected(self, only: Only = None, max_rounds: int = MIX_ROUNDS) -> Mixed | None:
         """The loop of the module docstring; None when infeasible from the first solve."""
         scale: dict[int, float] = {}
         seen: set[tuple] = set()
         best: Mixed | None = None
         last: Mixed | None = None
-        for rounds in range(MIX_ROUNDS + 1):
+        for rounds in range(max_rounds + 1):
             p, m, sol = self.optimize(scale, only)
             if sol.status == "infeasible":
                 break
@@ -125,10 +129,12 @@ class Search:
             last = Mixed(p, m, sol, checks, rounds, ok)
             if ok and (best is None or sol.cost < best.sol.cost - 1e-9):
                 best = last
+            elif rounds >= 1 and best is not None and sol.cost >= best.sol.cost - 1e-9:
+                break  # from here factors only fall, so no later round is cheaper
             new = dict(scale)
             for i, c in checks.items():
                 f = c.simulated / c.linear if c.linear > 0 else 1.0
-                if abs(f / scale.get(i, 1.0) - 1) > MIX_TOL:
+                if f < scale.get(i, 1.0) * (1 - MIX_TOL) or (rounds == 0 and f > 1 + MIX_TOL):
                     new[i] = f
             key = tuple(sorted((i, round(f, 6)) for i, f in new.items()))
             if new == scale or key in seen:
