@@ -40,9 +40,10 @@ from skybroker.perf.workload import RequestClass
 from skybroker.spec import DeploymentSpec, ModelSpec, SpecError
 
 # Requests per simulation of a capacity search. The p99 of 80 requests is nearly their
-# maximum, and 80 arrivals from an idle replica end before its queue reaches steady state:
-# measured on chat-8b (bundled catalog), 400 lowered the capacities the plan used by up to 30%.
-SIM_REQUESTS = int(os.environ.get("SKYBROKER_SIM_REQUESTS", "400"))
+# maximum, and 80 arrivals at an idle replica end before its queue reaches steady state, so
+# capacities came out high; 200 (bracketed by a search on 80, `capacity.COARSE_REQUESTS`)
+# costs about 2.5x the search time of 80 alone.
+SIM_REQUESTS = int(os.environ.get("SKYBROKER_SIM_REQUESTS", "200"))
 ConfigKey = tuple[str, int]  # (GPU kind, tensor-parallel size); ("cpu", 1) for this machine
 TP_SIZES = (1, 2, 4, 8, 16)
 

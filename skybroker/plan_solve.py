@@ -38,7 +38,7 @@ from skybroker.plan_perf import ConfigKey, ReplicaPerf, replica_perfs
 from skybroker.plan_problem import Meta, with_perf
 from skybroker.spec import DeploymentSpec
 
-MIX_ROUNDS = 3  # re-solves with corrected capacities at most
+MIX_ROUNDS = 2  # re-solves with corrected capacities at most
 BASELINE_MIX_ROUNDS = 1  # ... for each single-GPU-kind fleet a baseline tries
 Only = Callable[[int], bool] | None  # which offering classes a (baseline's) problem keeps
 
