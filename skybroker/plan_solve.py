@@ -66,6 +66,7 @@ class Search:
     time_limit: float = 20.0
     perf_s: float = 0.0  # seconds in capacity searches and mix simulations
     log: list[str] = field(default_factory=list)
+    _full: tuple | None = None  # the last view before `only`: (key, (problem, meta))
 
     def refine(self, keys: set[ConfigKey]) -> None:
         """Search the capacities of these configurations (once each)."""
@@ -82,7 +83,11 @@ class Search:
     def view(self, scale: dict[int, float], only: Only = None) -> tuple[Problem, Meta]:
         """The problem with today's capacities times `scale`; offerings `only` rejects serve
         nothing (zero capacity: the optimizer drops them; indices stay those of the plan)."""
-        p, m = with_perf(*self.base, self.perf, scale)
+        key = (tuple(sorted(scale.items())), sum(rp is not None and rp.exact
+                                                  for rp in self.perf.values()))  # fmt: skip
+        if self._full is None or self._full[0] != key:  # (a 10x catalog: 26,000 classes)
+            self._full = (key, with_perf(*self.base, self.perf, scale))
+        p, m = self._full[1]
         if only is not None:
             zero = (0.0,) * p.num_classes
             p = replace(p, offerings=[oc if only(i) else replace(oc, mu=zero)
@@ -95,12 +100,12 @@ class Search:
         s = solve(self.view({}, only)[0], options=Options(self.time_limit, relaxation=True))
         return s.cost if s.status != "infeasible" else math.inf
 
-    def optimize(self, scale: dict[int, float],
-                 only: Only = None) -> tuple[Problem, Meta, Solution]:  # fmt: skip
+    def optimize(self, scale: dict[int, float], only: Only = None,
+                 relax: bool = True) -> tuple[Problem, Meta, Solution]:  # fmt: skip
         """Solved on upper bounds the problem is a relaxation; once its optimum uses only
         searched offerings it is the real one. The LP relaxation (fast) picks what to search
-        first, the MILP has the last word."""
-        relax = True
+        first (unless not `relax`: a re-solve whose searches are mostly done), the MILP has
+        the last word."""
         while True:
             p, m = self.view(scale, only)
             sol = solve(p, options=Options(time_limit=self.time_limit, relaxation=relax))
@@ -119,7 +124,7 @@ class Search:
         best: Mixed | None = None
         last: Mixed | None = None
         for rounds in range(max_rounds + 1):
-            p, m, sol = self.optimize(scale, only)
+            p, m, sol = self.optimize(scale, only, relax=rounds == 0)
             if sol.status == "infeasible":
                 break
             t = time.perf_counter()
