@@ -4,7 +4,9 @@
 
 Each example is planned twice with a fresh $SKYBROKER_HOME: cold (every capacity search
 runs) and warm (searches from the disk cache). Printed per example: $/h, the placements
-(count x instance, TP x replicas per instance), the baselines, and the plan times. Run it
+(count x instance, TP x replicas per instance; the linear capacity rule's error on the mix
+each serves, (linear - simulated) / simulated, and the 95% CI half-width of its predicted
+latency), the mix re-solves, the baselines, and the plan times. Run it
 with PYTHONPATH pointing at another tree to compare two versions of the planner on the
 same machine (the figures in the docs come from interleaved runs of both).
 """
@@ -20,6 +22,16 @@ import time
 from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _tails(p: dict) -> str:
+    """The linear rule's error on the placement's mix and its latency CI (where known)."""
+    bits = []
+    if p.get("mix_rule_error") is not None:
+        bits.append(f"linear rule {p['mix_rule_error']:+.1%}")
+    if p.get("latency_ci") is not None:
+        bits.append(f"latency CI +-{p['latency_ci']:.1%}")
+    return f": {', '.join(bits)}" if bits else ""
 
 
 def plan_once(path: Path) -> dict:
@@ -38,8 +50,11 @@ def plan_once(path: Path) -> dict:
         "placements": [
             f"{p['replicas']} x {p['cloud']}/{p['region']} {p['instance_type']}"
             f"{' spot' if p['spot'] else ''} (TP{p['tensor_parallel']} x{p['data_parallel']})"
+            + _tails(p)
             for p in d["placements"]
         ],
+        "mix_rounds": d.get("mix_rounds"),
+        "mix_confirmed": d.get("mix_confirmed"),
         "baselines": d["baselines"],
         "baseline_notes": d["baseline_notes"],
         "margin": d.get("margin"),
@@ -61,7 +76,9 @@ def main() -> None:
         warm = plan_once(path)
         out[path.stem] = {"cold": cold, "warm_wall_s": warm["wall_s"]}
         print(f"{path.stem}: ${cold['cost_per_hour']:.2f}/h  cold {cold['wall_s']:.1f} s "
-              f"(perf {cold['perf_s']:.1f} s)  warm {warm['wall_s']:.2f} s", flush=True)  # fmt: skip
+              f"(perf {cold['perf_s']:.1f} s)  warm {warm['wall_s']:.2f} s; "
+              f"{cold['mix_rounds']} mix re-solve(s), confirmed {cold['mix_confirmed']}",
+              flush=True)  # fmt: skip
         for p in cold["placements"]:
             print(f"    {p}")
         for name, cost in cold["baselines"].items():

@@ -88,8 +88,11 @@ class Result:
     gap: float | None
 
 
-def run_highs(lp: Lp, time_limit: float, gap_rel: float,
-               start: list[float] | None = None) -> Result:  # fmt: skip
+def run_highs(lp: Lp, time_limit: float, gap_rel: float, start: list[float] | None = None,
+              node_limit: int | None = None) -> Result:  # fmt: skip
+    """Solve `lp` with HiGHS: one thread, a fixed seed, so the same model gives the same
+    answer. `node_limit` stops the branch and bound after that many nodes (a limit that,
+    unlike the time limit, does not depend on how busy the machine is)."""
     import highspy
 
     _silence_highs_banner()
@@ -99,6 +102,8 @@ def run_highs(lp: Lp, time_limit: float, gap_rel: float,
     h.setOptionValue("random_seed", 0)
     h.setOptionValue("time_limit", float(time_limit))
     h.setOptionValue("mip_rel_gap", float(gap_rel))
+    if node_limit is not None:
+        h.setOptionValue("mip_max_nodes", int(node_limit))
     nc = len(lp.lb)
     empty = np.zeros(0, dtype=np.int32)
     h.addCols(nc, np.array(lp.cost), np.array(lp.lb), np.array(lp.ub), 0, empty, empty,

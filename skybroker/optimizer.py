@@ -312,7 +312,7 @@ def _solve_component(p: Problem, users: list[str], idx: list[int], total: float,
     elif opts.backend == "highspy" and opts.solver == "highs" and has_highspy():
         start, r = _warm_start(lp, opts) if opts.warm_start else (None, None)
         left = max(opts.time_limit - (time.perf_counter() - t1), 0.1)
-        r, name = r or run_highs(lp, left, opts.gap_rel, start), "HiGHS"
+        r, name = r or run_highs(lp, left, opts.gap_rel, start, opts.node_limit), "HiGHS"
     else:
         r = run_pulp(lp, opts.solver, opts.time_limit, opts.gap_rel)
         name = "HiGHS (pulp)" if opts.solver == "highs" and has_highspy() else "CBC (pulp)"
@@ -365,8 +365,13 @@ def _warm_start(lp: Lp, opts: Options) -> tuple[list[float] | None, Result | Non
     if not opts.support_mip or ub == lp.ub:  # (the support is everything: no smaller MILP)
         return val, None
     left = max(opts.time_limit - (time.perf_counter() - t0), 0.0) / 2
-    sub = run_highs(replace(lp, ub=ub), left, opts.gap_rel, val)
+    # a node limit, not the time, ends it early: the start it gives (and so which of equally
+    # cheap optima the full MILP returns) must not depend on the machine's load
+    sub = run_highs(replace(lp, ub=ub), left, opts.gap_rel, val, SUPPORT_NODES)
     return (sub.values if sub.status != "infeasible" else val), None
+
+
+SUPPORT_NODES = 500  # branch-and-bound nodes of the warm start's MILP on the LP's support
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,6 +392,9 @@ class Options:
     # need the cost bound or which offerings a near-optimal placement uses, fast
     relaxation: bool = False
     far_prune: bool = True  # under a region share, dominance across locations (`far_prune`)
+    # branch-and-bound nodes at most: unlike the time limit, the same on a busy machine, so a
+    # solve it stops still gives the same answer every run (status "feasible", gap printed)
+    node_limit: int = 500
 
 
 def solve(p: Problem, *, time_limit: float = 20.0, gap_rel: float = 1e-4, solver: str = "highs",
@@ -439,7 +447,7 @@ def _far_prune(p: Problem, idx: list[int], opts: Options) -> tuple[list[int], fl
     counts = far_dominators(p, idx)
     fewest = math.ceil(1 / p.max_region_share - 1e-9)  # locations any placement uses
     t0 = time.perf_counter()
-    sub = replace(opts, time_limit=min(2.0, opts.time_limit / 4))
+    sub = replace(opts, time_limit=opts.time_limit / 4)  # (SUPPORT_NODES limits it first)
     for t in (fewest + 1, 2 * fewest + 2, 4 * fewest + 4):
         few = [i for i, c in zip(idx, counts.tolist(), strict=True) if c < t]
         if len(few) == len(idx):

@@ -23,20 +23,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from skybroker.catalog.schema import Catalog, Offering
-from skybroker.optimizer import Options, Problem, Solution, solve
+from skybroker.optimizer import Problem, Solution
 from skybroker.perf.capacity import flush_disk_cache, prefetch_disk_cache
 from skybroker.perf.workload import RequestClass, request_classes, workload_samples
 from skybroker.plan_baselines import compute_baselines
 from skybroker.plan_explain import explain_infeasible, no_fit_reason, no_offering_reason
-from skybroker.plan_mix import MIX_TOL, MixCheck, check
-from skybroker.plan_perf import (
-    ConfigKey,
-    perf_per_config,
-    replica_perfs,
-    required_len,
-    resolve_arch,
-    slo_target,
-)
+from skybroker.plan_mix import MixCheck
+from skybroker.plan_perf import perf_per_config, required_len, resolve_arch, slo_target
 from skybroker.plan_problem import (
     Meta,
     OfferingKey,
@@ -45,12 +38,10 @@ from skybroker.plan_problem import (
     egress_cost,
     local_offering,
     local_replicas,
-    with_perf,
 )
+from skybroker.plan_solve import Search, served
 from skybroker.provision.ports import left_open, port_unreachable
 from skybroker.spec import DeploymentSpec
-
-MIX_ROUNDS = 3  # re-solves with corrected capacities at most
 
 
 class InfeasibleError(Exception):
@@ -218,115 +209,36 @@ def make_plan(spec: DeploymentSpec, catalog: Catalog | None = None,
     problem, meta = build_problem(spec, catalog, classes, rows, perf, local_max=slots)
     if not problem.offerings:  # no replica fits in memory
         raise InfeasibleError(no_fit_reason(arch, need_len, rows, spec))
-    perf_s = [time.perf_counter() - t0]
-
-    def refine(keys: set[ConfigKey]) -> tuple[Problem, Meta]:
-        """Search the capacities of these configurations; the problem with them in."""
-        nonlocal problem, meta
-        t1 = time.perf_counter()
-        todo = sorted(k for k in keys if (rp := perf.get(k)) is not None and not rp.exact)
-        if todo:
-            exact = replica_perfs([(arch, perf[k].hw, perf[k].kv_tokens, None) for k in todo],
-                                  spec, classes)  # fmt: skip
-            perf.update(zip(todo, exact, strict=True))
-            flush_disk_cache()
-        problem, meta = with_perf(problem, meta, perf)
-        perf_s[0] += time.perf_counter() - t1
-        return problem, meta
-
-    def optimize() -> Solution:
-        """Capacities are searched only where the optimum needs them: solved on upper bounds,
-        the problem is a relaxation; when its optimum uses only searched offerings it is the
-        real one. The LP relaxation (fast) picks what to search first, the MILP has the last
-        word (alone, once every capacity is searched)."""
-        relax = any(rp is not None and not rp.exact for rp in perf.values())
-        while True:
-            sol = solve(problem, options=Options(time_limit=time_limit, relaxation=relax))
-            todo = {meta.perf[i].config for i in sol.counts if not meta.perf[i].exact}
-            if todo:
-                refine(todo)
-            elif relax and sol.status != "infeasible":
-                relax = False
-            else:
-                return sol
-
-    sol = optimize()
-    if sol.status == "infeasible":
-        refine(set(perf))
+    search = Search(spec, arch, classes, slo_target(spec), (problem, meta), perf, time_limit,
+                    time.perf_counter() - t0)  # fmt: skip
+    mixed = search.mix_corrected()
+    if mixed is None:
+        search.refine(set(perf))
+        problem, meta = search.view({})
         raise InfeasibleError(explain_infeasible(spec, arch, problem, classes, meta, time_limit))
-    linear = (problem, meta)  # the baselines' predictions: the linear rule throughout
-    slo = slo_target(spec)
+    problem, meta, sol = mixed.problem, mixed.meta, mixed.sol
     t_mix = time.perf_counter()
-    rounds = 0
-    while True:
-        checks = _check_mixes(problem, sol, meta, classes, slo, full=False)
-        bad = {i: c for i, c in checks.items()
-               if c.simulated < c.linear * meta.scale.get(i, 1.0) * (1 - MIX_TOL)}  # fmt: skip
-        confirmed = not bad
-        if not bad or rounds == MIX_ROUNDS:
-            break
-        scale = dict(meta.scale)
-        for i, c in bad.items():
-            scale[i] = min(scale.get(i, 1.0), c.simulated / c.linear)
-        problem, meta = with_perf(problem, meta, perf, scale)
-        rounds += 1
-        sol = optimize()
-        if sol.status == "infeasible":
-            raise InfeasibleError("no placement meets the SLO once each replica's capacity is "
-                                  "corrected for the mix of requests it serves (simulated)")  # fmt: skip
-    checks = _check_mixes(problem, sol, meta, classes, slo, full=True)
-    flush_disk_cache()  # the mixes' capacities, for the next plan
-    perf_s[0] += time.perf_counter() - t_mix
+    checks = search.check_mixes(problem, sol, meta, full=True)
+    flush_disk_cache()  # the mixes' capacities and latencies, for the next plan
+    search.perf_s += time.perf_counter() - t_mix
     plan = Plan(spec, _placements(problem, sol, meta, classes, checks), sol.cost,
                 egress_cost(problem, sol), SolverInfo(sol.status, sol.solve_time_s, sol.gap),
                 model=arch.describe(),
                 request_classes=[{"name": c.name, "share": round(c.share, 4),
                                   "mean_input": round(c.mean_input, 1),
                                   "mean_output": round(c.mean_output, 1)} for c in classes],
-                mix_rounds=rounds, mix_confirmed=confirmed)  # fmt: skip
+                mix_rounds=mixed.rounds, mix_confirmed=mixed.confirmed)  # fmt: skip
     if baselines:
-        base_p, base_m = with_perf(*linear, perf, {})
-        plan.baselines, plan.baseline_notes = compute_baselines(base_p, base_m, time_limit,
-                                                                lambda k: _linear(refine(k)))  # fmt: skip
+        plan.baselines, plan.baseline_notes = compute_baselines(search)
+        flush_disk_cache()
     # the notes of the configurations placed (every configuration would repeat them per TP)
     plan.perf_notes = sorted({n for i in sol.counts for n in meta.perf[i].notes})
     plan.network_notes = network_notes(spec, catalog, plan.placements)
     searched = sorted({k[0] for k, rp in perf.items() if rp and rp.exact})
-    plan.solver = SolverInfo(sol.status, sol.solve_time_s, sol.gap, sol.build_time_s, perf_s[0],
-                             len(rows), len(problem.offerings), sol.num_offerings,
+    plan.solver = SolverInfo(sol.status, sol.solve_time_s, sol.gap, sol.build_time_s,
+                             search.perf_s, len(rows), len(problem.offerings), sol.num_offerings,
                              sol.num_components, sol.solver, searched)  # fmt: skip
     return plan
-
-
-def _linear(pm: tuple[Problem, Meta]) -> tuple[Problem, Meta]:
-    """The problem with the mix corrections taken out (the baselines' predictions)."""
-    p, m = pm
-    return with_perf(p, m, m.all_perf, {})
-
-
-def _served(s: Solution, i: int) -> dict[int, float]:
-    return {b: v for (j, b), v in s.rates.items() if j == i and v > 1e-9}
-
-
-def _check_mixes(p: Problem, s: Solution, meta: Meta, classes: list[RequestClass], slo: Any,
-                 full: bool) -> dict[int, MixCheck]:  # fmt: skip
-    """Each used offering class simulated under the mix it serves (one replica's share);
-    with `full`, its latencies and headroom at its load too."""
-    from skybroker.plan_perf import SIM_REQUESTS as n
-
-    out: dict[int, MixCheck] = {}
-    seen: dict[tuple, MixCheck] = {}  # replicas of one configuration with the same load
-    for i, count in s.counts.items():
-        rates = _served(s, i)
-        if not rates:
-            continue
-        engines = count * meta.dp[i]
-        mix = {b: v / engines for b, v in rates.items()}
-        key = (meta.perf[i].config, tuple(sorted((b, round(v, 6)) for b, v in mix.items())))
-        if key not in seen:
-            seen[key] = check(meta.perf[i], classes, mix, sum(mix.values()), slo, n, full)
-        out[i] = seen[key]
-    return out
 
 
 def _config_note(i: int, meta: Meta, mix: dict[int, float], chosen: float) -> str:
@@ -359,7 +271,7 @@ def _placements(p: Problem, s: Solution, meta: Meta, classes: list[RequestClass]
     for i, n in sorted(s.counts.items(), key=lambda kv: -kv[1] * p.offerings[kv[0]].price):
         o, spot, price = meta.rows[i]
         rp = meta.perf[i]
-        rates = _served(s, i)
+        rates = served(s, i)
         mix = rates or {b: c.share for b, c in enumerate(classes)}
         tot = sum(mix.values())
         inv = sum(

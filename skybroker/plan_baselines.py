@@ -10,54 +10,57 @@
   replicas`). It knows no RTT, so it is given the cheapest such instance reachable by all
   users, else one per user region; it honours `max_region_share` by filling the cheapest
   regions in turn up to the share.
+
+Both are mix-corrected as the plan is (`skybroker.plan_solve`): the single-kind fleets go
+through the same loop, and a SkyPilot-style instance is sized by simulating it serving the
+whole mix of requests it gets (not by the linear rule).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import replace
 
-from skybroker.optimizer import OfferingClass, Options, Problem, solve
-from skybroker.plan_perf import ConfigKey
+from skybroker.optimizer import OfferingClass, Problem
 from skybroker.plan_problem import Meta
+from skybroker.plan_solve import BASELINE_MIX_ROUNDS, Search
 
-Refine = Callable[[set[ConfigKey]], tuple[Problem, Meta]]
+Refine = Callable[[int], tuple[Problem, Meta]]
+MixCap = Callable[[int, Meta, list[float]], float]
 
 
-def compute_baselines(p: Problem, meta: Meta, time_limit: float,
-                      refine: Refine | None = None) -> tuple[dict, dict]:  # fmt: skip
+def compute_baselines(search: Search) -> tuple[dict, dict]:
     """The two baselines' costs and notes. The cheapest single GPU kind is found best first:
     every kind's fleet is bounded from below by its LP relaxation (on upper bounds of its
-    capacities where `p` holds only those), and only the most promising kind is searched
-    (`refine(configs)`) and solved exactly, until an exact cost is the lowest bound."""
+    capacities until searched), and the kinds are solved with the mix correction in the
+    order of their bounds until the next bound is above the best corrected cost."""
     costs: dict[str, float | None] = {}
     notes: dict[str, str] = {}
+    rows = search.base[1].rows
+    kinds = sorted({o.gpu for o, _, _ in rows})
 
-    def single(p: Problem, meta: Meta, gpu: str, relax: bool) -> float:
-        sub = [oc for oc, (o, _, _) in zip(p.offerings, meta.rows, strict=True) if o.gpu == gpu]
-        s = solve(replace(p, offerings=sub), options=Options(time_limit, relaxation=relax))
-        return s.cost if s.status != "infeasible" else math.inf
+    def only(gpu: str) -> Callable[[int], bool]:
+        return lambda i: rows[i][0].gpu == gpu
 
-    bound = {gpu: single(p, meta, gpu, True) for gpu in sorted({o.gpu for o, _, _ in meta.rows})}
-    solved: set[str] = set()  # kinds whose bound is their exact fleet cost
+    bound = {gpu: search.bound(only(gpu)) for gpu in kinds}
     best = (math.inf, "")
-    while bound:
-        cost, gpu = min((c, g) for g, c in bound.items())
-        if not math.isfinite(cost):
+    for gpu in sorted(kinds, key=lambda g: (bound[g], g)):
+        if not math.isfinite(bound[gpu]) or bound[gpu] >= best[0]:
             break
-        if gpu in solved:
-            best = (cost, gpu)
-            break
-        todo = {k for k in meta.configs_of(gpu) if not meta.all_perf[k].exact}  # type: ignore[union-attr]
-        if refine is not None and todo:
-            p, meta = refine(todo)
-        bound[gpu] = single(p, meta, gpu, False)
-        solved.add(gpu)
+        mixed = search.mix_corrected(only(gpu), BASELINE_MIX_ROUNDS)
+        if mixed is not None and mixed.sol.cost < best[0]:
+            best = (mixed.sol.cost, gpu)
     costs["cheapest_single_gpu"] = best[0] if best[1] else None
     notes["cheapest_single_gpu"] = (f"all replicas {best[1]} (best of each GPU kind solved alone)"
                                     if best[1] else "no single GPU kind meets the spec alone")  # fmt: skip
-    costs["skypilot"], notes["skypilot"] = skypilot_baseline(p, meta, refine)
+
+    def refine(i: int) -> tuple[Problem, Meta]:
+        search.refine({search.base[1].perf[i].config})
+        return search.view({})
+
+    p, meta = search.view({})
+    costs["skypilot"], notes["skypilot"] = skypilot_baseline(p, meta, refine,
+                                                             search.mix_capacity)  # fmt: skip
     return costs, notes
 
 
@@ -69,11 +72,12 @@ def mix_capacity(oc: OfferingClass, dem: list[float]) -> float:
     return 1 / sum(d / s / m for d, m in zip(dem, oc.mu, strict=True) if d > 0)
 
 
-def skypilot_baseline(p: Problem, meta: Meta,
-                      refine: Refine | None = None) -> tuple[float | None, str]:  # fmt: skip
+def skypilot_baseline(p: Problem, meta: Meta, refine: Refine | None = None,
+                      mix_cap: MixCap | None = None) -> tuple[float | None, str]:  # fmt: skip
     """SkyPilot's way (module docstring): ($/h, what it runs) or (None, why not). An offering
     whose capacities are upper bounds is searched (`refine`) only when it would be chosen: on
-    bounds the candidates are a superset and each one's key (price, -capacity) no higher."""
+    bounds the candidates are a superset and each one's key (price, -capacity) no higher. An
+    instance is sized by `mix_cap` (the simulated mix; default the linear rule)."""
     share = p.max_region_share
 
     def pick(users: list[str], dem: list[float], spot: bool,
@@ -89,7 +93,7 @@ def skypilot_baseline(p: Problem, meta: Meta,
             i, oc = min(cands, key=lambda c: (c[1].price, -mix_capacity(c[1], dem)))
             if meta.perf[i].exact or refine is None:
                 return i, oc
-            p, meta = refine({meta.perf[i].config})
+            p, meta = refine(i)
 
     def fleet(users: list[str], min_n: int) -> tuple[float, str] | None:
         dem = [sum(p.demand[u][b] for u in users) for b in range(p.num_classes)]
@@ -114,8 +118,11 @@ def skypilot_baseline(p: Problem, meta: Meta,
                 left -= t
             carry = max(left, 0.0)
         cost, what, count = 0.0, [], 0
-        for _, oc, t in parts:
-            n = math.ceil(t * total / mix_capacity(oc, dem) - 1e-9)
+        for i, oc, t in parts:
+            cap = mix_cap(i, meta, dem) if mix_cap is not None else mix_capacity(oc, dem)
+            if cap <= 0:
+                return None
+            n = math.ceil(t * total / cap - 1e-9)
             if oc.max_count is not None and n > oc.max_count:
                 return None
             eg = sum(e * d * t for e, d in zip(oc.egress, dem, strict=True)) if oc.egress else 0.0

@@ -171,7 +171,8 @@ def test_max_num_seqs_caps_the_batch() -> None:
     assert one.finish.max() > 4 * many.finish.max()
 
 
-def test_capacity_meets_slo_and_is_tight() -> None:
+@pytest.mark.parametrize("n", [60, 200])  # 200: bracketed by a search on COARSE_REQUESTS
+def test_capacity_meets_slo_and_is_tight(n: int) -> None:
     arch = lookup("llama-3.1-8b")
     # a fixed host time: the SLO below is set against it (the recorded one is measured)
     model = RooflineModel(arch, H100, overhead_s=0.004, overhead_per_seq_s=0.0)
@@ -184,19 +185,19 @@ def test_capacity_meets_slo_and_is_tight() -> None:
         tuple(rng.integers(50, 200, 64).tolist()),
     )
     slo = SLOTarget(0.3, 0.0108, 90)  # TPOT binds below saturation
-    cap = max_rate(model, cfg, cls, slo, num_requests=60)
+    cap = max_rate(model, cfg, cls, slo, num_requests=n)
     assert cap.rate > 0
-    ttft, tpot = evaluate(model, cfg, cls, cap.rate, slo, num_requests=60)
+    ttft, tpot = evaluate(model, cfg, cls, cap.rate, slo, num_requests=n)
     assert ttft <= slo.ttft_s and tpot <= slo.tpot_s
     # tight: either the replica is saturated, or a bit more load breaks the SLO
     sat = saturated_throughput(model, cfg, cls)
     assert cap.rate <= sat * 1.0001
     if cap.rate < 0.95 * sat:
-        ttft, tpot = evaluate(model, cfg, cls, cap.rate * 1.1, slo, num_requests=60)
+        ttft, tpot = evaluate(model, cfg, cls, cap.rate * 1.1, slo, num_requests=n)
         assert ttft > slo.ttft_s or tpot > slo.tpot_s
-    looser = max_rate(model, cfg, cls, SLOTarget(0.5, 0.04, 90), num_requests=60)
+    looser = max_rate(model, cfg, cls, SLOTarget(0.5, 0.04, 90), num_requests=n)
     assert looser.rate > cap.rate
-    impossible = max_rate(model, cfg, cls, SLOTarget(0.5, 0.001, 90), num_requests=60)
+    impossible = max_rate(model, cfg, cls, SLOTarget(0.5, 0.001, 90), num_requests=n)
     assert impossible.rate == 0
 
 

@@ -318,3 +318,35 @@ def test_margin_setting_is_validated() -> None:
     with pytest.raises(SpecError, match=r"slo\.margin"):
         load_spec(SPEC.replace("percentile: 90", "percentile: 90, margin: 5"))
     assert load_spec(SPEC).slo.margin == "auto"
+
+
+_PLAN_JSON = """
+import json, sys
+from skybroker.plan import make_plan
+from skybroker.spec import load_spec
+d = make_plan(load_spec(sys.argv[1])).to_dict()
+print(json.dumps({k: d[k] for k in ("cost_per_hour", "placements", "baselines", "mix_rounds")}))
+"""
+
+
+def _plan_in_process(path: Path, home: Path, hash_seed: str) -> dict:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SKYBROKER_HOME": str(home), "PYTHONHASHSEED": hash_seed,
+           "SKYBROKER_PERF_CACHE": "1", "SKYBROKER_SIM_REQUESTS": "80",
+           "SKYBROKER_TAIL_REQUESTS": "200"}  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", _PLAN_JSON, str(path)], env=env,
+                         capture_output=True, text=True, timeout=600, check=True)  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_same_spec_same_plan_in_separate_processes(tmp_path: Path) -> None:
+    """An example planned in three processes (other hash seeds; a cold and a warm perf
+    cache): the same cost, placements, loads, predictions and baselines, to the digit."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "chat-8b-us-eu.yaml"
+    cold = _plan_in_process(path, tmp_path / "a", "1")
+    assert cold == _plan_in_process(path, tmp_path / "b", "2")
+    assert cold == _plan_in_process(path, tmp_path / "a", "3")  # warm: the cache a left

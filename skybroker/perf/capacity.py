@@ -41,7 +41,10 @@ class CapacityResult:
     tpot_s: float
 
 
-CACHE_VERSION = 3  # bump when the search or the simulator changes what they answer
+CACHE_VERSION = 4  # bump when the search or the simulator changes what they answer
+# A search on more requests than this brackets the capacity by a search on this many first:
+# its feasible probes are the expensive ones, and the bracket saves most of them.
+COARSE_REQUESTS = 80
 LATENCY_TOL = 0.02  # a feasible rate whose latency is within 2% of the SLO is the capacity
 
 _memo: dict[str, CapacityResult] = {}
@@ -190,14 +193,6 @@ Job = tuple[StepTimeModel, SchedulerConfig, RequestClass, SLOTarget]
 MIN_PARALLEL_JOBS = 24
 
 
-def cached_rates(jobs: list[Job], *, num_requests: int = 200, seed: int = 0,
-                 rel_tol: float = 0.05) -> list[CapacityResult | None]:  # fmt: skip
-    """`max_rate` of each job where it is known already (memory or disk cache), else None."""
-    keys = [_key(*j, num_requests, seed, rel_tol) for j in jobs]
-    with _lock:
-        return [_memo.get(k) for k in keys]
-
-
 def _job(args: tuple) -> CapacityResult:
     return _max_rate(*args)
 
@@ -248,8 +243,15 @@ def _max_rate(model: StepTimeModel, cfg: SchedulerConfig, cls: RequestClass, slo
     if bound.rate <= 0:
         return bound
     top = bound.rate
+    fracs: tuple[float, ...] = (1.0, 0.5, 0.15, 0.04, 0.001)
+    if n > COARSE_REQUESTS:  # bracket around a cheap search on fewer requests first
+        h = _max_rate(model, cfg, cls, slo, COARSE_REQUESTS, seed, 0.1).rate / top
+        if h > 0:
+            # from the top down still (a probe that misses stops early: cheap)
+            fracs = tuple(sorted({1.0, min(1.0, 1.2 * h), 0.9 * h, 0.6 * h, 0.3 * h, 0.05 * h,
+                                  0.001}, reverse=True))  # fmt: skip
     hi, g_hi, best = top, math.inf, None
-    for frac in (1.0, 0.5, 0.15, 0.04, 0.001):  # coarse bracket from above
+    for frac in fracs:  # coarse bracket from above
         g, ttft, tpot = probe(frac * top)
         if g <= 0:
             best, g_lo = (frac * top, ttft, tpot), g
