@@ -7,14 +7,25 @@ Range checks live here so a bad value is a 400 naming the parameter, never a 500
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    WithJsonSchema,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from engine.sampling_params import MIN_REPETITION_PENALTY, SamplingParams
+from engine.server.tool_calls import required_schema, tool_parameters
+from engine.structured_output import StructuredOutputsParams
 
 MAX_N = 128
 MAX_LOGPROBS = 20
@@ -98,12 +109,9 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 # value is a 400 naming the field, never silently ignored.
 UNSUPPORTED: dict[str, Any] = {
     "prompt_logprobs": None,
-    "guided_json": None,
-    "guided_regex": None,
-    "guided_choice": None,
-    "guided_grammar": None,
     "guided_decoding_backend": None,
-    "structured_outputs": None,
+    "guided_whitespace_pattern": None,
+    "structural_tag": None,
     "use_beam_search": False,
     "length_penalty": 1.0,
     "allowed_token_ids": None,
@@ -112,7 +120,6 @@ UNSUPPORTED: dict[str, Any] = {
     "truncate_prompt_tokens": None,
     "return_tokens_as_token_ids": False,
     "include_stop_str_in_output": False,
-    "tool_choice": "none",
     "functions": None,
     "function_call": None,
 }
@@ -163,6 +170,25 @@ RESERVED_TEMPLATE_VARS = frozenset(
 )  # fmt: skip
 
 
+class JSONSchemaFormat(OpenAIModel):
+    name: Text = "response"
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    """OpenAI's `response_format`: text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+STRUCTURED_OUTPUTS_KEYS = frozenset(
+    {"json", "regex", "choice", "grammar", "json_object", "disable_any_whitespace"}
+)
+
+
 class SamplingFields(OpenAIModel):
     """Sampling knobs common to /v1/completions and /v1/chat/completions."""
 
@@ -192,6 +218,14 @@ class SamplingFields(OpenAIModel):
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     skip_special_tokens: bool = True
+    # Structured output: OpenAI's response_format, vLLM's structured_outputs and guided_*.
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
+    _structured: StructuredOutputsParams | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _check_common(self) -> SamplingFields:
@@ -201,7 +235,45 @@ class SamplingFields(OpenAIModel):
             raise ParamError("top_k", "must be -1 (disabled) or an integer >= 1, got 0")
         if isinstance(self.stop, list) and any(not s for s in self.stop):
             raise ParamError("stop", "stop strings must be non-empty")
+        self._structured = self._structured_outputs()
         return self
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        """The grammar the request asks for (at most one way of asking), checked now."""
+        given: dict[str, dict[str, Any]] = {}
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            given["response_format"] = {"json_object": True}
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise ParamError("response_format", "type json_schema needs json_schema.schema")
+            given["response_format"] = {"json": rf.json_schema.schema_}
+        if self.structured_outputs is not None:
+            unknown = set(self.structured_outputs) - STRUCTURED_OUTPUTS_KEYS
+            if unknown:
+                raise ParamError(
+                    "structured_outputs",
+                    f"{sorted(unknown)} not supported; allowed: {sorted(STRUCTURED_OUTPUTS_KEYS)}",
+                )
+            given["structured_outputs"] = dict(self.structured_outputs)
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                          ("guided_choice", "choice"), ("guided_grammar", "grammar")):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None:
+                given[name] = {key: value}
+        if len(given) > 1:
+            raise ParamError(sorted(given)[1], f"give only one of {sorted(given)}")
+        if not given:
+            return None
+        ((name, spec),) = given.items()
+        try:
+            return StructuredOutputsParams(**spec)
+        except (ValueError, TypeError) as e:
+            message = str(e).removeprefix("structured_outputs: ")
+            raise ParamError(name, message) from None
+
+    def structured(self) -> StructuredOutputsParams | None:
+        return self._structured
 
     def samples(self) -> int:
         """Samples per prompt the engine draws."""
@@ -232,6 +304,7 @@ class SamplingFields(OpenAIModel):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             logit_bias={int(t): b for t, b in (self.logit_bias or {}).items()},
+            structured_outputs=self.structured(),
         )
 
 
@@ -318,10 +391,23 @@ class TextContentPart(OpenAIModel):
     text: Text
 
 
+class FunctionCall(OpenAIModel):
+    name: Text
+    arguments: Text  # JSON text, as OpenAI sends it
+
+
+class ToolCall(OpenAIModel):
+    id: Text = Field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextContentPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: Text | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -330,9 +416,49 @@ class ChatMessage(OpenAIModel):
             return self.content
         return "".join(part.text for part in self.content)
 
-    def as_dict(self) -> dict[str, str]:
-        """The message as a chat template reads it."""
-        return {"role": self.role, "content": self.text()}
+    def as_dict(self) -> dict[str, Any]:
+        """The message as a chat template reads it (a call's arguments as an object, as
+        templates expect them)."""
+        d: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            d["name"] = self.name
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            d["tool_calls"] = [
+                {"id": c.id, "type": c.type, "function": {"name": c.function.name,
+                 "arguments": _json_or_text(c.function.arguments)}}
+                for c in self.tool_calls
+            ]  # fmt: skip
+        return d
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class FunctionDefinition(OpenAIModel):
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")]
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIModel):
+    name: Text
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
@@ -342,23 +468,62 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: Annotated[
-        list[dict[str, Any]] | None, _unsupported({"type": "array", "maxItems": 0})
-    ] = None
-    response_format: Annotated[
-        dict[str, Any] | None,
-        _unsupported({"type": "object", "properties": {"type": {"const": "text"}}}),
-    ] = None
+    tools: list[ChatTool] | None = None
+    # default: "auto" with tools, "none" without (OpenAI's)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ParamError("top_logprobs", "requires logprobs to be true")
-        if self.tools:
-            raise ParamError("tools", "tool calling is not supported by this server")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ParamError("response_format", "only {'type': 'text'} is supported")
+        choice = self.tool_choice
+        if choice not in (None, "none") and not self.tools:
+            raise ParamError("tool_choice", "needs tools")
+        if isinstance(choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools or []]
+            if choice.function.name not in names:
+                raise ParamError(
+                    "tool_choice", f"names {choice.function.name!r}, not one of the tools {names}"
+                )
+        mode = self.tool_mode()
+        if mode in ("required", "named"):
+            if self._structured is not None:
+                raise ParamError("tool_choice", f"{mode} cannot be combined with "
+                                 "response_format, structured_outputs or guided_*")  # fmt: skip
+            named = self.named_tool()
+            schema = (
+                tool_parameters(named.function.parameters)
+                if named is not None
+                else required_schema(
+                    [(t.function.name, t.function.parameters) for t in self.tools or []],
+                    self.parallel_tool_calls,
+                )
+            )
+            try:
+                self._structured = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+            except ValueError as e:
+                raise ParamError("tools", str(e).removeprefix("structured_outputs: ")) from None
         return self
+
+    def tool_mode(self) -> str:
+        """none | auto | required | named."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return "named"
+        return choice or ("auto" if self.tools else "none")
+
+    def named_tool(self) -> ChatTool | None:
+        choice = self.tool_choice
+        if not isinstance(choice, NamedToolChoice):
+            return None
+        return next(t for t in self.tools or [] if t.function.name == choice.function.name)
+
+    def template_kwargs(self) -> dict[str, Any]:
+        kwargs = super().template_kwargs()
+        if self.tools:
+            kwargs["tools"] = [t.model_dump(exclude_none=True) for t in self.tools]
+        return kwargs
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -366,7 +531,7 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     def engine_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def message_dicts(self) -> list[dict[str, str]]:
+    def message_dicts(self) -> list[dict[str, Any]]:
         return [m.as_dict() for m in self.messages]
 
 
@@ -387,6 +552,7 @@ class ChatCompletionLogProbs(OpenAIModel):
 class ChatResponseMessage(OpenAIModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionResponseChoice(OpenAIModel):
@@ -448,7 +614,7 @@ class TokenizeRequest(ChatTemplateFields):
                     raise ParamError(name, "only applies to messages, not to a prompt")
         return self
 
-    def message_dicts(self) -> list[dict[str, str]]:
+    def message_dicts(self) -> list[dict[str, Any]]:
         return [m.as_dict() for m in self.messages or []]
 
 
