@@ -33,9 +33,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
-# Whitespace between JSON tokens: at most this many characters per gap (JSON indented four
-# levels deep fits). Without a bound, a model that favours whitespace never gets to the values.
-MAX_JSON_WHITESPACE = 20
+# Whitespace between JSON tokens: at most this many characters per gap (a newline and the
+# indent of JSON four levels deep at 2-4 spaces a level fits). Without a bound, a model that
+# favours whitespace never gets to the values.
+MAX_JSON_WHITESPACE = 16
 # xgrammar's messages start "[hh:mm:ss] /path/file.cc:123: "; the rest names the problem.
 _XGR_PREFIX = re.compile(r"^\[[0-9:]+\] [^ ]+:[0-9]+: ")
 
@@ -231,9 +232,10 @@ class StructuredOutputManager:
 
 class _Bitmask(threading.local):
     """The per-step bitmask buffer (int32, one bit per token), one per thread that samples,
-    grown as the batch grows."""
+    grown as the batch grows, and the batch matcher that fills it in one call."""
 
     buf: torch.Tensor | None = None
+    filler: Any = None
 
     def rows(self, n: int, vocab_size: int) -> torch.Tensor:
         words = (vocab_size + 31) // 32
@@ -254,13 +256,14 @@ def apply_grammar_masks(logits: torch.Tensor, seqs: list[Sequence]) -> None:
         return
     xgr = _xgr()
     bitmask = _BITMASK.rows(len(seqs), logits.shape[1])
-    apply = []
-    for i in rows:
-        if seqs[i].grammar.fill_next_token_bitmask(bitmask, i):
-            apply.append(i)
-    if apply:
-        mask = bitmask if logits.device.type == "cpu" else bitmask.to(logits.device)
-        xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=logits.shape[1], indices=apply)
+    if _BITMASK.filler is None:
+        # one thread: the sampler's own (the step's other threads are torch's)
+        _BITMASK.filler = xgr.BatchGrammarMatcher(max_threads=1)
+    _BITMASK.filler.batch_fill_next_token_bitmask(
+        [seqs[i].grammar for i in rows], bitmask, indices=rows
+    )
+    mask = bitmask if logits.device.type == "cpu" else bitmask.to(logits.device)
+    xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=logits.shape[1], indices=rows)
 
 
 def accept(seq: Sequence, token: int) -> str | None:
