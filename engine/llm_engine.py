@@ -299,7 +299,7 @@ class LLMEngine:
                 if token in seq.params.stop_token_ids and token not in self._eos_for(seq):
                     seq.stop_reason = token
             if seq.grammar is not None:  # advanced even when the token ends it otherwise
-                ended = accept(seq, token)
+                ended = accept(seq, token, self.eos_token_ids)
                 reason = reason or ended
             if reason is None and n >= max_len:
                 reason = "length"

@@ -136,7 +136,7 @@ def build_grammar(key: tuple[str, str, bool]) -> xgr.Grammar:
             alternatives = " | ".join(json.dumps(c) for c in json.loads(spec))
             return xgr.Grammar.from_ebnf(f"root ::= {alternatives}")
         return xgr.Grammar.from_ebnf(spec)
-    except (RuntimeError, ValueError, TypeError) as e:
+    except Exception as e:  # xgrammar's parse and conversion errors (RuntimeError mostly)
         what = {"json": "JSON schema", "json_object": "JSON object", "regex": "regex",
                 "choice": "choice", "grammar": "grammar"}[kind]  # fmt: skip
         message = _XGR_PREFIX.sub("", str(e).strip()).strip()
@@ -266,11 +266,12 @@ def apply_grammar_masks(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=logits.shape[1], indices=rows)
 
 
-def accept(seq: Sequence, token: int) -> str | None:
-    """Advance `seq`'s matcher by its sampled token: "stop" once the grammar has ended (its
-    stop token accepted), "abort" if the token breaks the grammar (it cannot, once masked)."""
+def accept(seq: Sequence, token: int, stop_token_ids: set[int]) -> str | None:
+    """Advance `seq`'s matcher by its sampled token: "stop" once the grammar has ended (a
+    matcher ends only by accepting one of its stop tokens, the engine's EOS ids), "abort" if
+    the token breaks the grammar (it cannot, once masked)."""
     matcher = seq.grammar
     if not matcher.accept_token(token):
         logger.warning("request %s: token %d rejected by its grammar", seq.request_id, token)
         return "abort"
-    return "stop" if matcher.is_terminated() else None
+    return "stop" if token in stop_token_ids and matcher.is_terminated() else None

@@ -5,6 +5,7 @@ grammar; an "auto" call is written by a regex-constrained output in Hermes' form
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -230,3 +231,39 @@ def test_auto_needs_the_server_flags(tiny_llama_dir: Path) -> None:
                         json={"messages": CHAT, "tools": TOOLS, "max_tokens": 2,
                               "tool_choice": "none"})  # fmt: skip
         assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.slow
+def test_engine_process_with_the_parser_flags(tiny_llama_dir: Path) -> None:
+    """`python -m engine.serve` with the engine in its own process: grammars travel in the
+    pickled SamplingParams, the flags enable auto."""
+    from tests.test_server_process import _free_port
+    from tests.test_server_process import _serve as serve_process
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = serve_process(
+        "--model", str(tiny_llama_dir), "--port", str(port), "--max-model-len", "512",
+        "--kv-cache-gib", "0.05", "--served-model-name", MODEL,
+        "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        r = _create(client, extra_body={"guided_regex": r"I will check\. " + HERMES_CALL})
+        assert r.choices[0].finish_reason == "tool_calls"
+        assert [c.function.name for c in r.choices[0].message.tool_calls or []] == ["get_weather"]
+        r = _create(client, tool_choice="required", tools=TOOLS)
+        for call in r.choices[0].message.tool_calls or []:
+            jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    finally:
+        proc.terminate()
+        proc.wait(60)

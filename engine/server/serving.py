@@ -409,8 +409,11 @@ def _tool_setup(
     state: ServerState, body: ChatCompletionRequest
 ) -> tuple[str, str | None, str | None]:
     """(tool mode, the server's tool-call parser, the named function's name)."""
+    mode = body.tool_mode()
+    if mode == "none":
+        return mode, None, None
     named = body.named_tool()
-    return body.tool_mode(), state.config.tool_call_parser, named and named.function.name
+    return mode, state.config.tool_call_parser, named and named.function.name
 
 
 def _tool_finish(reason: str | None, mode: str, called: bool) -> str | None:
