@@ -1,9 +1,10 @@
 """Engine throughput with structured output on vs off, for the same requests.
 
-`--batch` requests (default 32) run together through `LLM.generate` on the tests' tiny random
-Llama (2 layers x 64 wide: a step takes a few milliseconds, so whatever the grammar work adds
-shows): once with a JSON schema on each request (`SamplingParams.structured_outputs`), once
-without, with `max_tokens` set to the lengths the constrained run produced and `ignore_eos`,
+`--requests` requests (default 96) run through `LLM.generate` at `--batch` running sequences
+(default 32: continuous batching keeps the batch full while requests wait) on the tests' tiny
+random Llama (2 layers x 64 wide: a step takes a few milliseconds, so whatever the grammar
+work adds shows): once with a JSON schema on each request (`SamplingParams.structured_outputs`),
+once without, with `max_tokens` set to the lengths the constrained run produced and `ignore_eos`,
 so both runs generate the same tokens per request. The rounds alternate on and off; the line
 is the median output tok/s of each and their ratio. Grammar compilation happens before the
 timed runs (the LRU keeps it): what is measured is the per-step mask and matcher work.
@@ -51,18 +52,19 @@ def timed(llm: LLM, prompts: list[str], params: list[SamplingParams]) -> tuple[f
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--max-tokens", type=int, default=160)
+    ap.add_argument("--max-tokens", type=int, default=320)
     ap.add_argument("--model", default=None, help="a model dir (default: the tests' tiny Llama)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = args.model or str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", "llama"))
     llm = LLM(model, max_model_len=512, num_kv_blocks=64 * args.batch // 4 + 64,
               block_size=16, max_num_seqs=args.batch)  # fmt: skip
-    prompts = [f"the cat {i} sat on the river and the dog" for i in range(args.batch)]
+    prompts = [f"the cat {i} sat on the river and the dog" for i in range(args.requests)]
     so = StructuredOutputsParams(json=SCHEMA)
     on = [SamplingParams(temperature=1.0, seed=i, max_tokens=args.max_tokens,
-                         structured_outputs=so) for i in range(args.batch)]  # fmt: skip
+                         structured_outputs=so) for i in range(args.requests)]  # fmt: skip
     _, outs = timed(llm, prompts, on)  # compiles the grammar (cached from here on)
     lengths = [len(o.outputs[0].token_ids) for o in outs]
     valid = 0
@@ -84,7 +86,7 @@ def main() -> None:
             assert sum(len(o.outputs[0].token_ids) for o in got) == tokens, name
             rates[name].append(tokens / dt)
     med_on, med_off = statistics.median(rates["on"]), statistics.median(rates["off"])
-    print(f"batch {args.batch}, {tokens} output tokens per run ({min(lengths)}-{max(lengths)} "
+    print(f"{args.requests} requests at batch {args.batch}, {tokens} output tokens per run ({min(lengths)}-{max(lengths)} "
           f"per request), {valid}/{len(outs)} outputs parse as JSON, {args.rounds} rounds")  # fmt: skip
     print(f"structured output off: {med_off:.0f} tok/s (median)")
     print(f"structured output on:  {med_on:.0f} tok/s (median)")

@@ -23,7 +23,7 @@ from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
-from engine.structured_output import StructuredOutputManager, accept
+from engine.structured_output import StructuredOutputManager, accept, fill_masks
 from engine.tokenizer import EngineTokenizer, detokenize_incrementally
 
 logger = logging.getLogger(__name__)
@@ -194,8 +194,10 @@ class LLMEngine:
                 wait([f for _, f in self._compiling], timeout=0.05, return_when=FIRST_COMPLETED)
             return self._finished_outputs(failed)
         inputs, sampling = self._prepare_inputs(out)
-        logits = self.runner.call("execute", inputs)
         seqs = out.seqs
+        logits = self.runner.call("execute", inputs)
+        # filled while a GPU still runs the step (execute does not wait for it); before forks
+        masks = fill_masks([seqs[i] for i in sampling], self.model_config.vocab_size)
         bm = self.block_manager
         bs = bm.block_size if bm.enable_prefix_caching else 1 << 62
         for seq, n in zip(seqs, out.num_scheduled_tokens, strict=True):
@@ -225,7 +227,9 @@ class LLMEngine:
             if len(rows) != logits.shape[0] or rows[-1] != len(rows) - 1:
                 logits = logits[rows]
             with torch.inference_mode():  # logits are an inference tensor the sampler edits
-                tokens, logprobs = self.sampler(logits, sample_seqs, self.eos_token_ids)
+                tokens, logprobs = self.sampler(
+                    logits, sample_seqs, self.eos_token_ids, masks and masks.expand(rows)
+                )
             finished = self._append_and_check_stops(sample_seqs, tokens, logprobs, only_finished)
         self._record_step(out, shape, time.perf_counter() - t0)
         if only_finished:

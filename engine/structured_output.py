@@ -6,9 +6,10 @@ ValueError naming the problem before the request reaches the engine. The engine 
 grammar against its vocabulary on a worker thread when the request arrives
 (`StructuredOutputManager.submit`, an LRU of compiled grammars keyed by the spec) and schedules
 the request once it is compiled; each sequence then carries an `xgrammar.GrammarMatcher`. Per
-step the sampler calls `apply_grammar_masks` once for the whole batch: one bitmask row filled
-per constrained row, applied to the logits of those rows only; the matcher is advanced with
-the sampled token (`accept`), and a terminated matcher ends the sequence with "stop".
+step one bitmask is filled for the whole batch (`fill_masks`: a row per constrained row, in
+one call, right after the model step is launched, so on CUDA it overlaps the forward pass),
+and the sampler applies it to the logits of those rows only (`apply_grammar_masks`); the matcher is advanced with the sampled token (`accept`), and
+a terminated matcher ends the sequence with "stop".
 """
 
 from __future__ import annotations
@@ -230,40 +231,53 @@ class StructuredOutputManager:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-class _Bitmask(threading.local):
-    """The per-step bitmask buffer (int32, one bit per token), one per thread that samples,
-    grown as the batch grows, and the batch matcher that fills it in one call."""
+@dataclass
+class GrammarMasks:
+    """One step's bitmask (int32, one bit per token, a row per sampled row) and the rows that
+    have a grammar."""
 
-    buf: torch.Tensor | None = None
-    filler: Any = None
+    bitmask: torch.Tensor
+    rows: list[int]
 
-    def rows(self, n: int, vocab_size: int) -> torch.Tensor:
-        words = (vocab_size + 31) // 32
-        buf = self.buf
-        if buf is None or buf.shape[0] < n or buf.shape[1] != words:
-            buf = self.buf = torch.full((max(n, 8), words), -1, dtype=torch.int32)
-        return buf[:n]
-
-
-_BITMASK = _Bitmask()
+    def expand(self, parents: list[int]) -> GrammarMasks:
+        """The masks of a batch whose row j samples from row `parents[j]` (n > 1 forks: a
+        fork's matcher is in its parent's state, so it shares the parent's mask)."""
+        if parents == list(range(len(parents))):
+            return self
+        has = set(self.rows)
+        return GrammarMasks(self.bitmask[parents], [j for j, p in enumerate(parents) if p in has])
 
 
-def apply_grammar_masks(logits: torch.Tensor, seqs: list[Sequence]) -> None:
-    """Set to -inf the logits of the tokens each constrained row's grammar forbids now (rows
-    without a grammar are left as they are). `logits` is `[len(seqs), vocab]`."""
+_FILLER = threading.local()  # a BatchGrammarMatcher per thread that fills masks
+
+
+def fill_masks(seqs: list[Sequence], vocab_size: int) -> GrammarMasks | None:
+    """The masks of each constrained sequence's next token; None if none is constrained."""
     rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
     if not rows:
-        return
-    xgr = _xgr()
-    bitmask = _BITMASK.rows(len(seqs), logits.shape[1])
-    if _BITMASK.filler is None:
-        # one thread: the sampler's own (the step's other threads are torch's)
-        _BITMASK.filler = xgr.BatchGrammarMatcher(max_threads=1)
-    _BITMASK.filler.batch_fill_next_token_bitmask(
-        [seqs[i].grammar for i in rows], bitmask, indices=rows
+        return None
+    filler = getattr(_FILLER, "matcher", None)
+    if filler is None:
+        filler = _FILLER.matcher = _xgr().BatchGrammarMatcher(max_threads=1)
+    bitmask = torch.full((len(seqs), (vocab_size + 31) // 32), -1, dtype=torch.int32)
+    filler.batch_fill_next_token_bitmask([seqs[i].grammar for i in rows], bitmask, indices=rows)
+    return GrammarMasks(bitmask, rows)
+
+
+def apply_grammar_masks(
+    logits: torch.Tensor, seqs: list[Sequence], masks: GrammarMasks | None = None
+) -> None:
+    """Set to -inf the logits of the tokens each constrained row's grammar forbids now (rows
+    without a grammar are left as they are). `logits` is `[len(seqs), vocab]`; `masks`, when
+    given, were filled by `fill_masks` for the rows' parents (`GrammarMasks.expand`)."""
+    if masks is None:
+        masks = fill_masks(seqs, logits.shape[1])
+        if masks is None:
+            return
+    bitmask = masks.bitmask if logits.device.type == "cpu" else masks.bitmask.to(logits.device)
+    _xgr().apply_token_bitmask_inplace(
+        logits, bitmask, vocab_size=logits.shape[1], indices=masks.rows
     )
-    mask = bitmask if logits.device.type == "cpu" else bitmask.to(logits.device)
-    xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=logits.shape[1], indices=rows)
 
 
 def accept(seq: Sequence, token: int, stop_token_ids: set[int]) -> str | None:
