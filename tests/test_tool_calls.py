@@ -267,3 +267,16 @@ def test_engine_process_with_the_parser_flags(tiny_llama_dir: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def test_offline_chat_renders_tools(tiny_llama_dir: Path) -> None:
+    from engine import LLM, SamplingParams
+
+    llm = LLM(str(tiny_llama_dir), **KW)
+    sp = SamplingParams(max_tokens=1)
+    plain = llm.chat(CHAT, sp, chat_template=TOOL_TEMPLATE)[0]
+    with_tools = llm.chat(CHAT, sp, chat_template=TOOL_TEMPLATE, tools=TOOLS)[0]
+    text = llm.get_tokenizer().decode(with_tools.prompt_token_ids, skip_special_tokens=False)
+    assert "get_weather(city, days)" in text and "<tools>" not in llm.get_tokenizer().decode(
+        plain.prompt_token_ids, skip_special_tokens=False
+    )
