@@ -203,3 +203,19 @@ def test_bad_grammars_are_400(server: ServerThread, body: dict, param: str, word
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and words in err["message"], err
+
+
+@pytest.mark.slow
+def test_real_model_follows_a_schema(smollm2_gguf: Path) -> None:
+    """SmolLM2-135M (GGUF: its tokenizer rebuilt from the header) asked for JSON in prose."""
+    llm = LLM(str(smollm2_gguf), max_model_len=512, kv_cache_gib=0.05)
+    schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 20},
+              "country": {"enum": ["France", "Italy"]}}, "required": ["capital", "country"]}  # fmt: skip
+    msgs = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
+    sp = SamplingParams(temperature=0, max_tokens=60, structured_outputs={"json": schema})
+    out = llm.chat(msgs, sp)[0].outputs[0]
+    assert out.finish_reason == "stop"
+    jsonschema.validate(json.loads(out.text), schema)
+    choice = SamplingParams(temperature=0, max_tokens=10,
+                            structured_outputs={"choice": ["Paris", "Rome"]})  # fmt: skip
+    assert llm.chat(msgs, choice)[0].outputs[0].text in ("Paris", "Rome")
