@@ -207,9 +207,9 @@ class StructuredOutputManager:
         key = params.key
         with self._lock:
             fut = self._cache.get(key)
-            if fut is not None:
+            if fut is not None and not (fut.done() and fut.exception() is not None):
                 self._cache.move_to_end(key)
-                return fut
+                return fut  # compiled or compiling (a failed compile is tried again)
             fut = self._executor.submit(self._compile, key)
             self._cache[key] = fut
             if len(self._cache) > self._cache_size:

@@ -128,6 +128,24 @@ def test_compiled_grammars_are_cached(llm: LLM) -> None:
     assert a is b and a.result() is not None
 
 
+def test_a_grammar_that_fails_to_compile_ends_its_request(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(key: object) -> None:
+        raise RuntimeError("compiler out of memory")
+
+    monkeypatch.setattr(llm.llm_engine.structured_output, "_compile", fail)
+    bad = SamplingParams(max_tokens=5, structured_outputs={"regex": "[0-9]{7}"})
+    plain = SamplingParams(temperature=0, max_tokens=5)
+    outs = llm.generate([PROMPTS[0], PROMPTS[1]], [bad, plain])
+    assert outs[0].outputs[0].finish_reason == "abort" and outs[0].outputs[0].text == ""
+    assert outs[1].outputs[0].finish_reason == "length"
+    assert not llm.llm_engine.has_unfinished_requests()
+    monkeypatch.undo()  # a failed compile is not cached: the next request compiles again
+    again = llm.generate(PROMPTS[0], bad)[0].outputs[0]
+    assert again.finish_reason == "length" and again.text.isdigit()
+
+
 # ---- over HTTP ------------------------------------------------------------------------------
 
 
