@@ -2,108 +2,49 @@
 
 Field names, defaults and shapes follow OpenAI's API so unchanged OpenAI clients work; the
 extra sampling knobs vLLM accepts in the body (top_k, min_p, ignore_eos, ...) are accepted too.
-Range checks live here so a bad value is a 400 naming the parameter, never a 500.
+Range checks live here so a bad value is a 400 naming the parameter, never a 500. The shared
+base (`protocol_base.py`) and the structured-output and tool models (`protocol_tools.py`)
+are re-exported from here.
 """
 
 from __future__ import annotations
 
-import json
 import time
-import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    WithJsonSchema,
-    model_validator,
-)
-from pydantic_core import PydanticCustomError
+from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from engine.sampling_params import MIN_REPETITION_PENALTY, SamplingParams
+from engine.server.protocol_base import (  # noqa: F401 (re-exported: the API's models in one place)
+    MAX_LOGPROBS,
+    MAX_N,
+    Bias,
+    ErrorInfo,
+    ErrorResponse,
+    OpenAIModel,
+    ParamError,
+    Penalty,
+    Probability,
+    StreamOptions,
+    Text,
+    UsageInfo,
+    _unsupported,
+    random_id,
+)
+from engine.server.protocol_tools import (  # noqa: F401
+    ChatTool,
+    FunctionCall,
+    FunctionDefinition,
+    JSONSchemaFormat,
+    NamedFunction,
+    NamedToolChoice,
+    ResponseFormat,
+    ToolCall,
+    _json_or_text,
+    structured_params,
+)
 from engine.server.tool_calls import required_schema, tool_parameters
 from engine.structured_output import StructuredOutputsParams
-
-MAX_N = 128
-MAX_LOGPROBS = 20
-
-
-def random_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-class ParamError(ValueError):
-    """A bad request value; `param` names the offending field for the error body."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"{param}: {message}")
-        self.param = param
-
-
-def _unicode(value: str) -> str:
-    """Reject lone UTF-16 surrogates (JSON lets `"\\ud800"` through): not text a tokenizer
-    or a UTF-8 response can hold."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise PydanticCustomError(
-            "lone_surrogate",
-            "must be valid Unicode text; it holds a lone UTF-16 surrogate {char} at index "
-            "{index} (a \\ud800-\\udfff escape without its pair)",
-            {"char": ascii(value[e.start]), "index": e.start},
-        ) from None
-    return value
-
-
-Text = Annotated[str, AfterValidator(_unicode)]
-
-
-class OpenAIModel(BaseModel):
-    # Unknown fields are ignored (OpenAI SDKs send some we do not use, e.g. `user`). Strict:
-    # a value has its JSON type (0 is no boolean, "3" no integer), as the schema says.
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-
-# ---- errors ---------------------------------------------------------------------------------
-
-
-class ErrorInfo(OpenAIModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(OpenAIModel):
-    error: ErrorInfo
-
-
-# ---- shared ---------------------------------------------------------------------------------
-
-
-class StreamOptions(OpenAIModel):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
-
-
-class UsageInfo(OpenAIModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-
-
-def _unsupported(empty: dict[str, Any]) -> WithJsonSchema:
-    """The schema of a field this server rejects unless it is null or `empty`."""
-    return WithJsonSchema({"anyOf": [{"type": "null"}, empty]})
-
-
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
-Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-
 
 # vLLM request fields this server does not implement, with their no-op values: any other
 # value is a 400 naming the field, never silently ignored.
@@ -170,25 +111,6 @@ RESERVED_TEMPLATE_VARS = frozenset(
 )  # fmt: skip
 
 
-class JSONSchemaFormat(OpenAIModel):
-    name: Text = "response"
-    description: Text | None = None
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(OpenAIModel):
-    """OpenAI's `response_format`: text, any JSON object, or JSON matching a schema."""
-
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JSONSchemaFormat | None = None
-
-
-STRUCTURED_OUTPUTS_KEYS = frozenset(
-    {"json", "regex", "choice", "grammar", "json_object", "disable_any_whitespace"}
-)
-
-
 class SamplingFields(OpenAIModel):
     """Sampling knobs common to /v1/completions and /v1/chat/completions."""
 
@@ -235,42 +157,8 @@ class SamplingFields(OpenAIModel):
             raise ParamError("top_k", "must be -1 (disabled) or an integer >= 1, got 0")
         if isinstance(self.stop, list) and any(not s for s in self.stop):
             raise ParamError("stop", "stop strings must be non-empty")
-        self._structured = self._structured_outputs()
+        self._structured = structured_params(self)
         return self
-
-    def _structured_outputs(self) -> StructuredOutputsParams | None:
-        """The grammar the request asks for (at most one way of asking), checked now."""
-        given: dict[str, dict[str, Any]] = {}
-        rf = self.response_format
-        if rf is not None and rf.type == "json_object":
-            given["response_format"] = {"json_object": True}
-        elif rf is not None and rf.type == "json_schema":
-            if rf.json_schema is None or rf.json_schema.schema_ is None:
-                raise ParamError("response_format", "type json_schema needs json_schema.schema")
-            given["response_format"] = {"json": rf.json_schema.schema_}
-        if self.structured_outputs is not None:
-            unknown = set(self.structured_outputs) - STRUCTURED_OUTPUTS_KEYS
-            if unknown:
-                raise ParamError(
-                    "structured_outputs",
-                    f"{sorted(unknown)} not supported; allowed: {sorted(STRUCTURED_OUTPUTS_KEYS)}",
-                )
-            given["structured_outputs"] = dict(self.structured_outputs)
-        for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
-                          ("guided_choice", "choice"), ("guided_grammar", "grammar")):  # fmt: skip
-            value = getattr(self, name)
-            if value is not None:
-                given[name] = {key: value}
-        if len(given) > 1:
-            raise ParamError(sorted(given)[1], f"give only one of {sorted(given)}")
-        if not given:
-            return None
-        ((name, spec),) = given.items()
-        try:
-            return StructuredOutputsParams(**spec)
-        except (ValueError, TypeError) as e:
-            message = str(e).removeprefix("structured_outputs: ")
-            raise ParamError(name, message) from None
 
     def structured(self) -> StructuredOutputsParams | None:
         return self._structured
@@ -391,17 +279,6 @@ class TextContentPart(OpenAIModel):
     text: Text
 
 
-class FunctionCall(OpenAIModel):
-    name: Text
-    arguments: Text  # JSON text, as OpenAI sends it
-
-
-class ToolCall(OpenAIModel):
-    id: Text = Field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextContentPart] | None = None
@@ -431,34 +308,6 @@ class ChatMessage(OpenAIModel):
                 for c in self.tool_calls
             ]  # fmt: skip
         return d
-
-
-def _json_or_text(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-class FunctionDefinition(OpenAIModel):
-    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")]
-    description: Text | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class ChatTool(OpenAIModel):
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class NamedFunction(OpenAIModel):
-    name: Text
-
-
-class NamedToolChoice(OpenAIModel):
-    type: Literal["function"]
-    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
