@@ -110,9 +110,11 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
         """Apply the chat template (the model's, or `chat_template`) to one conversation or a
-        list of them, then generate; the arguments are vLLM's."""
+        list of them, then generate; the arguments are vLLM's (`tools`: OpenAI-style tool
+        definitions the template renders)."""
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of messages or of conversations")
         conversations = messages if isinstance(messages[0], list) else [messages]
@@ -124,6 +126,7 @@ class LLM:
                 add_generation_prompt=add_generation_prompt,
                 chat_template=chat_template,
                 continue_final_message=continue_final_message,
+                **({"tools": tools} if tools else {}),
                 **(chat_template_kwargs or {}),
             )
             prompts.append(tok.encode(text, add_special_tokens=False))

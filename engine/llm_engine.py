@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import multiprocessing as mp
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +23,10 @@ from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.structured_output import StructuredOutputManager, accept, fill_masks
 from engine.tokenizer import EngineTokenizer, detokenize_incrementally
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,6 +90,11 @@ class LLMEngine:
         self.sampler = Sampler(self.runner.device, args.seed)
         self.input_batch = InputBatch(args.block_size, -(-self.max_model_len // args.block_size))
         self.requests: dict[str, Request] = {}
+        self.structured_output = StructuredOutputManager(
+            self.tokenizer, cfg.vocab_size, self.eos_token_ids
+        )
+        # constrained sequences whose grammar is being compiled: scheduled once it is
+        self._compiling: list[tuple[Sequence, Future]] = []
         self.counters = Counters()
         self.step_log = StepLog(args.step_log) if args.step_log else None
         self._closed = False
@@ -98,6 +108,8 @@ class LLMEngine:
         if getattr(self, "_closed", True) and not self._workers:
             return
         self._closed = True
+        if hasattr(self, "structured_output"):
+            self.structured_output.shutdown()
         if getattr(self, "step_log", None) is not None:
             self.step_log.close()
         if self._workers and hasattr(self, "runner"):
@@ -144,12 +156,16 @@ class LLMEngine:
         seq = Sequence(request_id, ids, params, 0, arrival)
         req.seqs.append(seq)
         self.requests[request_id] = req
-        self.scheduler.add(seq)
+        if params.structured_outputs is None:
+            self.scheduler.add(seq)
+        else:
+            self._compiling.append((seq, self.structured_output.submit(params.structured_outputs)))
 
     def abort_request(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
         if req is None:
             return
+        self._compiling = [(s, f) for s, f in self._compiling if s.request_id != request_id]
         for seq in req.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
@@ -171,12 +187,17 @@ class LLMEngine:
         need the text every step.
         """
         t0 = time.perf_counter()
+        failed = self._admit_compiled() if self._compiling else []
         out = self.scheduler.schedule()
         if out.is_empty:
-            return []
+            if self._compiling and not failed:  # nothing else to run: wait for a grammar
+                wait([f for _, f in self._compiling], timeout=0.05, return_when=FIRST_COMPLETED)
+            return self._finished_outputs(failed)
         inputs, sampling = self._prepare_inputs(out)
-        logits = self.runner.call("execute", inputs)
         seqs = out.seqs
+        logits = self.runner.call("execute", inputs)
+        # filled while a GPU still runs the step (execute does not wait for it); before forks
+        masks = fill_masks([seqs[i] for i in sampling], self.model_config.vocab_size)
         bm = self.block_manager
         bs = bm.block_size if bm.enable_prefix_caching else 1 << 62
         for seq, n in zip(seqs, out.num_scheduled_tokens, strict=True):
@@ -206,18 +227,44 @@ class LLMEngine:
             if len(rows) != logits.shape[0] or rows[-1] != len(rows) - 1:
                 logits = logits[rows]
             with torch.inference_mode():  # logits are an inference tensor the sampler edits
-                tokens, logprobs = self.sampler(logits, sample_seqs, self.eos_token_ids)
+                tokens, logprobs = self.sampler(
+                    logits, sample_seqs, self.eos_token_ids, masks and masks.expand(rows)
+                )
             finished = self._append_and_check_stops(sample_seqs, tokens, logprobs, only_finished)
         self._record_step(out, shape, time.perf_counter() - t0)
         if only_finished:
-            outputs = [self._make_output(req) for req in finished]
+            outputs = [self._make_output(req) for req in finished + failed]
         else:
-            outputs = [self._make_output(req) for req in touched.values()]
+            outputs = [self._make_output(req) for req in [*touched.values(), *failed]]
+        return self._retire(outputs)
+
+    def _retire(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         for o in outputs:
             if o.finished:
                 del self.requests[o.request_id]
                 self.counters.requests_finished_total += 1
         return outputs
+
+    def _finished_outputs(self, reqs: list[Request]) -> list[RequestOutput]:
+        return self._retire([self._make_output(req) for req in reqs])
+
+    def _admit_compiled(self) -> list[Request]:
+        """Schedule the constrained sequences whose grammar is compiled (each with a matcher
+        of its own); a grammar that failed to compile ends its request ("abort")."""
+        pending, failed = [], []
+        for seq, fut in self._compiling:
+            if not fut.done():
+                pending.append((seq, fut))
+            elif fut.exception() is not None:
+                logger.error("request %s: grammar compilation failed: %s", seq.request_id,
+                             fut.exception())  # fmt: skip
+                self._finish(seq, "abort")
+                failed.append(self.requests[seq.request_id])
+            else:
+                seq.grammar = self.structured_output.matcher(fut.result())
+                self.scheduler.add(seq)
+        self._compiling = pending
+        return failed
 
     def _prepare_inputs(self, out) -> tuple[StepInputs, list[int]]:
         return self.input_batch.prepare(out)
@@ -255,6 +302,9 @@ class LLMEngine:
                 reason = "stop"
                 if token in seq.params.stop_token_ids and token not in self._eos_for(seq):
                     seq.stop_reason = token
+            if seq.grammar is not None:  # advanced even when the token ends it otherwise
+                ended = accept(seq, token, self.eos_token_ids)
+                reason = reason or ended
             if reason is None and n >= max_len:
                 reason = "length"
             if reason is not None:

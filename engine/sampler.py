@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.sequence import Sequence
+from engine.structured_output import GrammarMasks, apply_grammar_masks
 
 _NEG_INF = float("-inf")
 
@@ -78,9 +79,14 @@ class Sampler:
         return row
 
     def __call__(
-        self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        eos_token_ids: set[int],
+        grammar_masks: GrammarMasks | None = None,
     ) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits `[len(seqs), vocab]` fp32 (modified in place). Returns tokens and logprobs."""
+        apply_grammar_masks(logits, seqs, grammar_masks)
         if all(map(_plain_greedy, seqs)):
             return logits.argmax(dim=-1).tolist(), [None] * len(seqs)
         for i, seq in enumerate(seqs):
@@ -90,7 +96,7 @@ class Sampler:
             if p.logit_bias:
                 ids = list(p.logit_bias)
                 logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
-            if seq.num_output_tokens < p.min_tokens:
+            if seq.num_output_tokens < p.min_tokens and seq.grammar is None:  # grammar decides
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
                 if banned:
                     logits[i, banned] = _NEG_INF

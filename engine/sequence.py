@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from enum import Enum, auto
 from itertools import count
+from typing import Any
 
 from engine.sampling_params import SamplingParams
 
@@ -52,6 +53,7 @@ class Sequence:
         # (stop token ids, min length to stop, max length), set by the engine on first sample
         self.stop_limits: tuple[frozenset[int], int, int] | None = None
         self.plain_greedy: bool | None = None  # set by the sampler on first use
+        self.grammar: Any = None  # its xgrammar GrammarMatcher, when the output is constrained
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -93,4 +95,6 @@ class Sequence:
         child.block_hashes = list(self.block_hashes)
         child.status = self.status
         child.num_pending_forks = 0
+        if self.grammar is not None:
+            child.grammar = self.grammar.fork()
         return child

@@ -28,6 +28,7 @@ import uvicorn
 
 from engine.hub import resolve_model
 from engine.server.app import ServerConfig, create_app
+from engine.server.tool_calls import TOOL_PARSERS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -117,6 +118,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="run the model eager (default: torch.compile on CUDA, eager on CPU; "
         "--no-enforce-eager compiles on CPU too)",
+    )
+    p.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser',
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_PARSERS,
+        default=None,
+        help="how the model writes tool calls: llama3_json (Llama 3.x) or hermes "
+        "(<tool_call> tags: Hermes, Qwen)",
     )
     p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
@@ -232,6 +245,8 @@ def build_app(args: argparse.Namespace):
     api_key = read_api_key(args)
     check_bind(args.host, api_key, args.allow_unauthenticated)
     check_tls(args.ssl_certfile, args.ssl_keyfile)
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (llama3_json, hermes)")
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     config = ServerConfig(
@@ -240,6 +255,8 @@ def build_app(args: argparse.Namespace):
         max_pending=args.max_waiting_requests,
         max_request_bytes=args.max_request_bytes,
         drain_timeout_s=args.shutdown_timeout,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
     )
     if args.engine_process:
         return create_app(config, engine_args=engine_args)

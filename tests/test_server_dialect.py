@@ -103,7 +103,7 @@ def test_template_fields_do_not_apply_to_a_prompt(server: ServerThread) -> None:
 def test_unimplemented_vllm_fields_are_400(server: ServerThread, path: str, name: str) -> None:
     base = {"prompt": PROMPT} if path == "/v1/completions" else {"messages": CHAT}
     base["max_tokens"] = 1
-    value = {"use_beam_search": True, "length_penalty": 2.0, "tool_choice": "auto",
+    value = {"use_beam_search": True, "length_penalty": 2.0, "guided_whitespace_pattern": " ",
              "return_tokens_as_token_ids": True,
              "include_stop_str_in_output": True}.get(name, {"x": 1})  # fmt: skip
     r = _post(server, path, {**base, name: value})
@@ -116,6 +116,6 @@ def test_unimplemented_vllm_fields_are_400(server: ServerThread, path: str, name
 
 def test_openai_client_extra_body(server: ServerThread) -> None:
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
-    with pytest.raises(openai.BadRequestError, match="guided_json"):
+    with pytest.raises(openai.BadRequestError, match="guided_whitespace_pattern"):
         client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2,
-                                       extra_body={"guided_json": {"type": "object"}})  # fmt: skip
+                                       extra_body={"guided_whitespace_pattern": " "})  # fmt: skip

@@ -161,7 +161,8 @@ def test_stream_chunks_are_the_json_of_the_openai_objects(monkeypatch) -> None:
     want.append(expect("text_completion", []))
     assert got == [want[0], "".join(want[1:]) + "data: [DONE]\n\n"]
 
-    body = SimpleNamespace(stop_list=lambda: [], engine_logprobs=lambda: None)
+    body = SimpleNamespace(stop_list=lambda: [], engine_logprobs=lambda: None,
+                           tool_mode=lambda: "none")  # fmt: skip
     got = _stream_of(monkeypatch, lambda: serving.chat_events(None, sub, body), outs)
     role = {"id": sub.request_id, "object": "chat.completion.chunk", "created": 12, "model": 'm"1',
             "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},

@@ -71,6 +71,8 @@ class ServerConfig:
     max_request_bytes: int = 4 * 2**20  # a full 128k-token prompt as JSON fits with room
     retry_after_s: int = 1
     drain_timeout_s: float = 30.0  # graceful shutdown: let in-flight requests finish this long
+    enable_auto_tool_choice: bool = False  # tool_choice "auto" (needs tool_call_parser)
+    tool_call_parser: str | None = None  # llama3_json | hermes: finds calls in the output
 
 
 class ServerState:
@@ -360,6 +362,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     state = _state(request)
     state.require_engine()
     check_model(state, body.model)
+    cfg = state.config
+    if body.tool_mode() == "auto" and not (cfg.enable_auto_tool_choice and cfg.tool_call_parser):
+        raise bad_request(
+            'tool_choice: "auto" needs the server started with --enable-auto-tool-choice and '
+            '--tool-call-parser; use "none", "required" or a named function',
+            "tool_choice",
+        )
     text = chat_prompt(state, body, body.message_dicts())
     ids = await encode_prompt(state, text, "messages", body.add_special_tokens)
     try:

@@ -2,108 +2,57 @@
 
 Field names, defaults and shapes follow OpenAI's API so unchanged OpenAI clients work; the
 extra sampling knobs vLLM accepts in the body (top_k, min_p, ignore_eos, ...) are accepted too.
-Range checks live here so a bad value is a 400 naming the parameter, never a 500.
+Range checks live here so a bad value is a 400 naming the parameter, never a 500. The shared
+base (`protocol_base.py`) and the structured-output and tool models (`protocol_tools.py`)
+are re-exported from here.
 """
 
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from engine.sampling_params import MIN_REPETITION_PENALTY, SamplingParams
-
-MAX_N = 128
-MAX_LOGPROBS = 20
-
-
-def random_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-class ParamError(ValueError):
-    """A bad request value; `param` names the offending field for the error body."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"{param}: {message}")
-        self.param = param
-
-
-def _unicode(value: str) -> str:
-    """Reject lone UTF-16 surrogates (JSON lets `"\\ud800"` through): not text a tokenizer
-    or a UTF-8 response can hold."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise PydanticCustomError(
-            "lone_surrogate",
-            "must be valid Unicode text; it holds a lone UTF-16 surrogate {char} at index "
-            "{index} (a \\ud800-\\udfff escape without its pair)",
-            {"char": ascii(value[e.start]), "index": e.start},
-        ) from None
-    return value
-
-
-Text = Annotated[str, AfterValidator(_unicode)]
-
-
-class OpenAIModel(BaseModel):
-    # Unknown fields are ignored (OpenAI SDKs send some we do not use, e.g. `user`). Strict:
-    # a value has its JSON type (0 is no boolean, "3" no integer), as the schema says.
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-
-# ---- errors ---------------------------------------------------------------------------------
-
-
-class ErrorInfo(OpenAIModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(OpenAIModel):
-    error: ErrorInfo
-
-
-# ---- shared ---------------------------------------------------------------------------------
-
-
-class StreamOptions(OpenAIModel):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
-
-
-class UsageInfo(OpenAIModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-
-
-def _unsupported(empty: dict[str, Any]) -> WithJsonSchema:
-    """The schema of a field this server rejects unless it is null or `empty`."""
-    return WithJsonSchema({"anyOf": [{"type": "null"}, empty]})
-
-
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
-Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-
+from engine.server.protocol_base import (  # noqa: F401 (re-exported: the API's models in one place)
+    MAX_LOGPROBS,
+    MAX_N,
+    Bias,
+    ErrorInfo,
+    ErrorResponse,
+    OpenAIModel,
+    ParamError,
+    Penalty,
+    Probability,
+    StreamOptions,
+    Text,
+    UsageInfo,
+    _unsupported,
+    random_id,
+)
+from engine.server.protocol_tools import (  # noqa: F401
+    ChatTool,
+    FunctionCall,
+    FunctionDefinition,
+    JSONSchemaFormat,
+    NamedFunction,
+    NamedToolChoice,
+    ResponseFormat,
+    ToolCall,
+    _json_or_text,
+    structured_params,
+)
+from engine.server.tool_calls import required_schema, tool_parameters
+from engine.structured_output import StructuredOutputsParams
 
 # vLLM request fields this server does not implement, with their no-op values: any other
 # value is a 400 naming the field, never silently ignored.
 UNSUPPORTED: dict[str, Any] = {
     "prompt_logprobs": None,
-    "guided_json": None,
-    "guided_regex": None,
-    "guided_choice": None,
-    "guided_grammar": None,
     "guided_decoding_backend": None,
-    "structured_outputs": None,
+    "guided_whitespace_pattern": None,
+    "structural_tag": None,
     "use_beam_search": False,
     "length_penalty": 1.0,
     "allowed_token_ids": None,
@@ -112,7 +61,6 @@ UNSUPPORTED: dict[str, Any] = {
     "truncate_prompt_tokens": None,
     "return_tokens_as_token_ids": False,
     "include_stop_str_in_output": False,
-    "tool_choice": "none",
     "functions": None,
     "function_call": None,
 }
@@ -192,6 +140,14 @@ class SamplingFields(OpenAIModel):
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     skip_special_tokens: bool = True
+    # Structured output: OpenAI's response_format, vLLM's structured_outputs and guided_*.
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
+    _structured: StructuredOutputsParams | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _check_common(self) -> SamplingFields:
@@ -201,7 +157,11 @@ class SamplingFields(OpenAIModel):
             raise ParamError("top_k", "must be -1 (disabled) or an integer >= 1, got 0")
         if isinstance(self.stop, list) and any(not s for s in self.stop):
             raise ParamError("stop", "stop strings must be non-empty")
+        self._structured = structured_params(self)
         return self
+
+    def structured(self) -> StructuredOutputsParams | None:
+        return self._structured
 
     def samples(self) -> int:
         """Samples per prompt the engine draws."""
@@ -232,6 +192,7 @@ class SamplingFields(OpenAIModel):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             logit_bias={int(t): b for t, b in (self.logit_bias or {}).items()},
+            structured_outputs=self.structured(),
         )
 
 
@@ -322,6 +283,8 @@ class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextContentPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: Text | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -330,9 +293,21 @@ class ChatMessage(OpenAIModel):
             return self.content
         return "".join(part.text for part in self.content)
 
-    def as_dict(self) -> dict[str, str]:
-        """The message as a chat template reads it."""
-        return {"role": self.role, "content": self.text()}
+    def as_dict(self) -> dict[str, Any]:
+        """The message as a chat template reads it (a call's arguments as an object, as
+        templates expect them)."""
+        d: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            d["name"] = self.name
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            d["tool_calls"] = [
+                {"id": c.id, "type": c.type, "function": {"name": c.function.name,
+                 "arguments": _json_or_text(c.function.arguments)}}
+                for c in self.tool_calls
+            ]  # fmt: skip
+        return d
 
 
 class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
@@ -342,23 +317,62 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: Annotated[
-        list[dict[str, Any]] | None, _unsupported({"type": "array", "maxItems": 0})
-    ] = None
-    response_format: Annotated[
-        dict[str, Any] | None,
-        _unsupported({"type": "object", "properties": {"type": {"const": "text"}}}),
-    ] = None
+    tools: list[ChatTool] | None = None
+    # default: "auto" with tools, "none" without (OpenAI's)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ParamError("top_logprobs", "requires logprobs to be true")
-        if self.tools:
-            raise ParamError("tools", "tool calling is not supported by this server")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ParamError("response_format", "only {'type': 'text'} is supported")
+        choice = self.tool_choice
+        if choice not in (None, "none") and not self.tools:
+            raise ParamError("tool_choice", "needs tools")
+        if isinstance(choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools or []]
+            if choice.function.name not in names:
+                raise ParamError(
+                    "tool_choice", f"names {choice.function.name!r}, not one of the tools {names}"
+                )
+        mode = self.tool_mode()
+        if mode in ("required", "named"):
+            if self._structured is not None:
+                raise ParamError("tool_choice", f"{mode} cannot be combined with "
+                                 "response_format, structured_outputs or guided_*")  # fmt: skip
+            named = self.named_tool()
+            schema = (
+                tool_parameters(named.function.parameters)
+                if named is not None
+                else required_schema(
+                    [(t.function.name, t.function.parameters) for t in self.tools or []],
+                    self.parallel_tool_calls,
+                )
+            )
+            try:
+                self._structured = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+            except ValueError as e:
+                raise ParamError("tools", str(e).removeprefix("structured_outputs: ")) from None
         return self
+
+    def tool_mode(self) -> str:
+        """none | auto | required | named."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return "named"
+        return choice or ("auto" if self.tools else "none")
+
+    def named_tool(self) -> ChatTool | None:
+        choice = self.tool_choice
+        if not isinstance(choice, NamedToolChoice):
+            return None
+        return next(t for t in self.tools or [] if t.function.name == choice.function.name)
+
+    def template_kwargs(self) -> dict[str, Any]:
+        kwargs = super().template_kwargs()
+        if self.tools:
+            kwargs["tools"] = [t.model_dump(exclude_none=True) for t in self.tools]
+        return kwargs
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -366,7 +380,7 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     def engine_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def message_dicts(self) -> list[dict[str, str]]:
+    def message_dicts(self) -> list[dict[str, Any]]:
         return [m.as_dict() for m in self.messages]
 
 
@@ -387,6 +401,7 @@ class ChatCompletionLogProbs(OpenAIModel):
 class ChatResponseMessage(OpenAIModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionResponseChoice(OpenAIModel):
@@ -448,7 +463,7 @@ class TokenizeRequest(ChatTemplateFields):
                     raise ParamError(name, "only applies to messages, not to a prompt")
         return self
 
-    def message_dicts(self) -> list[dict[str, str]]:
+    def message_dicts(self) -> list[dict[str, Any]]:
         return [m.as_dict() for m in self.messages or []]
 
 

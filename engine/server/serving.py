@@ -33,10 +33,13 @@ from engine.server.protocol import (
     CompletionRequest,
     CompletionResponse,
     CompletionResponseChoice,
+    FunctionCall,
     SamplingFields,
+    ToolCall,
     UsageInfo,
     random_id,
 )
+from engine.server.tool_calls import Call, ToolStreamer, parse
 from engine.tokenizer import LONG_TEXT
 
 if TYPE_CHECKING:
@@ -119,7 +122,7 @@ def check_model(state: ServerState, model: str | None) -> None:
 
 
 def chat_prompt(
-    state: ServerState, body: ChatTemplateFields, messages: list[dict[str, str]]
+    state: ServerState, body: ChatTemplateFields, messages: list[dict[str, Any]]
 ) -> str:
     try:
         return state.tokenizer.apply_chat_template(messages, **body.template_kwargs())
@@ -402,6 +405,23 @@ async def completion_response(
     )
 
 
+def _tool_setup(
+    state: ServerState, body: ChatCompletionRequest
+) -> tuple[str, str | None, str | None]:
+    """(tool mode, the server's tool-call parser, the named function's name)."""
+    mode = body.tool_mode()
+    if mode == "none":
+        return mode, None, None
+    named = body.named_tool()
+    return mode, state.config.tool_call_parser, named and named.function.name
+
+
+def _tool_finish(reason: str | None, mode: str, called: bool) -> str | None:
+    """OpenAI's finish reason: "tool_calls" when the model called tools (a named function's
+    call ends with "stop", as OpenAI's does)."""
+    return "tool_calls" if called and reason == "stop" and mode != "named" else reason
+
+
 def _cumulative_logprob(c: CompletionOutput) -> float:
     return sum(lp[t] for t, lp in zip(c.token_ids, c.logprobs or [], strict=False))
 
@@ -411,17 +431,20 @@ async def chat_response(
 ) -> ChatCompletionResponse:
     await _drain(state, sub)
     k = body.engine_logprobs()
+    mode, parser, name = _tool_setup(state, body)
     choices = []
     for c in sorted(sub.last[0].outputs, key=lambda c: c.index):
         lps = None
         if k is not None and c.logprobs is not None:
             lps = chat_logprobs(state, c.token_ids, c.logprobs, k)
+        content, calls = parse(mode, parser, c.text, name)
+        tool_calls = [ToolCall(function=FunctionCall(name=n, arguments=a)) for n, a in calls]
         choices.append(
             ChatCompletionResponseChoice(
                 index=c.index,
-                message=ChatResponseMessage(content=c.text),
+                message=ChatResponseMessage(content=content, tool_calls=tool_calls),
                 logprobs=lps,
-                finish_reason=c.finish_reason,
+                finish_reason=_tool_finish(c.finish_reason, mode, bool(calls)),
             )
         )
     return ChatCompletionResponse(
@@ -533,8 +556,9 @@ async def _events(
     first: list[str] | None = None,
 ) -> AsyncIterator[str]:
     """Shared SSE loop: `chunk(choice_index, c, text, ids, lps)` makes one chunk's fields
-    past id, created and model, as JSON text (`"object":...,"choices":[...]`): chunks are
-    assembled from JSON pieces, one per streamed token, not built as dicts and encoded.
+    past id, created and model, as JSON text (`"object":...,"choices":[...]`; "" to send
+    nothing yet): chunks are assembled from JSON pieces, one per streamed token, not built
+    as dicts and encoded.
 
     Errors after the 200 header went out can only be told in-band: an `error` event, then
     [DONE].
@@ -562,8 +586,11 @@ async def _events(
                 if not text and not ids and c.finish_reason is None and not lps:
                     continue
                 s.finished = c.finish_reason is not None
+                fields = chunk(i, c, text, ids, lps)
+                if not fields:
+                    continue  # held back (a tool call still being written)
                 usage = _usage(sub) if sub.continuous_usage else ""
-                events.append(f"{head}{chunk(i, c, text, ids, lps)}{usage}}}\n\n")
+                events.append(f"{head}{fields}{usage}}}\n\n")
             unfinished -= out.finished
             if events and unfinished:
                 yield "".join(events)
@@ -641,6 +668,10 @@ def chat_events(
         for i in range(sub.n)
     ]
 
+    mode, parser, name = _tool_setup(state, body)
+    streamers: dict[int, ToolStreamer] = {}
+    call_ids: dict[int, list[str]] = {}
+
     def chunk(
         i: int | None,
         c: CompletionOutput | None,
@@ -653,10 +684,42 @@ def chat_events(
         logprobs = "null"
         if k is not None and lps:
             logprobs = _ENCODE(chat_logprobs(state, ids, lps, k).model_dump())
-        delta = f'{{"content":{_STR(text)}}}' if text else "{}"
+        reason = c.finish_reason
+        if mode == "none":
+            delta = f'{{"content":{_STR(text)}}}' if text else "{}"
+        else:
+            streamer = streamers.setdefault(i, ToolStreamer(mode, parser, name))
+            content, calls, args = streamer.feed(text, reason is not None)
+            delta = _tool_delta(content, calls, args, call_ids.setdefault(i, []), name)
+            reason = _tool_finish(reason, mode, bool(streamer.calls))
+            if delta == "{}" and reason is None and logprobs == "null":
+                return ""
         return (
             f'"object":"chat.completion.chunk","choices":[{{"index":{i},"delta":{delta},'
-            f'"logprobs":{logprobs},"finish_reason":{_json_or_null(c.finish_reason)}}}]'
+            f'"logprobs":{logprobs},"finish_reason":{_json_or_null(reason)}}}]'
         )
 
     return _events(state, sub, body, chunk, first)
+
+
+def _tool_delta(
+    content: str, calls: list[Call], args: str, ids: list[str], name: str | None
+) -> str:
+    """A chat chunk's delta with tool calls: complete new calls (each with its id, name and
+    arguments), or the next piece of a named function's arguments (its id and name first)."""
+    delta: dict[str, Any] = {"content": content} if content else {}
+    entries = []
+    for fn, arguments in calls:
+        ids.append(ToolCall(function=FunctionCall(name=fn, arguments="")).id)
+        entries.append({"index": len(ids) - 1, "id": ids[-1], "type": "function",
+                        "function": {"name": fn, "arguments": arguments}})  # fmt: skip
+    if args or (name is not None and not ids):
+        if not ids:
+            ids.append(ToolCall(function=FunctionCall(name=name or "", arguments="")).id)
+            entries.append({"index": 0, "id": ids[0], "type": "function",
+                            "function": {"name": name, "arguments": args}})  # fmt: skip
+        else:
+            entries.append({"index": 0, "function": {"arguments": args}})
+    if entries:
+        delta["tool_calls"] = entries
+    return _ENCODE(delta)
