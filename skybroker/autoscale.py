@@ -30,6 +30,8 @@ Replan = Callable[[float, float, float], Targets]
 # Prefill of one token costs about this share of one decode step's per-request work; the
 # capacity correction for a mix that differs from the planned one (the re-plan is exact).
 PREFILL_WEIGHT = 0.1
+# KV cache this full on the average engine: new requests wait for blocks, the SLO is at risk.
+KV_FULL = 0.9
 
 
 @dataclass
@@ -43,6 +45,18 @@ class Load:
     window_s: float = 0.0
     ttft_s: float | None = None  # time to first byte at the SLO's percentile (None: no data)
     starting: int = 0  # replicas wanted that are not ready yet
+    # per ready replica, its engine's gauges: num_requests_waiting, kv_cache_usage_perc, ...
+    engines: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def waiting(self) -> int:
+        return int(sum(e.get("num_requests_waiting", 0) for e in self.engines.values()))
+
+    @property
+    def kv_usage(self) -> float:
+        """The mean KV-cache use of the ready replicas' engines (0 where none reports it)."""
+        kv = [e["kv_cache_usage_perc"] for e in self.engines.values() if "kv_cache_usage_perc" in e]
+        return sum(kv) / len(kv) if kv else 0.0
 
 
 @dataclass
@@ -136,6 +150,7 @@ class Autoscaler:
         self.switch = switch or SwitchCost()
         self.over_since: float | None = None
         self.under_since: float | None = None
+        self.waiting: int | None = None  # the engines' queue at the last look
 
     def mix_factor(self, load: Load) -> float:
         """Planned capacity x this = capacity for the observed mix (first order)."""
@@ -151,17 +166,18 @@ class Autoscaler:
         served = capacity(targets) * factor * (1 - p.headroom)
         need = load.rate / (1 - p.headroom)  # capacity that keeps the headroom free
         n = total_replicas(targets)
-        risk = self._risk(load, targets, factor, served)
+        risk, measured = self._risk(load, targets, factor, served)
+        self.waiting = load.waiting if load.engines else None
         if n < p.min_replicas:
-            risk = f"{n} replicas < min_replicas {p.min_replicas}"
+            risk, measured = f"{n} replicas < min_replicas {p.min_replicas}", False
         if risk:
             self.under_since = None
             self.over_since = now if self.over_since is None else self.over_since
             if now - self.over_since < p.upscale_delay_s:
                 return Decision(targets, [f"{risk}; up in {self._left(now, True):.0f}s"])
-            if load.starting and ("in flight" in risk or "TTFT" in risk):
+            if load.starting and measured:
                 return Decision(targets, [f"{risk}; waiting for {load.starting} starting"])
-            if "in flight" in risk or "TTFT" in risk:  # queues: one step more than runs now
+            if measured:  # seen on the replicas, not from the rate: one step more than runs
                 need = max(need, capacity(targets) * factor * (1 + 1e-6))
             best, how = self._choose(load, targets, need / factor, factor)
             if hourly(best) <= hourly(targets) and capacity(best) <= capacity(targets):
@@ -169,7 +185,7 @@ class Autoscaler:
             self.over_since = None
             return self._decision(risk, targets, best, "up", how)
         self.over_since = None
-        if load.ttft_s is not None and load.ttft_s > p.ttft_s * (1 - p.headroom):
+        if self._near_slo(load):
             self.under_since = None  # measured near the SLO: fewer replicas would breach it
             return Decision(targets, [])
         best, how = self._choose(load, targets, need / factor, factor)
@@ -188,20 +204,36 @@ class Autoscaler:
         delay = self.policy.upscale_delay_s if up else self.policy.downscale_delay_s
         return max(0.0, delay - (now - (now if since is None else since)))
 
-    def _risk(self, load: Load, targets: Targets, factor: float, served: float) -> str:
+    def _risk(self, load: Load, targets: Targets, factor: float, served: float) -> tuple[str, bool]:
+        """Why the SLO is at risk ("" if it is not), and whether that was measured on the
+        replicas (queues, KV, TTFT: add one step at a time) rather than read from the rate."""
         if load.rate > served + 1e-9:
-            return f"rate {load.rate:.2f} req/s > {served:.2f} served within SLO"
-        # Little's law: at the rate served within SLO, the replicas hold this many in flight.
+            return f"rate {load.rate:.2f} req/s > {served:.2f} served within SLO", False
         p = self.policy
+        engines = len(load.engines)
+        if engines and load.kv_usage >= KV_FULL:
+            return f"KV cache {100 * load.kv_usage:.0f}% full (>= {100 * KV_FULL:.0f}%)", True
+        # a queue of one request per replica or more that has not shrunk since the last look
+        if engines and load.waiting >= engines and load.waiting >= (self.waiting or 0) > 0:
+            return f"{load.waiting} requests queued on {engines} replicas, not shrinking", True
+        # Little's law: at the rate served within SLO, the replicas hold this many in flight.
         out = load.output_tokens or p.planned_output
         holds = served * (p.ttft_s + out * p.tpot_s)
         busy = sum(load.in_flight.values())
         if busy > max(holds, 1.0) * 1.5:
-            return f"{busy} requests in flight > {holds:.1f} the replicas hold within SLO"
+            return f"{busy} requests in flight > {holds:.1f} the replicas hold within SLO", True
         if load.ttft_s is not None and load.ttft_s > p.ttft_s:
             q = f"p{p.percentile:g}"
-            return f"TTFT {q} {load.ttft_s:.2f}s > {p.ttft_s:.2f}s SLO at {load.rate:.2f} req/s"
-        return ""
+            why = f"TTFT {q} {load.ttft_s:.2f}s > {p.ttft_s:.2f}s SLO at {load.rate:.2f} req/s"
+            return why, True
+        return "", False
+
+    def _near_slo(self, load: Load) -> bool:
+        """Measured close to a limit: fewer replicas would put the SLO at risk."""
+        p = self.policy
+        if load.ttft_s is not None and load.ttft_s > p.ttft_s * (1 - p.headroom):
+            return True
+        return load.waiting > 0 or load.kv_usage >= KV_FULL * (1 - p.headroom)
 
     def _decision(self, why: str, old: Targets, new: Targets, kind: str, how: str) -> Decision:
         moves = changes(old, new)

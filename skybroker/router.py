@@ -10,7 +10,9 @@ new request to one it is draining (its in-flight requests finish; `outstanding` 
 It counts its load (`LoadCounter`): arrivals, and input and output tokens of finished
 requests (from the responses' `usage`, else estimated from the prompt's length and the
 streamed chunks), which `GET /router/load?window_s=30` returns with the in-flight requests
-per replica; the controller's autoscaler reads it.
+per replica and each ready replica's queue and KV use (`engines`: vLLM's
+`num_requests_waiting`, `num_requests_running`, `kv_cache_usage_perc`, read from its
+/metrics with the replica's key at that moment); the controller's autoscaler reads it.
 
 Clients send the deployment's key (`Authorization: Bearer KEY`, compared in constant time).
 The controller sets the replica set through the admin routes (`PUT /router/replicas`, with the
@@ -21,6 +23,7 @@ process of its own (`python -m skybroker.router`, see `main`): that one outlives
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -89,6 +92,13 @@ class _Upstream:
         return self.target.ready and not self.target.draining and self.failed_at is None
 
 
+# The engine's /metrics gauges the autoscaler reads (vLLM's names), as `engines` rows name them.
+ENGINE_GAUGES = {
+    "vllm:num_requests_waiting": "num_requests_waiting",
+    "vllm:num_requests_running": "num_requests_running",
+    "vllm:kv_cache_usage_perc": "kv_cache_usage_perc",
+}
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+(\S+)", re.M)
 _USAGE = re.compile(rb'"prompt_tokens"\s*:\s*(\d+).*?"completion_tokens"\s*:\s*(\d+)', re.S)
 KEEP_S = 600.0  # load history the router keeps
 
@@ -139,6 +149,23 @@ class LoadCounter:
             if n
             else {},
         }
+
+
+def engine_gauges(text: str) -> dict[str, float]:
+    """The ENGINE_GAUGES of a Prometheus text page, summed over label sets (KV use: the
+    highest); a gauge the page lacks is left out."""
+    out: dict[str, float] = {}
+    for name, value in _SAMPLE.findall(text):
+        key = ENGINE_GAUGES.get(name)
+        try:
+            v = float(value)
+        except ValueError:
+            continue
+        if key == "kv_cache_usage_perc":
+            out[key] = max(out.get(key, 0.0), v)
+        elif key is not None:
+            out[key] = out.get(key, 0.0) + v
+    return out
 
 
 def _prompt_tokens(body: bytes) -> int:
@@ -244,6 +271,38 @@ class Router:
         with self._lock:
             up.outstanding -= 1
 
+    # -- load ---------------------------------------------------------------------------------
+
+    async def load_report(self, window_s: float, timeout_s: float = 2.0) -> dict[str, Any]:
+        """`GET /router/load`'s body: the window's arrivals and mix, requests in flight per
+        replica, and the ready replicas' engine gauges (a replica that does not answer its
+        /metrics within `timeout_s` is left out of `engines`)."""
+        body = self.load.window(window_s)
+        body["in_flight"] = {r["name"]: r["outstanding"] for r in self.snapshot()}
+        with self._lock:
+            rows = [(u.target.name, u.target.url) for u in self._upstreams.values() if u.usable]
+        headers = (
+            {"authorization": f"Bearer {self.upstream_api_key}"} if self.upstream_api_key else {}
+        )
+
+        async def scrape(client: httpx.AsyncClient, name: str, url: str) -> tuple[str, Any]:
+            try:
+                r = await client.get(url + "/metrics", headers=headers, timeout=timeout_s)
+            except httpx.HTTPError:
+                return name, None
+            return name, engine_gauges(r.text) if r.status_code == 200 else None
+
+        async def scrape_all(client: httpx.AsyncClient) -> list[tuple[str, Any]]:
+            return await asyncio.gather(*(scrape(client, n, u) for n, u in rows))
+
+        if self._client is not None:
+            got = await scrape_all(self._client)
+        else:  # an in-process router nobody serves
+            async with httpx.AsyncClient() as client:
+                got = await scrape_all(client)
+        body["engines"] = {name: g for name, g in got if g}
+        return body
+
     # -- HTTP ---------------------------------------------------------------------------------
 
     def _build_app(self) -> FastAPI:
@@ -276,9 +335,7 @@ class Router:
                 return _error(401, "missing or wrong admin key", "auth_error")
             if not 0 < window_s <= KEEP_S:
                 return _error(400, f"window_s must be in (0, {KEEP_S:.0f}]", "invalid_request")
-            body = self.load.window(window_s)
-            body["in_flight"] = {r["name"]: r["outstanding"] for r in self.snapshot()}
-            return JSONResponse(body)
+            return JSONResponse(await self.load_report(window_s))
 
         @app.put("/router/replicas")
         async def set_replicas(request: Request) -> JSONResponse:

@@ -153,3 +153,33 @@ def test_free_replicas_scale_down_too() -> None:
     a = Autoscaler(policy(downscale_delay_s=0))
     d = a.decide(Load(rate=0.0), [target("local", 3, cap=10.0, price=0.0)], now=0)
     assert d.changed and total_replicas(d.targets) == 1 and d.kind == "down"
+
+
+def engines(waiting: int, kv: float = 0.5, n: int = 1) -> dict:
+    return {f"r{i}": {"num_requests_waiting": waiting / n, "kv_cache_usage_perc": kv}
+            for i in range(n)}  # fmt: skip
+
+
+def test_a_queue_that_does_not_shrink_scales_up_one_step() -> None:
+    a = Autoscaler(policy())
+    ts = [target("us-east-1", 2, cap=100.0)]  # the rate is far within planned capacity
+    assert not a.decide(Load(rate=1.0, engines=engines(4, n=2)), ts, now=0).changed  # first look
+    d = a.decide(Load(rate=1.0, engines=engines(6, n=2)), ts, now=5)
+    assert d.changed and total_replicas(d.targets) == 3
+    assert d.reasons[0] == "6 requests queued on 2 replicas, not shrinking: +1 A40 aws/us-east-1"
+    a = Autoscaler(policy())  # a queue that drains is no risk
+    assert not a.decide(Load(rate=1.0, engines=engines(6, n=2)), ts, now=0).changed
+    assert not a.decide(Load(rate=1.0, engines=engines(3, n=2)), ts, now=5).changed
+
+
+def test_kv_cache_near_full_scales_up_at_once_and_blocks_a_scale_down() -> None:
+    a = Autoscaler(policy(downscale_delay_s=0))
+    ts = [target("us-east-1", 2, cap=100.0)]
+    d = a.decide(Load(rate=1.0, engines=engines(0, kv=0.95, n=2)), ts, now=0)
+    assert d.changed and d.reasons[0].startswith("KV cache 95% full (>= 90%)")
+    # the rate alone would let 3 go to 1, but the engines are busy: hold
+    three = d.targets
+    assert not a.decide(Load(rate=1.0, engines=engines(0, kv=0.8, n=3)), three, now=1).changed
+    assert not a.decide(Load(rate=1.0, engines=engines(2, kv=0.1, n=3)), three, now=2).changed
+    d = a.decide(Load(rate=1.0, engines=engines(0, kv=0.1, n=3)), three, now=3)
+    assert d.changed and total_replicas(d.targets) == 1
