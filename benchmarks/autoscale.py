@@ -29,12 +29,15 @@ Policies:
   whole mix x (1 - headroom); replicas = ceil(rate x its users' share / target_qps), same
   delays, same min_replicas.
 - skybroker: `skybroker.autoscale.Autoscaler` with the planner as its re-plan
-  (`skybroker.targets.load_planner`, cached per 0.25 req/s step and blocklist).
+  (`skybroker.targets.load_planner` on `skybroker.autoscale.plan_step`'s grid; the solves are
+  kept in $SKYBROKER_HOME/autoscale-plans.json across runs, `--fresh` solves them again).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -46,7 +49,15 @@ os.environ.setdefault("SKYBROKER_HOME", "/tmp/skybroker-bench")  # perf cache sh
 import numpy as np
 import yaml
 
-from skybroker.autoscale import Autoscaler, Load, Policy, SwitchCost, hourly, merge_targets
+from skybroker.autoscale import (
+    Autoscaler,
+    Load,
+    Policy,
+    SwitchCost,
+    hourly,
+    merge_targets,
+    plan_step,
+)
 from skybroker.catalog import load_catalog
 from skybroker.spec import parse_spec
 from skybroker.targets import load_planner, spec_for_load, targets_from_plan
@@ -57,6 +68,9 @@ PREEMPT_PER_H = 0.1
 SCARCE_P = 0.5
 SCARCE_S = 1800.0
 PEAK, TROUGH = 20.0, 4.0
+# Re-plans (per spec, load step and blocklist) kept across runs: solves dominate a run's time.
+PLANS_FILE = Path(os.environ["SKYBROKER_HOME"]) / "autoscale-plans.json"
+PLANS: dict[str, list[dict[str, Any]]] = {}
 
 
 def day_rates(rng: np.random.Generator, days: int) -> np.ndarray:
@@ -185,15 +199,16 @@ class SkybrokerPolicy:
         self.scaler = Autoscaler(policy, self._replan, SwitchCost(startup_s=STARTUP_S))
         self.targets = targets_from_plan(_plan(spec, TROUGH / (1 - policy.headroom)))
         self.blocked: frozenset = frozenset()
-        self.cache: dict[tuple, list[dict[str, Any]]] = {}
+        self.spec_id = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:12]
         self.decisions: list[str] = []
 
     def _replan(self, need: float, mean_in: float, mean_out: float) -> list[dict[str, Any]]:
-        step = math.ceil(need * 4) / 4
-        key = (step, self.blocked)
-        if key not in self.cache:
-            self.cache[key] = load_planner(self.spec, self.blocked)(step, mean_in, mean_out)
-        return self.cache[key]
+        step = plan_step(need)
+        key = json.dumps([self.spec_id, step, sorted(self.blocked)])
+        if key not in PLANS:
+            PLANS[key] = load_planner(self.spec, self.blocked)(step, mean_in, mean_out)
+            PLANS_FILE.write_text(json.dumps(PLANS))
+        return PLANS[key]
 
     def decide(self, rate: float, now: float, scarce: dict) -> list[dict[str, Any]]:
         blocked = frozenset(k for k, until in scarce.items() if until > now)
@@ -243,7 +258,11 @@ def main() -> None:
     ap.add_argument("--days", type=int, default=1)
     ap.add_argument("--headroom", type=float, default=0.2, help="autoscale.headroom")
     ap.add_argument("--decisions", type=int, default=8, help="print this many of skybroker's")
+    ap.add_argument("--fresh", action="store_true", help="solve every re-plan again")
     args = ap.parse_args()
+    if PLANS_FILE.exists() and not args.fresh:
+        PLANS.update(json.loads(PLANS_FILE.read_text()))
+    PLANS_FILE.parent.mkdir(parents=True, exist_ok=True)
     data = yaml.safe_load(Path("examples/chat-8b-us-eu.yaml").read_text())
     data["constraints"]["spot"] = "allowed"
     data["spot"] = {"fallback": "on_demand"}

@@ -2,24 +2,30 @@
 
 `Autoscaler.decide(load, targets, now)` compares the observed rate with what the running
 targets serve within the SLO (their planned capacity, corrected for the observed token mix,
-less `headroom`). When the SLO is at risk (the rate exceeds that, or more requests are in
-flight than the replicas hold at that rate) it scales up once the overload has lasted
-`upscale_delay_s` (default: at once), and when the router's measured time to first byte
-at the SLO's percentile exceeds the TTFT target it adds one replica at a time (none while
-replicas are still starting); when a cheaper placement would serve the load it scales
-down only after that has held for `downscale_delay_s`.
+less `headroom`). When the SLO is at risk it scales up once that has lasted
+`upscale_delay_s` (default: at once): to the capacity the rate needs when the rate exceeds
+what is served; one replica at a time (none while replicas are still starting) when it is
+measured on the replicas: their engines' queue holds a request per replica or more and has
+not shrunk since the last look, their KV cache is `KV_FULL` on average, more requests are in
+flight than they hold at the served rate, or the router's time to first byte at the SLO's
+percentile exceeds the TTFT target. With `workload.schedule` it sizes for the scheduled rate
+of the hours from now to one startup ahead (replicas are ready when the hour's rate arrives).
+When a cheaper placement would serve the load it scales down only after that has held for
+`downscale_delay_s`, and not while the replicas measure close to a limit.
 
 What to run is chosen among two candidates for the capacity needed (rate / (1 - headroom)):
 the running targets grown or shrunk replica by replica (best capacity per $ first), and a
-fresh solve of the planner's ILP for the observed rate and mix (`Replan`). Each is scored as
-its $/h over `SwitchCost.horizon_h` plus what switching to it costs (every new replica is paid
-for `startup_s` before it serves, plus `per_launch` $), so a re-plan replaces what runs only
-when the change pays for itself. Targets are the controller's rows (`targets_from_plan`):
-`key`, `gpu`, `replicas`, `capacity_rps`, `price_per_hour`. Nothing here starts processes.
+fresh solve of the planner's ILP for the observed rate and mix (`Replan`, on `plan_step`'s
+grid). Each is scored as its $/h over `SwitchCost.horizon_h` plus what switching to it costs
+(every new replica is paid for `startup_s` before it serves, plus `per_launch` $), so a
+re-plan replaces what runs only when the change pays for itself. Targets are the
+controller's rows (`targets_from_plan`): `key`, `gpu`, `replicas`, `capacity_rps`,
+`price_per_hour`. Nothing here starts processes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +79,7 @@ class Policy:
     ttft_s: float = 2.0
     tpot_s: float = 0.1
     percentile: float = 99.0
+    schedule: dict[int, float] = field(default_factory=dict)  # req/s per hour of day (UTC)
 
     @classmethod
     def from_spec(cls, spec: Any) -> Policy:
@@ -88,6 +95,7 @@ class Policy:
             ttft_s=spec.slo.ttft_ms / 1000,
             tpot_s=spec.slo.tpot_ms / 1000,
             percentile=spec.slo.percentile,
+            schedule=dict(spec.workload.schedule or {}),
         )
 
 
@@ -106,6 +114,14 @@ class Decision:
     reasons: list[str]
     changed: bool = False
     kind: str = "hold"  # "up" | "down" | "replan" | "hold"
+
+
+def plan_step(need: float) -> float:
+    """`need` req/s rounded up to the grid re-plans are solved (and cached) on: quarter steps
+    to 4 req/s, then about 9% steps (8 an octave), so a day's load needs a few dozen solves."""
+    if need <= 4:
+        return math.ceil(need * 4 - 1e-9) / 4
+    return round(2 ** (math.ceil(math.log2(need) * 8 - 1e-9) / 8), 3)
 
 
 def capacity(targets: Targets) -> float:
@@ -140,7 +156,8 @@ def changes(old: Targets, new: Targets) -> list[str]:
 
 
 class Autoscaler:
-    """The scaling policy of one deployment (its only state: since when it is over/under)."""
+    """The scaling policy of one deployment (its state: since when it is over or under, and
+    the engines' queue at the last look)."""
 
     def __init__(
         self, policy: Policy, replan: Replan | None = None, switch: SwitchCost | None = None
@@ -164,9 +181,15 @@ class Autoscaler:
         p = self.policy
         factor = self.mix_factor(load)
         served = capacity(targets) * factor * (1 - p.headroom)
-        need = load.rate / (1 - p.headroom)  # capacity that keeps the headroom free
+        ahead = self.scheduled(now)
+        # capacity that keeps the headroom free, for the rate seen or the one the schedule
+        # says arrives before a replica started now would be ready
+        need = max(load.rate, ahead[0] if ahead else 0.0) / (1 - p.headroom)
         n = total_replicas(targets)
         risk, measured = self._risk(load, targets, factor, served)
+        if not risk and ahead and ahead[0] > served + 1e-9:
+            rate, hour = ahead
+            risk = f"schedule {rate:.2f} req/s at {hour:02d}:00 > {served:.2f} served within SLO"
         self.waiting = load.waiting if load.engines else None
         if n < p.min_replicas:
             risk, measured = f"{n} replicas < min_replicas {p.min_replicas}", False
@@ -198,6 +221,14 @@ class Autoscaler:
             return Decision(targets, [f"{why}; down in {self._left(now, False):.0f}s"])
         self.under_since = None
         return self._decision(f"{why} within SLO", targets, best, "down", how)
+
+    def scheduled(self, now: float) -> tuple[float, int] | None:
+        """The highest rate `workload.schedule` names for the hours from `now` (UTC
+        seconds) to a startup later, and its hour (None: no schedule for them)."""
+        sched = self.policy.schedule
+        hours = {int(t // 3600) % 24 for t in (now, now + self.switch.startup_s)}
+        rates = [(sched[h], h) for h in sorted(hours) if h in sched]
+        return max(rates) if rates else None
 
     def _left(self, now: float, up: bool) -> float:
         since = self.over_since if up else self.under_since

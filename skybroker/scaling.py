@@ -13,7 +13,6 @@ time and the last decisions, as `skybroker status NAME` and the REST API show th
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any
 
@@ -25,6 +24,7 @@ from skybroker.autoscale import (
     Targets,
     hourly,
     merge_targets,
+    plan_step,
     total_replicas,
 )
 from skybroker.state import Deployment, Event, ReplicaStatus
@@ -91,7 +91,7 @@ class Scaling:
         def replan(need: float, mean_in: float, mean_out: float) -> Targets:
             current = self.controller.get(dep.name) or dep
             blocklist = frozenset(tuple(k) for k in current.blocklist)
-            key = (dep.name, math.ceil(need * 4) / 4, round(mean_in, -1), round(mean_out, -1),
+            key = (dep.name, plan_step(need), round(mean_in, -1), round(mean_out, -1),
                    blocklist)  # fmt: skip
             if key not in self._plans:
                 plan = load_planner(spec, blocklist, self.controller.planner)

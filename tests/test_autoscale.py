@@ -183,3 +183,16 @@ def test_kv_cache_near_full_scales_up_at_once_and_blocks_a_scale_down() -> None:
     assert not a.decide(Load(rate=1.0, engines=engines(2, kv=0.1, n=3)), three, now=2).changed
     d = a.decide(Load(rate=1.0, engines=engines(0, kv=0.1, n=3)), three, now=3)
     assert d.changed and total_replicas(d.targets) == 1
+
+
+def test_the_schedule_scales_up_a_startup_before_its_hour_and_holds_through_it() -> None:
+    a = Autoscaler(policy(max_replicas=20, schedule={14: 18.0}))  # startup 300 s
+    ts = [target("us-east-1", 2)]
+    assert not a.decide(Load(rate=4.0), ts, now=13 * 3600 + 50 * 60).changed  # 10 min ahead
+    d = a.decide(Load(rate=4.0), ts, now=13 * 3600 + 56 * 60)
+    assert d.changed and capacity(d.targets) * 0.8 >= 18.0
+    assert d.reasons[0].startswith("schedule 18.00 req/s at 14:00 > 4.80 served within SLO: +6 ")
+    # the observed rate is lower all hour, but the schedule keeps the capacity until 15:00
+    a.policy.downscale_delay_s = 0
+    assert not a.decide(Load(rate=4.0), d.targets, now=14 * 3600 + 30 * 60).changed
+    assert a.decide(Load(rate=4.0), d.targets, now=15 * 3600 + 1).changed
