@@ -168,6 +168,7 @@ class Autoscaler:
         self.over_since: float | None = None
         self.under_since: float | None = None
         self.waiting: int | None = None  # the engines' queue at the last look
+        self.moved_at: dict[tuple, float] = {}  # blocked offering -> when it was moved off
 
     def mix_factor(self, load: Load) -> float:
         """Planned capacity x this = capacity for the observed mix (first order)."""
@@ -177,7 +178,22 @@ class Autoscaler:
         planned = PREFILL_WEIGHT * p.planned_input + p.planned_output
         return planned / (PREFILL_WEIGHT * load.input_tokens + load.output_tokens)
 
-    def decide(self, load: Load, targets: Targets, now: float) -> Decision:
+    def decide(
+        self, load: Load, targets: Targets, now: float, blocked: frozenset = frozenset()
+    ) -> Decision:
+        """What to run for `load` at `now` (UTC seconds). Offerings in `blocked` (no
+        capacity: a spot market gone scarce) are not grown: replacements on the others start
+        at once, and the blocked targets drain a startup later, when those serve."""
+        self.moved_at = {k: t for k, t in self.moved_at.items() if k in blocked}
+        held = [t for t in targets if tuple(t["key"]) in blocked]
+        if any(tuple(t["key"]) not in self.moved_at for t in held):
+            return self._move_off(load, targets, now, blocked)
+        if held:
+            live = [t for t in targets if tuple(t["key"]) not in blocked]
+            if any(now - self.moved_at[tuple(t["key"])] < self.switch.startup_s for t in held):
+                return Decision(targets, ["replacements for blocked offerings starting"])
+            why = f"replacements for {', '.join(where(t) for t in held)} ready"
+            return self._decision(why, targets, live, "down", "")
         p = self.policy
         factor = self.mix_factor(load)
         served = capacity(targets) * factor * (1 - p.headroom)
@@ -221,6 +237,24 @@ class Autoscaler:
             return Decision(targets, [f"{why}; down in {self._left(now, False):.0f}s"])
         self.under_since = None
         return self._decision(f"{why} within SLO", targets, best, "down", how)
+
+    def _move_off(self, load: Load, targets: Targets, now: float, blocked: frozenset) -> Decision:
+        p = self.policy
+        factor = self.mix_factor(load)
+        gone = [t for t in targets if tuple(t["key"]) in blocked]
+        live = [t for t in targets if tuple(t["key"]) not in blocked]
+        ahead = self.scheduled(now)
+        need = max(load.rate, ahead[0] if ahead else 0.0) / (1 - p.headroom)
+        best, how = self._choose(load, live, need / factor, factor)
+        why = f"{', '.join(where(t) for t in gone)} has no capacity"
+        if not best:
+            return Decision(targets, [f"{why}; nothing else to run"])
+        self.over_since = self.under_since = None
+        for t in gone:
+            self.moved_at[tuple(t["key"])] = now
+        d = self._decision(why, targets, best + gone, "replan", how or "moved")
+        d.reasons[0] += f" (the blocked {total_replicas(gone)} drain once these serve)"
+        return d
 
     def scheduled(self, now: float) -> tuple[float, int] | None:
         """The highest rate `workload.schedule` names for the hours from `now` (UTC
@@ -268,7 +302,8 @@ class Autoscaler:
 
     def _decision(self, why: str, old: Targets, new: Targets, kind: str, how: str) -> Decision:
         moves = changes(old, new)
-        reason = f"{why}: {', '.join(moves)}" + (f" ({how})" if how else "")
+        note = how if how and how != "moved" else ""
+        reason = f"{why}: {', '.join(moves)}" + (f" ({note})" if note else "")
         return Decision(new, [reason], changed=bool(moves), kind=kind if how == "" else "replan")
 
     # -- candidates ---------------------------------------------------------------------------

@@ -196,3 +196,20 @@ def test_the_schedule_scales_up_a_startup_before_its_hour_and_holds_through_it()
     a.policy.downscale_delay_s = 0
     assert not a.decide(Load(rate=4.0), d.targets, now=14 * 3600 + 30 * 60).changed
     assert a.decide(Load(rate=4.0), d.targets, now=15 * 3600 + 1).changed
+
+
+def test_a_blocked_offering_is_moved_off_at_once_and_never_grown() -> None:
+    spot = dict(target("eu-south-2", 2, cap=5.0, price=0.4, gpu="L40S"), key=["aws", "eu-south-2", "g6e", True])  # fmt: skip
+    ts = [target("us-east-1", 1), spot]  # 13 req/s planned
+    a = Autoscaler(policy(max_replicas=20))
+    blocked = frozenset({("aws", "eu-south-2", "g6e", True)})
+    d = a.decide(Load(rate=6.0), ts, now=0, blocked=blocked)
+    assert d.changed and d.kind == "replan"
+    assert d.reasons[0] == ("L40S aws/eu-south-2 spot has no capacity: +2 A40 aws/us-east-1 "
+                            "(the blocked 2 drain once these serve)")  # fmt: skip
+    live = [t for t in d.targets if not t["key"][3]]
+    assert capacity(live) * 0.8 >= 6.0 and total_replicas(d.targets) == 5
+    assert not a.decide(Load(rate=6.0), d.targets, now=100, blocked=blocked).changed
+    done = a.decide(Load(rate=6.0), d.targets, now=300, blocked=blocked)  # a startup later
+    assert done.changed and done.targets == live
+    assert done.reasons[0].startswith("replacements for L40S aws/eu-south-2 spot ready: -2 L40S")
