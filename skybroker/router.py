@@ -25,9 +25,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
+import ssl
 import sys
 import threading
 import time
@@ -168,6 +170,11 @@ def engine_gauges(text: str) -> dict[str, float]:
     return out
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context()
+
+
 def _prompt_tokens(body: bytes) -> int:
     """A prompt's tokens estimated from its text (about 4 characters a token)."""
     try:
@@ -297,8 +304,8 @@ class Router:
 
         if self._client is not None:
             got = await scrape_all(self._client)
-        else:  # an in-process router nobody serves
-            async with httpx.AsyncClient() as client:
+        else:  # an in-process router nobody serves (a fresh TLS context costs ~0.4 s)
+            async with httpx.AsyncClient(verify=_tls_context()) as client:
                 got = await scrape_all(client)
         body["engines"] = {name: g for name, g in got if g}
         return body
