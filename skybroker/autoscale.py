@@ -168,7 +168,9 @@ class Autoscaler:
         self.over_since: float | None = None
         self.under_since: float | None = None
         self.waiting: int | None = None  # the engines' queue at the last look
-        self.moved_at: dict[tuple, float] = {}  # blocked offering -> when it was moved off
+        # a replacement under way: when the new replicas serve, the targets to end at, and
+        # what they replace
+        self.handoff: tuple[float, Targets, str] | None = None
 
     def mix_factor(self, load: Load) -> float:
         """Planned capacity x this = capacity for the observed mix (first order)."""
@@ -182,18 +184,15 @@ class Autoscaler:
         self, load: Load, targets: Targets, now: float, blocked: frozenset = frozenset()
     ) -> Decision:
         """What to run for `load` at `now` (UTC seconds). Offerings in `blocked` (no
-        capacity: a spot market gone scarce) are not grown: replacements on the others start
-        at once, and the blocked targets drain a startup later, when those serve."""
-        self.moved_at = {k: t for k, t in self.moved_at.items() if k in blocked}
-        held = [t for t in targets if tuple(t["key"]) in blocked]
-        if any(tuple(t["key"]) not in self.moved_at for t in held):
+        capacity: a spot market gone scarce) are not grown, and what runs on them is
+        replaced. A change that replaces replicas starts the new ones first and drains the
+        replaced ones a startup later, when the new ones serve (`handoff`)."""
+        if self.handoff is not None:
+            d = self._hand_over(load, targets, now)
+            if d is not None:
+                return d
+        if any(tuple(t["key"]) in blocked for t in targets):
             return self._move_off(load, targets, now, blocked)
-        if held:
-            live = [t for t in targets if tuple(t["key"]) not in blocked]
-            if any(now - self.moved_at[tuple(t["key"])] < self.switch.startup_s for t in held):
-                return Decision(targets, ["replacements for blocked offerings starting"])
-            why = f"replacements for {', '.join(where(t) for t in held)} ready"
-            return self._decision(why, targets, live, "down", "")
         p = self.policy
         factor = self.mix_factor(load)
         served = capacity(targets) * factor * (1 - p.headroom)
@@ -222,7 +221,7 @@ class Autoscaler:
             if hourly(best) <= hourly(targets) and capacity(best) <= capacity(targets):
                 return Decision(targets, [f"{risk}; at max_replicas {p.max_replicas}"])
             self.over_since = None
-            return self._decision(risk, targets, best, "up", how)
+            return self._decision(risk, targets, best, "up", how, now)
         self.over_since = None
         if self._near_slo(load):
             self.under_since = None  # measured near the SLO: fewer replicas would breach it
@@ -236,7 +235,7 @@ class Autoscaler:
         if now - self.under_since < p.downscale_delay_s:
             return Decision(targets, [f"{why}; down in {self._left(now, False):.0f}s"])
         self.under_since = None
-        return self._decision(f"{why} within SLO", targets, best, "down", how)
+        return self._decision(f"{why} within SLO", targets, best, "down", how, now)
 
     def _move_off(self, load: Load, targets: Targets, now: float, blocked: frozenset) -> Decision:
         p = self.policy
@@ -250,11 +249,21 @@ class Autoscaler:
         if not best:
             return Decision(targets, [f"{why}; nothing else to run"])
         self.over_since = self.under_since = None
-        for t in gone:
-            self.moved_at[tuple(t["key"])] = now
-        d = self._decision(why, targets, best + gone, "replan", how or "moved")
-        d.reasons[0] += f" (the blocked {total_replicas(gone)} drain once these serve)"
-        return d
+        return self._decision(why, targets, best, "replan", how or "moved", now)
+
+    def _hand_over(self, load: Load, targets: Targets, now: float) -> Decision | None:
+        """While a replacement is under way: hold, then drain what it replaced (None: the
+        load outgrew the targets it ends at; decide afresh on what runs)."""
+        assert self.handoff is not None
+        at, final, what = self.handoff
+        served = capacity(final) * self.mix_factor(load) * (1 - self.policy.headroom)
+        if load.rate > served + 1e-9:
+            self.handoff = None
+            return None
+        if now < at:
+            return Decision(targets, [f"replacements for {what} starting"])
+        self.handoff = None
+        return self._decision(f"replacements for {what} ready", targets, final, "down", "")
 
     def scheduled(self, now: float) -> tuple[float, int] | None:
         """The highest rate `workload.schedule` names for the hours from `now` (UTC
@@ -300,11 +309,24 @@ class Autoscaler:
             return True
         return load.waiting > 0 or load.kv_usage >= KV_FULL * (1 - p.headroom)
 
-    def _decision(self, why: str, old: Targets, new: Targets, kind: str, how: str) -> Decision:
+    def _decision(
+        self, why: str, old: Targets, new: Targets, kind: str, how: str, now: float | None = None
+    ) -> Decision:
+        """`old` -> `new`; where `new` both adds replicas and removes some (a replacement,
+        `now` given), the removed ones stay until the added ones serve."""
         moves = changes(old, new)
         note = how if how and how != "moved" else ""
         reason = f"{why}: {', '.join(moves)}" + (f" ({note})" if note else "")
-        return Decision(new, [reason], changed=bool(moves), kind=kind if how == "" else "replan")
+        kind = kind if how == "" else "replan"
+        gone = [m for m in moves if m.startswith("-")]
+        if now is None or not gone or len(gone) == len(moves):
+            return Decision(new, [reason], changed=bool(moves), kind=kind)
+        have = {tuple(t["key"]): t for t in old}
+        both = [dict(t, replicas=max(t["replicas"], have.pop(tuple(t["key"]), t)["replicas"]))
+                for t in new] + list(have.values())  # fmt: skip
+        what = ", ".join(m[1:] for m in gone)
+        self.handoff = (now + self.switch.startup_s, new, what)
+        return Decision(both, [f"{reason}; {what} drain once the new serve"], True, kind)
 
     # -- candidates ---------------------------------------------------------------------------
 

@@ -92,9 +92,17 @@ def test_replan_wins_only_when_it_pays_for_the_switch() -> None:
     assert [t["gpu"] for t in d.targets] == ["A40"] and total_replicas(d.targets) == 3
     # 18 req/s: 8 A40s (3.52/h) vs 2 A100s (2.78/h + switching): the re-plan
     d = a.decide(Load(rate=18.0), [target("us-east-1", 1)], now=1)
-    assert d.kind == "replan" and {t["gpu"] for t in d.targets} == {"A100"}
-    assert "-1 A40 aws/us-east-1" in d.reasons[0] and "+2 A100" in d.reasons[0]
-    assert capacity(d.targets) * 0.8 >= 18.0
+    assert d.kind == "replan" and "-1 A40 aws/us-east-1" in d.reasons[0]
+    assert "+2 A100" in d.reasons[0] and d.reasons[0].endswith(
+        "A40 aws/us-east-1 drain once the new serve"
+    )
+    # make before break: the A40 serves until the A100s do, a startup later
+    assert sorted((t["gpu"], t["replicas"]) for t in d.targets) == [("A100", 2), ("A40", 1)]
+    held = a.decide(Load(rate=18.0), d.targets, now=100)
+    assert not held.changed and held.reasons == ["replacements for 1 A40 aws/us-east-1 starting"]
+    done = a.decide(Load(rate=18.0), d.targets, now=301)
+    assert done.changed and {t["gpu"] for t in done.targets} == {"A100"}
+    assert capacity(done.targets) * 0.8 >= 18.0
 
 
 def test_merge_keeps_indices_and_zeroes_what_the_new_plan_drops() -> None:
@@ -205,11 +213,15 @@ def test_a_blocked_offering_is_moved_off_at_once_and_never_grown() -> None:
     blocked = frozenset({("aws", "eu-south-2", "g6e", True)})
     d = a.decide(Load(rate=6.0), ts, now=0, blocked=blocked)
     assert d.changed and d.kind == "replan"
-    assert d.reasons[0] == ("L40S aws/eu-south-2 spot has no capacity: +2 A40 aws/us-east-1 "
-                            "(the blocked 2 drain once these serve)")  # fmt: skip
+    assert d.reasons[0] == ("L40S aws/eu-south-2 spot has no capacity: +2 A40 aws/us-east-1, "
+                            "-2 L40S aws/eu-south-2 spot; 2 L40S aws/eu-south-2 spot drain "
+                            "once the new serve")  # fmt: skip
     live = [t for t in d.targets if not t["key"][3]]
     assert capacity(live) * 0.8 >= 6.0 and total_replicas(d.targets) == 5
     assert not a.decide(Load(rate=6.0), d.targets, now=100, blocked=blocked).changed
     done = a.decide(Load(rate=6.0), d.targets, now=300, blocked=blocked)  # a startup later
     assert done.changed and done.targets == live
-    assert done.reasons[0].startswith("replacements for L40S aws/eu-south-2 spot ready: -2 L40S")
+    assert (
+        done.reasons[0]
+        == "replacements for 2 L40S aws/eu-south-2 spot ready: -2 L40S aws/eu-south-2 spot"
+    )
