@@ -7,7 +7,7 @@ a connection failure also marks it unready here until the controller's next succ
 health probe. The router never sends to a replica the controller has not marked ready, nor a
 new request to one it is draining (its in-flight requests finish; `outstanding` says how many).
 
-It counts its load (`LoadCounter`): arrivals, and input and output tokens of finished
+It counts its load (`skybroker.router_load.LoadCounter`): arrivals, and input and output tokens of finished
 requests (from the responses' `usage`, else estimated from the prompt's length and the
 streamed chunks), which `GET /router/load?window_s=30` returns with the in-flight requests
 per replica and each ready replica's queue and KV use (`engines`: vLLM's
@@ -25,15 +25,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import json
 import os
 import re
-import ssl
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -44,6 +41,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from skybroker.keys import same_key
+from skybroker.router_load import KEEP_S, LoadCounter, engine_gauges, tls_context
 
 API_KEY_ENV = "SKYBROKER_ROUTER_API_KEY"  # clients' key (the deployment's endpoint key)
 ADMIN_KEY_ENV = "SKYBROKER_ROUTER_ADMIN_KEY"  # the controller's key for /router/*
@@ -94,85 +92,7 @@ class _Upstream:
         return self.target.ready and not self.target.draining and self.failed_at is None
 
 
-# The engine's /metrics gauges the autoscaler reads (vLLM's names), as `engines` rows name them.
-ENGINE_GAUGES = {
-    "vllm:num_requests_waiting": "num_requests_waiting",
-    "vllm:num_requests_running": "num_requests_running",
-    "vllm:kv_cache_usage_perc": "kv_cache_usage_perc",
-}
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+(\S+)", re.M)
 _USAGE = re.compile(rb'"prompt_tokens"\s*:\s*(\d+).*?"completion_tokens"\s*:\s*(\d+)', re.S)
-KEEP_S = 600.0  # load history the router keeps
-
-
-class LoadCounter:
-    """Arrivals and finished requests' token counts over a sliding window."""
-
-    def __init__(self) -> None:
-        self.started = time.time()
-        self._lock = threading.Lock()
-        self._arrivals: deque[float] = deque()
-        self._done: deque[tuple[float, int, int, float]] = deque()  # time, in, out, first byte
-
-    def arrived(self) -> None:
-        with self._lock:
-            self._arrivals.append(time.time())
-            self._trim()
-
-    def finished(self, input_tokens: int, output_tokens: int, first_byte_s: float) -> None:
-        with self._lock:
-            self._done.append((time.time(), input_tokens, output_tokens, first_byte_s))
-            self._trim()
-
-    def _trim(self) -> None:
-        cut = time.time() - KEEP_S
-        while self._arrivals and self._arrivals[0] < cut:
-            self._arrivals.popleft()
-        while self._done and self._done[0][0] < cut:
-            self._done.popleft()
-
-    def window(self, window_s: float) -> dict[str, Any]:
-        now = time.time()
-        span = max(1e-3, min(window_s, KEEP_S, now - self.started))
-        with self._lock:
-            arrivals = sum(t >= now - span for t in self._arrivals)
-            done = [(i, o, f) for t, i, o, f in self._done if t >= now - span]
-        n = len(done)
-        firsts = sorted(f for _, _, f in done)
-        return {
-            "window_s": round(span, 3),
-            "arrivals": arrivals,
-            "rate": arrivals / span,
-            "completed": n,
-            "input_tokens": sum(i for i, _, _ in done) / n if n else 0.0,
-            "output_tokens": sum(o for _, o, _ in done) / n if n else 0.0,
-            # time to the first byte of the response (of a stream: about the TTFT)
-            "ttft_s": {f"p{q}": firsts[min(n - 1, int(q / 100 * n))] for q in (50, 90, 99)}
-            if n
-            else {},
-        }
-
-
-def engine_gauges(text: str) -> dict[str, float]:
-    """The ENGINE_GAUGES of a Prometheus text page, summed over label sets (KV use: the
-    highest); a gauge the page lacks is left out."""
-    out: dict[str, float] = {}
-    for name, value in _SAMPLE.findall(text):
-        key = ENGINE_GAUGES.get(name)
-        try:
-            v = float(value)
-        except ValueError:
-            continue
-        if key == "kv_cache_usage_perc":
-            out[key] = max(out.get(key, 0.0), v)
-        elif key is not None:
-            out[key] = out.get(key, 0.0) + v
-    return out
-
-
-@functools.cache
-def _tls_context() -> ssl.SSLContext:
-    return ssl.create_default_context()
 
 
 def _prompt_tokens(body: bytes) -> int:
@@ -305,7 +225,7 @@ class Router:
         if self._client is not None:
             got = await scrape_all(self._client)
         else:  # an in-process router nobody serves (a fresh TLS context costs ~0.4 s)
-            async with httpx.AsyncClient(verify=_tls_context()) as client:
+            async with httpx.AsyncClient(verify=tls_context()) as client:
                 got = await scrape_all(client)
         body["engines"] = {name: g for name, g in got if g}
         return body

@@ -20,7 +20,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.server.metrics import EngineStats, ServerMetrics
 from skybroker.provision.local import free_port
-from skybroker.router import ReplicaTarget, Router, RouterServer, engine_gauges
+from skybroker.router import ReplicaTarget, Router, RouterServer
+from skybroker.router_load import engine_gauges
 
 pytestmark = pytest.mark.timeout(60)
 
