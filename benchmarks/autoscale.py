@@ -18,8 +18,9 @@ more minute (its drain). Spot: each running spot replica is preempted with proba
 PREEMPT_PER_H per hour; each preemption makes its offering scarce (no spot launches) for
 SCARCE_S with probability SCARCE_P. Where spot is scarce, all three stand in on-demand
 replicas of the same instance type where that is sold (SkyServe's dynamic_ondemand_fallback),
-drained once spot replicas are ready again; skybroker's autoscaler also blocklists the scarce
-offering and re-plans without it for the cool-down.
+drained once spot replicas are ready again; skybroker's autoscaler is told the scarce offering
+is blocked and moves its replicas to other offerings at once (a re-plan without it, or the
+others grown), for the cool-down.
 
 Policies:
 - static peak: the plan for the diurnal peak (`workload.rate: 20`), fixed all day.
@@ -29,12 +30,17 @@ Policies:
   whole mix x (1 - headroom); replicas = ceil(rate x its users' share / target_qps), same
   delays, same min_replicas.
 - skybroker: `skybroker.autoscale.Autoscaler` with the planner as its re-plan
-  (`skybroker.targets.load_planner`, cached per 0.25 req/s step and blocklist).
+  (`skybroker.targets.load_planner` on `skybroker.autoscale.plan_step`'s grid; the solves are
+  kept in $SKYBROKER_HOME/autoscale-plans.json across runs, `--fresh` solves them again).
+- skybroker+sched: the same with `workload.schedule` set to each hour's peak of the cosine
+  (the known curve, bursts unknown).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -46,7 +52,15 @@ os.environ.setdefault("SKYBROKER_HOME", "/tmp/skybroker-bench")  # perf cache sh
 import numpy as np
 import yaml
 
-from skybroker.autoscale import Autoscaler, Load, Policy, SwitchCost, hourly, merge_targets
+from skybroker.autoscale import (
+    Autoscaler,
+    Load,
+    Policy,
+    SwitchCost,
+    hourly,
+    merge_targets,
+    plan_step,
+)
 from skybroker.catalog import load_catalog
 from skybroker.spec import parse_spec
 from skybroker.targets import load_planner, spec_for_load, targets_from_plan
@@ -57,13 +71,21 @@ PREEMPT_PER_H = 0.1
 SCARCE_P = 0.5
 SCARCE_S = 1800.0
 PEAK, TROUGH = 20.0, 4.0
+# Re-plans (per spec, load step and blocklist) kept across runs: solves dominate a run's time.
+PLANS_FILE = Path(os.environ["SKYBROKER_HOME"]) / "autoscale-plans.json"
+PLANS: dict[str, list[dict[str, Any]]] = {}
+
+
+def diurnal(days: int) -> np.ndarray:
+    """Requests/s per minute of the diurnal cosine alone (the known curve)."""
+    hour = (np.arange(int(days * 1440)) / 60.0) % 24
+    return TROUGH + (PEAK - TROUGH) * 0.5 * (1 - np.cos(2 * np.pi * (hour - 3) / 24))
 
 
 def day_rates(rng: np.random.Generator, days: int) -> np.ndarray:
     """Requests/s per minute: the diurnal cosine with bursts."""
-    minutes = np.arange(int(days * 1440))
-    hour = (minutes / 60.0) % 24
-    base = TROUGH + (PEAK - TROUGH) * 0.5 * (1 - np.cos(2 * np.pi * (hour - 3) / 24))
+    base = diurnal(days)
+    minutes = np.arange(len(base))
     for _ in range(8 * days):
         start = int(rng.integers(0, len(minutes)))
         base[start : start + int(rng.integers(10, 31))] *= rng.uniform(1.3, 1.8)
@@ -185,26 +207,36 @@ class SkybrokerPolicy:
         self.scaler = Autoscaler(policy, self._replan, SwitchCost(startup_s=STARTUP_S))
         self.targets = targets_from_plan(_plan(spec, TROUGH / (1 - policy.headroom)))
         self.blocked: frozenset = frozenset()
-        self.cache: dict[tuple, list[dict[str, Any]]] = {}
+        planned = spec_for_load(spec, 1.0)  # what a re-plan solves, less its rate
+        self.spec_id = hashlib.sha256(planned.model_dump_json().encode()).hexdigest()[:12]
         self.decisions: list[str] = []
 
     def _replan(self, need: float, mean_in: float, mean_out: float) -> list[dict[str, Any]]:
-        step = math.ceil(need * 4) / 4
-        key = (step, self.blocked)
-        if key not in self.cache:
-            self.cache[key] = load_planner(self.spec, self.blocked)(step, mean_in, mean_out)
-        return self.cache[key]
+        step = plan_step(need)
+        key = json.dumps([self.spec_id, step, sorted(self.blocked)])
+        if key not in PLANS:
+            PLANS[key] = load_planner(self.spec, self.blocked)(step, mean_in, mean_out)
+            _save_plans()
+        return PLANS[key]
 
     def decide(self, rate: float, now: float, scarce: dict) -> list[dict[str, Any]]:
         blocked = frozenset(k for k, until in scarce.items() if until > now)
         if blocked != self.blocked:  # spot scarce (or back): re-plan with / without it
             self.blocked = blocked
             self.scaler.over_since = now - self.scaler.policy.upscale_delay_s
-        d = self.scaler.decide(Load(rate=rate), self.targets, now)
+        d = self.scaler.decide(Load(rate=rate), self.targets, now, blocked)
         if d.changed:
             self.targets = [t for t in merge_targets(self.targets, d.targets) if t["replicas"]]
             self.decisions.append(f"{now / 3600:05.2f}h {d.reasons[0]}")
         return self.targets
+
+
+def _save_plans() -> None:
+    """PLANS merged into the file (runs of other seeds may be adding to it too)."""
+    disk = json.loads(PLANS_FILE.read_text()) if PLANS_FILE.exists() else {}
+    tmp = PLANS_FILE.with_name(f"{PLANS_FILE.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(disk | PLANS))
+    tmp.replace(PLANS_FILE)
 
 
 def _plan(spec: Any, rate: float) -> Any:
@@ -243,7 +275,11 @@ def main() -> None:
     ap.add_argument("--days", type=int, default=1)
     ap.add_argument("--headroom", type=float, default=0.2, help="autoscale.headroom")
     ap.add_argument("--decisions", type=int, default=8, help="print this many of skybroker's")
+    ap.add_argument("--fresh", action="store_true", help="solve every re-plan again")
     args = ap.parse_args()
+    if PLANS_FILE.exists() and not args.fresh:
+        PLANS.update(json.loads(PLANS_FILE.read_text()))
+    PLANS_FILE.parent.mkdir(parents=True, exist_ok=True)
     data = yaml.safe_load(Path("examples/chat-8b-us-eu.yaml").read_text())
     data["constraints"]["spot"] = "allowed"
     data["spot"] = {"fallback": "on_demand"}
@@ -253,9 +289,14 @@ def main() -> None:
     rates = day_rates(np.random.default_rng(args.seed), args.days)
     od = on_demand_prices(spec)
     rows = {}
+    curve = diurnal(args.days)[:1440].reshape(24, 60).max(axis=1)
+    timed = spec.model_copy(update={"workload": spec.workload.model_copy(
+        update={"schedule": {h: round(float(r), 2) for h, r in enumerate(curve)}})})  # fmt: skip
     policies = (("static peak", StaticPolicy),
                 ("static max", lambda s: StaticPolicy(s, float(rates.max()))),
-                ("skyserve-style", SkyServePolicy), ("skybroker", SkybrokerPolicy))  # fmt: skip
+                ("skyserve-style", SkyServePolicy),
+                ("skybroker+sched", lambda s: SkybrokerPolicy(timed)),
+                ("skybroker", SkybrokerPolicy))  # fmt: skip
     for name, make in policies:
         policy = make(spec)
         rows[name] = simulate(policy, rates, args.seed, od)
@@ -272,11 +313,12 @@ def main() -> None:
         for h in range(24 * args.days):
             print(
                 f"{h:3d}h {rates[h * 60 : h * 60 + 60].mean():6.1f} req/s  "
-                + "  ".join(f"{n[:8]} {r['hourly'].get(h, 0):5.2f}" for n, r in rows.items())
+                + "  ".join(f"{n[:15]} {r['hourly'].get(h, 0):5.2f}" for n, r in rows.items())
             )
-    sb = rows["skybroker"]["cost"]
     for name in ("static peak", "static max", "skyserve-style"):
-        print(f"skybroker vs {name}: {100 * (1 - sb / rows[name]['cost']):.1f}% cheaper")
+        for mine in ("skybroker", "skybroker+sched"):
+            saved = 1 - rows[mine]["cost"] / rows[name]["cost"]
+            print(f"{mine} vs {name}: {100 * saved:.1f}% cheaper")
     if args.decisions:
         print("first decisions of skybroker's autoscaler:")
         for line in policy.decisions[: args.decisions]:

@@ -2,24 +2,30 @@
 
 `Autoscaler.decide(load, targets, now)` compares the observed rate with what the running
 targets serve within the SLO (their planned capacity, corrected for the observed token mix,
-less `headroom`). When the SLO is at risk (the rate exceeds that, or more requests are in
-flight than the replicas hold at that rate) it scales up once the overload has lasted
-`upscale_delay_s` (default: at once), and when the router's measured time to first byte
-at the SLO's percentile exceeds the TTFT target it adds one replica at a time (none while
-replicas are still starting); when a cheaper placement would serve the load it scales
-down only after that has held for `downscale_delay_s`.
+less `headroom`). When the SLO is at risk it scales up once that has lasted
+`upscale_delay_s` (default: at once): to the capacity the rate needs when the rate exceeds
+what is served; one replica at a time (none while replicas are still starting) when it is
+measured on the replicas: their engines' queue holds a request per replica or more and has
+not shrunk since the last look, their KV cache is `KV_FULL` on average, more requests are in
+flight than they hold at the served rate, or the router's time to first byte at the SLO's
+percentile exceeds the TTFT target. With `workload.schedule` it sizes for the scheduled rate
+of the hours from now to one startup ahead (replicas are ready when the hour's rate arrives).
+When a cheaper placement would serve the load it scales down only after that has held for
+`downscale_delay_s`, and not while the replicas measure close to a limit.
 
 What to run is chosen among two candidates for the capacity needed (rate / (1 - headroom)):
 the running targets grown or shrunk replica by replica (best capacity per $ first), and a
-fresh solve of the planner's ILP for the observed rate and mix (`Replan`). Each is scored as
-its $/h over `SwitchCost.horizon_h` plus what switching to it costs (every new replica is paid
-for `startup_s` before it serves, plus `per_launch` $), so a re-plan replaces what runs only
-when the change pays for itself. Targets are the controller's rows (`targets_from_plan`):
-`key`, `gpu`, `replicas`, `capacity_rps`, `price_per_hour`. Nothing here starts processes.
+fresh solve of the planner's ILP for the observed rate and mix (`Replan`, on `plan_step`'s
+grid). Each is scored as its $/h over `SwitchCost.horizon_h` plus what switching to it costs
+(every new replica is paid for `startup_s` before it serves, plus `per_launch` $), so a
+re-plan replaces what runs only when the change pays for itself. Targets are the
+controller's rows (`targets_from_plan`): `key`, `gpu`, `replicas`, `capacity_rps`,
+`price_per_hour`. Nothing here starts processes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +36,8 @@ Replan = Callable[[float, float, float], Targets]
 # Prefill of one token costs about this share of one decode step's per-request work; the
 # capacity correction for a mix that differs from the planned one (the re-plan is exact).
 PREFILL_WEIGHT = 0.1
+# KV cache this full on the average engine: new requests wait for blocks, the SLO is at risk.
+KV_FULL = 0.9
 
 
 @dataclass
@@ -43,6 +51,18 @@ class Load:
     window_s: float = 0.0
     ttft_s: float | None = None  # time to first byte at the SLO's percentile (None: no data)
     starting: int = 0  # replicas wanted that are not ready yet
+    # per ready replica, its engine's gauges: num_requests_waiting, kv_cache_usage_perc, ...
+    engines: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def waiting(self) -> int:
+        return int(sum(e.get("num_requests_waiting", 0) for e in self.engines.values()))
+
+    @property
+    def kv_usage(self) -> float:
+        """The mean KV-cache use of the ready replicas' engines (0 where none reports it)."""
+        kv = [e["kv_cache_usage_perc"] for e in self.engines.values() if "kv_cache_usage_perc" in e]
+        return sum(kv) / len(kv) if kv else 0.0
 
 
 @dataclass
@@ -59,6 +79,7 @@ class Policy:
     ttft_s: float = 2.0
     tpot_s: float = 0.1
     percentile: float = 99.0
+    schedule: dict[int, float] = field(default_factory=dict)  # req/s per hour of day (UTC)
 
     @classmethod
     def from_spec(cls, spec: Any) -> Policy:
@@ -74,6 +95,7 @@ class Policy:
             ttft_s=spec.slo.ttft_ms / 1000,
             tpot_s=spec.slo.tpot_ms / 1000,
             percentile=spec.slo.percentile,
+            schedule=dict(spec.workload.schedule or {}),
         )
 
 
@@ -92,6 +114,14 @@ class Decision:
     reasons: list[str]
     changed: bool = False
     kind: str = "hold"  # "up" | "down" | "replan" | "hold"
+
+
+def plan_step(need: float) -> float:
+    """`need` req/s rounded up to the grid re-plans are solved (and cached) on: quarter steps
+    to 4 req/s, then about 9% steps (8 an octave), so a day's load needs a few dozen solves."""
+    if need <= 4:
+        return math.ceil(need * 4 - 1e-9) / 4
+    return round(2 ** (math.ceil(math.log2(need) * 8 - 1e-9) / 8), 3)
 
 
 def capacity(targets: Targets) -> float:
@@ -126,7 +156,8 @@ def changes(old: Targets, new: Targets) -> list[str]:
 
 
 class Autoscaler:
-    """The scaling policy of one deployment (its only state: since when it is over/under)."""
+    """The scaling policy of one deployment (its state: since when it is over or under, and
+    the engines' queue at the last look)."""
 
     def __init__(
         self, policy: Policy, replan: Replan | None = None, switch: SwitchCost | None = None
@@ -136,6 +167,10 @@ class Autoscaler:
         self.switch = switch or SwitchCost()
         self.over_since: float | None = None
         self.under_since: float | None = None
+        self.waiting: int | None = None  # the engines' queue at the last look
+        # a replacement under way: when the new replicas serve, the targets to end at, and
+        # what they replace
+        self.handoff: tuple[float, Targets, str] | None = None
 
     def mix_factor(self, load: Load) -> float:
         """Planned capacity x this = capacity for the observed mix (first order)."""
@@ -145,31 +180,50 @@ class Autoscaler:
         planned = PREFILL_WEIGHT * p.planned_input + p.planned_output
         return planned / (PREFILL_WEIGHT * load.input_tokens + load.output_tokens)
 
-    def decide(self, load: Load, targets: Targets, now: float) -> Decision:
+    def decide(
+        self, load: Load, targets: Targets, now: float, blocked: frozenset = frozenset()
+    ) -> Decision:
+        """What to run for `load` at `now` (UTC seconds). Offerings in `blocked` (no
+        capacity: a spot market gone scarce) are not grown, and what runs on them is
+        replaced. A change that replaces replicas starts the new ones first and drains the
+        replaced ones a startup later, when the new ones serve (`handoff`)."""
+        if self.handoff is not None:
+            d = self._hand_over(load, targets, now)
+            if d is not None:
+                return d
+        if any(tuple(t["key"]) in blocked for t in targets):
+            return self._move_off(load, targets, now, blocked)
         p = self.policy
         factor = self.mix_factor(load)
         served = capacity(targets) * factor * (1 - p.headroom)
-        need = load.rate / (1 - p.headroom)  # capacity that keeps the headroom free
+        ahead = self.scheduled(now)
+        # capacity that keeps the headroom free, for the rate seen or the one the schedule
+        # says arrives before a replica started now would be ready
+        need = max(load.rate, ahead[0] if ahead else 0.0) / (1 - p.headroom)
         n = total_replicas(targets)
-        risk = self._risk(load, targets, factor, served)
+        risk, measured = self._risk(load, targets, factor, served)
+        if not risk and ahead and ahead[0] > served + 1e-9:
+            rate, hour = ahead
+            risk = f"schedule {rate:.2f} req/s at {hour:02d}:00 > {served:.2f} served within SLO"
+        self.waiting = load.waiting if load.engines else None
         if n < p.min_replicas:
-            risk = f"{n} replicas < min_replicas {p.min_replicas}"
+            risk, measured = f"{n} replicas < min_replicas {p.min_replicas}", False
         if risk:
             self.under_since = None
             self.over_since = now if self.over_since is None else self.over_since
             if now - self.over_since < p.upscale_delay_s:
                 return Decision(targets, [f"{risk}; up in {self._left(now, True):.0f}s"])
-            if load.starting and ("in flight" in risk or "TTFT" in risk):
+            if load.starting and measured:
                 return Decision(targets, [f"{risk}; waiting for {load.starting} starting"])
-            if "in flight" in risk or "TTFT" in risk:  # queues: one step more than runs now
+            if measured:  # seen on the replicas, not from the rate: one step more than runs
                 need = max(need, capacity(targets) * factor * (1 + 1e-6))
             best, how = self._choose(load, targets, need / factor, factor)
             if hourly(best) <= hourly(targets) and capacity(best) <= capacity(targets):
                 return Decision(targets, [f"{risk}; at max_replicas {p.max_replicas}"])
             self.over_since = None
-            return self._decision(risk, targets, best, "up", how)
+            return self._decision(risk, targets, best, "up", how, now)
         self.over_since = None
-        if load.ttft_s is not None and load.ttft_s > p.ttft_s * (1 - p.headroom):
+        if self._near_slo(load):
             self.under_since = None  # measured near the SLO: fewer replicas would breach it
             return Decision(targets, [])
         best, how = self._choose(load, targets, need / factor, factor)
@@ -181,32 +235,98 @@ class Autoscaler:
         if now - self.under_since < p.downscale_delay_s:
             return Decision(targets, [f"{why}; down in {self._left(now, False):.0f}s"])
         self.under_since = None
-        return self._decision(f"{why} within SLO", targets, best, "down", how)
+        return self._decision(f"{why} within SLO", targets, best, "down", how, now)
+
+    def _move_off(self, load: Load, targets: Targets, now: float, blocked: frozenset) -> Decision:
+        p = self.policy
+        factor = self.mix_factor(load)
+        gone = [t for t in targets if tuple(t["key"]) in blocked]
+        live = [t for t in targets if tuple(t["key"]) not in blocked]
+        ahead = self.scheduled(now)
+        need = max(load.rate, ahead[0] if ahead else 0.0) / (1 - p.headroom)
+        best, how = self._choose(load, live, need / factor, factor)
+        why = f"{', '.join(where(t) for t in gone)} has no capacity"
+        if not best:
+            return Decision(targets, [f"{why}; nothing else to run"])
+        self.over_since = self.under_since = None
+        return self._decision(why, targets, best, "replan", how or "moved", now)
+
+    def _hand_over(self, load: Load, targets: Targets, now: float) -> Decision | None:
+        """While a replacement is under way: hold, then drain what it replaced (None: the
+        load outgrew the targets it ends at; decide afresh on what runs)."""
+        assert self.handoff is not None
+        at, final, what = self.handoff
+        served = capacity(final) * self.mix_factor(load) * (1 - self.policy.headroom)
+        if load.rate > served + 1e-9:
+            self.handoff = None
+            return None
+        if now < at:
+            return Decision(targets, [f"replacements for {what} starting"])
+        self.handoff = None
+        return self._decision(f"replacements for {what} ready", targets, final, "down", "")
+
+    def scheduled(self, now: float) -> tuple[float, int] | None:
+        """The highest rate `workload.schedule` names for the hours from `now` (UTC
+        seconds) to a startup later, and its hour (None: no schedule for them)."""
+        sched = self.policy.schedule
+        hours = {int(t // 3600) % 24 for t in (now, now + self.switch.startup_s)}
+        rates = [(sched[h], h) for h in sorted(hours) if h in sched]
+        return max(rates) if rates else None
 
     def _left(self, now: float, up: bool) -> float:
         since = self.over_since if up else self.under_since
         delay = self.policy.upscale_delay_s if up else self.policy.downscale_delay_s
         return max(0.0, delay - (now - (now if since is None else since)))
 
-    def _risk(self, load: Load, targets: Targets, factor: float, served: float) -> str:
+    def _risk(self, load: Load, targets: Targets, factor: float, served: float) -> tuple[str, bool]:
+        """Why the SLO is at risk ("" if it is not), and whether that was measured on the
+        replicas (queues, KV, TTFT: add one step at a time) rather than read from the rate."""
         if load.rate > served + 1e-9:
-            return f"rate {load.rate:.2f} req/s > {served:.2f} served within SLO"
-        # Little's law: at the rate served within SLO, the replicas hold this many in flight.
+            return f"rate {load.rate:.2f} req/s > {served:.2f} served within SLO", False
         p = self.policy
+        engines = len(load.engines)
+        if engines and load.kv_usage >= KV_FULL:
+            return f"KV cache {100 * load.kv_usage:.0f}% full (>= {100 * KV_FULL:.0f}%)", True
+        # a queue of one request per replica or more that has not shrunk since the last look
+        if engines and load.waiting >= engines and load.waiting >= (self.waiting or 0) > 0:
+            return f"{load.waiting} requests queued on {engines} replicas, not shrinking", True
+        # Little's law: at the rate served within SLO, the replicas hold this many in flight.
         out = load.output_tokens or p.planned_output
         holds = served * (p.ttft_s + out * p.tpot_s)
         busy = sum(load.in_flight.values())
         if busy > max(holds, 1.0) * 1.5:
-            return f"{busy} requests in flight > {holds:.1f} the replicas hold within SLO"
+            return f"{busy} requests in flight > {holds:.1f} the replicas hold within SLO", True
         if load.ttft_s is not None and load.ttft_s > p.ttft_s:
             q = f"p{p.percentile:g}"
-            return f"TTFT {q} {load.ttft_s:.2f}s > {p.ttft_s:.2f}s SLO at {load.rate:.2f} req/s"
-        return ""
+            why = f"TTFT {q} {load.ttft_s:.2f}s > {p.ttft_s:.2f}s SLO at {load.rate:.2f} req/s"
+            return why, True
+        return "", False
 
-    def _decision(self, why: str, old: Targets, new: Targets, kind: str, how: str) -> Decision:
+    def _near_slo(self, load: Load) -> bool:
+        """Measured close to a limit: fewer replicas would put the SLO at risk."""
+        p = self.policy
+        if load.ttft_s is not None and load.ttft_s > p.ttft_s * (1 - p.headroom):
+            return True
+        return load.waiting > 0 or load.kv_usage >= KV_FULL * (1 - p.headroom)
+
+    def _decision(
+        self, why: str, old: Targets, new: Targets, kind: str, how: str, now: float | None = None
+    ) -> Decision:
+        """`old` -> `new`; where `new` both adds replicas and removes some (a replacement,
+        `now` given), the removed ones stay until the added ones serve."""
         moves = changes(old, new)
-        reason = f"{why}: {', '.join(moves)}" + (f" ({how})" if how else "")
-        return Decision(new, [reason], changed=bool(moves), kind=kind if how == "" else "replan")
+        note = how if how and how != "moved" else ""
+        reason = f"{why}: {', '.join(moves)}" + (f" ({note})" if note else "")
+        kind = kind if how == "" else "replan"
+        gone = [m for m in moves if m.startswith("-")]
+        if now is None or not gone or len(gone) == len(moves):
+            return Decision(new, [reason], changed=bool(moves), kind=kind)
+        have = {tuple(t["key"]): t for t in old}
+        both = [dict(t, replicas=max(t["replicas"], have.pop(tuple(t["key"]), t)["replicas"]))
+                for t in new] + list(have.values())  # fmt: skip
+        what = ", ".join(m[1:] for m in gone)
+        self.handoff = (now + self.switch.startup_s, new, what)
+        return Decision(both, [f"{reason}; {what} drain once the new serve"], True, kind)
 
     # -- candidates ---------------------------------------------------------------------------
 

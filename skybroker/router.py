@@ -7,10 +7,12 @@ a connection failure also marks it unready here until the controller's next succ
 health probe. The router never sends to a replica the controller has not marked ready, nor a
 new request to one it is draining (its in-flight requests finish; `outstanding` says how many).
 
-It counts its load (`LoadCounter`): arrivals, and input and output tokens of finished
+It counts its load (`skybroker.router_load.LoadCounter`): arrivals, and input and output tokens of finished
 requests (from the responses' `usage`, else estimated from the prompt's length and the
 streamed chunks), which `GET /router/load?window_s=30` returns with the in-flight requests
-per replica; the controller's autoscaler reads it.
+per replica and each ready replica's queue and KV use (`engines`: vLLM's
+`num_requests_waiting`, `num_requests_running`, `kv_cache_usage_perc`, read from its
+/metrics with the replica's key at that moment); the controller's autoscaler reads it.
 
 Clients send the deployment's key (`Authorization: Bearer KEY`, compared in constant time).
 The controller sets the replica set through the admin routes (`PUT /router/replicas`, with the
@@ -24,6 +26,7 @@ app (`Router.app`), in a thread (`RouterServer`), or as a process of its own
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -31,7 +34,6 @@ import re
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -42,6 +44,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from skybroker.keys import same_key
+from skybroker.router_load import KEEP_S, LoadCounter, engine_gauges, tls_context
 from skybroker.tls import fingerprint, pinned_context
 
 API_KEY_ENV = "SKYBROKER_ROUTER_API_KEY"  # clients' key (the deployment's endpoint key)
@@ -95,55 +98,6 @@ class _Upstream:
 
 
 _USAGE = re.compile(rb'"prompt_tokens"\s*:\s*(\d+).*?"completion_tokens"\s*:\s*(\d+)', re.S)
-KEEP_S = 600.0  # load history the router keeps
-
-
-class LoadCounter:
-    """Arrivals and finished requests' token counts over a sliding window."""
-
-    def __init__(self) -> None:
-        self.started = time.time()
-        self._lock = threading.Lock()
-        self._arrivals: deque[float] = deque()
-        self._done: deque[tuple[float, int, int, float]] = deque()  # time, in, out, first byte
-
-    def arrived(self) -> None:
-        with self._lock:
-            self._arrivals.append(time.time())
-            self._trim()
-
-    def finished(self, input_tokens: int, output_tokens: int, first_byte_s: float) -> None:
-        with self._lock:
-            self._done.append((time.time(), input_tokens, output_tokens, first_byte_s))
-            self._trim()
-
-    def _trim(self) -> None:
-        cut = time.time() - KEEP_S
-        while self._arrivals and self._arrivals[0] < cut:
-            self._arrivals.popleft()
-        while self._done and self._done[0][0] < cut:
-            self._done.popleft()
-
-    def window(self, window_s: float) -> dict[str, Any]:
-        now = time.time()
-        span = max(1e-3, min(window_s, KEEP_S, now - self.started))
-        with self._lock:
-            arrivals = sum(t >= now - span for t in self._arrivals)
-            done = [(i, o, f) for t, i, o, f in self._done if t >= now - span]
-        n = len(done)
-        firsts = sorted(f for _, _, f in done)
-        return {
-            "window_s": round(span, 3),
-            "arrivals": arrivals,
-            "rate": arrivals / span,
-            "completed": n,
-            "input_tokens": sum(i for i, _, _ in done) / n if n else 0.0,
-            "output_tokens": sum(o for _, o, _ in done) / n if n else 0.0,
-            # time to the first byte of the response (of a stream: about the TTFT)
-            "ttft_s": {f"p{q}": firsts[min(n - 1, int(q / 100 * n))] for q in (50, 90, 99)}
-            if n
-            else {},
-        }
 
 
 def _prompt_tokens(body: bytes) -> int:
@@ -248,6 +202,40 @@ class Router:
         with self._lock:
             up.outstanding -= 1
 
+    # -- load ---------------------------------------------------------------------------------
+
+    async def load_report(self, window_s: float, timeout_s: float = 2.0) -> dict[str, Any]:
+        """`GET /router/load`'s body: the window's arrivals and mix, requests in flight per
+        replica, and the ready replicas' engine gauges (a replica that does not answer its
+        /metrics within `timeout_s` is left out of `engines`)."""
+        body = self.load.window(window_s)
+        body["in_flight"] = {r["name"]: r["outstanding"] for r in self.snapshot()}
+        with self._lock:
+            targets = [u.target for u in self._upstreams.values() if u.usable]
+
+        async def scrape(client: httpx.AsyncClient, t: ReplicaTarget) -> tuple[str, Any]:
+            headers = {"authorization": f"Bearer {t.api_key}"} if t.api_key else {}
+            try:
+                r = await client.get(t.url + "/metrics", headers=headers, timeout=timeout_s)
+            except httpx.HTTPError:
+                return t.name, None
+            return t.name, engine_gauges(r.text) if r.status_code == 200 else None
+
+        async with contextlib.AsyncExitStack() as stack:
+            clients = []
+            for t in targets:
+                if self._client is not None:  # the served router's pools (pinned for HTTPS)
+                    clients.append(await self._client_for(t))
+                    continue
+                # an in-process router nobody serves (a fresh default context costs ~0.4 s)
+                verify = pinned_context(t.tls_cert) if t.tls_cert else tls_context()
+                clients.append(await stack.enter_async_context(httpx.AsyncClient(verify=verify)))
+            got = await asyncio.gather(
+                *(scrape(c, t) for c, t in zip(clients, targets, strict=True))
+            )
+        body["engines"] = {name: g for name, g in got if g}
+        return body
+
     # -- HTTP ---------------------------------------------------------------------------------
 
     def _build_app(self) -> FastAPI:
@@ -283,9 +271,7 @@ class Router:
                 return _error(401, "missing or wrong admin key", "auth_error")
             if not 0 < window_s <= KEEP_S:
                 return _error(400, f"window_s must be in (0, {KEEP_S:.0f}]", "invalid_request")
-            body = self.load.window(window_s)
-            body["in_flight"] = {r["name"]: r["outstanding"] for r in self.snapshot()}
-            return JSONResponse(body)
+            return JSONResponse(await self.load_report(window_s))
 
         @app.put("/router/replicas")
         async def set_replicas(request: Request) -> JSONResponse:

@@ -11,6 +11,7 @@ when it drains a replica. `DeploymentRouters` is the controller's side of all th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -313,9 +314,7 @@ class DeploymentRouters:
             return None
         if isinstance(router, RouterProcess):
             return router.load(window_s)
-        body = router.load.window(window_s)
-        body["in_flight"] = {r["name"]: r["outstanding"] for r in router.snapshot()}
-        return body
+        return asyncio.run(router.load_report(window_s))
 
     def stop(self, name: str) -> None:
         """Stop the router of `name` for good (`down`)."""

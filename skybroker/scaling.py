@@ -2,7 +2,7 @@
 
 For a deployment whose spec has `autoscale:`, `Scaling.tick(dep)` (every `interval_s`) reads
 its router's load over `autoscale.window_s` (`GET /router/load`: arrivals, token mix, in
-flight per replica), asks the deployment's `Autoscaler` (`skybroker.autoscale`, the policy)
+flight per replica, each ready engine's queue and KV use), asks the deployment's `Autoscaler` (`skybroker.autoscale`, the policy)
 and applies a change: new offerings of a re-plan are appended to the targets, replica counts
 are set through `Controller.scale` (the reconcile launches, or drains what is too many). Each
 decision is an `autoscaled` event: its message is the reason, its data the load, the
@@ -13,7 +13,6 @@ time and the last decisions, as `skybroker status NAME` and the REST API show th
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any
 
@@ -25,6 +24,7 @@ from skybroker.autoscale import (
     Targets,
     hourly,
     merge_targets,
+    plan_step,
     total_replicas,
 )
 from skybroker.state import Deployment, Event, ReplicaStatus
@@ -68,6 +68,7 @@ class Scaling:
             output_tokens=float(seen.get("output_tokens") or 0.0),
             in_flight={k: int(v) for k, v in (seen.get("in_flight") or {}).items()},
             window_s=float(seen.get("window_s") or window),
+            engines={k: v for k, v in (seen.get("engines") or {}).items() if isinstance(v, dict)},
         )
         decision = scaler.decide(load, [t for t in dep.targets if t["replicas"]], now)
         if decision.changed:
@@ -90,7 +91,7 @@ class Scaling:
         def replan(need: float, mean_in: float, mean_out: float) -> Targets:
             current = self.controller.get(dep.name) or dep
             blocklist = frozenset(tuple(k) for k in current.blocklist)
-            key = (dep.name, math.ceil(need * 4) / 4, round(mean_in, -1), round(mean_out, -1),
+            key = (dep.name, plan_step(need), round(mean_in, -1), round(mean_out, -1),
                    blocklist)  # fmt: skip
             if key not in self._plans:
                 plan = load_planner(spec, blocklist, self.controller.planner)
@@ -122,6 +123,8 @@ class Scaling:
                     "output_tokens": round(load.output_tokens, 1),
                     "in_flight": sum(load.in_flight.values()),
                     "ttft_s": load.ttft_s,
+                    "waiting": load.waiting,
+                    "kv_usage": round(load.kv_usage, 3),
                 },
             },
         )

@@ -92,9 +92,17 @@ def test_replan_wins_only_when_it_pays_for_the_switch() -> None:
     assert [t["gpu"] for t in d.targets] == ["A40"] and total_replicas(d.targets) == 3
     # 18 req/s: 8 A40s (3.52/h) vs 2 A100s (2.78/h + switching): the re-plan
     d = a.decide(Load(rate=18.0), [target("us-east-1", 1)], now=1)
-    assert d.kind == "replan" and {t["gpu"] for t in d.targets} == {"A100"}
-    assert "-1 A40 aws/us-east-1" in d.reasons[0] and "+2 A100" in d.reasons[0]
-    assert capacity(d.targets) * 0.8 >= 18.0
+    assert d.kind == "replan" and "-1 A40 aws/us-east-1" in d.reasons[0]
+    assert "+2 A100" in d.reasons[0] and d.reasons[0].endswith(
+        "A40 aws/us-east-1 drain once the new serve"
+    )
+    # make before break: the A40 serves until the A100s do, a startup later
+    assert sorted((t["gpu"], t["replicas"]) for t in d.targets) == [("A100", 2), ("A40", 1)]
+    held = a.decide(Load(rate=18.0), d.targets, now=100)
+    assert not held.changed and held.reasons == ["replacements for 1 A40 aws/us-east-1 starting"]
+    done = a.decide(Load(rate=18.0), d.targets, now=301)
+    assert done.changed and {t["gpu"] for t in done.targets} == {"A100"}
+    assert capacity(done.targets) * 0.8 >= 18.0
 
 
 def test_merge_keeps_indices_and_zeroes_what_the_new_plan_drops() -> None:
@@ -153,3 +161,67 @@ def test_free_replicas_scale_down_too() -> None:
     a = Autoscaler(policy(downscale_delay_s=0))
     d = a.decide(Load(rate=0.0), [target("local", 3, cap=10.0, price=0.0)], now=0)
     assert d.changed and total_replicas(d.targets) == 1 and d.kind == "down"
+
+
+def engines(waiting: int, kv: float = 0.5, n: int = 1) -> dict:
+    return {f"r{i}": {"num_requests_waiting": waiting / n, "kv_cache_usage_perc": kv}
+            for i in range(n)}  # fmt: skip
+
+
+def test_a_queue_that_does_not_shrink_scales_up_one_step() -> None:
+    a = Autoscaler(policy())
+    ts = [target("us-east-1", 2, cap=100.0)]  # the rate is far within planned capacity
+    assert not a.decide(Load(rate=1.0, engines=engines(4, n=2)), ts, now=0).changed  # first look
+    d = a.decide(Load(rate=1.0, engines=engines(6, n=2)), ts, now=5)
+    assert d.changed and total_replicas(d.targets) == 3
+    assert d.reasons[0] == "6 requests queued on 2 replicas, not shrinking: +1 A40 aws/us-east-1"
+    a = Autoscaler(policy())  # a queue that drains is no risk
+    assert not a.decide(Load(rate=1.0, engines=engines(6, n=2)), ts, now=0).changed
+    assert not a.decide(Load(rate=1.0, engines=engines(3, n=2)), ts, now=5).changed
+
+
+def test_kv_cache_near_full_scales_up_at_once_and_blocks_a_scale_down() -> None:
+    a = Autoscaler(policy(downscale_delay_s=0))
+    ts = [target("us-east-1", 2, cap=100.0)]
+    d = a.decide(Load(rate=1.0, engines=engines(0, kv=0.95, n=2)), ts, now=0)
+    assert d.changed and d.reasons[0].startswith("KV cache 95% full (>= 90%)")
+    # the rate alone would let 3 go to 1, but the engines are busy: hold
+    three = d.targets
+    assert not a.decide(Load(rate=1.0, engines=engines(0, kv=0.8, n=3)), three, now=1).changed
+    assert not a.decide(Load(rate=1.0, engines=engines(2, kv=0.1, n=3)), three, now=2).changed
+    d = a.decide(Load(rate=1.0, engines=engines(0, kv=0.1, n=3)), three, now=3)
+    assert d.changed and total_replicas(d.targets) == 1
+
+
+def test_the_schedule_scales_up_a_startup_before_its_hour_and_holds_through_it() -> None:
+    a = Autoscaler(policy(max_replicas=20, schedule={14: 18.0}))  # startup 300 s
+    ts = [target("us-east-1", 2)]
+    assert not a.decide(Load(rate=4.0), ts, now=13 * 3600 + 50 * 60).changed  # 10 min ahead
+    d = a.decide(Load(rate=4.0), ts, now=13 * 3600 + 56 * 60)
+    assert d.changed and capacity(d.targets) * 0.8 >= 18.0
+    assert d.reasons[0].startswith("schedule 18.00 req/s at 14:00 > 4.80 served within SLO: +6 ")
+    # the observed rate is lower all hour, but the schedule keeps the capacity until 15:00
+    a.policy.downscale_delay_s = 0
+    assert not a.decide(Load(rate=4.0), d.targets, now=14 * 3600 + 30 * 60).changed
+    assert a.decide(Load(rate=4.0), d.targets, now=15 * 3600 + 1).changed
+
+
+def test_a_blocked_offering_is_moved_off_at_once_and_never_grown() -> None:
+    spot = dict(target("eu-south-2", 2, cap=5.0, price=0.4, gpu="L40S"), key=["aws", "eu-south-2", "g6e", True])  # fmt: skip
+    ts = [target("us-east-1", 1), spot]  # 13 req/s planned
+    a = Autoscaler(policy(max_replicas=20))
+    blocked = frozenset({("aws", "eu-south-2", "g6e", True)})
+    d = a.decide(Load(rate=6.0), ts, now=0, blocked=blocked)
+    assert d.changed and d.kind == "replan"
+    assert d.reasons[0] == ("L40S aws/eu-south-2 spot has no capacity: +2 A40 aws/us-east-1, "
+                            "-2 L40S aws/eu-south-2 spot; 2 L40S aws/eu-south-2 spot drain "
+                            "once the new serve")  # fmt: skip
+    live = [t for t in d.targets if not t["key"][3]]
+    assert capacity(live) * 0.8 >= 6.0 and total_replicas(d.targets) == 5
+    assert not a.decide(Load(rate=6.0), d.targets, now=100, blocked=blocked).changed
+    done = a.decide(Load(rate=6.0), d.targets, now=300, blocked=blocked)  # a startup later
+    assert done.changed and done.targets == live
+    assert (
+        done.reasons[0]
+        == "replacements for 2 L40S aws/eu-south-2 spot ready: -2 L40S aws/eu-south-2 spot"
+    )

@@ -16,10 +16,12 @@ import httpx
 import openai
 import pytest
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from engine.server.metrics import EngineStats, ServerMetrics
 from skybroker.provision.local import free_port
 from skybroker.router import ReplicaTarget, Router, RouterServer
+from skybroker.router_load import engine_gauges
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -388,3 +390,46 @@ def test_load_counts_arrivals_tokens_and_in_flight_behind_the_admin_key(
             time.sleep(0.02)
         assert busy == {"r1": 2}
         [f.result() for f in futs]
+
+
+def metrics_app(stats: EngineStats, key: str) -> FastAPI:
+    """An engine's /metrics (the engine's own renderer) behind the replica's key."""
+    app = FastAPI()
+    metrics = ServerMetrics("tiny", lambda: stats)
+
+    @app.get("/metrics")
+    async def page(request: Request) -> Response:
+        if request.headers.get("authorization") != f"Bearer {key}":
+            return JSONResponse({"error": "key"}, 401)
+        return Response(metrics.render(), media_type="text/plain")
+
+    return app
+
+
+def test_load_reads_each_ready_replicas_queue_and_kv_use_with_its_key(
+    servers, router_server
+) -> None:
+    a = servers(metrics_app(EngineStats(num_running=8, num_waiting=5, kv_usage=0.93), "rk"))
+    b = servers(metrics_app(EngineStats(num_running=1, kv_usage=0.1), "rk"))
+    c = servers(metrics_app(EngineStats(num_waiting=9), "other"))  # refuses the router's key
+    router, srv = router_server(admin_key="adm", upstream_api_key="rk")
+    router.set_replicas(
+        [ReplicaTarget("r1", a, 1.0, True), ReplicaTarget("r2", b, 1.0, True),
+         ReplicaTarget("r3", c, 1.0, True), ReplicaTarget("r4", b, 1.0, False)]
+    )  # fmt: skip
+    load = httpx.get(srv.url + "/router/load", headers={"Authorization": "Bearer adm"}).json()
+    assert load["engines"] == {
+        "r1": {"num_requests_waiting": 5, "num_requests_running": 8, "kv_cache_usage_perc": 0.93},
+        "r2": {"num_requests_waiting": 0, "num_requests_running": 1, "kv_cache_usage_perc": 0.1},
+    }  # r3 did not answer with its gauges, r4 is not ready
+
+
+def test_engine_gauges_sum_label_sets_and_skip_what_is_not_a_gauge_of_theirs() -> None:
+    page = (
+        "# HELP vllm:num_requests_waiting x\n# TYPE vllm:num_requests_waiting gauge\n"
+        'vllm:num_requests_waiting{model_name="a"} 2.0\n'
+        'vllm:num_requests_waiting{model_name="b"} 3.0\n'
+        'vllm:kv_cache_usage_perc{model_name="a"} 0.5\nvllm:kv_cache_usage_perc 0.7\n'
+        "vllm:num_requests_running NaN-ish\nengine:num_requests_waiting 40\n"
+    )
+    assert engine_gauges(page) == {"num_requests_waiting": 5.0, "kv_cache_usage_perc": 0.7}
