@@ -412,10 +412,10 @@ def test_load_reads_each_ready_replicas_queue_and_kv_use_with_its_key(
     a = servers(metrics_app(EngineStats(num_running=8, num_waiting=5, kv_usage=0.93), "rk"))
     b = servers(metrics_app(EngineStats(num_running=1, kv_usage=0.1), "rk"))
     c = servers(metrics_app(EngineStats(num_waiting=9), "other"))  # refuses the router's key
-    router, srv = router_server(admin_key="adm", upstream_api_key="rk")
+    router, srv = router_server(admin_key="adm")
     router.set_replicas(
-        [ReplicaTarget("r1", a, 1.0, True), ReplicaTarget("r2", b, 1.0, True),
-         ReplicaTarget("r3", c, 1.0, True), ReplicaTarget("r4", b, 1.0, False)]
+        [ReplicaTarget("r1", a, 1.0, True, api_key="rk"), ReplicaTarget("r2", b, 1.0, True, api_key="rk"),
+         ReplicaTarget("r3", c, 1.0, True, api_key="rk"), ReplicaTarget("r4", b, 1.0, False, api_key="rk")]
     )  # fmt: skip
     load = httpx.get(srv.url + "/router/load", headers={"Authorization": "Bearer adm"}).json()
     assert load["engines"] == {
