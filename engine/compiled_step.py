@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kernels import cpu_attention
 from kernels.attention_op import StepContext, step_context
 
 if TYPE_CHECKING:
@@ -42,6 +43,21 @@ def _warn(what: str, err: BaseException) -> None:
     msg = f"{what} failed ({type(err).__name__}: {err}); the engine runs the model eager"
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
     logger.warning(msg)
+
+
+def load_cpu_attention(cache_dir: str) -> None:
+    """The C++ attention kernel for the CPU op, or a warning and the op's torch path."""
+    try:
+        seconds = cpu_attention.load(cache_dir)
+    except Exception as e:  # no compiler, no headers: slower, not wrong
+        msg = (
+            f"the C++ attention kernel is not used ({type(e).__name__}: {e}); attention runs torch"
+        )
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        logger.warning(msg)
+        return
+    if seconds:
+        logger.info("C++ attention kernel built in %.1f s", seconds)
 
 
 def use_cache_dir(path: str, explicit: bool) -> None:
@@ -76,7 +92,10 @@ class CompiledStep:
             return None
         args = runner.args
         try:
-            use_cache_dir(args.resolved_compile_cache_dir(), args.compile_cache_dir is not None)
+            cache_dir = args.resolved_compile_cache_dir()
+            use_cache_dir(cache_dir, args.compile_cache_dir is not None)
+            if runner.device.type == "cpu":
+                load_cpu_attention(cache_dir)
             step = cls(runner, args.max_num_batched_tokens)
             step.warm_up()
         except Exception as e:
