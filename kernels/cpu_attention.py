@@ -63,9 +63,9 @@ def load(cache_dir: str | os.PathLike) -> float:
     """Build (unless cached) and load the library; the seconds the build took (0 if cached).
     Raises RuntimeError naming the compiler's error when it cannot be built."""
     global _loaded
-    so = library_path(cache_dir)
     if _loaded is not None:
         return 0.0
+    so = library_path(cache_dir)
     seconds = 0.0
     if not so.is_file():
         import time

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.compiled_step import load_cpu_attention
 from kernels import attention_op, cpu_attention
 from kernels.attention_op import StepContext, step_context
 from kernels.testing import make_paged_case
@@ -89,6 +90,22 @@ def test_cpu_kernel_skips_negative_slots_and_needs_a_step() -> None:
         torch.ops.skybroker.paged_attention(q, k, v, 0, scale, None)
     with step_context(ctx), pytest.raises(RuntimeError, match="has no KV cache"):
         torch.ops.skybroker.paged_attention(q, k, v, 1, scale, None)
+
+
+def test_no_compiler_or_a_build_error_warns_and_keeps_the_torch_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cpu_attention, "_loaded", None)
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    with pytest.warns(RuntimeWarning, match=r"not used \(RuntimeError: no C\+\+ compiler"):
+        load_cpu_attention(str(tmp_path))
+    monkeypatch.delenv("CXX")
+    bad = tmp_path / "bad.cpp"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_attention, "SOURCE", bad)
+    with pytest.warns(RuntimeWarning, match=r"(?s)building bad\.cpp failed.*attention runs torch"):
+        load_cpu_attention(str(tmp_path))
+    assert not cpu_attention.is_loaded() and not list(tmp_path.glob("*.so"))
 
 
 def test_library_is_cached_by_source_and_torch(tmp_path: Path) -> None:
