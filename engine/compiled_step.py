@@ -5,8 +5,11 @@ The token count is the graph's only dynamic size. It is padded up to one of a fe
 sizes (powers of two to 512, then multiples of 512), which keeps the set of shapes small and is
 what CUDA graphs need. Inductor's on-disk cache (`compile_cache_dir`) lets a restart skip code
 generation. A failure to compile or to run compiled code warns once, naming the error, and the
-runner goes on eager. On CUDA, `cuda_graphs` replays decode-only steps at the capture sizes
-as CUDA graphs (static input buffers updated in place, no Python per layer).
+runner goes on eager. On CPU the op's kernel is C++ (`kernels.cpu_attention`, built into the
+same cache directory), so a step runs no Python per layer (with `cpp_wrapper` the graph's own
+launch code is C++ too).
+On CUDA, `cuda_graphs` replays decode-only steps at the capture sizes as CUDA graphs (static
+input buffers updated in place, no Python per layer).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kernels import cpu_attention
+from kernels import cpu_attention, ops
 from kernels.attention_op import StepContext, step_context
 
 if TYPE_CHECKING:
@@ -94,7 +97,7 @@ class CompiledStep:
         try:
             cache_dir = args.resolved_compile_cache_dir()
             use_cache_dir(cache_dir, args.compile_cache_dir is not None)
-            if runner.device.type == "cpu":
+            if runner.device.type == "cpu" and ops.backend_for(torch.empty(0)) == "torch":
                 load_cpu_attention(cache_dir)
             step = cls(runner, args.max_num_batched_tokens)
             step.warm_up()
