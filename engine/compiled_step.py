@@ -75,7 +75,7 @@ class CompiledStep:
     def __init__(self, runner: ModelRunner, max_tokens: int) -> None:
         self.runner = runner
         self.sizes = capture_sizes(max_tokens)
-        options = {"cpp_wrapper": True} if runner.args.compile_cpp_wrapper else None
+        options = {"cpp_wrapper": True} if runner.args.cpp_wrapper(runner.device) else None
         self.fn = torch.compile(runner.model.forward, fullgraph=True, options=options)
         with torch.inference_mode():  # inputs are views of these (one kind of tensor, one graph)
             self.ids = torch.zeros(self.sizes[-1], dtype=torch.int64, device=runner.device)
