@@ -6,9 +6,10 @@ Two models built offline with the tests' fixture (random weights, its small toke
 Llama of 8B's depth at width 64 (32 layers, 4 heads of 16, GQA 2) and the 3-layer 192-wide
 model. For each, in one run, one process per configuration and round (one torch thread):
 `baseline` (another source tree's engine, e.g. the unmodified main, eager), `eager` and
-`compiled` (this tree, `enforce_eager` True / False) and `compiled-cpp` (with
-`compile_cpp_wrapper`). The first compiled process of each kind starts with an empty compile
-cache (first start), later rounds find it warm (restart).
+`compiled` (this tree, `enforce_eager` True / False, inductor's Python wrapper: the CUDA
+default) and `compiled-cpp` (its C++ wrapper: the CPU default). The first compiled process
+of each kind starts with an empty compile cache (first start), later rounds find it warm
+(restart).
 
 Per batch size (1, 8, 64 sequences decoding 16-token prompts) it times `--steps` decode steps
 the way `LLM.generate` steps the engine, split by wrapping the engine's seams: scheduling,

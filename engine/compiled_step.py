@@ -5,8 +5,11 @@ The token count is the graph's only dynamic size. It is padded up to one of a fe
 sizes (powers of two to 512, then multiples of 512), which keeps the set of shapes small and is
 what CUDA graphs need. Inductor's on-disk cache (`compile_cache_dir`) lets a restart skip code
 generation. A failure to compile or to run compiled code warns once, naming the error, and the
-runner goes on eager. On CUDA, `cuda_graphs` replays decode-only steps at the capture sizes
-as CUDA graphs (static input buffers updated in place, no Python per layer).
+runner goes on eager. On CPU the op's kernel is C++ (`kernels.cpu_attention`, built into the
+same cache directory), so a step runs no Python per layer (with `cpp_wrapper` the graph's own
+launch code is C++ too).
+On CUDA, `cuda_graphs` replays decode-only steps at the capture sizes as CUDA graphs (static
+input buffers updated in place, no Python per layer).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kernels import cpu_attention, ops
 from kernels.attention_op import StepContext, step_context
 
 if TYPE_CHECKING:
@@ -44,6 +48,21 @@ def _warn(what: str, err: BaseException) -> None:
     logger.warning(msg)
 
 
+def load_cpu_attention(cache_dir: str) -> None:
+    """The C++ attention kernel for the CPU op, or a warning and the op's torch path."""
+    try:
+        seconds = cpu_attention.load(cache_dir)
+    except Exception as e:  # no compiler, no headers: slower, not wrong
+        msg = (
+            f"the C++ attention kernel is not used ({type(e).__name__}: {e}); attention runs torch"
+        )
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        logger.warning(msg)
+        return
+    if seconds:
+        logger.info("C++ attention kernel built in %.1f s", seconds)
+
+
 def use_cache_dir(path: str, explicit: bool) -> None:
     """Point inductor's on-disk caches at `path`: always when it was asked for by name, else
     unless TORCHINDUCTOR_CACHE_DIR is already set."""
@@ -56,7 +75,7 @@ class CompiledStep:
     def __init__(self, runner: ModelRunner, max_tokens: int) -> None:
         self.runner = runner
         self.sizes = capture_sizes(max_tokens)
-        options = {"cpp_wrapper": True} if runner.args.compile_cpp_wrapper else None
+        options = {"cpp_wrapper": True} if runner.args.cpp_wrapper(runner.device) else None
         self.fn = torch.compile(runner.model.forward, fullgraph=True, options=options)
         with torch.inference_mode():  # inputs are views of these (one kind of tensor, one graph)
             self.ids = torch.zeros(self.sizes[-1], dtype=torch.int64, device=runner.device)
@@ -76,7 +95,10 @@ class CompiledStep:
             return None
         args = runner.args
         try:
-            use_cache_dir(args.resolved_compile_cache_dir(), args.compile_cache_dir is not None)
+            cache_dir = args.resolved_compile_cache_dir()
+            use_cache_dir(cache_dir, args.compile_cache_dir is not None)
+            if runner.device.type == "cpu" and ops.backend_for(torch.empty(0)) == "torch":
+                load_cpu_attention(cache_dir)
             step = cls(runner, args.max_num_batched_tokens)
             step.warm_up()
         except Exception as e:

@@ -49,8 +49,9 @@ class EngineArgs:
     # model's step gains less than the compile costs at start; pass False to compile anyway).
     enforce_eager: bool | None = None
     compile_cache_dir: str | None = None  # default: $SKYBROKER_COMPILE_CACHE or ~/.cache/...
-    # inductor's C++ wrapper: less host time per step, a first compile a few times longer
-    compile_cpp_wrapper: bool = False
+    # inductor's C++ wrapper (the graph's launch code in C++, no Python per kernel). None: on
+    # CPU, where that code is most of a step's host time; off on CUDA until measured there.
+    compile_cpp_wrapper: bool | None = None
     cuda_graphs: bool = False  # replay decode steps as CUDA graphs (needs the compiled step)
 
     def __post_init__(self) -> None:
@@ -95,6 +96,12 @@ class EngineArgs:
         if self.enforce_eager is None:
             return device.type == "cuda"
         return not self.enforce_eager
+
+    def cpp_wrapper(self, device: torch.device) -> bool:
+        """Whether the compiled step uses inductor's C++ wrapper on `device`."""
+        if self.compile_cpp_wrapper is None:
+            return device.type == "cpu"
+        return self.compile_cpp_wrapper
 
     def resolved_compile_cache_dir(self) -> str:
         import os

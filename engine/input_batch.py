@@ -17,6 +17,10 @@ from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 
 
+def _int64(values: list[int]) -> torch.Tensor:
+    return torch.from_numpy(np.array(values, dtype=np.int64))  # ~4x faster than torch.tensor
+
+
 @dataclass
 class StepInputs:
     """Plain CPU tensors describing one step (picklable, so rank 0 can broadcast them)."""
@@ -47,12 +51,22 @@ class InputBatch:
         self.block_size = block_size
         self.tables = np.zeros((rows, max_blocks_per_seq), dtype=np.int32)
         self._rows: dict[int, _Row] = {}
+        self._arange = torch.arange(rows)
         self._free = list(range(rows - 1, -1, -1))
         self._no_prefill = (
             torch.zeros((0, max_blocks_per_seq), dtype=torch.int32),
             torch.zeros(1, dtype=torch.int32),
             torch.zeros(0, dtype=torch.int32),
         )
+
+    def _logits_indices(self, rows: list[int]) -> torch.Tensor:
+        """`rows` as a tensor; the usual 0..n-1 (every sequence decodes) is a view of one arange."""
+        n = len(rows)
+        if n and rows[-1] == n - 1:  # rows ascend without repeats, so this is 0..n-1
+            if self._arange.shape[0] < n:
+                self._arange = torch.arange(2 * n)
+            return self._arange[:n]
+        return _int64(rows)
 
     def release(self, seq: Sequence) -> None:
         row = self._rows.pop(seq.seq_id, None)
@@ -126,7 +140,7 @@ class InputBatch:
             cu_t = torch.tensor(cu, dtype=torch.int32)
             ctx_t = torch.tensor(ctx_p, dtype=torch.int32)
         else:  # decode only (most steps): no concatenations, the empty prefill tensors reused
-            input_ids = torch.tensor(ids_d, dtype=torch.int64)
+            input_ids = _int64(ids_d)
             pos_t, slots_t = torch.from_numpy(pos_d), torch.from_numpy(slots_d)
             pre_tables, cu_t, ctx_t = self._no_prefill
         inputs = StepInputs(
@@ -139,7 +153,7 @@ class InputBatch:
             prefill_block_tables=pre_tables,
             prefill_cu_seqlens_q=cu_t,
             prefill_context_lens=ctx_t,
-            logits_indices=torch.tensor(logits, dtype=torch.int64),
+            logits_indices=self._logits_indices(logits),
             blocks_to_copy=out.blocks_to_copy,
         )
         return inputs, sampling

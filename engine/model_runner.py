@@ -116,7 +116,7 @@ class ModelRunner:
         dev = self.device
 
         def to(t: torch.Tensor) -> torch.Tensor:
-            return t.to(dev, non_blocking=True)
+            return t if dev.type == "cpu" else t.to(dev, non_blocking=True)
 
         return StepContext(
             num_tokens=inputs.input_ids.shape[0],

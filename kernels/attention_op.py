@@ -6,6 +6,10 @@ batch's contexts (slot mapping, block tables, context lengths, the KV caches) co
 step context the model runner sets around each forward (`step_context`), as vLLM's forward
 context does. T may include padding rows past `num_tokens`: their K/V are not written and
 their output rows are zeros.
+
+The op's kernel is `attend` (Triton on CUDA, torch on CPU) unless `kernels.cpu_attention` has
+been loaded: then CPU calls run its C++ kernel (one call per layer for the whole step) and
+`step_context` hands that kernel the step's layout. The eager model calls `attend` directly.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kernels import ops, reference
+from kernels import cpu_attention, ops, reference
 
 
 @dataclass
@@ -39,14 +43,44 @@ class StepContext:
 _CONTEXT: StepContext | None = None
 
 
+def _on_cpu(ctx: StepContext) -> bool:
+    return ctx.slot_mapping.device.type == "cpu"
+
+
+def _set_cpu_step(ctx: StepContext | None) -> None:
+    """Hand the step's layout to the C++ CPU kernel (`kernels.cpu_attention`), once per step."""
+    if ctx is None:
+        torch.ops.skybroker_cpu.clear_step()
+        return
+    k_caches = [k for k, _ in ctx.kv_caches]
+    v_caches = [v for _, v in ctx.kv_caches]
+    torch.ops.skybroker_cpu.set_step(
+        ctx.num_tokens,
+        ctx.num_decode_tokens,
+        ctx.slot_mapping,
+        ctx.decode_block_tables,
+        ctx.decode_context_lens,
+        ctx.prefill_block_tables,
+        ctx.prefill_cu_seqlens_q,
+        ctx.prefill_context_lens,
+        k_caches,
+        v_caches,
+    )
+
+
 @contextlib.contextmanager
 def step_context(ctx: StepContext) -> Iterator[None]:
     global _CONTEXT
     prev, _CONTEXT = _CONTEXT, ctx
+    cpu = cpu_attention.is_loaded() and _on_cpu(ctx)
+    if cpu:
+        _set_cpu_step(ctx)
     try:
         yield
     finally:
         _CONTEXT = prev
+        if cpu:
+            _set_cpu_step(prev if prev is not None and _on_cpu(prev) else None)
 
 
 def attend(

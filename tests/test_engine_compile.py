@@ -12,6 +12,7 @@ import torch
 
 from engine import EngineArgs, SamplingParams
 from engine.compiled_step import capture_sizes
+from kernels import cpu_attention
 from tests.test_engine import PROMPTS, hf_greedy, make_llm
 
 SYSTEM = "the quick dog and the slow cat see a red star in the blue sky "
@@ -35,6 +36,9 @@ def test_compile_defaults_off_on_cpu_on_for_cuda(tiny_llama_dir: Path) -> None:
         torch.device("cuda")
     )
     assert make_llm(tiny_llama_dir).llm_engine.runner.compiled is None
+    assert args.cpp_wrapper(torch.device("cpu")) and not args.cpp_wrapper(torch.device("cuda"))
+    no_cpp = EngineArgs(model=str(tiny_llama_dir), compile_cpp_wrapper=False)
+    assert not no_cpp.cpp_wrapper(torch.device("cpu"))
 
 
 def test_compile_failure_falls_back_to_eager_with_one_warning(
@@ -71,17 +75,36 @@ def test_deferred_text_equals_streamed_text(tiny_llama_dir: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_mistral_dir"])
+@pytest.mark.parametrize(
+    ("fixture", "cpp_wrapper"),
+    [
+        ("tiny_llama_dir", None),  # the CPU default: inductor's C++ wrapper
+        ("tiny_qwen2_dir", None),
+        ("tiny_mistral_dir", None),
+        ("tiny_llama_dir", False),  # the Python wrapper (the CUDA default)
+    ],
+)
 def test_compiled_equals_eager_and_transformers(
-    fixture: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    fixture: str,
+    cpp_wrapper: bool | None,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """One compiled engine per model, small enough to preempt, with prefix caching and a
-    16-token budget (so the longer prompts prefill in chunks)."""
+    16-token budget (so the longer prompts prefill in chunks); attention runs the C++ kernel,
+    the eager engine the torch path."""
     model_dir: Path = request.getfixturevalue(fixture)
     kw = dict(num_kv_blocks=48, max_model_len=96, max_num_batched_tokens=16)
     cache = str(tmp_path_factory.mktemp("compile-cache"))
-    compiled = make_llm(model_dir, enforce_eager=False, compile_cache_dir=cache, **kw)
+    compiled = make_llm(
+        model_dir,
+        enforce_eager=False,
+        compile_cache_dir=cache,
+        compile_cpp_wrapper=cpp_wrapper,
+        **kw,
+    )
     assert compiled.llm_engine.runner.compiled is not None
+    assert cpu_attention.is_loaded()  # the compiled step's attention is the C++ kernel
     eager = make_llm(model_dir, enforce_eager=True, **kw)
     prompts = [SYSTEM + p for p in PROMPTS] * 2 + PROMPTS
     params = SamplingParams(temperature=0, max_tokens=24, min_tokens=24)
