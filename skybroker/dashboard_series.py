@@ -107,33 +107,36 @@ class Sample:
     engines: dict[str, EngineScrape]  # engine name -> its scrape (absent: did not answer)
 
 
-def engine_urls(replicas: list[Any]) -> dict[str, str]:
-    """Engine name -> base URL of the replicas that run one (data parallel: `name/i`, as the
-    router names them)."""
+def engines_of(replicas: list[Any]) -> dict[str, tuple[str, Any]]:
+    """Engine name -> (base URL, replica) of the replicas that run one (data parallel:
+    `name/i`, as the router names them)."""
     out = {}
     for rep in replicas:
         if not rep.url:
             continue
-        urls = (rep.handle or {}).get("info", {}).get("urls") or [rep.url]
-        for i, url in enumerate(urls):
-            out[rep.name if i == 0 else f"{rep.name}/{i}"] = url.rstrip("/")
+        for i, url in enumerate(rep.engine_urls):
+            out[rep.name if i == 0 else f"{rep.name}/{i}"] = (url.rstrip("/"), rep)
     return out
 
 
-async def scrape_engines(urls: dict[str, str], key: str | None) -> dict[str, EngineScrape]:
-    """Every engine's /metrics at once; one that does not answer 200 is left out."""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    async with httpx.AsyncClient(timeout=SCRAPE_TIMEOUT_S, headers=headers) as http:
+async def scrape_engines(engines: dict[str, tuple[str, Any]]) -> dict[str, EngineScrape]:
+    """Every engine's /metrics at once, each with its replica's key over its pinned
+    certificate (`replica_auth`); one that does not answer 200 is left out."""
+    from skybroker.replica_auth import replica_auth
 
-        async def one(url: str) -> EngineScrape | None:
-            try:
+    async def one(url: str, rep: Any) -> EngineScrape | None:
+        auth = replica_auth(rep)
+        try:
+            async with httpx.AsyncClient(
+                timeout=SCRAPE_TIMEOUT_S, headers=auth.headers, verify=auth.verify()
+            ) as http:
                 r = await http.get(f"{url}/metrics")
-            except httpx.HTTPError:
-                return None
-            return parse_metrics(r.text) if r.status_code == 200 else None
+        except httpx.HTTPError:
+            return None
+        return parse_metrics(r.text) if r.status_code == 200 else None
 
-        got = await asyncio.gather(*(one(u) for u in urls.values()))
-    return {name: s for name, s in zip(urls, got, strict=True) if s is not None}
+    got = await asyncio.gather(*(one(url, rep) for url, rep in engines.values()))
+    return {name: s for name, s in zip(engines, got, strict=True) if s is not None}
 
 
 class Series:
@@ -201,12 +204,11 @@ async def take_sample(controller: Any, name: str) -> Sample:
     """Read the router and the engines of deployment `name` now."""
     from fastapi.concurrency import run_in_threadpool
 
-    from skybroker.keys import replica_api_key
     from skybroker.state import ReplicaStatus
 
     reps = await run_in_threadpool(controller.replicas, name)  # the store may be remote
     running = [r for r in reps if r.status in (ReplicaStatus.READY, ReplicaStatus.NOT_READY,
                                                ReplicaStatus.DRAINING)]  # fmt: skip
     load = await run_in_threadpool(controller.routers.load, name, WINDOW_S)
-    engines = await scrape_engines(engine_urls(running), replica_api_key(name))
+    engines = await scrape_engines(engines_of(running))
     return Sample(time.time(), load, engines)

@@ -18,7 +18,7 @@ import httpx
 
 from skybroker.keys import replica_api_key
 from skybroker.state import Replica
-from skybroker.tls import fingerprint, pinned_context
+from skybroker.tls import default_context, fingerprint, pinned_context
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class ReplicaAuth:
 
     def verify(self) -> ssl.SSLContext | bool:
         """httpx's `verify`: the pinned certificate, or the default for plain HTTP."""
-        return pinned_context(self.tls_cert) if self.tls_cert else True
+        return pinned_context(self.tls_cert) if self.tls_cert else default_context()
 
     @property
     def pin(self) -> str | None:

@@ -44,8 +44,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from skybroker.keys import same_key
-from skybroker.router_load import KEEP_S, LoadCounter, engine_gauges, tls_context
-from skybroker.tls import fingerprint, pinned_context
+from skybroker.router_load import KEEP_S, LoadCounter, engine_gauges
+from skybroker.tls import default_context, fingerprint, pinned_context
 
 API_KEY_ENV = "SKYBROKER_ROUTER_API_KEY"  # clients' key (the deployment's endpoint key)
 ADMIN_KEY_ENV = "SKYBROKER_ROUTER_ADMIN_KEY"  # the controller's key for /router/*
@@ -228,7 +228,7 @@ class Router:
                     clients.append(await self._client_for(t))
                     continue
                 # an in-process router nobody serves (a fresh default context costs ~0.4 s)
-                verify = pinned_context(t.tls_cert) if t.tls_cert else tls_context()
+                verify = pinned_context(t.tls_cert) if t.tls_cert else default_context()
                 clients.append(await stack.enter_async_context(httpx.AsyncClient(verify=verify)))
             got = await asyncio.gather(
                 *(scrape(c, t) for c, t in zip(clients, targets, strict=True))

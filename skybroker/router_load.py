@@ -5,9 +5,7 @@ sliding window (`LoadCounter`), and the engine gauges it reads from each replica
 
 from __future__ import annotations
 
-import functools
 import re
-import ssl
 import threading
 import time
 from collections import deque
@@ -86,9 +84,3 @@ def engine_gauges(text: str) -> dict[str, float]:
         elif key is not None:
             out[key] = out.get(key, 0.0) + v
     return out
-
-
-@functools.cache
-def tls_context() -> ssl.SSLContext:
-    """One default TLS context for scrapes outside a served router (a fresh one costs ~0.4 s)."""
-    return ssl.create_default_context()

@@ -12,6 +12,7 @@ Making certificates needs `cryptography` (the `cloud` extra); pinning needs only
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import ssl
 from dataclasses import dataclass
@@ -87,3 +88,10 @@ def pinned_context(cert_pem: str) -> ssl.SSLContext:
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata=cert_pem)
     return ctx
+
+
+@functools.cache
+def default_context() -> ssl.SSLContext:
+    """The system's default TLS context, made once (a fresh one costs ~0.4 s of CPU): what
+    clients of plain-HTTP replicas pass as `verify` so httpx does not build one each time."""
+    return ssl.create_default_context()
