@@ -28,6 +28,9 @@ def is_loaded() -> bool:
     return _loaded is not None
 
 
+_BUILD = 2  # the build's recipe: a change rebuilds cached libraries
+
+
 def _compiler() -> str:
     cxx = os.environ.get("CXX") or "g++"
     path = shutil.which(cxx)
@@ -36,25 +39,29 @@ def _compiler() -> str:
     return path
 
 
-def _command(cxx: str, src: Path, out: Path) -> list[str]:
+def _commands(cxx: str, src: Path, out: Path) -> list[list[str]]:
+    """Compile, then link. -ffast-math (reductions and exp vectorised; scores are finite:
+    softmax subtracts the max) is given to the compile only: linked with it, gcc adds
+    crtfastmath.o, whose constructor sets flush-to-zero for the whole process when the
+    library loads, and tiny floats everywhere else would read as 0."""
     from torch.utils.cpp_extension import include_paths, library_paths
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    # fast-math: reductions and exp vectorised (scores are finite: softmax subtracts the max)
-    cmd = [cxx, "-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17"]
-    cmd += ["-shared", "-fPIC", "-w"]
-    cmd += [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", str(src), "-o", str(out)]
-    cmd += [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    obj = out.with_suffix(".o")
+    compile_ = [cxx, "-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17"]
+    compile_ += ["-c", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", str(src), "-o", str(obj)]
+    compile_ += [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    link = [cxx, "-shared", str(obj), "-o", str(out)]
     for p in library_paths():
-        cmd += [f"-L{p}", f"-Wl,-rpath,{p}"]
-    return [*cmd, "-lc10", "-ltorch_cpu", "-ltorch"]
+        link += [f"-L{p}", f"-Wl,-rpath,{p}"]
+    return [compile_, [*link, "-lc10", "-ltorch_cpu", "-ltorch"]]
 
 
 def library_path(cache_dir: str | os.PathLike) -> Path:
     """Where the compiled library for this source, torch and compiler lives under `cache_dir`."""
     cxx = _compiler()
     key = hashlib.sha256(
-        SOURCE.read_bytes() + f"{torch.__version__}|{cxx}|{sys.version}".encode()
+        SOURCE.read_bytes() + f"{torch.__version__}|{cxx}|{sys.version}|{_BUILD}".encode()
     ).hexdigest()[:16]
     return Path(cache_dir) / f"skybroker_cpu_attention-{key}.so"
 
@@ -74,11 +81,12 @@ def load(cache_dir: str | os.PathLike) -> float:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
             part = Path(tmp) / so.name
-            res = subprocess.run(
-                _command(_compiler(), SOURCE, part), capture_output=True, text=True, check=False
-            )
-            if res.returncode:
-                raise RuntimeError(f"building {SOURCE.name} failed: {res.stderr.strip()[-2000:]}")
+            for cmd in _commands(_compiler(), SOURCE, part):
+                res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if res.returncode:
+                    raise RuntimeError(
+                        f"building {SOURCE.name} failed: {res.stderr.strip()[-2000:]}"
+                    )
             os.replace(part, so)  # atomic: a concurrent build loads one whole library
         seconds = time.perf_counter() - t0
     torch.ops.load_library(str(so))

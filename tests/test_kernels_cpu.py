@@ -113,3 +113,12 @@ def test_library_is_cached_by_source_and_torch(tmp_path: Path) -> None:
     assert path.parent == tmp_path and path.name.startswith("skybroker_cpu_attention-")
     assert path == cpu_attention.library_path(tmp_path)
     assert cpu_attention.is_loaded()
+
+
+def test_loading_the_kernel_keeps_subnormal_floats() -> None:
+    """The library is linked without crtfastmath.o: loading it must not set flush-to-zero for
+    the whole process (tiny floats in requests would read as 0)."""
+    tiny = float("5e-324")
+    assert cpu_attention.is_loaded()
+    assert tiny * 1.0 > 0.0
+    assert torch.tensor([1e-40], dtype=torch.float32).mul(1.0).item() > 0.0
