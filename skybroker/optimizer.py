@@ -44,7 +44,16 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from skybroker.milp import Lp, Result, has_highspy, run_highs, run_pulp
-from skybroker.prune import Reduction, far_dominators, far_prune, max_load, prune, share_caps
+from skybroker.prune import (
+    Features,
+    Reduction,
+    far_dominators,
+    far_prune,
+    features,
+    max_load,
+    prune,
+    share_caps,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,12 +420,13 @@ def solve(p: Problem, *, time_limit: float = 20.0, gap_rel: float = 1e-4, solver
     opts = options or Options(time_limit, gap_rel, solver, split=split)
     t0 = time.perf_counter()
     stats = Reduction()
-    idx = prune(p, stats, multi_copy=opts.multi_copy)
+    feats = features(p, opts.multi_copy)
+    idx = prune(p, stats, multi_copy=opts.multi_copy, f=feats)
     prune_s = time.perf_counter() - t0
     far_s = 0.0
     if opts.far_prune and p.max_region_share < 1:
         t1 = time.perf_counter()
-        idx, far_s = _far_prune(p, idx, opts)
+        idx, far_s = _far_prune(p, idx, opts, feats if opts.multi_copy else None)
         prune_s += time.perf_counter() - t1 - far_s
         stats.far = len(idx)
     total = p.total_demand
@@ -440,11 +450,12 @@ def solve(p: Problem, *, time_limit: float = 20.0, gap_rel: float = 1e-4, solver
     )
 
 
-def _far_prune(p: Problem, idx: list[int], opts: Options) -> tuple[list[int], float]:
+def _far_prune(p: Problem, idx: list[int], opts: Options,
+               feats: Features | None = None) -> tuple[list[int], float]:  # fmt: skip
     """`idx` after `far_prune`, and the seconds spent finding its upper bound: the warm
     start's placement (`_warm_start`) on the offerings with dominators at few other
     locations, tried on wider sets while it finds none."""
-    counts = far_dominators(p, idx)
+    counts = far_dominators(p, idx, f=feats)
     fewest = math.ceil(1 / p.max_region_share - 1e-9)  # locations any placement uses
     t0 = time.perf_counter()
     sub = replace(opts, time_limit=opts.time_limit / 4)  # (SUPPORT_NODES limits it first)

@@ -92,6 +92,9 @@ class SolverInfo:
     # GPU kinds whose capacities were searched (or cached); the others' offerings were ruled
     # out on upper bounds of their capacity alone
     searched: list[str] = field(default_factory=list)
+    # seconds in every solve of the plan: the capacity searches' LPs and each mix round's
+    # MILP (solve_time_s and build_time_s are the last MILP's)
+    total_solve_time_s: float = 0.0
 
 
 @dataclass
@@ -237,7 +240,8 @@ def make_plan(spec: DeploymentSpec, catalog: Catalog | None = None,
     searched = sorted({k[0] for k, rp in perf.items() if rp and rp.exact})
     plan.solver = SolverInfo(sol.status, sol.solve_time_s, sol.gap, sol.build_time_s,
                              search.perf_s, len(rows), len(problem.offerings), sol.num_offerings,
-                             sol.num_components, sol.solver, searched)  # fmt: skip
+                             sol.num_components, sol.solver, searched,
+                             search.solve_s)  # fmt: skip
     return plan
 
 

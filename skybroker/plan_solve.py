@@ -65,6 +65,7 @@ class Search:
     perf: dict[ConfigKey, ReplicaPerf | None]
     time_limit: float = 20.0
     perf_s: float = 0.0  # seconds in capacity searches and mix simulations
+    solve_s: float = 0.0  # seconds in every solve (LP and MILP, prune and build included)
     log: list[str] = field(default_factory=list)
     _full: tuple | None = None  # the last view before `only`: (key, (problem, meta))
 
@@ -108,7 +109,9 @@ class Search:
         the last word."""
         while True:
             p, m = self.view(scale, only)
+            t = time.perf_counter()
             sol = solve(p, options=Options(time_limit=self.time_limit, relaxation=relax))
+            self.solve_s += time.perf_counter() - t
             todo = {m.perf[i].config for i in sol.counts if not m.perf[i].exact}
             if todo:
                 self.refine(todo)

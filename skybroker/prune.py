@@ -79,7 +79,13 @@ def max_load(mu: np.ndarray, rd: np.ndarray, cap: np.ndarray | None = None) -> n
     return (y * inv).sum(-1)
 
 
-def prune(p: Problem, stats: Reduction | None = None, *, multi_copy: bool = True) -> list[int]:
+def prune(
+    p: Problem,
+    stats: Reduction | None = None,
+    *,
+    multi_copy: bool = True,
+    f: Features | None = None,
+) -> list[int]:
     """Indices of offerings that some optimal placement may use; all others are dropped.
 
     An offering A is dropped when another one B of the same constraint group (market, cloud,
@@ -96,7 +102,7 @@ def prune(p: Problem, stats: Reduction | None = None, *, multi_copy: bool = True
     An offering that could serve all the demand it reaches with one replica ("saturated")
     counts as having unlimited capacity in steps 1-2: one copy of it replaces any A.
     """
-    f = _features(p, multi_copy)
+    f = f if f is not None else features(p, multi_copy)
     stats = stats if stats is not None else Reduction()
     loc, reach, rd, mu, cap, negeg, price = f.loc, f.reach, f.rd, f.mu, f.cap, f.negeg, f.price
     useful, no = f.useful, len(p.offerings)
@@ -168,7 +174,7 @@ def _multi_copy(price: np.ndarray, ix: np.ndarray, mu: np.ndarray, rd: np.ndarra
 
 
 @dataclass(slots=True)
-class _Features:
+class Features:
     loc: np.ndarray  # location code
     reach: np.ndarray  # [O, U] bool
     rd: np.ndarray  # [O, B] the most req/s of each class it can be given (reach, shares)
@@ -180,7 +186,8 @@ class _Features:
     group: np.ndarray  # [O, 3] codes: spot, cloud (where their share is active), max_count
 
 
-def _features(p: Problem, multi_copy: bool = True) -> _Features:
+def features(p: Problem, multi_copy: bool = True) -> Features:
+    """Per offering what pruning compares (`prune` and `far_dominators` share one)."""
     loc, reach, rd, mu, egress = _arrays(p)
     share = share_caps(p)
     rd = np.minimum(rd, share[:, None])
@@ -197,10 +204,12 @@ def _features(p: Problem, multi_copy: bool = True) -> _Features:
         group[:, 1] = [clouds.setdefault(o.cloud, len(clouds)) for o in offs]
     group[:, 2] = [i + 1 if o.max_count is not None else 0 for i, o in enumerate(offs)]
     price = np.array([o.price for o in offs], dtype=float)
-    return _Features(loc, reach, rd, mu, cap, negeg, price, serve.any(1), group)
+    return Features(loc, reach, rd, mu, cap, negeg, price, serve.any(1), group)
 
 
-def far_dominators(p: Problem, idx: list[int], chunk: int = 1024) -> np.ndarray:
+def far_dominators(
+    p: Problem, idx: list[int], chunk: int = 1024, f: Features | None = None
+) -> np.ndarray:
     """Per offering of `idx`: at how many other locations an offering of `idx` dominates it
     (same market/cloud group, no max_count, earlier in (price, index) order, at least its
     capacity on every class, no higher egress, reaching every user it reaches).
@@ -210,27 +219,30 @@ def far_dominators(p: Problem, idx: list[int], chunk: int = 1024) -> np.ndarray:
     sits where the placement has nothing; A's replicas and traffic move onto as many B's
     there (that location then carries A's traffic, within the share as A's location was),
     feasible and no dearer."""
-    f = _features(p)
+    f = f if f is not None else features(p)
     ix = np.array(idx, dtype=int)
     if len(ix) == 0:
         return np.zeros(0, dtype=int)
+    _, code = np.unique(f.loc[ix], return_inverse=True)
+    by_loc = np.argsort(code, kind="stable")  # B's grouped by location, for reduceat
+    starts = np.flatnonzero(np.r_[True, np.diff(code[by_loc]) != 0])
     feat = np.hstack([f.cap[ix], f.negeg[ix], f.reach[ix].astype(float)])
     rank = np.empty(len(ix), dtype=int)
     rank[np.lexsort((ix, f.price[ix]))] = np.arange(len(ix))
     grp = f.group[ix]
     free = grp[:, 2] == 0
-    _, code = np.unique(f.loc[ix], return_inverse=True)
-    by_loc = np.argsort(code, kind="stable")  # B's grouped by location, for reduceat
-    starts = np.flatnonzero(np.r_[True, np.diff(code[by_loc]) != 0])
+    # the B side in location order once (no [A, B] copy per chunk), one row per feature
+    feat_b, rank_b = np.ascontiguousarray(feat[by_loc].T), rank[by_loc]
+    grp_b, free_b = np.ascontiguousarray(grp[by_loc].T), free[by_loc]
     out = np.zeros(len(ix), dtype=int)
     for a0 in range(0, len(ix), chunk):
         a = slice(a0, a0 + chunk)
-        dom = (rank[None, :] < rank[a, None]) & free[None, :]  # [A, B]
+        dom = (rank_b[None, :] < rank[a, None]) & free_b[None, :]  # [A, B]
         for k in range(2):
-            dom &= grp[None, :, k] == grp[a, None, k]
+            dom &= grp_b[k][None, :] == grp[a, None, k]
         for k in range(feat.shape[1]):  # one feature at a time: no [A, B, F] temporary
-            dom &= feat[None, :, k] >= feat[a, None, k]
-        at = np.logical_or.reduceat(dom[:, by_loc], starts, axis=1)  # [A, location]
+            dom &= feat_b[k][None, :] >= feat[a, None, k]
+        at = np.logical_or.reduceat(dom, starts, axis=1)  # [A, location]
         at[np.arange(at.shape[0]), code[a]] = False
         out[a] = at.sum(1)
     return out
