@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from skybroker.api import create_app
 from skybroker.catalog import load_catalog
 from skybroker.controller import Controller
-from skybroker.state import Store
+from tests.broker_servers import controller_at
 
 TOKEN = "t0ken-for-tests"
 TINY_CONFIG = {
@@ -33,14 +33,8 @@ def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Controller]
     tmp = tmp_path_factory.mktemp("api")
     (tmp / "models" / "tiny-llama").mkdir(parents=True)  # `tiny-llama` resolves to it
     (tmp / "models" / "tiny-llama" / "config.json").write_text(json.dumps(TINY_CONFIG))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SKYBROKER_HOME", str(tmp / "home"))
-        mp.setenv("SKYBROKER_MODEL_DIRS", str(tmp / "models"))
-        store = Store(f"sqlite:///{tmp / 'state.db'}")
-        c = Controller(store)
+    with controller_at(tmp, env={"SKYBROKER_MODEL_DIRS": str(tmp / "models")}) as c:
         yield c
-        c.close()
-        store.close()
 
 
 @pytest.fixture(scope="module")

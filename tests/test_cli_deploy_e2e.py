@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,15 +18,14 @@ if importlib.util.find_spec("engine.llm_engine") is None:  # the engine is anoth
     pytest.skip("the engine (engine.llm_engine) is not in this tree", allow_module_level=True)
 
 import openai
-import uvicorn
 import yaml
 from typer.testing import CliRunner
 
 from skybroker.api import create_app
 from skybroker.cli import app
-from skybroker.controller import Controller, ProbeConfig
+from skybroker.controller import Controller
 from skybroker.provision.local import process_start_time
-from skybroker.state import Store
+from tests.broker_servers import reconciling_controller_at, served
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -38,37 +34,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 def broker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_llama_dir: Path
 ) -> Iterator[tuple[str, Controller]]:
-    monkeypatch.setenv("SKYBROKER_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("SKYBROKER_API_TOKEN", raising=False)
-    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
-    controller = Controller(store, probe=ProbeConfig(timeout_s=2))
-    stop = threading.Event()
-    loop = threading.Thread(target=controller.run, args=(stop, 0.1), daemon=True)
-    loop.start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(
-        uvicorn.Config(  # the model dir is the one directory API specs may name files in
-            create_app(controller, allowed_paths=[tiny_llama_dir]),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-        )
-    )
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", controller
-    srv.should_exit = True
-    thread.join(timeout=10)
-    stop.set()
-    loop.join(timeout=30)
-    for dep in controller.list():  # a failed test must not leave engines running
-        controller.delete(dep.name)
-    controller.close()
-    store.close()
+    with (
+        reconciling_controller_at(tmp_path, 0.1) as controller,
+        # the model dir is the one directory API specs may name files in
+        served(create_app(controller, allowed_paths=[tiny_llama_dir])) as url,
+    ):
+        yield url, controller
 
 
 def test_launch_chat_status_logs_down(

@@ -22,7 +22,7 @@ from skybroker.dashboard_series import (
     histogram_quantile,
     parse_metrics,
 )
-from skybroker.state import Store
+from tests.broker_servers import controller_at
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "dash-t0ken"
@@ -30,14 +30,8 @@ TOKEN = "dash-t0ken"
 
 @pytest.fixture(scope="module")
 def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Controller]:
-    tmp = tmp_path_factory.mktemp("dash")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SKYBROKER_HOME", str(tmp / "home"))
-        store = Store(f"sqlite:///{tmp / 'state.db'}")
-        c = Controller(store)
+    with controller_at(tmp_path_factory.mktemp("dash")) as c:
         yield c
-        c.close()
-        store.close()
 
 
 @pytest.fixture(scope="module")

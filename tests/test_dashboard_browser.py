@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -21,14 +20,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 if importlib.util.find_spec("engine.llm_engine") is None:
     pytest.skip("the engine (engine.llm_engine) is not in this tree", allow_module_level=True)
 
 from skybroker.api import create_app
-from skybroker.controller import Controller, ProbeConfig
-from skybroker.state import Store
+from skybroker.controller import Controller
+from tests.broker_servers import reconciling_controller_at, served
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -61,43 +59,17 @@ def browser() -> Iterator:
     driver.quit()
 
 
-def _serve(app) -> tuple[str, uvicorn.Server, threading.Thread]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", srv, thread
-
-
 @pytest.fixture(scope="module")
 def broker(
     tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path
 ) -> Iterator[tuple[str, str, Controller]]:
     """(URL of an open broker, URL of one wanting TOKEN, the controller behind both)."""
-    tmp = tmp_path_factory.mktemp("dashboard")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SKYBROKER_HOME", str(tmp / "home"))
-        store = Store(f"sqlite:///{tmp / 'state.db'}")
-        controller = Controller(store, probe=ProbeConfig(timeout_s=2))
-        stop = threading.Event()
-        loop = threading.Thread(target=controller.run, args=(stop, 0.2), daemon=True)
-        loop.start()
-        open_url, open_srv, t1 = _serve(create_app(controller, allowed_paths=[tiny_llama_dir]))
-        locked_url, locked_srv, t2 = _serve(create_app(controller, token=TOKEN))
+    with (
+        reconciling_controller_at(tmp_path_factory.mktemp("dashboard"), 0.2) as controller,
+        served(create_app(controller, allowed_paths=[tiny_llama_dir])) as open_url,
+        served(create_app(controller, token=TOKEN)) as locked_url,
+    ):
         yield open_url, locked_url, controller
-        for srv, t in ((open_srv, t1), (locked_srv, t2)):
-            srv.should_exit = True
-            t.join(timeout=10)
-        stop.set()
-        loop.join(timeout=30)
-        for dep in controller.list():  # a failed test must not leave engines running
-            controller.delete(dep.name)
-        controller.close()
-        store.close()
 
 
 def _console_errors(driver) -> list[str]:

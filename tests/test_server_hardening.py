@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,9 +23,9 @@ import pytest
 from engine.config import EngineArgs
 from engine.llm_engine import LLMEngine
 from engine.serve import build_app, main, parse_args
+from tests.engine_process import free_port, start_engine, wait_healthy
 from tests.raw_http import read_response
 from tests.test_server import ENGINE_KW, MODEL, _serve
-from tests.test_server_process import ROOT, _free_port
 
 KEY = "hardening-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -54,28 +52,18 @@ class Proc:
 def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
     tmp = tmp_path_factory.mktemp("hardening")
     (tmp / "key").write_text(KEY + "\n")
-    port = _free_port()
+    port = free_port()
     log = tmp / "server.log"
-    cmd = [sys.executable, "-m", "engine.serve", "--model", str(tiny_llama_dir),
-           "--port", str(port), "--max-model-len", "256", "--kv-cache-gib", "0.05",
-           "--served-model-name", MODEL]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SKYBROKER_API_KEY_FILE": str(tmp / "key")}
-    env.pop("SKYBROKER_API_KEY", None)
     with log.open("w") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True
-        )
+        proc = start_engine(
+            "--model", str(tiny_llama_dir), "--port", str(port), "--max-model-len", "256",
+            "--kv-cache-gib", "0.05", "--served-model-name", MODEL,
+            env={"SKYBROKER_API_KEY_FILE": str(tmp / "key")}, unset=("SKYBROKER_API_KEY",),
+            stdout=out,
+        )  # fmt: skip
     srv = Proc(f"http://127.0.0.1:{port}", log, proc)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, srv.log_text()
-            try:
-                if httpx.get(f"{srv.url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(proc, srv.url, log=log)
         yield srv
     finally:
         proc.terminate()

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,21 +13,7 @@ import httpx
 import openai
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "engine.serve", *args],
-        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+from tests.engine_process import free_port, start_engine, wait_healthy
 
 
 def test_bad_flag_fails_before_serving(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -44,23 +26,15 @@ def test_bad_flag_fails_before_serving(tmp_path: Path, capsys: pytest.CaptureFix
 
 @pytest.mark.slow
 def test_process_serves_and_drains_on_sigterm(tiny_llama_dir: Path) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _serve(
+    proc = start_engine(
         "--model", str(tiny_llama_dir), "--port", str(port), "--max-model-len", "256",
         "--kv-cache-gib", "0.05", "--served-model-name", "tiny", "--shutdown-timeout", "20",
         env={"SKYBROKER_API_KEY": "k3y"},
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(proc, url)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0)
         r = client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4

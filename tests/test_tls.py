@@ -14,7 +14,6 @@ import base64
 import os
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -38,9 +37,9 @@ from skybroker.replica_auth import replica_auth, replica_client
 from skybroker.router import ReplicaTarget, Router, RouterServer
 from skybroker.state import Replica, ReplicaStatus, Store
 from skybroker.tls import CertPair, fingerprint, pinned_context, self_signed
+from tests.engine_process import start_engine, wait_healthy
 from tests.skypilot_env import replica_spec
 from tests.test_provision_skypilot import sky  # noqa: F401  (the fixture)
-from tests.test_server_process import ROOT
 
 pytestmark = pytest.mark.timeout(300)
 MODEL = "tiny"
@@ -52,7 +51,7 @@ class TLSEngine:
     url: str
     pair: CertPair
     rep: Replica  # the replica row the engine is, its certificate in the handle
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[str]
 
 
 def _write(path: Path, text: str, mode: int = 0o600) -> Path:
@@ -82,28 +81,17 @@ def engine(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         url = f"https://127.0.0.1:{port}"
         rep = _replica("tls-1", url, pair.cert_pem)
         key = _write(tmp / "api-key", replica_api_key(rep.name, rep.created_at))
-        cmd = [sys.executable, "-m", "engine.serve", "--model", str(tiny_llama_dir),
-               "--port", str(port), "--max-model-len", "256", "--kv-cache-gib", "0.05",
-               "--served-model-name", MODEL, "--api-key-file", str(key),
-               "--ssl-certfile", str(_write(tmp / "cert.pem", pair.cert_pem, 0o644)),
-               "--ssl-keyfile", str(_write(tmp / "key.pem", pair.key_pem))]  # fmt: skip
         log = tmp / "engine.log"
-        with log.open("wb") as out:
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        with log.open("w") as out:
+            proc = start_engine(
+                "--model", str(tiny_llama_dir), "--port", str(port), "--max-model-len", "256",
+                "--kv-cache-gib", "0.05", "--served-model-name", MODEL, "--api-key-file", str(key),
+                "--ssl-certfile", str(_write(tmp / "cert.pem", pair.cert_pem, 0o644)),
+                "--ssl-keyfile", str(_write(tmp / "key.pem", pair.key_pem)), stdout=out,
+            )  # fmt: skip
         srv = TLSEngine(url, pair, rep, proc)
         try:
-            deadline = time.monotonic() + 240
-            verify = pinned_context(pair.cert_pem)
-            while True:
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, log.read_text()
-                try:
-                    if httpx.get(url + "/health", verify=verify, timeout=5).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
+            wait_healthy(proc, url, 240, verify=pinned_context(pair.cert_pem), log=log)
             yield srv
         finally:
             proc.terminate()

@@ -5,7 +5,6 @@ grammar; an "auto" call is written by a regex-constrained output in Hermes' form
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 from engine.config import EngineArgs
 from engine.llm_engine import LLMEngine
 from engine.server.tool_calls import ToolStreamer, parse, parse_hermes, parse_llama3_json
+from tests.engine_process import free_port, start_engine, wait_healthy
 from tests.test_server import MODEL, ServerThread, _serve
 
 KW = dict(max_model_len=512, num_kv_blocks=200, block_size=16, max_num_seqs=8)
@@ -237,26 +237,15 @@ def test_auto_needs_the_server_flags(tiny_llama_dir: Path) -> None:
 def test_engine_process_with_the_parser_flags(tiny_llama_dir: Path) -> None:
     """`python -m engine.serve` with the engine in its own process: grammars travel in the
     pickled SamplingParams, the flags enable auto."""
-    from tests.test_server_process import _free_port
-    from tests.test_server_process import _serve as serve_process
-
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = serve_process(
+    proc = start_engine(
         "--model", str(tiny_llama_dir), "--port", str(port), "--max-model-len", "512",
         "--kv-cache-gib", "0.05", "--served-model-name", MODEL,
         "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(proc, url)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         r = _create(client, extra_body={"guided_regex": r"I will check\. " + HERMES_CALL})
         assert r.choices[0].finish_reason == "tool_calls"
