@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from skybroker.provision import ReplicaSpec
 from skybroker.provision.local import free_port
@@ -39,6 +40,16 @@ AMI = "ami-1e749f67"
 AWS_REGION, AWS_ZONE_ID = "us-east-1", "use1-az1"  # moto maps the zone id to us-east-1b
 RUNPOD_KEY = "rp_test_key"
 PROFILE = "skybroker-test-profile"  # the instance profile replicas get (aws.remote_identity)
+
+
+def hide_skypilot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make SkyPilot read as not installed until `monkeypatch` undoes it: `sky` and every
+    `sky.*` module are None in sys.modules. Hiding `sky` alone is not enough once a test in
+    the same process imported SkyPilot: `from sky.client import sdk` then finds the cached
+    `sky.client` and never looks at `sky`."""
+    loaded = [name for name in sys.modules if name.startswith("sky.")]
+    for name in ["sky", "sky.client", *loaded]:
+        monkeypatch.setitem(sys.modules, name, None)
 
 
 def replica_spec(**kw: Any) -> ReplicaSpec:

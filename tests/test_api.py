@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 
 import pytest
@@ -14,6 +13,7 @@ from skybroker.api import create_app
 from skybroker.catalog import load_catalog
 from skybroker.controller import Controller
 from tests.broker_servers import controller_at
+from tests.skypilot_env import hide_skypilot
 
 TOKEN = "t0ken-for-tests"
 TINY_CONFIG = {
@@ -402,7 +402,7 @@ def test_unusable_provisioner_is_502_naming_the_fix_and_records_nothing(
     client: TestClient, controller: Controller, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """infra skypilot without SkyPilot installed: nothing is written, the error says how."""
-    monkeypatch.setitem(sys.modules, "sky", None)
+    hide_skypilot(monkeypatch)
     monkeypatch.delitem(controller.provisioners, "skypilot", raising=False)
     spec = {**TINY, "constraints": {"clouds": ["aws"], "gpus": ["T4"]}}
     r = client.post("/v1/deployments", params={"infra": "skypilot"}, json=spec)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import sys
 import tomllib
 import types
 from pathlib import Path
@@ -40,7 +39,7 @@ from skybroker.provision.skypilot import (
     map_sky_error,
     missing_sdk_calls,
 )
-from tests.skypilot_env import ROOT, free_port, replica_spec, seed_catalogs
+from tests.skypilot_env import ROOT, free_port, hide_skypilot, replica_spec, seed_catalogs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 WHEEL = "skybroker-0.1.0-py3-none-any.whl"
@@ -322,8 +321,7 @@ def test_skypilots_exceptions_become_the_brokers(sky) -> None:
 
 
 def test_missing_skypilot_names_the_extra(monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "sky", None)
-    monkeypatch.setitem(sys.modules, "sky.client", None)
+    hide_skypilot(monkeypatch)
     with pytest.raises(MissingExtraError, match=r"pip install 'skybroker\[cloud\]'"):
         Prov().check({"aws"})
     with pytest.raises(MissingExtraError, match=r"pip install 'skybroker\[cloud\]'"):
