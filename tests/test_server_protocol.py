@@ -11,10 +11,10 @@ import pytest
 from pydantic import ValidationError
 
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.server import serving
+from engine.server import streaming
 from engine.server.engine_process import DeltaEncoder, apply_delta
 from engine.server.protocol import ChatCompletionRequest, CompletionRequest, ParamError
-from engine.server.serving import _new_part, _Sent, sse
+from engine.server.streaming import _new_part, _Sent, sse
 
 
 def test_completion_defaults_follow_openai() -> None:
@@ -107,7 +107,7 @@ def test_a_token_with_half_a_character_still_streams_a_chunk(monkeypatch) -> Non
         for out in outs:
             yield 0, out
 
-    monkeypatch.setattr(serving, "merged", merged)
+    monkeypatch.setattr(streaming, "merged", merged)
     sub = SimpleNamespace(request_id="r", created=0, model="m", streams=[None], n=1,
                           continuous_usage=False, include_usage=False)  # fmt: skip
     body = SimpleNamespace(stop_list=lambda: [])
@@ -116,7 +116,7 @@ def test_a_token_with_half_a_character_still_streams_a_chunk(monkeypatch) -> Non
         return f'"choices":[{{"index":{i},"text":{json.dumps(text)}}}]'
 
     async def collect() -> list[str]:
-        return [e async for e in serving._events(None, sub, body, chunk)]
+        return [e async for e in streaming._events(None, sub, body, chunk)]
 
     events = "".join(asyncio.run(collect())).split("\n\n")
     texts = [json.loads(e[6:])["choices"][0]["text"] for e in events if e.startswith("data: {")]
@@ -128,7 +128,7 @@ def _stream_of(monkeypatch, events_of, outs: list[RequestOutput]) -> list[str]:
         for out in outs:
             yield 0, out
 
-    monkeypatch.setattr(serving, "merged", merged)
+    monkeypatch.setattr(streaming, "merged", merged)
 
     async def collect() -> list[str]:
         return [e async for e in events_of()]
@@ -153,7 +153,7 @@ def test_stream_chunks_are_the_json_of_the_openai_objects(monkeypatch) -> None:
         return f"data: {enc({**head, 'choices': choices, 'usage': usage})}\n\n"
 
     body = SimpleNamespace(stop_list=lambda: [], echo=False, logprobs=None)
-    got = _stream_of(monkeypatch, lambda: serving.completion_events(None, sub, body, []), outs)
+    got = _stream_of(monkeypatch, lambda: streaming.completion_events(None, sub, body, []), outs)
     texts = ['he said "hi"\n', "\u00e9\u20ac"]
     want = [expect("text_completion", [{"index": 0, "text": t, "logprobs": None,
                                          "finish_reason": f}])
@@ -163,7 +163,7 @@ def test_stream_chunks_are_the_json_of_the_openai_objects(monkeypatch) -> None:
 
     body = SimpleNamespace(stop_list=lambda: [], engine_logprobs=lambda: None,
                            tool_mode=lambda: "none")  # fmt: skip
-    got = _stream_of(monkeypatch, lambda: serving.chat_events(None, sub, body), outs)
+    got = _stream_of(monkeypatch, lambda: streaming.chat_events(None, sub, body), outs)
     role = {"id": sub.request_id, "object": "chat.completion.chunk", "created": 12, "model": 'm"1',
             "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                          "logprobs": None, "finish_reason": None}]}  # fmt: skip

@@ -41,15 +41,12 @@ from engine.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from engine.server.serving import (
+from engine.server.responses import chat_response, completion_response
+from engine.server.streaming import SSEResponse, chat_events, completion_events
+from engine.server.submission import (
     ClientDisconnected,
-    SSEResponse,
-    chat_events,
     chat_prompt,
-    chat_response,
     check_model,
-    completion_events,
-    completion_response,
     encode_prompt,
     encode_text,
     submit,
