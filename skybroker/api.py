@@ -19,330 +19,49 @@ import math
 import re
 from dataclasses import asdict
 from pathlib import Path as PathLib
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from skybroker import __version__
-from skybroker.asgi import CatchErrors
+from skybroker.api_errors import (
+    ERROR_RESPONSES,
+    ApiError,
+    ErrorResponse,
+    FieldError,
+    auth_dependency,
+    install_error_handlers,
+    validation_errors,
+)
+from skybroker.api_views import (
+    DeleteResponse,
+    DeploymentDetail,
+    DeploymentList,
+    DeploymentView,
+    DryRunResponse,
+    EventView,
+    GPUList,
+    GPUView,
+    Health,
+    Infra,
+    KeyView,
+    LaunchView,
+    LogsView,
+    OfferingList,
+    OfferingView,
+    PlanResponse,
+    PreemptView,
+    ReplicaView,
+)
 from skybroker.dashboard import add_dashboard
 
 log = logging.getLogger("skybroker.api")
 
 MAX_SPEC_BYTES = 1 << 20
 OWNER_HEADER = "X-Skybroker-Owner"
-Infra = Literal["local", "skypilot"]
-
-
-# ---------------------------------------------------------------- errors
-
-
-class FieldError(BaseModel):
-    field: str | None = Field(description="dotted path of the field at fault, if any")
-    message: str
-
-
-class ErrorBody(BaseModel):
-    code: str = Field(description="machine-readable kind, e.g. invalid_spec, not_found")
-    message: str = Field(description="what went wrong, for a person")
-    field: str | None = Field(default=None, description="the (first) field at fault")
-    errors: list[FieldError] = Field(default_factory=list)
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-
-class ApiError(Exception):
-    """An error answered with the shared JSON shape."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        field: str | None = None,
-        errors: list[FieldError] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.field = status, code, message, field
-        self.errors = errors or ([FieldError(field=field, message=message)] if field else [])
-
-    def response(self) -> JSONResponse:
-        body = ErrorBody(code=self.code, message=self.message, field=self.field, errors=self.errors)
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(
-            ErrorResponse(error=body).model_dump(), status_code=self.status, headers=headers
-        )
-
-
-def _loc_field(loc: tuple[Any, ...] | list[Any]) -> str | None:
-    """("body", "slo", "ttft_ms") -> "slo.ttft_ms"; ("query", "spot") -> "spot"."""
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    return ".".join(parts) or None
-
-
-def _validation_errors(errors: list[dict[str, Any]]) -> list[FieldError]:
-    out = []
-    for e in errors:
-        msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
-        if e.get("type") == "extra_forbidden":
-            msg = "unknown field (check its spelling)"
-        out.append(FieldError(field=_loc_field(e.get("loc", ())), message=msg))
-    return out
-
-
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in [
-        (400, "Bad request"),
-        (401, "Missing or wrong API token"),
-        (422, "Invalid input; `error.field` names the field"),
-    ]
-}
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = _validation_errors(list(exc.errors()))
-        first = errors[0] if errors else FieldError(field=None, message="invalid request")
-        where = f"{first.field}: " if first.field else ""
-        return ApiError(
-            422, "invalid_request", f"{where}{first.message}", first.field, errors
-        ).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
-        return ApiError(
-            exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)
-        ).response()
-
-    # Not an `Exception` handler: Starlette re-raises after one, and uvicorn then drops the
-    # keep-alive connection (skybroker.asgi).
-    app.add_middleware(CatchErrors, error_response=_internal_error)
-
-
-def _internal_error(exc: Exception) -> JSONResponse:
-    return ApiError(500, "internal", f"internal error: {type(exc).__name__}").response()
-
-
-# ---------------------------------------------------------------- auth
-
-
-def _auth_dependency(token: str | None) -> Any:
-    bearer = HTTPBearer(auto_error=False, description="the broker's API token")
-    expected = token.encode() if token else None
-
-    async def check(
-        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> None:
-        if expected is None:
-            return
-        given = creds.credentials.encode() if creds is not None else b""
-        if not hmac.compare_digest(given, expected):
-            raise ApiError(
-                401, "unauthorized", "missing or wrong API token (Authorization: Bearer ...)"
-            )
-
-    return check
-
-
-# ---------------------------------------------------------------- response models
-
-
-class Health(BaseModel):
-    status: Literal["ok"]
-    version: str
-    pid: int
-    deployments: int
-
-
-MAP_FIELD = Field(
-    default=None,
-    description="the plan's geography (skybroker.plan_map): users and sites (lat/lon, null "
-    "where unknown), flows (req/s from a user to a site) with their estimated RTT (ms)",
-)
-
-
-class PlanResponse(BaseModel):
-    name: str
-    infra: Infra
-    plan: dict[str, Any] = Field(description="the plan: placements, $/h, solver, baselines")
-    map: dict[str, Any] | None = MAP_FIELD
-
-
-class DryRunResponse(BaseModel):
-    """What a launch would start, validated by the provisioner; nothing was launched."""
-
-    name: str
-    infra: Infra
-    dry_run: Literal[True] = True
-    cost_per_hour: float = Field(description="$/h of the plan")
-    replicas: list[dict[str, Any]] = Field(
-        description="one row per placement: key (cloud, region, instance type, spot), GPUs, "
-        "replicas, $/h each, and the provisioner's check (SkyPilot: the Task it validated)"
-    )
-    plan: dict[str, Any]
-
-
-class ReplicaView(BaseModel):
-    name: str
-    status: str = Field(description="PENDING, PROVISIONING, STARTING, READY, NOT_READY, ...")
-    healthy: bool = Field(description="its /health answers: the router may send to it")
-    cloud: str
-    region: str
-    instance_type: str
-    spot: bool
-    url: str | None
-    tls_sha256: str | None = Field(
-        None, description="SHA-256 of the one certificate an https replica may show (pinned)"
-    )
-    price_per_hour: float
-    message: str
-
-
-class EventView(BaseModel):
-    id: int = Field(description="increasing: a client polling for new events keeps the last")
-    time: float
-    kind: str
-    message: str
-    replica: str | None
-
-
-class DeploymentView(BaseModel):
-    id: str = Field(description="the deployment's id (its unique name)")
-    name: str
-    infra: str
-    status: str = Field(description="PROVISIONING, READY, DEGRADED, FAILED or DELETING")
-    message: str
-    model: str | None
-    endpoint: str | None = Field(description="OpenAI-compatible base URL of its router")
-    cost_per_hour: float = Field(description="$/h of the replicas running now")
-    planned_cost_per_hour: float | None = Field(description="$/h of the plan")
-    ready_replicas: int
-    desired_replicas: int
-    failures: int = Field(0, description="replica failures in a row (launch errors, crashes)")
-    next_launch_in_s: float | None = Field(
-        None, description="seconds until the next launch while backing off after failures"
-    )
-    created_at: float
-    updated_at: float
-
-
-class ScaleDecision(BaseModel):
-    time: float
-    reason: str = Field(description='e.g. "rate 4.10 req/s > 2.40 served within SLO: +1 ..."')
-    kind: str | None = Field(description="up | down | replan")
-    load: dict[str, Any] | None = Field(description="the load it was decided on")
-
-
-class AutoscaleView(BaseModel):
-    history: list[list[float | int | None]] = Field(
-        description="[time, desired replicas, $/h] at each change, oldest first"
-    )
-    decisions: list[ScaleDecision] = Field(description="the last decisions, oldest first")
-
-
-class PreemptView(BaseModel):
-    name: str
-    replica: str
-    message: str
-
-
-class CooldownView(BaseModel):
-    key: list[Any] = Field(description="the offering: cloud, region, instance type, spot")
-    until: float = Field(description="when the plan may use it again (epoch seconds)")
-
-
-class DeploymentDetail(DeploymentView):
-    replicas: list[ReplicaView]
-    events: list[EventView] = Field(description="recent events, oldest first")
-    blocklist: list[list[Any]] = Field(description="offerings failed over from (capacity)")
-    cooldowns: list[CooldownView] = Field(
-        default_factory=list, description="offerings out of the plan for a while (spot)"
-    )
-    network_suspect_since: float | None = Field(
-        None, description="since when most replicas fail their probes at once (None: they don't)"
-    )
-    plan: dict[str, Any]
-    spec: dict[str, Any]
-    autoscale: AutoscaleView | None = Field(
-        default=None, description="replicas over time and the last decisions (autoscaled only)"
-    )
-    map: dict[str, Any] | None = MAP_FIELD
-
-
-class LaunchView(DeploymentView):
-    api_key: str = Field(description="the key clients of its endpoint send (Bearer)")
-
-
-class KeyView(BaseModel):
-    name: str
-    endpoint: str | None
-    api_key: str = Field(description="the key clients of its endpoint send (Bearer)")
-
-
-class DeploymentList(BaseModel):
-    deployments: list[DeploymentView]
-
-
-class LogsView(BaseModel):
-    deployment: str
-    replica: int | None = Field(description="the replica index asked for (null: the first)")
-    text: str = Field(description="the last lines of the replica's engine log")
-
-
-class DeleteResponse(BaseModel):
-    name: str
-    status: str
-    message: str
-
-
-class OfferingView(BaseModel):
-    cloud: str
-    region: str
-    zone: str | None
-    instance_type: str
-    gpu: str
-    gpu_count: int
-    gpu_memory_gib: float
-    vcpus: float
-    memory_gib: float
-    price: float | None = Field(description="on-demand $/h, null where not sold on demand")
-    spot_price: float | None = Field(description="spot $/h, null where not sold as spot")
-
-
-class OfferingList(BaseModel):
-    total: int = Field(description="offerings matching the filters (before limit/offset)")
-    offerings: list[OfferingView]
-
-
-class GPUView(BaseModel):
-    name: str
-    memory_gib: float
-    memory_bandwidth_gbs: float
-    fp16_tflops: float
-    fp8_tflops: float | None
-    interconnect: str
-    interconnect_gbs: float
-    vendor: str
-
-
-class GPUList(BaseModel):
-    gpus: list[GPUView]
 
 
 # ---------------------------------------------------------------- spec bodies
@@ -421,7 +140,7 @@ def _parse_spec(data: dict[str, Any], infra: str | None) -> Any:  # -> Deploymen
             DeploymentSpec.model_validate(data)
             errors: list[FieldError] = []
         except ValidationError as ve:
-            errors = _validation_errors(list(ve.errors()))
+            errors = validation_errors(list(ve.errors()))
         except Exception:  # a validator tripping on odd input: keep SpecError's message
             errors = []
         field = errors[0].field if errors else None
@@ -578,8 +297,8 @@ def create_app(
         responses=ERROR_RESPONSES,
     )
     app.state.controller = controller
-    _install_error_handlers(app)
-    auth = [Depends(_auth_dependency(token))]
+    install_error_handlers(app)
+    auth = [Depends(auth_dependency(token))]
     files = Depends(_file_policy(list(allowed_paths or []), owner_key))
     add_dashboard(app, controller, auth)
 

@@ -60,7 +60,7 @@ class MetricsView(BaseModel):
 def add_dashboard(app: FastAPI, controller: Any, auth: list[Any]) -> None:
     """Add /dashboard (open: the page holds nothing secret), its static files and
     `GET /v1/deployments/{name}/metrics` (behind `auth`) to the broker's `app`."""
-    from skybroker.api import ApiError, ErrorResponse
+    from skybroker.api_errors import ApiError, ErrorResponse
     from skybroker.dashboard_series import MIN_INTERVAL_S, WINDOW_S, Series, take_sample
 
     def not_found(message: str, field: str) -> ApiError:
