@@ -66,13 +66,20 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the figures here too")
     ap.add_argument("--only", help="only the example whose file name contains this")
     args = ap.parse_args()
+    from skybroker.plan import InfeasibleError
+
     out: dict[str, dict] = {}
     home = tempfile.mkdtemp(prefix="skybroker-examples-")
     os.environ["SKYBROKER_HOME"] = home
     for path in sorted(EXAMPLES.glob("*.yaml")):
         if args.only and args.only not in path.name:
             continue
-        cold = plan_once(path)
+        try:
+            cold = plan_once(path)
+        except InfeasibleError as e:  # e.g. the local example on a machine too slow for it
+            out[path.stem] = {"infeasible": str(e)}
+            print(f"{path.stem}: infeasible: {e}", flush=True)
+            continue
         warm = plan_once(path)
         out[path.stem] = {"cold": cold, "warm_wall_s": warm["wall_s"]}
         print(f"{path.stem}: ${cold['cost_per_hour']:.2f}/h  cold {cold['wall_s']:.1f} s "

@@ -28,15 +28,18 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def main() -> None:
     for path in sorted(EXAMPLES.glob("*.yaml")):
         data = yaml.safe_load(path.read_text())
-        costs = []
+        costs, plan = [], None
         for m in (0, 0.1, 0.2, "auto"):
             data.setdefault("slo", {})["margin"] = m
             try:
                 plan = make_plan(parse_spec(data, str(path)), baselines=False)
                 costs.append(f"margin {m}: ${plan.cost_per_hour:.2f}/h")
             except InfeasibleError as e:
+                plan = None  # the lines below describe the plan at auto only
                 costs.append(f"margin {m}: infeasible ({str(e)[:60]}...)")
         print(f"{path.stem}: " + " | ".join(costs), flush=True)
+        if plan is None:
+            continue
         errs = [f"{p.offering.instance_type} TP{p.tensor_parallel}: rule {p.mix_rule_error:+.1%}, "
                 f"absorbs {p.headroom:.0%}" for p in plan.placements
                 if p.mix_rule_error is not None and p.headroom is not None]  # fmt: skip
