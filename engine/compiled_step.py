@@ -17,8 +17,10 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import threading
 import time
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,6 +35,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_GRAPH_BATCH = 256
+# The C++ wrapper's launch code (one long function) built at -O1 apart from the fused kernels
+# (-O3): at -O3 it was most of a first start's compile on a 32-layer model. Headers are not
+# precompiled: a first start compiles each kind of file once, so making the header costs more
+# than it saves.
+_CPP_WRAPPER = {
+    "cpp_wrapper": True,
+    "cpp_wrapper_build_separate": True,
+    "cpp_cache_precompile_headers": False,
+}
 
 
 def capture_sizes(max_tokens: int) -> list[int]:
@@ -48,19 +59,45 @@ def _warn(what: str, err: BaseException) -> None:
     logger.warning(msg)
 
 
-def load_cpu_attention(cache_dir: str) -> None:
-    """The C++ attention kernel for the CPU op, or a warning and the op's torch path."""
-    try:
-        seconds = cpu_attention.load(cache_dir)
-    except Exception as e:  # no compiler, no headers: slower, not wrong
-        msg = (
-            f"the C++ attention kernel is not used ({type(e).__name__}: {e}); attention runs torch"
-        )
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        logger.warning(msg)
-        return
-    if seconds:
-        logger.info("C++ attention kernel built in %.1f s", seconds)
+class CpuAttentionBuild:
+    """The C++ attention kernel for the CPU op built in a thread while the model step compiles
+    (the compiler is a subprocess: on a first start the two overlap), loaded by `finish`; or
+    a warning and the op's torch path."""
+
+    def __init__(self, cache_dir: str) -> None:
+        self.result: tuple[Path, float] | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(cache_dir,), daemon=True)
+        self.thread.start()
+
+    def _run(self, cache_dir: str) -> None:
+        try:
+            self.result = cpu_attention.build(cache_dir)
+        except BaseException as e:  # reported by finish, in the caller's thread
+            self.error = e
+
+    def finish(self) -> bool:
+        """Wait for the build and load it (outside any step); True if the kernel is in use."""
+        self.thread.join()
+        try:
+            if self.error is not None:
+                raise self.error
+            assert self.result is not None
+            so, seconds = self.result
+            cpu_attention.load_built(so)
+        except Exception as e:  # no compiler, no headers: slower, not wrong
+            msg = f"the C++ attention kernel is not used ({type(e).__name__}: {e}); "
+            warnings.warn(msg + "attention runs torch", RuntimeWarning, stacklevel=3)
+            logger.warning(msg + "attention runs torch")
+            return False
+        if seconds:
+            logger.info("C++ attention kernel built in %.1f s", seconds)
+        return True
+
+
+def load_cpu_attention(cache_dir: str) -> bool:
+    """Build and load the C++ attention kernel now (see `CpuAttentionBuild`)."""
+    return CpuAttentionBuild(cache_dir).finish()
 
 
 def use_cache_dir(path: str, explicit: bool) -> None:
@@ -75,7 +112,7 @@ class CompiledStep:
     def __init__(self, runner: ModelRunner, max_tokens: int) -> None:
         self.runner = runner
         self.sizes = capture_sizes(max_tokens)
-        options = {"cpp_wrapper": True} if runner.args.cpp_wrapper(runner.device) else None
+        options = _CPP_WRAPPER if runner.args.cpp_wrapper(runner.device) else None
         self.fn = torch.compile(runner.model.forward, fullgraph=True, options=options)
         with torch.inference_mode():  # inputs are views of these (one kind of tensor, one graph)
             self.ids = torch.zeros(self.sizes[-1], dtype=torch.int64, device=runner.device)
@@ -97,10 +134,13 @@ class CompiledStep:
         try:
             cache_dir = args.resolved_compile_cache_dir()
             use_cache_dir(cache_dir, args.compile_cache_dir is not None)
+            kernel = None
             if runner.device.type == "cpu" and ops.backend_for(torch.empty(0)) == "torch":
-                load_cpu_attention(cache_dir)
+                kernel = CpuAttentionBuild(cache_dir)
             step = cls(runner, args.max_num_batched_tokens)
             step.warm_up()
+            if kernel is not None and kernel.finish():
+                step.warm_up(compile_=False)  # the kernel's first calls, before serving
         except Exception as e:
             _warn("torch.compile of the model step", e)
             return None
@@ -133,20 +173,21 @@ class CompiledStep:
         )
 
     @torch.inference_mode()
-    def warm_up(self) -> None:
+    def warm_up(self, compile_: bool = True) -> None:
         """Compile once on a dummy step (the token count marked dynamic), then run the
         smallest and the largest capture sizes so a failure shows here, not mid-serving."""
         t0 = time.perf_counter()
         ctx = self.empty_context()
         for i, size in enumerate((self.sizes[1], self.sizes[0], self.sizes[-1])):
             ids, pos = self.ids[:size], self.pos[:size]
-            if i == 0:
+            if i == 0 and compile_:
                 torch._dynamo.mark_dynamic(ids, 0, min=2, max=self.sizes[-1])
                 torch._dynamo.mark_dynamic(pos, 0, min=2, max=self.sizes[-1])
             with step_context(ctx):
                 self.fn(ids, pos)
-        self.compile_seconds = time.perf_counter() - t0
-        logger.info("model step compiled in %.1f s", self.compile_seconds)
+        if compile_:
+            self.compile_seconds = time.perf_counter() - t0
+            logger.info("model step compiled in %.1f s", self.compile_seconds)
 
     def run(
         self, ids: torch.Tensor, pos: torch.Tensor, ctx: StepContext, inputs: StepInputs

@@ -119,20 +119,26 @@ def attend(
         )
     if n > nd:
         parts.append(
-            ops.paged_attention_prefill(
-                q[nd:n],
-                k_cache,
-                v_cache,
-                ctx.prefill_block_tables,
-                ctx.prefill_cu_seqlens_q,
-                ctx.prefill_context_lens,
-                scale,
-                sliding_window,
-            )
+            _prefill(ops.paged_attention_prefill, ctx, q, k_cache, v_cache, scale, sliding_window)
         )
     if n < q.shape[0]:
         parts.append(q.new_zeros((q.shape[0] - n, *q.shape[1:])))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _prefill(kernel, ctx: StepContext, q, k_cache, v_cache, scale, sliding_window):
+    """The step's prefill rows (`q[num_decode_tokens:num_tokens]`) through `kernel` (the ops
+    or the reference `paged_attention_prefill`) with the step's prefill layout."""
+    return kernel(
+        q[ctx.num_decode_tokens : ctx.num_tokens],
+        k_cache,
+        v_cache,
+        ctx.prefill_block_tables,
+        ctx.prefill_cu_seqlens_q,
+        ctx.prefill_context_lens,
+        scale,
+        sliding_window,
+    )
 
 
 def _attend_torch(ctx, q, k, v, k_cache, v_cache, scale, sliding_window) -> torch.Tensor:
@@ -168,15 +174,8 @@ def _attend_torch(ctx, q, k, v, k_cache, v_cache, scale, sliding_window) -> torc
         parts.append(o.view(nd, q.shape[1], head_dim).to(q.dtype))
     if n > nd:
         parts.append(
-            reference.paged_attention_prefill(
-                q[nd:n],
-                k_cache,
-                v_cache,
-                ctx.prefill_block_tables,
-                ctx.prefill_cu_seqlens_q,
-                ctx.prefill_context_lens,
-                scale,
-                sliding_window,
+            _prefill(
+                reference.paged_attention_prefill, ctx, q, k_cache, v_cache, scale, sliding_window
             )
         )
     if not parts:

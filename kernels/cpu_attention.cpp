@@ -13,6 +13,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -72,7 +73,14 @@ void set_step(int64_t num_tokens, int64_t num_decode, const at::Tensor& slot_map
 
 void clear_step() { g_step = Step(); }
 
-// A cache row as fp32: the row itself when the cache is fp32, else converted into `buf`.
+// Scratch that lives across calls (one step's layers reuse it; no allocation per token).
+std::vector<float>& scratch(int i) {
+  thread_local std::vector<float> bufs[5];
+  return bufs[i];
+}
+
+// A cache row (all KV heads of one position) as fp32: the row itself when the cache is fp32,
+// else converted into `buf`.
 inline const float* as_float(const float* row, float*, int64_t) { return row; }
 template <typename T>
 inline const float* as_float(const T* row, float* buf, int64_t n) {
@@ -80,12 +88,106 @@ inline const float* as_float(const T* row, float* buf, int64_t n) {
   return buf;
 }
 
-template <typename T>
+// A size known at compile time (kN > 0: loops over it unroll into a few vector instructions)
+// or at run time (kN == 0).
+template <int kN>
+struct Const {
+  static constexpr int64_t get(int64_t) { return kN; }
+};
+template <>
+struct Const<0> {
+  static int64_t get(int64_t n) { return n; }
+};
+
+// Calls f(row, j) for cached positions lo..pos of one token, row pointing at the position's
+// entry in `cache` (rows of row_len elements), j counting from 0; block by block (no division per position).
+template <typename T, typename F>
+inline void for_each_position(const T* cache, const int32_t* table, int64_t bs, int64_t row_len,
+                              int64_t lo, int64_t pos, F&& f) {
+  int64_t j = 0;
+  for (int64_t blk = lo / bs; blk <= pos / bs; ++blk) {
+    const T* base = cache + int64_t(table[blk]) * bs * row_len;
+    const int64_t first = blk == lo / bs ? lo % bs : 0;
+    const int64_t last = blk == pos / bs ? pos % bs : bs - 1;
+    for (int64_t o = first; o <= last; ++o, ++j) f(base + o * row_len, j);
+  }
+}
+
+// One token's attention over its cached positions lo..pos, one KV head at a time: the head's
+// query group against each position's K, softmax per query head, then the group's weighted sum
+// of V. kD (head size) and kG (query heads per KV head) are compile-time constants for the
+// common shapes, so the group's query and accumulators stay in registers; 0 means run-time.
+template <typename T, int kD, int kG>
+void attend_token(const T* qh, int64_t q_head_stride, const T* kc, const T* vc,
+                  const int32_t* table, int64_t bs, int64_t hkv, int64_t H, int64_t d_rt,
+                  int64_t lo, int64_t pos, float scale, T* out) {
+  const int64_t D = Const<kD>::get(d_rt), G = Const<kG>::get(H / hkv), len = pos - lo + 1;
+  const int64_t row_len = hkv * D;
+  std::vector<float>& scratch_q = scratch(0);
+  std::vector<float>& scores = scratch(1);
+  std::vector<float>& scratch_acc = scratch(2);
+  std::vector<float>& row_f = scratch(3);
+  if (scratch_q.size() < size_t(G * D)) scratch_q.resize(G * D), scratch_acc.resize(G * D);
+  if (scores.size() < size_t(G * len)) scores.resize(G * len);
+  if (row_f.size() < size_t(D)) row_f.resize(D);
+  // Fixed-size locals when the shape is known (registers), the scratch vectors otherwise.
+  constexpr int64_t kN = kD > 0 && kG > 0 ? kD * kG : 1;
+  float q_local[kN], acc_local[kN];
+  float* q = kD > 0 && kG > 0 ? q_local : scratch_q.data();
+  float* acc = kD > 0 && kG > 0 ? acc_local : scratch_acc.data();
+  float* sc = scores.data();
+  float* rf = row_f.data();
+  for (int64_t kvh = 0; kvh < hkv; ++kvh) {
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t d = 0; d < D; ++d)
+        q[g * D + d] = static_cast<float>(qh[(kvh * G + g) * q_head_stride + d]) * scale;
+    for_each_position(kc + kvh * D, table, bs, row_len, lo, pos, [&](const T* raw, int64_t j) {
+      const float* kr = as_float(raw, rf, D);
+      for (int64_t g = 0; g < G; ++g) {
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += q[g * D + d] * kr[d];
+        sc[g * len + j] = dot;
+      }
+    });
+    float total[kG > 0 ? kG : 1];
+    std::vector<float>& totals = scratch(4);
+    if (kG == 0 && totals.size() < size_t(G)) totals.resize(G);
+    float* tot = kG > 0 ? total : totals.data();
+    for (int64_t g = 0; g < G; ++g) {
+      float* s = sc + g * len;
+      float m = s[0], sum = 0.f;
+      for (int64_t j = 1; j < len; ++j) m = std::max(m, s[j]);
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < len; ++j) {
+        s[j] = std::exp(s[j] - m);
+        sum += s[j];
+      }
+      tot[g] = sum;
+    }
+    for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.f;
+    for_each_position(vc + kvh * D, table, bs, row_len, lo, pos, [&](const T* raw, int64_t j) {
+      const float* vr = as_float(raw, rf, D);
+      for (int64_t g = 0; g < G; ++g) {
+        const float w = sc[g * len + j];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) acc[g * D + d] += w * vr[d];
+      }
+    });
+    for (int64_t g = 0; g < G; ++g) {
+      const float inv = 1.f / tot[g];
+      T* o = out + (kvh * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[g * D + d] * inv);
+    }
+  }
+}
+
+template <typename T, int kD, int kG>
 void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& kc,
             at::Tensor& vc, at::Tensor& out, double scale, int64_t window) {
   const Step& s = g_step;
   const int64_t n = s.num_tokens, H = q.size(1), D = q.size(2);
-  const int64_t bs = kc.size(1), hkv = kc.size(2), group = H / hkv;
+  const int64_t bs = kc.size(1), hkv = kc.size(2);
   const int64_t* slots = s.slots.data_ptr<int64_t>();
   T* kcp = kc.data_ptr<T>();
   T* vcp = vc.data_ptr<T>();
@@ -101,60 +203,39 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::T
   }
   const T* qp = q.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  std::vector<float> qf(group * D), acc(group * D), total(group), scores, row_f(D);
   for (int64_t t = 0; t < n; ++t) {
-    const int32_t* row = s.rows[t];
     const int64_t pos = s.positions[t];
     const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-    const int64_t len = pos - lo + 1;
-    scores.resize(group * len);
-    for (int64_t kvh = 0; kvh < hkv; ++kvh) {
-      for (int64_t g = 0; g < group; ++g) {
-        const T* qh = qp + t * q.stride(0) + (kvh * group + g) * q.stride(1);
-        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = static_cast<float>(qh[d]) * scale;
-      }
-      for (int64_t j = 0; j < len; ++j) {
-        const int64_t p = lo + j;
-        const float* kr = as_float(kcp + ((int64_t(row[p / bs]) * bs + p % bs) * hkv + kvh) * D,
-                                   row_f.data(), D);
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = qf.data() + g * D;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < D; ++d) dot += qg[d] * kr[d];
-          scores[g * len + j] = dot;
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        float* sc = scores.data() + g * len;
-        float m = sc[0], sum = 0.f;
-        for (int64_t j = 1; j < len; ++j) m = std::max(m, sc[j]);
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < len; ++j) {
-          sc[j] = std::exp(sc[j] - m);
-          sum += sc[j];
-        }
-        total[g] = sum;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = 0; j < len; ++j) {
-        const int64_t p = lo + j;
-        const float* vr = as_float(vcp + ((int64_t(row[p / bs]) * bs + p % bs) * hkv + kvh) * D,
-                                   row_f.data(), D);
-        for (int64_t g = 0; g < group; ++g) {
-          const float w = scores[g * len + j];
-          float* a = acc.data() + g * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) a[d] += w * vr[d];
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        T* oh = op + (t * H + kvh * group + g) * D;
-        const float inv = 1.f / total[g];
-        for (int64_t d = 0; d < D; ++d) oh[d] = static_cast<T>(acc[g * D + d] * inv);
-      }
+    attend_token<T, kD, kG>(qp + t * q.stride(0), q.stride(1), kcp, vcp, s.rows[t], bs, hkv, H, D,
+                        lo, pos, float(scale), op + t * H * D);
+  }
+}
+
+template <typename T, int kD>
+void attend_d(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& kc,
+              at::Tensor& vc, at::Tensor& out, double scale, int64_t window) {
+  switch (q.size(1) / kc.size(2)) {
+    case 1: return attend<T, kD, 1>(q, k, v, kc, vc, out, scale, window);
+    case 2: return attend<T, kD, 2>(q, k, v, kc, vc, out, scale, window);
+    case 4: return attend<T, kD, 4>(q, k, v, kc, vc, out, scale, window);
+    case 8: return attend<T, kD, 8>(q, k, v, kc, vc, out, scale, window);
+    default: return attend<T, kD, 0>(q, k, v, kc, vc, out, scale, window);
+  }
+}
+
+// Specialised shapes for fp32 (the CPU default dtype); other dtypes take the run-time loops.
+template <typename T>
+void attend_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& kc,
+                at::Tensor& vc, at::Tensor& out, double scale, int64_t window) {
+  if constexpr (std::is_same_v<T, float>) {
+    switch (q.size(2)) {
+      case 16: return attend_d<T, 16>(q, k, v, kc, vc, out, scale, window);
+      case 32: return attend_d<T, 32>(q, k, v, kc, vc, out, scale, window);
+      case 64: return attend_d<T, 64>(q, k, v, kc, vc, out, scale, window);
+      case 128: return attend_d<T, 128>(q, k, v, kc, vc, out, scale, window);
     }
   }
+  attend<T, 0, 0>(q, k, v, kc, vc, out, scale, window);
 }
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -177,7 +258,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   if (q.size(0) > s.num_tokens) out.narrow(0, s.num_tokens, q.size(0) - s.num_tokens).zero_();
   const int64_t window = sliding_window.has_value() ? *sliding_window : 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, "paged_attention", [&] {
-    attend<scalar_t>(qc, kk, vv, kc, vc, out, scale, window);
+    attend_any<scalar_t>(qc, kk, vv, kc, vc, out, scale, window);
   });
   return out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type());
 }

@@ -66,29 +66,41 @@ def library_path(cache_dir: str | os.PathLike) -> Path:
     return Path(cache_dir) / f"skybroker_cpu_attention-{key}.so"
 
 
+def build(cache_dir: str | os.PathLike) -> tuple[Path, float]:
+    """Build the library unless cached: its path and the seconds the build took (0 if cached).
+    Raises RuntimeError naming the compiler's error when it cannot be built. Safe to run in a
+    thread beside other work (the compiler is a subprocess)."""
+    so = library_path(cache_dir)
+    if so.is_file():
+        return so, 0.0
+    import time
+
+    so.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+        part = Path(tmp) / so.name
+        for cmd in _commands(_compiler(), SOURCE, part):
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if res.returncode:
+                raise RuntimeError(f"building {SOURCE.name} failed: {res.stderr.strip()[-2000:]}")
+        os.replace(part, so)  # atomic: a concurrent build loads one whole library
+    return so, time.perf_counter() - t0
+
+
+def load_built(so: Path) -> None:
+    """Load a library `build` made. Not inside a step (`kernels.attention_op.step_context`
+    hands the layout to the kernel only when it was loaded on entering)."""
+    global _loaded
+    if _loaded is None:
+        torch.ops.load_library(str(so))
+        _loaded = str(so)
+
+
 def load(cache_dir: str | os.PathLike) -> float:
     """Build (unless cached) and load the library; the seconds the build took (0 if cached).
     Raises RuntimeError naming the compiler's error when it cannot be built."""
-    global _loaded
     if _loaded is not None:
         return 0.0
-    so = library_path(cache_dir)
-    seconds = 0.0
-    if not so.is_file():
-        import time
-
-        so.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
-            part = Path(tmp) / so.name
-            for cmd in _commands(_compiler(), SOURCE, part):
-                res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                if res.returncode:
-                    raise RuntimeError(
-                        f"building {SOURCE.name} failed: {res.stderr.strip()[-2000:]}"
-                    )
-            os.replace(part, so)  # atomic: a concurrent build loads one whole library
-        seconds = time.perf_counter() - t0
-    torch.ops.load_library(str(so))
-    _loaded = str(so)
+    so, seconds = build(cache_dir)
+    load_built(so)
     return seconds

@@ -59,7 +59,13 @@ def _step(shape: tuple[int, int, int, int], dtype: torch.dtype, pad: int):
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize(
     ("shape", "dtype", "tol"),
-    [((4, 2, 16, 16), torch.float32, 1e-5), ((6, 2, 32, 4), torch.bfloat16, 2e-2)],
+    [
+        ((4, 2, 16, 16), torch.float32, 1e-5),  # fp32 shapes with compiled-in sizes
+        ((8, 2, 32, 4), torch.float32, 1e-5),
+        ((2, 2, 64, 16), torch.float32, 1e-5),
+        ((6, 2, 24, 4), torch.float32, 1e-5),  # head size and group taken at run time
+        ((6, 2, 32, 4), torch.bfloat16, 2e-2),  # other dtypes: run-time loops
+    ],
 )
 def test_cpu_kernel_equals_torch_path(shape, dtype, tol, window) -> None:
     q, k, v, scale, (kc, vc), ctx_for = _step(shape, dtype, pad=2)
