@@ -13,7 +13,7 @@ calibrated values of serving engines on GPUs (~50-60% MFU in prefill, ~80% of HB
 in decode); a measured profile (`skybroker.perf.profile`) replaces all of this.
 
 CPU replicas (infra "local") run the engine in fp32 on this machine: their peak FLOP/s and
-memory bandwidth are measured once with numpy (`cpu_hardware()`) and cached.
+memory bandwidth are measured once on one thread (`cpu_hardware()`) and cached.
 """
 
 from __future__ import annotations
@@ -203,16 +203,45 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _measure_cpu() -> tuple[float, float]:
-    """(fp32 TFLOP/s, copy GB/s) of this machine with numpy, best of a few short runs."""
-    import numpy as np
+def _matmul_seconds(n: int) -> Callable[[], float]:
+    """One timed n x n fp32 matmul on one thread: torch's (the engine's own kernels, one
+    torch thread per local engine process) when installed, else numpy's."""
+    try:
+        import torch
+    except ImportError:
+        a = np.random.default_rng(0).random((n, n), dtype=np.float32)
 
-    a = np.random.default_rng(0).random((256, 256), dtype=np.float32)
-    best_mm = math.inf
-    for _ in range(40):  # best of many: other processes may share the cores
-        t0 = time.perf_counter()
-        a @ a
-        best_mm = min(best_mm, time.perf_counter() - t0)
+        def run() -> float:
+            t0 = time.perf_counter()
+            a @ a
+            return time.perf_counter() - t0
+
+        return run
+    t = torch.rand(n, n, generator=torch.Generator().manual_seed(0))
+
+    def run() -> float:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            t0 = time.perf_counter()
+            t @ t
+            return time.perf_counter() - t0
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
+def _measure_cpu() -> tuple[float, float]:
+    """(fp32 TFLOP/s of one core, copy GB/s) of this machine, best of many short runs.
+
+    One thread, so the figure is a core's and other processes on the machine can only slow a
+    run down, not every run: numpy's multi-threaded BLAS measured 5x low on a loaded 2-vCPU
+    VM (one thread descheduled stalls the rest) and the cache kept that figure."""
+    n = 384
+    matmul = _matmul_seconds(n)
+    matmul()  # warm-up: first call allocates and picks kernels
+    best_mm = min(matmul() for _ in range(40))
     src = np.ones(16 * 1024 * 1024, dtype=np.float32)  # 64 MiB
     dst = np.empty_like(src)
     best_cp = math.inf
@@ -220,11 +249,15 @@ def _measure_cpu() -> tuple[float, float]:
         t0 = time.perf_counter()
         np.copyto(dst, src)
         best_cp = min(best_cp, time.perf_counter() - t0)
-    return 2 * 256**3 / best_mm / 1e12, 2 * src.nbytes / best_cp / 1e9
+    return 2 * n**3 / best_mm / 1e12, 2 * src.nbytes / best_cp / 1e9
 
 
 def skybroker_home() -> Path:
     return Path(os.environ.get("SKYBROKER_HOME", Path.home() / ".skybroker"))
+
+
+# Part of the cache key: a cache from an earlier way of measuring is measured again.
+CPU_MEASURE_VERSION = "one-thread-v2"
 
 
 def cpu_hardware(cores: int | None = None, memory_gib: float | None = None) -> Hardware:
@@ -234,7 +267,7 @@ def cpu_hardware(cores: int | None = None, memory_gib: float | None = None) -> H
         memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     name = cpu_model_name()
     cache = skybroker_home() / "cpu_roofline.json"
-    key = f"{name}:{cores}"
+    key = f"{name}:{cores}:{CPU_MEASURE_VERSION}"
     data: dict = {}
     if cache.is_file():
         data = json.loads(cache.read_text())
