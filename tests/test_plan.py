@@ -17,6 +17,8 @@ from skybroker.perf.roofline import Hardware
 from skybroker.plan import InfeasibleError, make_plan
 from skybroker.spec import load_spec
 
+PLAN_SIM_REQUESTS = plan_perf.SIM_REQUESTS  # what a plan searches on, before _fast shrinks it
+
 
 @pytest.fixture(autouse=True)
 def _fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -194,6 +196,22 @@ def test_local_infra_plans_this_machine(monkeypatch: pytest.MonkeyPatch) -> None
     assert make_plan(at(cap * 0.98)).placements[0].replicas == 2  # the 2 cores' 2 replicas
     with pytest.raises(InfeasibleError):
         make_plan(at(cap * 1.02))
+
+
+def test_local_example_plans_on_the_machine_its_profile_was_measured_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the 2-core AMD EPYC of catalogs/profiles/smollm2-135m-cpu.json the measured profile
+    is used, and the example's SLO holds each request class (the 400-token prompts too) at
+    its rate: `make demo` plans there."""
+    cpu = Hardware("cpu", "AMD EPYC", 2, 23.5, 23.0, 0.088)
+    monkeypatch.setattr(plan_perf, "SIM_REQUESTS", PLAN_SIM_REQUESTS)  # the long prompts' tail
+    monkeypatch.setattr(plan_perf, "cpu_hardware", lambda: cpu)
+    monkeypatch.setattr(plan_problem, "cpu_hardware", lambda: cpu)
+    plan = make_plan(load_spec(Path(__file__).parent.parent / "examples" / "smollm2-local.yaml"))
+    (p,) = plan.placements
+    assert p.key == ("local", "local", "localhost", False) and p.replicas == 1
+    assert p.perf_source.startswith("profile"), p.perf_source
 
 
 def test_local_machine_holds_replicas_by_cores_and_memory(monkeypatch: pytest.MonkeyPatch) -> None:
