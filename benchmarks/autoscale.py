@@ -61,9 +61,10 @@ from skybroker.autoscale import (
     merge_targets,
     plan_step,
 )
+from skybroker.autoscale_fit import Fit
 from skybroker.catalog import load_catalog
 from skybroker.spec import parse_spec
-from skybroker.targets import load_planner, spec_for_load, targets_from_plan
+from skybroker.targets import load_planner, running_counts, spec_for_load, targets_from_plan
 
 STEP_S = 60.0
 STARTUP_S = 300.0
@@ -204,18 +205,26 @@ class SkybrokerPolicy:
         self.spec = spec
         policy = Policy.from_spec(spec)
         policy.min_replicas = max(policy.min_replicas, spec.constraints.min_replicas)
-        self.scaler = Autoscaler(policy, self._replan, SwitchCost(startup_s=STARTUP_S))
+        self.switch = SwitchCost(startup_s=STARTUP_S)
+        self.scaler = Autoscaler(policy, self._replan, self.switch, Fit.from_spec(spec))
         self.targets = targets_from_plan(_plan(spec, TROUGH / (1 - policy.headroom)))
         self.blocked: frozenset = frozenset()
         planned = spec_for_load(spec, 1.0)  # what a re-plan solves, less its rate
         self.spec_id = hashlib.sha256(planned.model_dump_json().encode()).hexdigest()[:12]
         self.decisions: list[str] = []
 
-    def _replan(self, need: float, mean_in: float, mean_out: float) -> list[dict[str, Any]]:
+    def _replan(
+        self, need: float, mean_in: float, mean_out: float, running: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
         step = plan_step(need)
-        key = json.dumps([self.spec_id, step, sorted(self.blocked)])
+        warm = sorted([list(k), n] for k, n in running_counts(running).items())
+        key = json.dumps([self.spec_id, step, sorted(self.blocked), warm])
         if key not in PLANS:
-            PLANS[key] = load_planner(self.spec, self.blocked)(step, mean_in, mean_out)
+            s = self.switch
+            plan = load_planner(
+                self.spec, self.blocked, None, s.startup_s, s.per_launch, s.horizon_h
+            )
+            PLANS[key] = plan(step, mean_in, mean_out, running)
             _save_plans()
         return PLANS[key]
 
