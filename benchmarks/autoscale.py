@@ -218,7 +218,7 @@ class SkybrokerPolicy:
     ) -> list[dict[str, Any]]:
         step = plan_step(need)
         warm = sorted([list(k), n] for k, n in running_counts(running).items())
-        key = json.dumps([self.spec_id, step, sorted(self.blocked), warm])
+        key = json.dumps([self.spec_id, step, sorted(self.blocked)] + ([warm] if warm else []))
         if key not in PLANS:
             s = self.switch
             plan = load_planner(

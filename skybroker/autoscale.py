@@ -352,21 +352,45 @@ class Autoscaler:
         self, load: Load, targets: Targets, need: float, factor: float, force: bool = True
     ) -> tuple[Targets, str]:
         """The cheapest candidate (with switching) whose planned capacity is >= `need`, and
-        a note when it is the re-plan. The re-plan is solved (warm-started from `targets`)
-        when `force`, or when `need` left the band `targets` serve (stepping changes them)."""
+        a note when it is the re-plan. Re-plans are solved when `force`, or when `need` left
+        the band `targets` serve (stepping changes them): the plan from scratch, and where
+        it beats the step, the one warm-started from `targets` (their replicas already paid,
+        new ones paid their startup), which keeps what runs unless a change pays."""
         step = self._step(targets, need)
         cands = [(step, "")]
         if self.replan is not None and (force or changes(targets, step)):
-            try:
-                fresh = self.replan(need * factor, load.input_tokens, load.output_tokens, targets)
-            except Exception:  # infeasible for this rate/mix: keep stepping what runs
-                fresh = None
-            if fresh is not None:
-                cands.append((self._clamp(_rescale(fresh, factor)), "re-planned"))
+            # the plan from scratch for this load (shared by every running placement) first:
+            # only where it would pay, the warm-started solve that keeps what runs
+            for running in ([], targets):
+                fresh = self._replan(need, factor, load, running, targets)
+                if fresh is None:
+                    break
+                cands.append((fresh, "re-planned"))
+                if running or self._pick(targets, cands, need)[0] is step:
+                    break
+        best, how = self._pick(targets, cands, need)
+        return (best, how) if changes(targets, best) else (targets, "")
+
+    def _replan(
+        self, need: float, factor: float, load: Load, running: Targets, targets: Targets
+    ) -> Targets | None:
+        """The re-plan for `need` (warm-started from `running`), its capacities as what runs
+        keeps them (`keep_capacity`)."""
+        assert self.replan is not None
+        try:
+            fresh = self.replan(need * factor, load.input_tokens, load.output_tokens, running)
+        except Exception:  # infeasible for this rate/mix: keep stepping what runs
+            return None
+        return self._clamp(keep_capacity(targets, _rescale(fresh, factor)))
+
+    def _pick(
+        self, targets: Targets, cands: list[tuple[Targets, str]], need: float
+    ) -> tuple[Targets, str]:
+        """The cheapest of `cands` (with switching) that serves `need` (the first on a tie)."""
         scored = [(self._score(targets, c), i, c, how) for i, (c, how) in enumerate(cands)]
         ok = [s for s in scored if self.shortfall(s[2], need) <= 1e-9] or scored
         _, _, best, how = min(ok, key=lambda s: (s[0], s[1]))
-        return (best, how) if changes(targets, best) else (targets, "")
+        return best, how
 
     def _score(self, old: Targets, new: Targets) -> float:
         s = self.switch
@@ -450,9 +474,26 @@ def _rescale(targets: Targets, factor: float) -> Targets:
     return [dict(t, capacity_rps=t["capacity_rps"] / factor) for t in targets]
 
 
+def keep_capacity(old: Targets, new: Targets) -> Targets:
+    """`new`, where an offering runs in `old`, at the lower of its two planned capacities.
+
+    A target's capacity is what one replica serves of the request mix its plan sends it; a
+    re-plan may send an offering a lighter mix and so plan it for more req/s, but the
+    replicas running there were planned (and are judged) for the old one. Counting the
+    higher figure for them would overstate what runs, and the headroom with it."""
+    have = {tuple(t["key"]): t for t in old if t["replicas"] > 0}
+    out = []
+    for t in new:
+        was = have.get(tuple(t["key"]))
+        cap = min(t["capacity_rps"], was["capacity_rps"]) if was else t["capacity_rps"]
+        out.append(dict(t, capacity_rps=cap))
+    return out
+
+
 def merge_targets(old: Targets, new: Targets) -> Targets:
     """`new` laid over `old`: offerings in both keep their index (their replicas keep their
-    target), offerings `new` lacks stay with 0 replicas (drained), new ones are appended."""
-    want = {tuple(t["key"]): t for t in new}
+    target), offerings `new` lacks stay with 0 replicas (drained), new ones are appended;
+    running offerings keep the lower of their capacities (`keep_capacity`)."""
+    want = {tuple(t["key"]): t for t in keep_capacity(old, new)}
     out = [dict(want.pop(tuple(t["key"]), {**t, "replicas": 0})) for t in old]
     return out + [dict(t) for t in want.values()]

@@ -374,3 +374,18 @@ def test_tick_passes_the_blocklist_and_failover_sizes_for_the_observed_load() ->
     with pytest.raises(ValueError, match="nothing left"):
         targets_solve(planner, SimpleNamespace(spec=spec.model_dump()), {("k",)}, s.sizing(dep))
     assert recorded == [(pytest.approx(5.0), 1, frozenset({("k",)}))]
+
+
+def test_a_re_plan_never_raises_the_capacity_counted_for_what_runs() -> None:
+    # the re-plan sends the A40s a lighter mix and plans them for 4 req/s each; the two
+    # running were planned (and launched) for 3: they count as 3, so 12 req/s needs 5
+    def replan(need: float, _in: float, _out: float, _running=None):
+        return [target("us-east-1", max(1, int(-(-need // 4))), cap=4.0)]
+
+    a = Autoscaler(policy(max_replicas=20), replan=replan)
+    d = a.decide(Load(rate=12.0), [target("us-east-1", 2)], now=0)  # 15 req/s with headroom
+    assert d.targets[0]["capacity_rps"] == 3.0 and total_replicas(d.targets) == 5
+    merged = merge_targets([target("us-east-1", 2)], [target("us-east-1", 4, cap=4.0)])
+    assert merged[0]["capacity_rps"] == 3.0
+    gone = merge_targets([target("us-east-1", 0)], [target("us-east-1", 4, cap=4.0)])
+    assert gone[0]["capacity_rps"] == 4.0  # nothing ran there: the new plan's figure
