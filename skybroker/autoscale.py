@@ -353,12 +353,15 @@ class Autoscaler:
     ) -> tuple[Targets, str]:
         """The cheapest candidate (with switching) whose planned capacity is >= `need`, and
         a note when it is the re-plan. Re-plans are solved when `force`, or when `need` left
-        the band `targets` serve (stepping changes them): the plan from scratch, and where
+        the band `targets` serve (more than they serve, or served with a replica fewer):
+        the plan from scratch, and where
         it beats the step, the one warm-started from `targets` (their replicas already paid,
         new ones paid their startup), which keeps what runs unless a change pays."""
         step = self._step(targets, need)
         cands = [(step, "")]
-        if self.replan is not None and (force or changes(targets, step)):
+        if self.replan is not None and (
+            force or changes(targets, step) or self._spare(targets, need)
+        ):
             # the plan from scratch for this load (shared by every running placement) first:
             # only where it would pay, the warm-started solve that keeps what runs
             for running in ([], targets):
@@ -436,6 +439,16 @@ class Autoscaler:
                 break
             min(spare, key=_value)["replicas"] -= 1
         return new
+
+    def _spare(self, targets: Targets, need: float) -> bool:
+        """Whether one replica fewer (a target's last one too) would still serve `need`."""
+        for t in targets:
+            t["replicas"] -= 1
+            ok = self.shortfall(targets, need) <= 1e-9
+            t["replicas"] += 1
+            if ok:
+                return True
+        return False
 
     def capacity(self, targets: Targets) -> float:
         """The highest rate `targets` serve within their planned capacities (and the spec's

@@ -389,3 +389,16 @@ def test_a_re_plan_never_raises_the_capacity_counted_for_what_runs() -> None:
     assert merged[0]["capacity_rps"] == 3.0
     gone = merge_targets([target("us-east-1", 0)], [target("us-east-1", 4, cap=4.0)])
     assert gone[0]["capacity_rps"] == 4.0  # nothing ran there: the new plan's figure
+
+
+def test_a_spare_single_replica_offering_is_re_planned_away() -> None:
+    # one replica each of two offerings: stepping keeps one per offering, but the A40 alone
+    # serves the load; the re-plan is asked, and after the delay the A6000 goes
+    def replan(need: float, _in: float, _out: float, _running=None):
+        return [target("us-east-1", 1)]
+
+    ts = [target("us-east-1", 1), target("us-west-2", 1, cap=4.0, price=0.8, gpu="A6000")]
+    a = Autoscaler(policy(downscale_delay_s=60), replan=replan)
+    assert "down in 60s" in a.decide(Load(rate=2.0), ts, now=0).reasons[0]
+    d = a.decide(Load(rate=2.0), ts, now=60)
+    assert d.changed and d.kind == "replan" and [t["gpu"] for t in d.targets] == ["A40"]
