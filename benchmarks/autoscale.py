@@ -61,7 +61,6 @@ from skybroker.autoscale import (
     merge_targets,
     plan_step,
 )
-from skybroker.autoscale_fit import Fit
 from skybroker.catalog import load_catalog
 from skybroker.spec import parse_spec
 from skybroker.targets import load_planner, running_counts, spec_for_load, targets_from_plan
@@ -206,7 +205,7 @@ class SkybrokerPolicy:
         policy = Policy.from_spec(spec)
         policy.min_replicas = max(policy.min_replicas, spec.constraints.min_replicas)
         self.switch = SwitchCost(startup_s=STARTUP_S)
-        self.scaler = Autoscaler(policy, self._replan, self.switch, Fit.from_spec(spec))
+        self.scaler = Autoscaler(policy, self._replan, self.switch)
         self.targets = targets_from_plan(_plan(spec, TROUGH / (1 - policy.headroom)))
         self.blocked: frozenset = frozenset()
         planned = spec_for_load(spec, 1.0)  # what a re-plan solves, less its rate

@@ -110,6 +110,9 @@ class SwitchCost:
     startup_s: float = 300.0  # a new replica is paid this long before it serves
     per_launch: float = 0.05  # $ per launch (image pull, warm-up risk)
     horizon_h: float = 1.0  # how long a decision is expected to hold
+    # where the plan from scratch beats the step, also solve the plan warm-started from what
+    # runs (off by default: one day of benchmarks/autoscale.py measured it, with `Fit`, dearer)
+    warm: bool = False
 
 
 @dataclass
@@ -237,7 +240,7 @@ class Autoscaler:
         if self._near_slo(load):
             self.under_since = None  # measured near the SLO: fewer replicas would breach it
             return Decision(targets, [])
-        best, how = self._choose(load, targets, need / factor, factor, self.reconsider)
+        best, how = self._choose(load, targets, need / factor, factor)
         if _cost(best) >= _cost(targets) or total_replicas(best) < p.min_replicas:
             self.under_since = None
             self.reconsider = False
@@ -364,7 +367,7 @@ class Autoscaler:
         ):
             # the plan from scratch for this load (shared by every running placement) first:
             # only where it would pay, the warm-started solve that keeps what runs
-            for running in ([], targets):
+            for running in ([], targets) if self.switch.warm else ([],):
                 fresh = self._replan(need, factor, load, running, targets)
                 if fresh is None:
                     break

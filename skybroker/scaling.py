@@ -30,7 +30,6 @@ from skybroker.autoscale import (
     plan_step,
     total_replicas,
 )
-from skybroker.autoscale_fit import Fit
 from skybroker.state import Deployment, Event, ReplicaStatus
 from skybroker.targets import Sizing, load_planner, running_counts
 
@@ -104,7 +103,7 @@ class Scaling:
             spec = DeploymentSpec.model_validate(dep.spec)
             switch = SwitchCost()
             self._scalers[dep.name] = Autoscaler(
-                Policy.from_spec(spec), self._replan(dep, spec, switch), switch, Fit.from_spec(spec)
+                Policy.from_spec(spec), self._replan(dep, spec, switch), switch
             )
         return self._scalers[dep.name]
 
