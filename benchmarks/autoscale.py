@@ -34,6 +34,9 @@ Policies:
   kept in $SKYBROKER_HOME/autoscale-plans.json across runs, `--fresh` solves them again).
 - skybroker+sched: the same with `workload.schedule` set to each hour's peak of the cosine
   (the known curve, bursts unknown).
+
+`--warm` and `--fit` switch on the autoscaler's opt-in parts (`SwitchCost.warm`: the re-plan
+warm-started from what runs; `Fit.from_spec`: steps kept feasible under the spec).
 """
 
 from __future__ import annotations
@@ -61,9 +64,10 @@ from skybroker.autoscale import (
     merge_targets,
     plan_step,
 )
+from skybroker.autoscale_fit import Fit
 from skybroker.catalog import load_catalog
 from skybroker.spec import parse_spec
-from skybroker.targets import load_planner, spec_for_load, targets_from_plan
+from skybroker.targets import load_planner, running_counts, spec_for_load, targets_from_plan
 
 STEP_S = 60.0
 STARTUP_S = 300.0
@@ -200,22 +204,31 @@ class SkyServePolicy:
 
 
 class SkybrokerPolicy:
-    def __init__(self, spec: Any) -> None:
+    def __init__(self, spec: Any, warm: bool = False, fit: bool = False) -> None:
         self.spec = spec
         policy = Policy.from_spec(spec)
         policy.min_replicas = max(policy.min_replicas, spec.constraints.min_replicas)
-        self.scaler = Autoscaler(policy, self._replan, SwitchCost(startup_s=STARTUP_S))
+        self.switch = SwitchCost(startup_s=STARTUP_S, warm=warm)
+        self.scaler = Autoscaler(policy, self._replan, self.switch,
+                                 Fit.from_spec(spec) if fit else None)  # fmt: skip
         self.targets = targets_from_plan(_plan(spec, TROUGH / (1 - policy.headroom)))
         self.blocked: frozenset = frozenset()
         planned = spec_for_load(spec, 1.0)  # what a re-plan solves, less its rate
         self.spec_id = hashlib.sha256(planned.model_dump_json().encode()).hexdigest()[:12]
         self.decisions: list[str] = []
 
-    def _replan(self, need: float, mean_in: float, mean_out: float) -> list[dict[str, Any]]:
+    def _replan(
+        self, need: float, mean_in: float, mean_out: float, running: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
         step = plan_step(need)
-        key = json.dumps([self.spec_id, step, sorted(self.blocked)])
+        warm = sorted([list(k), n] for k, n in running_counts(running).items())
+        key = json.dumps([self.spec_id, step, sorted(self.blocked)] + ([warm] if warm else []))
         if key not in PLANS:
-            PLANS[key] = load_planner(self.spec, self.blocked)(step, mean_in, mean_out)
+            s = self.switch
+            plan = load_planner(
+                self.spec, self.blocked, None, s.startup_s, s.per_launch, s.horizon_h
+            )
+            PLANS[key] = plan(step, mean_in, mean_out, running)
             _save_plans()
         return PLANS[key]
 
@@ -276,6 +289,8 @@ def main() -> None:
     ap.add_argument("--headroom", type=float, default=0.2, help="autoscale.headroom")
     ap.add_argument("--decisions", type=int, default=8, help="print this many of skybroker's")
     ap.add_argument("--fresh", action="store_true", help="solve every re-plan again")
+    ap.add_argument("--warm", action="store_true", help="SwitchCost.warm: also the warm re-plan")
+    ap.add_argument("--fit", action="store_true", help="steps kept feasible (Fit.from_spec)")
     args = ap.parse_args()
     if PLANS_FILE.exists() and not args.fresh:
         PLANS.update(json.loads(PLANS_FILE.read_text()))
@@ -295,8 +310,8 @@ def main() -> None:
     policies = (("static peak", StaticPolicy),
                 ("static max", lambda s: StaticPolicy(s, float(rates.max()))),
                 ("skyserve-style", SkyServePolicy),
-                ("skybroker+sched", lambda s: SkybrokerPolicy(timed)),
-                ("skybroker", SkybrokerPolicy))  # fmt: skip
+                ("skybroker+sched", lambda s: SkybrokerPolicy(timed, args.warm, args.fit)),
+                ("skybroker", lambda s: SkybrokerPolicy(s, args.warm, args.fit)))  # fmt: skip
     for name, make in policies:
         policy = make(spec)
         rows[name] = simulate(policy, rates, args.seed, od)

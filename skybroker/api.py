@@ -161,12 +161,13 @@ def _check_spec(spec: Any, allowed: list[PathLib] | None, launch: bool = False) 
         raise ApiError(422, "invalid_spec", str(e), field, errors) from None
 
 
-def _make_plan(spec: Any, blocklist: frozenset = frozenset()) -> Any:  # -> Plan
+def _make_plan(spec: Any, blocklist: frozenset = frozenset(), warm: Any = None) -> Any:
+    """-> Plan; `warm`: an autoscaler's re-plan of what runs (no baselines: nobody reads them)."""
     from skybroker.plan import InfeasibleError, make_plan
     from skybroker.spec import SpecError
 
     try:
-        return make_plan(spec, _catalog(), blocklist=blocklist)
+        return make_plan(spec, _catalog(), blocklist=blocklist, warm=warm, baselines=warm is None)
     except InfeasibleError as e:
         raise ApiError(422, "infeasible", str(e)) from None
     except SpecError as e:

@@ -30,9 +30,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from skybroker.autoscale_fit import Fit
+
 Targets = list[dict[str, Any]]
-# (capacity req/s needed, mean input tokens, mean output tokens) -> targets, or raises
-Replan = Callable[[float, float, float], Targets]
+# (capacity req/s needed, mean input tokens, mean output tokens, running targets) -> targets
+# (the cheapest plan for that load counting what switching from the running ones costs), or
+# raises
+Replan = Callable[[float, float, float, Targets], Targets]
 # Prefill of one token costs about this share of one decode step's per-request work; the
 # capacity correction for a mix that differs from the planned one (the re-plan is exact).
 PREFILL_WEIGHT = 0.1
@@ -106,6 +110,9 @@ class SwitchCost:
     startup_s: float = 300.0  # a new replica is paid this long before it serves
     per_launch: float = 0.05  # $ per launch (image pull, warm-up risk)
     horizon_h: float = 1.0  # how long a decision is expected to hold
+    # where the plan from scratch beats the step, also solve the plan warm-started from what
+    # runs (off by default: one day of benchmarks/autoscale.py measured it, with `Fit`, dearer)
+    warm: bool = False
 
 
 @dataclass
@@ -160,17 +167,24 @@ class Autoscaler:
     the engines' queue at the last look)."""
 
     def __init__(
-        self, policy: Policy, replan: Replan | None = None, switch: SwitchCost | None = None
+        self,
+        policy: Policy,
+        replan: Replan | None = None,
+        switch: SwitchCost | None = None,
+        fit: Fit | None = None,
     ) -> None:
         self.policy = policy
         self.replan = replan
         self.switch = switch or SwitchCost()
+        self.fit = fit  # the spec's users, reach and shares (None: capacities just add up)
         self.over_since: float | None = None
         self.under_since: float | None = None
         self.waiting: int | None = None  # the engines' queue at the last look
         # a replacement under way: when the new replicas serve, the targets to end at, and
         # what they replace
         self.handoff: tuple[float, Targets, str] | None = None
+        self.blocked: frozenset = frozenset()  # at the last look
+        self.reconsider = False  # the blocklist changed: a re-plan may pay without a change of load
 
     def mix_factor(self, load: Load) -> float:
         """Planned capacity x this = capacity for the observed mix (first order)."""
@@ -191,15 +205,15 @@ class Autoscaler:
             d = self._hand_over(load, targets, now)
             if d is not None:
                 return d
+        if blocked != self.blocked:  # a market gone or back: weigh a re-plan until one wins
+            self.blocked, self.reconsider = blocked, True
         if any(tuple(t["key"]) in blocked for t in targets):
             return self._move_off(load, targets, now, blocked)
         p = self.policy
         factor = self.mix_factor(load)
-        served = capacity(targets) * factor * (1 - p.headroom)
+        served = self.capacity(targets) * factor * (1 - p.headroom)
         ahead = self.scheduled(now)
-        # capacity that keeps the headroom free, for the rate seen or the one the schedule
-        # says arrives before a replica started now would be ready
-        need = max(load.rate, ahead[0] if ahead else 0.0) / (1 - p.headroom)
+        need = self.need(load, now)
         n = total_replicas(targets)
         risk, measured = self._risk(load, targets, factor, served)
         if not risk and ahead and ahead[0] > served + 1e-9:
@@ -216,9 +230,9 @@ class Autoscaler:
             if load.starting and measured:
                 return Decision(targets, [f"{risk}; waiting for {load.starting} starting"])
             if measured:  # seen on the replicas, not from the rate: one step more than runs
-                need = max(need, capacity(targets) * factor * (1 + 1e-6))
+                need = max(need, self.capacity(targets) * factor * (1 + 1e-6))
             best, how = self._choose(load, targets, need / factor, factor)
-            if hourly(best) <= hourly(targets) and capacity(best) <= capacity(targets):
+            if hourly(best) <= hourly(targets) and self.capacity(best) <= self.capacity(targets):
                 return Decision(targets, [f"{risk}; at max_replicas {p.max_replicas}"])
             self.over_since = None
             return self._decision(risk, targets, best, "up", how, now)
@@ -229,21 +243,21 @@ class Autoscaler:
         best, how = self._choose(load, targets, need / factor, factor)
         if _cost(best) >= _cost(targets) or total_replicas(best) < p.min_replicas:
             self.under_since = None
+            self.reconsider = False
             return Decision(targets, [])
         self.under_since = now if self.under_since is None else self.under_since
-        why = f"rate {load.rate:.2f} req/s is served by {capacity(best) * factor * (1 - p.headroom):.2f}"
+        down = self.capacity(best) * factor * (1 - p.headroom)
+        why = f"rate {load.rate:.2f} req/s is served by {down:.2f}"
         if now - self.under_since < p.downscale_delay_s:
             return Decision(targets, [f"{why}; down in {self._left(now, False):.0f}s"])
         self.under_since = None
         return self._decision(f"{why} within SLO", targets, best, "down", how, now)
 
     def _move_off(self, load: Load, targets: Targets, now: float, blocked: frozenset) -> Decision:
-        p = self.policy
         factor = self.mix_factor(load)
         gone = [t for t in targets if tuple(t["key"]) in blocked]
         live = [t for t in targets if tuple(t["key"]) not in blocked]
-        ahead = self.scheduled(now)
-        need = max(load.rate, ahead[0] if ahead else 0.0) / (1 - p.headroom)
+        need = self.need(load, now)
         best, how = self._choose(load, live, need / factor, factor)
         why = f"{', '.join(where(t) for t in gone)} has no capacity"
         if not best:
@@ -256,7 +270,7 @@ class Autoscaler:
         load outgrew the targets it ends at; decide afresh on what runs)."""
         assert self.handoff is not None
         at, final, what = self.handoff
-        served = capacity(final) * self.mix_factor(load) * (1 - self.policy.headroom)
+        served = self.capacity(final) * self.mix_factor(load) * (1 - self.policy.headroom)
         if load.rate > served + 1e-9:
             self.handoff = None
             return None
@@ -264,6 +278,12 @@ class Autoscaler:
             return Decision(targets, [f"replacements for {what} starting"])
         self.handoff = None
         return self._decision(f"replacements for {what} ready", targets, final, "down", "")
+
+    def need(self, load: Load, now: float) -> float:
+        """The capacity (req/s of the observed mix) that keeps the headroom free for the rate
+        seen, or for the one the schedule says arrives before a replica started now serves."""
+        ahead = self.scheduled(now)
+        return max(load.rate, ahead[0] if ahead else 0.0) / (1 - self.policy.headroom)
 
     def scheduled(self, now: float) -> tuple[float, int] | None:
         """The highest rate `workload.schedule` names for the hours from `now` (UTC
@@ -315,6 +335,7 @@ class Autoscaler:
         """`old` -> `new`; where `new` both adds replicas and removes some (a replacement,
         `now` given), the removed ones stay until the added ones serve."""
         moves = changes(old, new)
+        self.reconsider = self.reconsider and not moves
         note = how if how and how != "moved" else ""
         reason = f"{why}: {', '.join(moves)}" + (f" ({note})" if note else "")
         kind = kind if how == "" else "replan"
@@ -331,22 +352,51 @@ class Autoscaler:
     # -- candidates ---------------------------------------------------------------------------
 
     def _choose(
-        self, load: Load, targets: Targets, need: float, factor: float
+        self, load: Load, targets: Targets, need: float, factor: float, force: bool = True
     ) -> tuple[Targets, str]:
         """The cheapest candidate (with switching) whose planned capacity is >= `need`, and
-        a note when it is the re-plan."""
-        cands = [(self._step(targets, need), "")]
-        if self.replan is not None:
-            try:
-                fresh = self.replan(need * factor, load.input_tokens, load.output_tokens)
-            except Exception:  # infeasible for this rate/mix: keep stepping what runs
-                fresh = None
-            if fresh is not None:
-                cands.append((self._clamp(_rescale(fresh, factor)), "re-planned"))
-        scored = [(self._score(targets, c), i, c, how) for i, (c, how) in enumerate(cands)]
-        ok = [s for s in scored if capacity(s[2]) >= need - 1e-9] or scored
-        _, _, best, how = min(ok, key=lambda s: (s[0], s[1]))
+        a note when it is the re-plan. Re-plans are solved when `force`, or when `need` left
+        the band `targets` serve (more than they serve, or served with a replica fewer):
+        the plan from scratch, and where
+        it beats the step, the one warm-started from `targets` (their replicas already paid,
+        new ones paid their startup), which keeps what runs unless a change pays."""
+        step = self._step(targets, need)
+        cands = [(step, "")]
+        if self.replan is not None and (
+            force or changes(targets, step) or self._spare(targets, need)
+        ):
+            # the plan from scratch for this load (shared by every running placement) first:
+            # only where it would pay, the warm-started solve that keeps what runs
+            for running in ([], targets) if self.switch.warm else ([],):
+                fresh = self._replan(need, factor, load, running, targets)
+                if fresh is None:
+                    break
+                cands.append((fresh, "re-planned"))
+                if running or self._pick(targets, cands, need)[0] is step:
+                    break
+        best, how = self._pick(targets, cands, need)
         return (best, how) if changes(targets, best) else (targets, "")
+
+    def _replan(
+        self, need: float, factor: float, load: Load, running: Targets, targets: Targets
+    ) -> Targets | None:
+        """The re-plan for `need` (warm-started from `running`), its capacities as what runs
+        keeps them (`keep_capacity`)."""
+        assert self.replan is not None
+        try:
+            fresh = self.replan(need * factor, load.input_tokens, load.output_tokens, running)
+        except Exception:  # infeasible for this rate/mix: keep stepping what runs
+            return None
+        return self._clamp(keep_capacity(targets, _rescale(fresh, factor)))
+
+    def _pick(
+        self, targets: Targets, cands: list[tuple[Targets, str]], need: float
+    ) -> tuple[Targets, str]:
+        """The cheapest of `cands` (with switching) that serves `need` (the first on a tie)."""
+        scored = [(self._score(targets, c), i, c, how) for i, (c, how) in enumerate(cands)]
+        ok = [s for s in scored if self.shortfall(s[2], need) <= 1e-9] or scored
+        _, _, best, how = min(ok, key=lambda s: (s[0], s[1]))
+        return best, how
 
     def _score(self, old: Targets, new: Targets) -> float:
         s = self.switch
@@ -360,40 +410,73 @@ class Autoscaler:
         return hourly(new) * s.horizon_h + switch + 1e-6 * total_replicas(new)
 
     def _step(self, targets: Targets, need: float) -> Targets:
-        """The running targets with replicas added (best capacity per $ first) until they
-        reach `need`, or removed (worst first, each target keeping one) while they exceed it."""
+        """The running targets with replicas added until they serve `need` (each time the
+        replica that serves the most of what is missing per $, so a step keeps the users'
+        RTT and the spot, region and cloud shares), or removed (worst capacity per $ first,
+        each target keeping one) while the rest still serve it."""
         new = [dict(t) for t in targets]
         p = self.policy
-
-        def value(t: dict[str, Any]) -> float:
-            return t["capacity_rps"] / max(t["price_per_hour"], 1e-6)
-
-        while capacity(new) < need - 1e-9 and total_replicas(new) < p.max_replicas and new:
-            max(new, key=value)["replicas"] += 1
+        short = self.shortfall(new, need)
+        while short > 1e-9 and total_replicas(new) < p.max_replicas and new:
+            gains = []
+            for i, t in enumerate(new):
+                t["replicas"] += 1
+                left = self.shortfall(new, need)
+                t["replicas"] -= 1
+                if left < short - 1e-9:
+                    per_dollar = (short - left) / max(t["price_per_hour"], 1e-6)
+                    gains.append((per_dollar, _value(t), -i, left))
+            if not gains:  # no replica of what runs helps (a share or reach binds): re-plan
+                break
+            _, _, neg, short = max(gains)
+            new[-neg]["replicas"] += 1
         while total_replicas(new) > p.min_replicas:
-            spare = [
-                t
-                for t in new
-                if t["replicas"] > 1 and capacity(new) - t["capacity_rps"] >= need - 1e-9
-            ]
+            spare = []
+            for t in new:
+                if t["replicas"] > 1:
+                    t["replicas"] -= 1
+                    if self.shortfall(new, need) <= 1e-9:
+                        spare.append(t)
+                    t["replicas"] += 1
             if not spare:
                 break
-            min(spare, key=value)["replicas"] -= 1
+            min(spare, key=_value)["replicas"] -= 1
         return new
+
+    def _spare(self, targets: Targets, need: float) -> bool:
+        """Whether one replica fewer (a target's last one too) would still serve `need`."""
+        for t in targets:
+            t["replicas"] -= 1
+            ok = self.shortfall(targets, need) <= 1e-9
+            t["replicas"] += 1
+            if ok:
+                return True
+        return False
+
+    def capacity(self, targets: Targets) -> float:
+        """The highest rate `targets` serve within their planned capacities (and the spec's
+        RTT and shares, with a `Fit`)."""
+        return self.fit.servable(targets) if self.fit else capacity(targets)
+
+    def shortfall(self, targets: Targets, need: float) -> float:
+        if self.fit is None:
+            return max(0.0, need - capacity(targets))
+        return self.fit.shortfall(targets, need)
 
     def _clamp(self, targets: Targets) -> Targets:
         """At most max_replicas (the cheapest capacity kept), at least min_replicas."""
         new = [dict(t) for t in targets]
         p = self.policy
         while total_replicas(new) > p.max_replicas:
-            worst = min(
-                (t for t in new if t["replicas"] > 0),
-                key=lambda t: t["capacity_rps"] / max(t["price_per_hour"], 1e-6),
-            )
+            worst = min((t for t in new if t["replicas"] > 0), key=_value)
             worst["replicas"] -= 1
         while total_replicas(new) < p.min_replicas and new:
             max(new, key=lambda t: t["capacity_rps"])["replicas"] += 1
         return [t for t in new if t["replicas"] > 0]
+
+
+def _value(t: dict[str, Any]) -> float:
+    return t["capacity_rps"] / max(t["price_per_hour"], 1e-6)
 
 
 def _cost(targets: Targets) -> tuple[float, int]:
@@ -407,9 +490,26 @@ def _rescale(targets: Targets, factor: float) -> Targets:
     return [dict(t, capacity_rps=t["capacity_rps"] / factor) for t in targets]
 
 
+def keep_capacity(old: Targets, new: Targets) -> Targets:
+    """`new`, where an offering runs in `old`, at the lower of its two planned capacities.
+
+    A target's capacity is what one replica serves of the request mix its plan sends it; a
+    re-plan may send an offering a lighter mix and so plan it for more req/s, but the
+    replicas running there were planned (and are judged) for the old one. Counting the
+    higher figure for them would overstate what runs, and the headroom with it."""
+    have = {tuple(t["key"]): t for t in old if t["replicas"] > 0}
+    out = []
+    for t in new:
+        was = have.get(tuple(t["key"]))
+        cap = min(t["capacity_rps"], was["capacity_rps"]) if was else t["capacity_rps"]
+        out.append(dict(t, capacity_rps=cap))
+    return out
+
+
 def merge_targets(old: Targets, new: Targets) -> Targets:
     """`new` laid over `old`: offerings in both keep their index (their replicas keep their
-    target), offerings `new` lacks stay with 0 replicas (drained), new ones are appended."""
-    want = {tuple(t["key"]): t for t in new}
+    target), offerings `new` lacks stay with 0 replicas (drained), new ones are appended;
+    running offerings keep the lower of their capacities (`keep_capacity`)."""
+    want = {tuple(t["key"]): t for t in keep_capacity(old, new)}
     out = [dict(want.pop(tuple(t["key"]), {**t, "replicas": 0})) for t in old]
     return out + [dict(t) for t in want.values()]

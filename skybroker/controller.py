@@ -115,7 +115,7 @@ class Controller:
         self._failures = self.failures.runs  # deployment -> its failures in a row
         self._replica_http = ReplicaClients(self.probe.timeout_s)
         self.scaling = Scaling(self, scale_interval_s)
-        self.spot = SpotHedge(store, self.planner, spot)
+        self.spot = SpotHedge(store, self.planner, spot, self.scaling.sizing)
         self.health = Supervisor(self)
         self.drains = Drains(self)
         if adopt:
@@ -484,7 +484,7 @@ class Controller:
 
     def _failover(self, dep: Deployment, key: Any) -> None:
         """Blocklist the offering and re-solve the plan without it (once per offering)."""
-        give_up = replan(self.store, self.planner, dep, key)
+        give_up = replan(self.store, self.planner, dep, key, load=self.scaling.sizing(dep))
         if give_up is not None:
             self._fail(dep, give_up)
 

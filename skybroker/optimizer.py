@@ -15,6 +15,10 @@ Flow formulation (see docs in README "Planner"):
           spot, per-region and per-cloud shares of the traffic, min replicas, budget
           (on the objective: instances and egress).
 
+A re-plan's warm start (`Problem.running`, `launch_cost`) adds the switching cost: every
+replica is priced with its launch, keep[o] <= min(n[o], running[o]) replicas get it back
+(min ... + sum_o launch[o] (n[o] - keep[o])), so what runs is kept unless a change pays.
+
 Before building it (`skybroker.prune`): offerings that cannot serve anything or reach no
 user are dropped; interchangeable ones are aggregated onto the cheapest; an offering is
 dropped when k copies of another one in its constraint group (market/cloud/region, as the
@@ -80,6 +84,11 @@ class Problem:
     max_region_share: float = 1.0
     max_cloud_share: float = 1.0
     budget: float | None = None  # $/h of the whole plan: instances and egress
+    # A re-plan's warm start: replicas already running per offering class, and what starting
+    # one more replica of each class costs on the objective ($/h; empty: nothing). Keeping a
+    # running replica costs its price; a new one its price plus its launch cost.
+    running: dict[int, int] = field(default_factory=dict)
+    launch_cost: tuple[float, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -96,7 +105,8 @@ class Solution:
     counts: dict[int, int] = field(default_factory=dict)  # offering index -> replicas
     rates: dict[tuple[int, int], float] = field(default_factory=dict)  # (o, b) -> req/s
     flows: dict[tuple[str, str, int], float] = field(default_factory=dict)  # (u, l, b) -> req/s
-    cost: float = math.inf  # objective: $/h of replicas + egress
+    cost: float = math.inf  # objective: $/h of replicas + egress (+ launches, see below)
+    launch_cost: float = 0.0  # of `cost`: the launch costs of the replicas not running yet
     bound: float = math.inf  # the solver's best dual bound
     gap: float | None = None  # (cost - bound) / cost; None where the solver does not say
     solve_time_s: float = 0.0
@@ -184,7 +194,11 @@ def _build(p: Problem, users: list[str], idx: list[int], total: float,
             ub = min(ub, int(p.budget / o.price + 1e-9))
         if o.max_count is not None:
             ub = min(ub, o.max_count)
-        v.n[i] = n = lp.col(0, ub, o.price, integer=True)
+        launch = p.launch_cost[i] if p.launch_cost else 0.0
+        v.n[i] = n = lp.col(0, ub, o.price + launch, integer=True)
+        if launch > 0 and p.running.get(i, 0) > 0:  # kept replicas: their launch refunded
+            keep = lp.col(0, min(p.running[i], ub), -launch, integer=True)
+            lp.row(-inf, 0, [(keep, 1.0), (n, -1.0)])
         terms = []
         for b in range(nb):
             if o.mu[b] > 0 and rd[i][b] > 0:
@@ -420,11 +434,14 @@ def solve(p: Problem, *, time_limit: float = 20.0, gap_rel: float = 1e-4, solver
     opts = options or Options(time_limit, gap_rel, solver, split=split)
     t0 = time.perf_counter()
     stats = Reduction()
-    feats = features(p, opts.multi_copy)
-    idx = prune(p, stats, multi_copy=opts.multi_copy, f=feats)
+    priced = _launch_priced(p)
+    feats = features(priced, opts.multi_copy)
+    idx = prune(priced, stats, multi_copy=opts.multi_copy, f=feats)
+    if p.running:  # kept replicas cost less than prune assumed: what runs stays a column
+        idx = sorted(set(idx) | {i for i, r in p.running.items() if r > 0})
     prune_s = time.perf_counter() - t0
     far_s = 0.0
-    if opts.far_prune and p.max_region_share < 1:
+    if opts.far_prune and p.max_region_share < 1 and not p.running:
         t1 = time.perf_counter()
         idx, far_s = _far_prune(p, idx, opts, feats if opts.multi_copy else None)
         prune_s += time.perf_counter() - t1 - far_s
@@ -448,6 +465,17 @@ def solve(p: Problem, *, time_limit: float = 20.0, gap_rel: float = 1e-4, solver
     return _finish(
         p, out, [_solve_component(q, users, members, total, opts) for users, members in comps]
     )
+
+
+def _launch_priced(p: Problem) -> Problem:
+    """`p` with each offering's price raised by its launch cost, for pruning: a replica costs
+    at most that (exactly that where none runs), so dominance on these prices keeps the
+    optimum once the running offerings are added back."""
+    if not p.launch_cost:
+        return p
+    offs = [replace(o, price=o.price + c) if c else o
+            for o, c in zip(p.offerings, p.launch_cost, strict=True)]  # fmt: skip
+    return replace(p, offerings=offs)
 
 
 def _far_prune(p: Problem, idx: list[int], opts: Options,
@@ -519,7 +547,10 @@ def _finish(p: Problem, out: Solution, parts: list[Solution]) -> Solution:
         out.counts.update(sub.counts)
         out.rates.update(sub.rates)
         out.flows.update(sub.flows)
-    if p.budget is not None and out.cost > p.budget + 1e-6:
+    if p.launch_cost:
+        out.launch_cost = sum(p.launch_cost[i] * max(0, n - p.running.get(i, 0))
+                              for i, n in out.counts.items())  # fmt: skip
+    if p.budget is not None and out.cost - out.launch_cost > p.budget + 1e-6:
         out.status, out.cost = "infeasible", math.inf
         return out
     if math.isfinite(out.bound) and out.cost > 0:

@@ -33,11 +33,13 @@ from skybroker.plan_perf import perf_per_config, required_len, resolve_arch, slo
 from skybroker.plan_problem import (
     Meta,
     OfferingKey,
+    Warm,
     allowed_offerings,
     build_problem,
     egress_cost,
     local_offering,
     local_replicas,
+    with_warm,
 )
 from skybroker.plan_solve import Search, served
 from skybroker.provision.ports import left_open, port_unreachable
@@ -194,8 +196,11 @@ def network_notes(spec: DeploymentSpec, catalog: Catalog, placements: list[Place
 
 def make_plan(spec: DeploymentSpec, catalog: Catalog | None = None,
               blocklist: frozenset[OfferingKey] = frozenset(), *,
-              time_limit: float = 20.0, baselines: bool = True) -> Plan:  # fmt: skip
-    """The cheapest placement of `spec` that meets its SLO, or InfeasibleError."""
+              time_limit: float = 20.0, baselines: bool = True,
+              warm: Warm | None = None) -> Plan:  # fmt: skip
+    """The cheapest placement of `spec` that meets its SLO, or InfeasibleError. With `warm`
+    (a re-plan of what runs), the cheapest counting what switching costs: its running
+    replicas cost their price, each new one its launch too; the plan's $/h is its price."""
     t0 = time.perf_counter()
     arch = resolve_arch(spec.model, spec.infra)
     if spec.infra == "local":  # the engine runs fp32 on CPU
@@ -210,6 +215,7 @@ def make_plan(spec: DeploymentSpec, catalog: Catalog | None = None,
         raise InfeasibleError(no_offering_reason(spec))
     perf = perf_per_config(arch, spec, catalog, classes, rows, need_len, exact=False)
     problem, meta = build_problem(spec, catalog, classes, rows, perf, local_max=slots)
+    problem = with_warm(problem, warm)
     if not problem.offerings:  # no replica fits in memory
         raise InfeasibleError(no_fit_reason(arch, need_len, rows, spec))
     search = Search(spec, arch, classes, slo_target(spec), (problem, meta), perf, time_limit,
@@ -224,7 +230,7 @@ def make_plan(spec: DeploymentSpec, catalog: Catalog | None = None,
     checks = search.check_mixes(problem, sol, meta, full=True)
     flush_disk_cache()  # the mixes' capacities and latencies, for the next plan
     search.perf_s += time.perf_counter() - t_mix
-    plan = Plan(spec, _placements(problem, sol, meta, classes, checks), sol.cost,
+    plan = Plan(spec, _placements(problem, sol, meta, classes, checks), sol.cost - sol.launch_cost,
                 egress_cost(problem, sol), SolverInfo(sol.status, sol.solve_time_s, sol.gap),
                 model=arch.describe(),
                 request_classes=[{"name": c.name, "share": round(c.share, 4),

@@ -3,7 +3,8 @@
 `allowed_offerings` lists each market the constraints allow (zones collapsed); `user_reach`
 the locations each user region reaches within the RTT limit; `build_problem` one offering
 class per (offering, deployment configuration) with its capacity per request class, the
-demand per user and class, and the constraints (`skybroker.optimizer.Problem`).
+demand per user and class, and the constraints (`skybroker.optimizer.Problem`);
+`with_warm` a re-plan's running replicas and launch costs on it.
 """
 
 from __future__ import annotations
@@ -203,6 +204,33 @@ def build_problem(spec: DeploymentSpec, catalog: Catalog, classes: list[RequestC
     problem = Problem(offs, demand, reach, c.min_replicas, c.spot_share_limit(),
                       c.max_region_share, c.max_cloud_share, c.budget_per_hour)  # fmt: skip
     return problem, Meta(meta_rows, meta_perf, dps, perf, locations)
+
+
+@dataclass(frozen=True)
+class Warm:
+    """A re-plan of a running deployment: the replicas running per (cloud, region,
+    instance type, spot, tensor parallel), and what starting one more costs: its price for
+    `startup_s` (paid before it serves) plus `per_launch` $, over the `horizon_h` hours a
+    plan is expected to hold (the optimizer's objective is $/h)."""
+
+    running: dict[tuple, int]
+    startup_s: float = 300.0
+    per_launch: float = 0.0
+    horizon_h: float = 1.0
+
+    def launch_cost(self, price: float) -> float:
+        return (price * self.startup_s / 3600 + self.per_launch) / self.horizon_h
+
+
+def with_warm(p: Problem, warm: Warm | None) -> Problem:
+    """`p` with `warm`'s running replicas as already-paid columns and every new replica's
+    launch cost on the objective (`Problem.running`, `Problem.launch_cost`)."""
+    if warm is None:
+        return p
+    index = {oc.key: i for i, oc in enumerate(p.offerings)}
+    running = {index[k]: n for k, n in warm.running.items() if k in index and n > 0}
+    return replace(p, running=running,
+                   launch_cost=tuple(warm.launch_cost(oc.price) for oc in p.offerings))  # fmt: skip
 
 
 def with_perf(p: Problem, meta: Meta, perf: dict[ConfigKey, ReplicaPerf | None],

@@ -6,7 +6,9 @@ flight per replica, each ready engine's queue and KV use), asks the deployment's
 and applies a change: new offerings of a re-plan are appended to the targets, replica counts
 are set through `Controller.scale` (the reconcile launches, or drains what is too many). Each
 decision is an `autoscaled` event: its message is the reason, its data the load, the
-targets, the replica count and $/h after it. `scaling_view(events)` is the replica count over
+targets, the replica count and $/h after it. The deployment's blocklist (offerings failed
+over from, spot ones cooling down) is the policy's `blocked`; `sizing(dep)` is the load a
+failover re-plan sizes for. `scaling_view(events)` is the replica count over
 time and the last decisions, as `skybroker status NAME` and the REST API show them.
 """
 
@@ -21,6 +23,7 @@ from skybroker.autoscale import (
     Decision,
     Load,
     Policy,
+    SwitchCost,
     Targets,
     hourly,
     merge_targets,
@@ -28,7 +31,7 @@ from skybroker.autoscale import (
     total_replicas,
 )
 from skybroker.state import Deployment, Event, ReplicaStatus
-from skybroker.targets import load_planner
+from skybroker.targets import Sizing, load_planner, running_counts
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ class Scaling:
         self._scalers: dict[str, Autoscaler] = {}
         self._ticked: dict[str, float] = {}
         self._plans: dict[tuple, Targets] = {}  # re-plans, per load step and blocklist
+        self._seen: dict[str, Load] = {}  # each deployment's last load
 
     def tick(self, dep: Deployment, now: float | None = None) -> Decision | None:
         """One look at `dep`'s load; the decision taken (None: not autoscaled, not due yet,
@@ -70,32 +74,50 @@ class Scaling:
             window_s=float(seen.get("window_s") or window),
             engines={k: v for k, v in (seen.get("engines") or {}).items() if isinstance(v, dict)},
         )
-        decision = scaler.decide(load, [t for t in dep.targets if t["replicas"]], now)
+        self._seen[dep.name] = load
+        blocked = frozenset(tuple(k) for k in dep.blocklist)  # failed over, cooling down
+        decision = scaler.decide(load, [t for t in dep.targets if t["replicas"]], now, blocked)
         if decision.changed:
             self._apply(dep, decision, load)
         return decision
 
+    def sizing(self, dep: Deployment) -> Sizing | None:
+        """What a failover re-plan of `dep` sizes for: the capacity its last observed load
+        needs with the headroom free (and the schedule's rate a startup ahead), with the
+        observed token mix; None where it is not autoscaled or no load was seen yet."""
+        load = self._seen.get(dep.name)
+        if not dep.spec.get("autoscale") or load is None:
+            return None
+        need = self._scaler(dep).need(load, time.time())
+        return need, load.input_tokens, load.output_tokens
+
     def forget(self, name: str) -> None:
         self._scalers.pop(name, None)
         self._ticked.pop(name, None)
+        self._seen.pop(name, None)
 
     def _scaler(self, dep: Deployment) -> Autoscaler:
         if dep.name not in self._scalers:
             from skybroker.spec import DeploymentSpec
 
             spec = DeploymentSpec.model_validate(dep.spec)
-            self._scalers[dep.name] = Autoscaler(Policy.from_spec(spec), self._replan(dep, spec))
+            switch = SwitchCost()
+            self._scalers[dep.name] = Autoscaler(
+                Policy.from_spec(spec), self._replan(dep, spec, switch), switch
+            )
         return self._scalers[dep.name]
 
-    def _replan(self, dep: Deployment, spec: Any) -> Any:
-        def replan(need: float, mean_in: float, mean_out: float) -> Targets:
+    def _replan(self, dep: Deployment, spec: Any, switch: SwitchCost) -> Any:
+        def replan(need: float, mean_in: float, mean_out: float, running: Targets) -> Targets:
             current = self.controller.get(dep.name) or dep
             blocklist = frozenset(tuple(k) for k in current.blocklist)
+            warm = frozenset(running_counts(running).items())
             key = (dep.name, plan_step(need), round(mean_in, -1), round(mean_out, -1),
-                   blocklist)  # fmt: skip
+                   blocklist, warm)  # fmt: skip
             if key not in self._plans:
-                plan = load_planner(spec, blocklist, self.controller.planner)
-                self._plans[key] = plan(key[1], mean_in, mean_out)
+                plan = load_planner(spec, blocklist, self.controller.planner, switch.startup_s,
+                                    switch.per_launch, switch.horizon_h)  # fmt: skip
+                self._plans[key] = plan(key[1], mean_in, mean_out, running)
             return self._plans[key]
 
         return replan

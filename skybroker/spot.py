@@ -6,11 +6,13 @@ A preempted replica is replaced without counting as a failure (`skybroker.verdic
   `reclaim_window_s`, or one spot `CapacityError`, put that offering on a cool-down: it joins
   the deployment's blocklist for `cooldown_s` and the plan is re-solved without it (a
   `cooldown` event, then `failover`);
+- the re-plan sizes for the observed load where the deployment is autoscaled (`sizing`:
+  `Scaling.sizing`, the last rate seen with its headroom), else for `workload.rate`;
 - the re-plan may bring in on-demand replicas for the lost spot ones when the spec's
   `spot.fallback` is `on_demand` (the default); with `none` it keeps only spot offerings and
   the on-demand ones that ran before;
-- when the cool-down ends the offering leaves the blocklist and the plan is re-solved
-  (`cooldown_ended`). Offerings the new plan drops stay as `standby` targets, serving, until
+- when the cool-down ends the offering leaves the blocklist and the plan is re-solved, sized
+  the same way (`cooldown_ended`). Offerings the new plan drops stay as `standby` targets, serving, until
   every other target has its replicas ready; then they are drained (`fallback_drained`), so
   no capacity gap opens and no request is lost.
 
@@ -21,12 +23,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from skybroker.state import Deployment, ReplicaStatus, Store
 from skybroker.targets import (
     Planner,
+    Sizing,
     describe_key,
     plan_summary,
     replan,
@@ -74,10 +78,17 @@ def with_standby(old: Targets, new: Targets, live: dict[Key, int]) -> Targets:
 class SpotHedge:
     """The cool-downs and stand-ins of a controller's deployments."""
 
-    def __init__(self, store: Store, planner: Planner, config: SpotConfig | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        planner: Planner,
+        config: SpotConfig | None = None,
+        sizing: Callable[[Deployment], Sizing | None] | None = None,
+    ) -> None:
         self.store = store
         self.planner = planner
         self.config = config or SpotConfig()
+        self.sizing = sizing or (lambda dep: None)  # the load a re-plan is for (None: the spec's)
         self.until: dict[str, dict[Key, float]] = {}  # deployment -> offering -> cool-down end
         self._reclaims: dict[tuple[str, Key], deque[float]] = {}
 
@@ -113,7 +124,7 @@ class SpotHedge:
         )
         fallback = (dep.spec.get("spot") or {}).get("fallback", "on_demand")
         shape = keep_on_demand if fallback == "none" else None
-        stuck = replan(self.store, self.planner, dep, key, shape)
+        stuck = replan(self.store, self.planner, dep, key, shape, self.sizing(dep))
         if stuck is not None:  # nothing else is feasible: wait for the cool-down to end
             dep = self.store.get_deployment(dep.name) or dep
             rest = [t for t in dep.targets if tuple(t["key"]) != key]
@@ -137,7 +148,7 @@ class SpotHedge:
         dep = self.store.update_deployment(dep.name, blocklist=sorted(blocklist))
         message = f"{describe_key(key)} allowed again"
         try:
-            plan = solve(self.planner, dep, blocklist)
+            plan = solve(self.planner, dep, blocklist, self.sizing(dep))
         except Exception as e:  # keep what runs
             self.store.add_event(dep.name, "cooldown_ended", f"{message}; re-plan failed: {e}",
                                  data={"key": list(key)})  # fmt: skip

@@ -45,12 +45,13 @@ def targets_from_plan(plan: Any) -> list[dict[str, Any]]:
     return targets
 
 
-def default_planner(spec: Any, blocklist: frozenset = frozenset()) -> Any:
-    """Failover's re-plan: the cheapest plan without the blocked offerings. No baselines:
-    they only explain a plan to a person, and failover should be quick."""
+def default_planner(spec: Any, blocklist: frozenset = frozenset(), warm: Any = None) -> Any:
+    """Failover's re-plan: the cheapest plan without the blocked offerings (with `warm`, a
+    `skybroker.plan_problem.Warm`: counting what switching from the running replicas costs).
+    No baselines: they only explain a plan to a person, and failover should be quick."""
     from skybroker.plan import make_plan
 
-    return make_plan(spec, blocklist=blocklist, baselines=False)
+    return make_plan(spec, blocklist=blocklist, baselines=False, warm=warm)
 
 
 def spec_for_load(spec: Any, rate: float, mean_in: float = 0.0, mean_out: float = 0.0) -> Any:
@@ -89,16 +90,40 @@ def _scaled(dist: Any, ratio: float) -> Any:
 
 
 def load_planner(
-    spec: Any, blocklist: frozenset = frozenset(), planner: Planner | None = None
+    spec: Any,
+    blocklist: frozenset = frozenset(),
+    planner: Planner | None = None,
+    startup_s: float = 300.0,
+    per_launch: float = 0.0,
+    horizon_h: float = 1.0,
 ) -> Any:
-    """The autoscaler's re-plan: (capacity req/s, mean input, mean output) -> targets, from
-    the cheapest plan for that load (the planner's ILP, no baselines)."""
+    """The autoscaler's re-plan: (capacity req/s, mean input, mean output, running targets)
+    -> targets, from the cheapest plan for that load (the planner's ILP, no baselines),
+    warm-started from the running targets: keeping one of their replicas costs its price,
+    a new one its price plus its startup x $/h and `per_launch`, over `horizon_h`."""
     solve = planner or default_planner
 
-    def replan(rate: float, mean_in: float, mean_out: float) -> list[dict[str, Any]]:
-        return targets_from_plan(solve(spec_for_load(spec, rate, mean_in, mean_out), blocklist))
+    def replan(
+        rate: float, mean_in: float, mean_out: float, running: list[dict[str, Any]] | None = None
+    ) -> list[dict[str, Any]]:
+        from skybroker.plan_problem import Warm
+
+        load = spec_for_load(spec, rate, mean_in, mean_out)
+        if not running:
+            return targets_from_plan(solve(load, blocklist))
+        warm = Warm(running_counts(running), startup_s, per_launch, horizon_h)
+        return targets_from_plan(solve(load, blocklist, warm=warm))
 
     return replan
+
+
+def running_counts(targets: list[dict[str, Any]]) -> dict[tuple, int]:
+    """Replicas per (cloud, region, instance type, spot, tensor parallel) of `targets`."""
+    out: dict[tuple, int] = {}
+    for t in targets:
+        key = (*t["key"], int(t.get("tensor_parallel") or 1))
+        out[key] = out.get(key, 0) + int(t["replicas"])
+    return out
 
 
 def describe_key(key: Any) -> str:
@@ -167,29 +192,46 @@ def set_targets(
     return store.update_deployment(dep.name, **fields)
 
 
-def solve(planner: Planner, dep: Deployment, blocklist: set[tuple]) -> Any:
-    """The planner's plan for `dep`'s spec without the `blocklist` offerings (raises
-    the planner's error when nothing feasible is left)."""
+# (capacity req/s to plan for, mean input tokens, mean output tokens): an autoscaled
+# deployment's observed load with its headroom (`Scaling.sizing`), what a re-plan sizes for
+Sizing = tuple[float, float, float]
+
+
+def solve(
+    planner: Planner, dep: Deployment, blocklist: set[tuple], load: Sizing | None = None
+) -> Any:
+    """The planner's plan for `dep`'s spec without the `blocklist` offerings, for `load`
+    when given (else for `workload.rate`); raises the planner's error when nothing feasible
+    is left."""
     from skybroker.spec import DeploymentSpec
 
-    return planner(DeploymentSpec.model_validate(dep.spec), blocklist=frozenset(blocklist))
+    spec = DeploymentSpec.model_validate(dep.spec)
+    if load is not None:
+        spec = spec_for_load(spec, *load)
+    return planner(spec, blocklist=frozenset(blocklist))
 
 
 Shape = Callable[[list[dict[str, Any]], list[dict[str, Any]]], list[dict[str, Any]]]
 
 
 def replan(
-    store: Store, planner: Planner, dep: Deployment, key: Any, shape: Shape | None = None
+    store: Store,
+    planner: Planner,
+    dep: Deployment,
+    key: Any,
+    shape: Shape | None = None,
+    load: Sizing | None = None,
 ) -> str | None:
-    """Blocklist offering `key` and re-solve the plan without it (once per offering); `shape`
-    (old targets, new targets) -> targets may trim the new ones. The reason to fail the
-    deployment when nothing feasible is left, else None."""
+    """Blocklist offering `key` and re-solve the plan without it (once per offering), for
+    `load` when given (an autoscaled deployment's observed load, else `workload.rate`);
+    `shape` (old targets, new targets) -> targets may trim the new ones. The reason to fail
+    the deployment when nothing feasible is left, else None."""
     if tuple(key) in {tuple(k) for k in dep.blocklist}:
         return None
     blocklist = {tuple(k) for k in dep.blocklist} | {tuple(key)}
     dep = store.update_deployment(dep.name, blocklist=sorted(blocklist))
     try:
-        plan = solve(planner, dep, blocklist)
+        plan = solve(planner, dep, blocklist, load)
     except Exception as e:  # InfeasibleError: nothing left that meets the spec
         return f"no feasible plan without {describe_key(key)}: {e}"
     targets = targets_from_plan(plan)
@@ -197,10 +239,11 @@ def replan(
         targets = shape(dep.targets, targets)
     old = plan_summary(dep.targets)
     set_targets(store, dep, targets, plan)
+    sized = "" if load is None else f" for {load[0]:.2f} req/s (the observed load)"
     store.add_event(
         dep.name,
         "failover",
-        f"re-planned without {describe_key(key)}: {plan_summary(targets)} (was {old})",
+        f"re-planned without {describe_key(key)}{sized}: {plan_summary(targets)} (was {old})",
         data={"blocked": list(key), "targets": targets},
     )
     return None

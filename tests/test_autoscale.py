@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 import pytest
 
 from skybroker.autoscale import (
@@ -13,7 +16,11 @@ from skybroker.autoscale import (
     merge_targets,
     total_replicas,
 )
+from skybroker.autoscale_fit import Fit
+from skybroker.scaling import Scaling
 from skybroker.spec import SpecError, parse_spec
+from skybroker.targets import load_planner
+from skybroker.targets import solve as targets_solve
 
 
 def target(region: str, n: int, cap: float = 3.0, price: float = 0.44, gpu: str = "A40"):
@@ -83,7 +90,7 @@ def test_a_longer_mix_lowers_the_capacity_it_is_judged_by() -> None:
 def test_replan_wins_only_when_it_pays_for_the_switch() -> None:
     big = target("us-east-1", 1, cap=12.0, price=1.39, gpu="A100")
 
-    def replan(need: float, _in: float, _out: float):
+    def replan(need: float, _in: float, _out: float, _running=None):
         return [dict(big, replicas=max(1, int(-(-need // 12))))]
 
     # 6 req/s: stepping A40s needs 3 x 0.44 = 1.32/h; the A100 1.39/h: stay on A40s
@@ -225,3 +232,173 @@ def test_a_blocked_offering_is_moved_off_at_once_and_never_grown() -> None:
         done.reasons[0]
         == "replacements for 2 L40S aws/eu-south-2 spot ready: -2 L40S aws/eu-south-2 spot"
     )
+
+
+# -- steps under the spec's constraints (RTT reach, spot and region shares) -----------------
+
+
+def spot_target(region: str, n: int, cap: float = 4.0, price: float = 0.42):
+    return dict(target(region, n, cap, price, "L40S"), key=["aws", region, "g6e.x", True])
+
+
+def test_a_step_up_keeps_spot_within_its_share() -> None:
+    ts = [target("us-east-1", 1, cap=3.0, price=0.88), spot_target("us-east-1", 1)]
+    fit = Fit({"us": 1.0}, max_spot_share=0.5)
+    a = Autoscaler(policy(max_replicas=20), fit=fit)
+    d = a.decide(Load(rate=8.0), ts, now=0)  # 10 req/s with the headroom free
+    od = sum(t["replicas"] * t["capacity_rps"] for t in d.targets if not t["key"][3])
+    spot = sum(t["replicas"] * t["capacity_rps"] for t in d.targets if t["key"][3])
+    assert od >= 5.0 and fit.servable(d.targets) >= 10.0 and fit.shortfall(d.targets, 10.0) == 0
+    assert spot <= 8.0  # one spot replica more than the cap needs, at most
+    # the same placement without the cap: spot (cheapest per req/s) takes the whole step
+    d = Autoscaler(policy(max_replicas=20)).decide(Load(rate=8.0), ts, now=0)
+    assert [t["replicas"] for t in d.targets] == [1, 2]
+
+
+def test_a_step_adds_where_the_users_short_of_capacity_are() -> None:
+    # eu-west replicas are cheaper per req/s, but only us-east ones reach the US users
+    us, eu = target("us-east-1", 1, cap=3.0, price=0.88), target("eu-west-1", 1, cap=4.0, price=0.5)
+    fit = Fit({"us": 0.6, "eu": 0.4}, {"aws/us-east-1": frozenset({"us"}),
+                                        "aws/eu-west-1": frozenset({"eu"})})  # fmt: skip
+    assert fit.servable([us, eu]) == pytest.approx(5.0)  # the US users' 3 req/s bind
+    a = Autoscaler(policy(max_replicas=20), fit=fit)
+    d = a.decide(Load(rate=8.0), [us, eu], now=0)  # 10 req/s: 6 for the US, 4 for the EU
+    assert [t["replicas"] for t in d.targets] == [2, 1]
+    assert d.reasons[0] == "rate 8.00 req/s > 4.00 served within SLO: +1 A40 aws/us-east-1"
+    # without the reach, the cheaper EU replicas would be added and the US users left short
+    d = Autoscaler(policy(max_replicas=20)).decide(Load(rate=8.0), [us, eu], now=0)
+    assert [t["replicas"] for t in d.targets] == [1, 2]
+
+
+def test_a_step_down_keeps_every_user_region_and_the_region_share() -> None:
+    ts = [target("us-east-1", 4), target("eu-west-1", 4)]  # 3 req/s each
+    fit = Fit({"us": 0.5, "eu": 0.5}, max_region_share=0.6)  # both reach every user
+    a = Autoscaler(policy(downscale_delay_s=0), fit=fit)
+    d = a.decide(Load(rate=4.0), ts, now=0)  # 5 req/s: at most 3 in one region
+    assert d.kind == "down" and fit.shortfall(d.targets, 5.0) == 0
+    assert sorted(t["replicas"] for t in d.targets) == [1, 1]  # 3 + 3 >= 5, 3 <= 0.6 x 5
+    fit = Fit({"us": 0.5, "eu": 0.5}, max_region_share=0.55)
+    d = Autoscaler(policy(downscale_delay_s=0), fit=fit).decide(Load(rate=4.0), ts, now=0)
+    assert sorted(t["replicas"] for t in d.targets) == [1, 1]
+    assert fit.servable(d.targets) == pytest.approx(6.0)
+    # a region share of 0.4 cannot be met by two regions at all: nothing is servable
+    assert Fit({"us": 1.0}, max_region_share=0.4).servable(ts) == 0.0
+
+
+def test_the_fit_of_a_spec_knows_its_users_reach() -> None:
+    spec = parse_spec(yaml_spec("examples/chat-8b-us-eu.yaml") | {"constraints": {
+        "clouds": ["aws"], "spot": "allowed", "min_replicas": 2}})  # fmt: skip
+    fit = Fit.from_spec(spec)
+    assert fit.users == {"us-east": 0.6, "eu-west": 0.4} and fit.max_spot_share == 0.5
+    assert fit.reach["aws/us-east-1"] == {"us-east"} and fit.reach["aws/eu-west-1"] == {"eu-west"}
+
+
+def yaml_spec(path: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(open(path).read())
+
+
+# -- the controller's side: warm re-plans, the blocklist, failover sized for the load ------
+
+
+def test_the_re_plan_is_warm_started_from_what_runs() -> None:
+    seen: list = []
+
+    def planner(spec, blocklist=frozenset(), warm=None):
+        seen.append((spec.workload.rate, warm))
+        raise ValueError("only recording")
+
+    spec = parse_spec(BASE | {"autoscale": {"min_replicas": 1}})
+    replan = load_planner(spec, frozenset(), planner, startup_s=600, per_launch=0.1)
+    with pytest.raises(ValueError):
+        replan(3.0, 0, 0, [dict(target("us-east-1", 2), tensor_parallel=1)])
+    (rate, warm), = seen  # fmt: skip
+    assert rate == 3.0 and warm.running == {("aws", "us-east-1", "A40.x", False, 1): 2}
+    assert warm.launch_cost(0.6) == pytest.approx(0.6 * 600 / 3600 + 0.1)
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.events: list = []
+
+    def add_event(self, name, kind, message, *a, data=None, **kw) -> None:
+        self.events.append((kind, message))
+
+
+class FakeController:
+    """What `Scaling` uses of a controller: the router's load, replicas, scale, the store."""
+
+    def __init__(self, dep, rate: float) -> None:
+        self.dep, self.rate, self.store, self.planner = dep, rate, FakeStore(), None
+        self.routers = self
+
+    def load(self, name, window):
+        return {"rate": self.rate, "input_tokens": 600, "output_tokens": 250}
+
+    def replicas(self, name):
+        return []
+
+    def get(self, name):
+        return self.dep
+
+    def scale(self, name, i, n):
+        self.dep.targets[i] = dict(self.dep.targets[i], replicas=n)
+        return self.dep
+
+
+def local_dep(targets: list, blocklist: list) -> Any:
+    spec = {"name": "d", "infra": "local", "model": {"path": "/m"}, "workload": {"rate": 1},
+            "autoscale": {"min_replicas": 1, "max_replicas": 6, "downscale_delay_s": 60}}  # fmt: skip
+    return SimpleNamespace(name="d", spec=spec, targets=targets, blocklist=blocklist)
+
+
+def test_tick_passes_the_blocklist_and_failover_sizes_for_the_observed_load() -> None:
+    spot = dict(target("eu-south-2", 2), key=["aws", "eu-south-2", "g6e", True])
+    dep = local_dep([target("us-east-1", 1), spot], [("aws", "eu-south-2", "g6e", True)])
+    c = FakeController(dep, rate=4.0)
+    s = Scaling(c, interval_s=0)
+    assert s.sizing(dep) is None  # no load seen yet: the spec's rate
+    d = s.tick(dep, now=0.0)
+    assert d.kind == "replan" and d.reasons[0].startswith("A40 aws/eu-south-2 spot has no capacity")
+    assert s.sizing(dep) == (pytest.approx(5.0), 600, 250)  # 4 req/s with 20% free
+    assert c.store.events[0][0] == "autoscaled"
+
+    recorded: list = []
+
+    def planner(spec, blocklist=frozenset()):
+        recorded.append((spec.workload.rate, spec.constraints.min_replicas, blocklist))
+        raise ValueError("nothing left")
+
+    spec = parse_spec(dep.spec)
+    with pytest.raises(ValueError, match="nothing left"):
+        targets_solve(planner, SimpleNamespace(spec=spec.model_dump()), {("k",)}, s.sizing(dep))
+    assert recorded == [(pytest.approx(5.0), 1, frozenset({("k",)}))]
+
+
+def test_a_re_plan_never_raises_the_capacity_counted_for_what_runs() -> None:
+    # the re-plan sends the A40s a lighter mix and plans them for 4 req/s each; the two
+    # running were planned (and launched) for 3: they count as 3, so 12 req/s needs 5
+    def replan(need: float, _in: float, _out: float, _running=None):
+        return [target("us-east-1", max(1, int(-(-need // 4))), cap=4.0)]
+
+    a = Autoscaler(policy(max_replicas=20), replan=replan)
+    d = a.decide(Load(rate=12.0), [target("us-east-1", 2)], now=0)  # 15 req/s with headroom
+    assert d.targets[0]["capacity_rps"] == 3.0 and total_replicas(d.targets) == 5
+    merged = merge_targets([target("us-east-1", 2)], [target("us-east-1", 4, cap=4.0)])
+    assert merged[0]["capacity_rps"] == 3.0
+    gone = merge_targets([target("us-east-1", 0)], [target("us-east-1", 4, cap=4.0)])
+    assert gone[0]["capacity_rps"] == 4.0  # nothing ran there: the new plan's figure
+
+
+def test_a_spare_single_replica_offering_is_re_planned_away() -> None:
+    # one replica each of two offerings: stepping keeps one per offering, but the A40 alone
+    # serves the load; the re-plan is asked, and after the delay the A6000 goes
+    def replan(need: float, _in: float, _out: float, _running=None):
+        return [target("us-east-1", 1)]
+
+    ts = [target("us-east-1", 1), target("us-west-2", 1, cap=4.0, price=0.8, gpu="A6000")]
+    a = Autoscaler(policy(downscale_delay_s=60), replan=replan)
+    assert "down in 60s" in a.decide(Load(rate=2.0), ts, now=0).reasons[0]
+    d = a.decide(Load(rate=2.0), ts, now=60)
+    assert d.changed and d.kind == "replan" and [t["gpu"] for t in d.targets] == ["A40"]

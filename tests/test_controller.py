@@ -113,7 +113,7 @@ class Infeasible(Exception):
 
 
 def planner(offerings: list[Offering], replicas: int = 2, spot: bool = False):
-    def plan(spec: Any, blocklist: frozenset = frozenset()) -> FakePlan:
+    def plan(spec: Any, blocklist: frozenset = frozenset(), warm: Any = None) -> FakePlan:
         for o in sorted(offerings, key=lambda o: o.price or 0):
             if (o.cloud, o.region, o.instance_type, spot) not in blocklist:
                 price = o.spot_price if spot else o.price

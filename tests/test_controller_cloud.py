@@ -195,7 +195,7 @@ class Plan:
 
 
 def planner(markets: list[tuple[Offering, bool]], replicas: int = 2, data_parallel: int = 1):
-    def plan(spec: Any, blocklist: frozenset = frozenset()) -> Plan:
+    def plan(spec: Any, blocklist: frozenset = frozenset(), warm: Any = None) -> Plan:
         for p in sorted(
             (Placement(o, spot, replicas, data_parallel=data_parallel) for o, spot in markets),
             key=lambda p: p.price_per_hour,

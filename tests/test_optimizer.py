@@ -3,6 +3,7 @@ tightening rows, warm start), each shown to keep the optimum."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -96,15 +97,18 @@ def brute_force(p: Problem) -> float | None:
         reachable = any(off.location in r for r in p.reach.values())
         bounds.append(range(max(need, p.min_replicas) + 1 if reachable else 1))
     best = None
-    for n in sorted(
-        itertools.product(*bounds),
-        key=lambda n: sum(c * o.price for c, o in zip(n, p.offerings, strict=True)),
-    ):
+
+    def cost(n: tuple[int, ...]) -> float:  # with a warm start: new replicas' launch costs
+        launches = sum(p.launch_cost[o] * max(0, c - p.running.get(o, 0))
+                       for o, c in enumerate(n)) if p.launch_cost else 0.0  # fmt: skip
+        return sum(c * o.price for c, o in zip(n, p.offerings, strict=True)) + launches
+
+    for n in sorted(itertools.product(*bounds), key=cost):
         price = sum(c * o.price for c, o in zip(n, p.offerings, strict=True))
-        if best is not None and price >= best:
+        if best is not None and cost(n) >= best:
             break
         if p.budget is not None and price > p.budget + 1e-9:
-            break
+            continue
         if sum(n) < p.min_replicas or any(
             sum(c * o.mu[b] for c, o in zip(n, p.offerings, strict=True))
             < sum(d[b] for d in p.demand.values()) - 1e-9
@@ -114,8 +118,8 @@ def brute_force(p: Problem) -> float | None:
         eg = _lp_egress(p, n)
         if eg is not None and p.budget is not None and price + eg > p.budget + 1e-9:
             continue  # the budget covers egress too (the least egress these counts allow)
-        if eg is not None and (best is None or price + eg < best):
-            best = price + eg
+        if eg is not None and (best is None or cost(n) + eg < best):
+            best = cost(n) + eg
     return best
 
 
@@ -327,3 +331,43 @@ def test_dominance_across_locations_drops_the_dearer_copies() -> None:
     assert s.reduction is not None and s.reduction.multi_copy == 6 and s.reduction.far == 2
     assert s.status == "optimal" and s.counts == {0: 1, 1: 1}
     assert s.cost == pytest.approx(2.01) == pytest.approx(brute_force(p))
+
+
+def _warm(p: Problem, rng: random.Random) -> Problem:
+    running = {o: rng.randint(1, 3) for o in range(len(p.offerings)) if rng.random() < 0.5}
+    launch = tuple(round(o.price * rng.choice([0.1, 0.5, 1.5]), 3) for o in p.offerings)
+    return dataclasses.replace(p, running=running, launch_cost=launch)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_a_warm_start_equals_brute_force_with_its_launch_costs(seed: int) -> None:
+    rng = random.Random(seed)
+    p = _warm(_random_problem(rng), rng)
+    expect = brute_force(p)
+    sol = solve(p, gap_rel=1e-9)
+    if expect is None:
+        assert sol.status == "infeasible"
+        return
+    assert sol.status == "optimal", sol
+    assert sol.cost == pytest.approx(expect, rel=1e-6, abs=1e-6)
+    new = sum(p.launch_cost[o] * max(0, n - p.running.get(o, 0)) for o, n in sol.counts.items())
+    assert sol.launch_cost == pytest.approx(new)
+
+
+def test_a_warm_start_keeps_what_runs_unless_a_change_pays() -> None:
+    # B is 10% cheaper per req/s than the running A; starting B costs half its price: A stays
+    a, b = _off("aws/r", 1.0, (2.0,)), _off("aws/r", 0.9, (2.0,))
+    cold = Problem([a, b], {"u": (3.5,)}, {"u": frozenset({"aws/r"})})
+    assert solve(cold).counts == {1: 2}
+    warm = dataclasses.replace(cold, running={0: 2}, launch_cost=(0.5, 0.45))
+    s = solve(warm)
+    assert s.counts == {0: 2} and s.launch_cost == 0.0 and s.cost == pytest.approx(2.0)
+    # twice the rate: the running pair stays and the cheaper B is added, no reshuffle
+    more = dataclasses.replace(warm, demand={"u": (7.5,)})
+    s = solve(more)
+    assert s.counts == {0: 2, 1: 2} and s.launch_cost == pytest.approx(0.9)
+    # when B is far cheaper, the change pays for itself at once
+    far = dataclasses.replace(
+        warm, offerings=[a, _off("aws/r", 0.3, (2.0,))], launch_cost=(0.5, 0.15)
+    )
+    assert solve(far).counts == {1: 2}

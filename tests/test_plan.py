@@ -368,3 +368,24 @@ def test_same_spec_same_plan_in_separate_processes(tmp_path: Path) -> None:
     cold = _plan_in_process(path, tmp_path / "a", "1")
     assert cold == _plan_in_process(path, tmp_path / "b", "2")
     assert cold == _plan_in_process(path, tmp_path / "a", "3")  # warm: the cache a left
+
+
+def test_a_warm_re_plan_keeps_what_runs_unless_switching_pays() -> None:
+    from skybroker.plan_problem import Warm
+
+    spec = load_spec(SPEC)
+    cold = make_plan(spec, _catalog(), baselines=False)
+    running = {(*p.key, p.tensor_parallel): p.replicas for p in cold.placements}
+    same = make_plan(spec, _catalog(), baselines=False, warm=Warm(running))
+    assert {(*p.key, p.tensor_parallel): p.replicas for p in same.placements} == running
+    assert same.cost_per_hour == pytest.approx(cold.cost_per_hour)  # launches not in the $/h
+    # one H100 per region runs (dearer than the cold plan): with a startup that costs an
+    # hour of the price, keeping them is cheaper than switching; with none, it is not
+    h100 = {
+        ("aws", "us-east-1", "h100-1x", False, 1): 1,
+        ("aws", "eu-west-1", "h100-1x", False, 1): 1,
+    }
+    kept = make_plan(spec, _catalog(), baselines=False, warm=Warm(h100, startup_s=3600))
+    assert {(*p.key, p.tensor_parallel): p.replicas for p in kept.placements} == h100
+    free = make_plan(spec, _catalog(), baselines=False, warm=Warm(h100, startup_s=0))
+    assert free.cost_per_hour == pytest.approx(cold.cost_per_hour)
