@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import sys
 import textwrap
 import threading
 import time
@@ -37,6 +36,7 @@ from skybroker.provision import (
 from skybroker.provision.local import LocalProvisioner, process_start_time
 from skybroker.spec import parse_spec
 from skybroker.state import DeploymentStatus, ReplicaStatus, Store
+from tests.skypilot_env import hide_skypilot
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -611,7 +611,7 @@ def test_create_checks_the_provisioner_before_writing_anything(env, monkeypatch)
         c.create(spec, plan)
     assert store.get_deployment("demo") is None and c.list() == [] and c.router("demo") is None
     # The real SkyPilot provisioner without SkyPilot installed: the extra is named.
-    monkeypatch.setitem(sys.modules, "sky", None)
+    hide_skypilot(monkeypatch)
     bare = Controller(store, {}, planner=c.planner, probe=PROBE, serve_routers=False)
     try:
         with pytest.raises(MissingExtraError, match=r"pip install 'skybroker\[cloud\]'"):
