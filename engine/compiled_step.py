@@ -7,7 +7,9 @@ what CUDA graphs need. Inductor's on-disk cache (`compile_cache_dir`) lets a res
 generation. A failure to compile or to run compiled code warns once, naming the error, and the
 runner goes on eager. On CPU the op's kernel is C++ (`kernels.cpu_attention`, built into the
 same cache directory), so a step runs no Python per layer (with `cpp_wrapper` the graph's own
-launch code is C++ too).
+launch code is C++ too). Dynamo traces one decoder layer (the model's compile region); with
+inductor's Python wrapper one compiled layer serves every layer, with the C++ wrapper the layer
+is inlined for each (that wrapper cannot call a region), so only tracing is saved there.
 On CUDA, `cuda_graphs` replays decode-only steps at the capture sizes as CUDA graphs (static
 input buffers updated in place, no Python per layer).
 """
@@ -112,7 +114,11 @@ class CompiledStep:
     def __init__(self, runner: ModelRunner, max_tokens: int) -> None:
         self.runner = runner
         self.sizes = capture_sizes(max_tokens)
-        options = _CPP_WRAPPER if runner.args.cpp_wrapper(runner.device) else None
+        cpp = runner.args.cpp_wrapper(runner.device)
+        # The C++ wrapper cannot call the model's compiled layer region: dynamo still traces
+        # one layer, and the graph inductor compiles has it inlined for every layer.
+        self.dynamo_config = {"inline_invoke_subgraph": cpp}
+        options = _CPP_WRAPPER if cpp else None
         self.fn = torch.compile(runner.model.forward, fullgraph=True, options=options)
         with torch.inference_mode():  # inputs are views of these (one kind of tensor, one graph)
             self.ids = torch.zeros(self.sizes[-1], dtype=torch.int64, device=runner.device)
@@ -183,7 +189,7 @@ class CompiledStep:
             if i == 0 and compile_:
                 torch._dynamo.mark_dynamic(ids, 0, min=2, max=self.sizes[-1])
                 torch._dynamo.mark_dynamic(pos, 0, min=2, max=self.sizes[-1])
-            with step_context(ctx):
+            with step_context(ctx), torch._dynamo.config.patch(self.dynamo_config):
                 self.fn(ids, pos)
         if compile_:
             self.compile_seconds = time.perf_counter() - t0

@@ -38,6 +38,13 @@ class StepContext:
     prefill_context_lens: torch.Tensor  # [Bp] int32
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k_cache, v_cache)
     plans: dict = field(default_factory=dict)  # per-step gather plans, built by the first layer
+    next_layer: int = 0  # the layer a call with `NEXT_LAYER` attends (counted per forward)
+
+
+# The layer argument of a call that attends the layer after the previous call's (layer 0 first
+# in each forward): what the compiled model passes, so every decoder layer traces to the same
+# graph and one compiled layer serves them all.
+NEXT_LAYER = -1
 
 
 _CONTEXT: StepContext | None = None
@@ -72,6 +79,7 @@ def _set_cpu_step(ctx: StepContext | None) -> None:
 def step_context(ctx: StepContext) -> Iterator[None]:
     global _CONTEXT
     prev, _CONTEXT = _CONTEXT, ctx
+    ctx.next_layer = 0
     cpu = cpu_attention.is_loaded() and _on_cpu(ctx)
     if cpu:
         _set_cpu_step(ctx)
@@ -95,6 +103,8 @@ def attend(
     ctx = _CONTEXT
     if ctx is None:
         raise RuntimeError("paged_attention runs only inside kernels.attention_op.step_context")
+    if layer < 0:
+        layer, ctx.next_layer = ctx.next_layer, (ctx.next_layer + 1) % len(ctx.kv_caches)
     k_cache, v_cache = ctx.kv_caches[layer]
     n, nd = ctx.num_tokens, ctx.num_decode_tokens
     backend = ctx.plans.get("backend")

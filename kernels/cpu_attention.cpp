@@ -26,6 +26,7 @@ struct Step {
   std::vector<const int32_t*> rows;  // per token: its block table row
   std::vector<int64_t> positions;    // per token: its position (it sees 0..position)
   std::vector<at::Tensor> k_caches, v_caches;
+  int64_t next_layer = 0;  // the layer a call with layer -1 attends (counted per forward)
 };
 
 Step g_step;
@@ -240,8 +241,12 @@ void attend_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, a
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            int64_t layer, double scale, std::optional<int64_t> sliding_window) {
-  const Step& s = g_step;
+  Step& s = g_step;
   TORCH_CHECK(s.active, "paged_attention runs only inside kernels.attention_op.step_context");
+  if (layer < 0) {
+    layer = s.next_layer;
+    s.next_layer = (layer + 1) % static_cast<int64_t>(s.k_caches.size());
+  }
   TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(s.k_caches.size()),
               "paged_attention: layer ", layer, " has no KV cache in this step");
   at::Tensor kc = s.k_caches[layer], vc = s.v_caches[layer];

@@ -81,7 +81,8 @@ def test_deferred_text_equals_streamed_text(tiny_llama_dir: Path) -> None:
         ("tiny_llama_dir", None),  # the CPU default: inductor's C++ wrapper
         ("tiny_qwen2_dir", None),
         ("tiny_mistral_dir", None),
-        ("tiny_llama_dir", False),  # the Python wrapper (the CUDA default)
+        ("tiny_llama_dir", False),  # the Python wrapper (the CUDA default): one layer compiled
+        ("tiny_mistral_dir", False),  # ... with a sliding window
     ],
 )
 def test_compiled_equals_eager_and_transformers(

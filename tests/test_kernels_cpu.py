@@ -98,6 +98,29 @@ def test_cpu_kernel_skips_negative_slots_and_needs_a_step() -> None:
         torch.ops.skybroker.paged_attention(q, k, v, 1, scale, None)
 
 
+def test_next_layer_walks_the_layers_in_order_on_both_paths() -> None:
+    """A call with NEXT_LAYER (what the compiled model passes) attends layer 0, 1, ... of each
+    forward and wraps around, so the same calls with explicit indices write the same caches."""
+    q, k, v, scale, (kc, vc), ctx_for = _step((4, 2, 16, 16), torch.float32, pad=0)
+
+    def caches(layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(kc.clone(), vc.clone()) for _ in range(layers)]
+
+    want_ctx = ctx_for(caches(1))
+    want_ctx.kv_caches = caches(3)
+    with step_context(want_ctx):
+        for layer in (0, 1, 2):
+            attention_op.attend(q * (layer + 1), k * (layer + 1), v, layer, scale, None)
+    for op in (attention_op.attend, torch.ops.skybroker.paged_attention):
+        ctx = ctx_for(caches(1))
+        ctx.kv_caches = caches(3)
+        with step_context(ctx):
+            for layer in (0, 1, 2, 0):  # a second forward in the same context starts again
+                op(q * (layer + 1), k * (layer + 1), v, attention_op.NEXT_LAYER, scale, None)
+        for (gk, gv), (wk, wv) in zip(ctx.kv_caches, want_ctx.kv_caches, strict=True):
+            assert torch.equal(gk, wk) and torch.equal(gv, wv)
+
+
 def test_no_compiler_or_a_build_error_warns_and_keeps_the_torch_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

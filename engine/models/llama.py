@@ -5,7 +5,9 @@ Attention heads and the MLP's intermediate dimension are split across tensor-par
 and the LM head are replicated. The hot-path ops come from `kernels.ops`; under `torch.compile`
 norms and RoPE are plain torch (the compiler fuses them) and attention is the opaque
 `torch.ops.skybroker.paged_attention`, which reads the step's cache layout from
-`kernels.attention_op.step_context`: the traced graph depends only on the token count.
+`kernels.attention_op.step_context`: the traced graph depends only on the token count. Each
+decoder layer is one `nested_compile_region` whose attention call names no layer
+(`NEXT_LAYER`), so the layers trace to one graph.
 """
 
 from __future__ import annotations
@@ -90,11 +92,11 @@ class LlamaAttention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, k, positions, rope)
-        args = (q, k, v, self.layer_idx, self.scale, self.sliding_window)
-        if _compiling():
-            o = torch.ops.skybroker.paged_attention(*args)
+        if _compiling():  # no layer index in the graph: one compiled layer serves every layer
+            layer = attention_op.NEXT_LAYER
+            o = torch.ops.skybroker.paged_attention(q, k, v, layer, self.scale, self.sliding_window)
         else:
-            o = attention_op.attend(*args)
+            o = attention_op.attend(q, k, v, self.layer_idx, self.scale, self.sliding_window)
         out = F.linear(o.reshape(-1, self.q_size), self.o_proj.weight)
         out = self.tp.all_reduce(out)
         if self.o_proj.bias is not None:
@@ -143,6 +145,12 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+# The decoder layer as one compile region: dynamo traces it once and inductor's Python wrapper
+# calls one compiled layer for every layer (they differ only in weights; attention takes
+# NEXT_LAYER, not an index), so a first compile costs about one layer's, not every layer's.
+_LAYER_REGION = torch.compiler.nested_compile_region(LlamaDecoderLayer.forward)
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None, max_position: int = 0):
         super().__init__()
@@ -172,8 +180,9 @@ class LlamaForCausalLM(nn.Module):
         """
         x = self.embed_tokens(input_ids)
         residual = None
+        call = _LAYER_REGION if _compiling() else LlamaDecoderLayer.forward
         for layer in self.layers:
-            x, residual = layer(positions, x, residual, self.rope)
+            x, residual = call(layer, positions, x, residual, self.rope)
         x, _ = self.norm(x, residual)
         return x
 
