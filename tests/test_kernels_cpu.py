@@ -103,17 +103,17 @@ def test_next_layer_walks_the_layers_in_order_on_both_paths() -> None:
     forward and wraps around, so the same calls with explicit indices write the same caches."""
     q, k, v, scale, (kc, vc), ctx_for = _step((4, 2, 16, 16), torch.float32, pad=0)
 
-    def caches(layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(kc.clone(), vc.clone()) for _ in range(layers)]
+    def three_layers() -> StepContext:
+        ctx = ctx_for((kc, vc))
+        ctx.kv_caches = [(kc.clone(), vc.clone()) for _ in range(3)]
+        return ctx
 
-    want_ctx = ctx_for(caches(1))
-    want_ctx.kv_caches = caches(3)
+    want_ctx = three_layers()
     with step_context(want_ctx):
         for layer in (0, 1, 2):
             attention_op.attend(q * (layer + 1), k * (layer + 1), v, layer, scale, None)
     for op in (attention_op.attend, torch.ops.skybroker.paged_attention):
-        ctx = ctx_for(caches(1))
-        ctx.kv_caches = caches(3)
+        ctx = three_layers()
         with step_context(ctx):
             for layer in (0, 1, 2, 0):  # a second forward in the same context starts again
                 op(q * (layer + 1), k * (layer + 1), v, attention_op.NEXT_LAYER, scale, None)
