@@ -22,6 +22,7 @@ and final detokenization included) divided by its steps. Figures, not asserts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import os
@@ -93,6 +94,74 @@ def _instrument(eng, acc: dict[str, float]) -> None:
         mod.prepare_inputs = _Timed(mod.prepare_inputs, "prepare", acc)
 
 
+def _capture_inputs(eng) -> list:
+    """While the returned list's first item is None, each executed step's inputs are copied
+    into it (for `floor`); the caller sets it to None for the steps it wants."""
+    import torch
+
+    box: list = [False]
+    call = eng.runner.call
+
+    def capturing(method: str, *payload):
+        if method == "execute" and box[0] is None:
+            x = payload[0]
+            tensors = {f.name: getattr(x, f.name).clone() for f in dataclasses.fields(x)
+                       if isinstance(getattr(x, f.name), torch.Tensor)}  # fmt: skip
+            box[0] = dataclasses.replace(x, **tensors)
+        return call(method, *payload)
+
+    eng.runner.call = capturing
+    return box
+
+
+def floor(eng, inputs, cache: str, reps: int = 20) -> dict[str, float]:
+    """What the step's arithmetic costs alone, for one decode step's inputs (its batch and
+    contexts): every linear layer as one `F.linear` on that many rows (the LM head on the
+    logits rows), and the C++ attention kernel over every layer's KV cache with those block
+    tables and contexts (nothing written). The model's elementwise ops (norms, RoPE, SiLU,
+    residuals) are left out, so a step cannot run below the sum. Median ms of `reps` rounds."""
+    import torch
+    import torch.nn.functional as F
+
+    from kernels import attention_op, cpu_attention
+
+    cpu_attention.load(cache)
+    runner = eng.runner
+    model, rows = runner.model, inputs.input_ids.shape[0]
+    linears = [(m.weight, torch.randn(rows, m.in_features)) for m in model.modules()
+               if isinstance(m, torch.nn.Linear) and m is not model.lm_head]  # fmt: skip
+    n_logits = inputs.logits_indices.shape[0]
+    head = (model.lm_head.weight, torch.randn(n_logits, model.lm_head.in_features))
+    attn = model.layers[0].self_attn
+    q = torch.randn(rows, attn.num_heads, attn.head_dim)
+    k, v = torch.randn(2, rows, attn.num_kv_heads, attn.head_dim)
+    ctx = runner.step_context(inputs)
+    ctx.slot_mapping = torch.full_like(ctx.slot_mapping, -1)  # the C++ kernel skips slot -1
+    op = torch.ops.skybroker.paged_attention
+
+    def linear_pass() -> None:
+        for w, x in [*linears, head]:
+            F.linear(x, w)
+
+    def attention_pass() -> None:
+        with attention_op.step_context(ctx):
+            for layer in range(len(model.layers)):
+                op(q, k, v, layer, attn.scale, None)
+
+    out = {}
+    with torch.inference_mode():
+        for name, fn in (("linear", linear_pass), ("attention", attention_pass)):
+            fn()
+            times = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            out[name] = 1e3 * statistics.median(times)
+    out["context"] = float(inputs.decode_context_lens.float().mean())
+    return out
+
+
 def worker(a: argparse.Namespace) -> dict:
     import torch
 
@@ -114,7 +183,9 @@ def worker(a: argparse.Namespace) -> dict:
     offline = "only_finished" in inspect.signature(eng.step).parameters
     step = (lambda: eng.step(only_finished=True)) if offline else eng.step
     acc = dict.fromkeys(PARTS, 0.0)
+    box = _capture_inputs(eng) if a.mode != "baseline" else None
     _instrument(eng, acc)
+    floors = {}
     result = {"startup_s": startup, "startup_cpu_s": startup_cpu, "compiled": compiled,
               "batches": {}}  # fmt: skip
     for b in a.batches:
@@ -134,6 +205,10 @@ def worker(a: argparse.Namespace) -> dict:
             acc["rest"] = dt - sum(acc[p] for p in PARTS if p != "rest")
             for p in PARTS:
                 parts[p].append(acc[p])
+        if box is not None:
+            box[0] = None  # the next decode step's inputs, for the floor
+            step()
+            floors[b], box[0] = box[0], False
         while eng.has_unfinished_requests():
             step()
         prompts = [[3 + (i * 11 + j) % 300 for j in range(16)] for i in range(b)]
@@ -146,6 +221,8 @@ def worker(a: argparse.Namespace) -> dict:
             "parts_ms": {p: 1e3 * statistics.median(v) for p, v in parts.items()},
             "gen_ms": 1e3 * gen,
         }
+    for b, inputs in floors.items():
+        result["batches"][str(b)]["floor_ms"] = floor(eng, inputs, a.cache)
     return result
 
 
@@ -265,9 +342,10 @@ def report(runs, a, configs, load_before: float) -> None:
         head = (
             f"  {'batch':>5} {'config':12s} {'ms/step':>8} {'vs ' + first:>9} {'gen ms/step':>11}"
         )
-        print(head + "".join(f" {p:>9}" for p in PARTS))
+        print(head + f" {'/floor':>6}" + "".join(f" {p:>9}" for p in PARTS))
         for b in map(str, a.batches):
             base = None
+            fl = _floor(runs, name, b)
             for mode, _ in configs:
                 rs = [r["batches"][b] for r in runs[(name, mode)]]
                 ms = statistics.median(r["ms"] for r in rs)
@@ -275,7 +353,21 @@ def report(runs, a, configs, load_before: float) -> None:
                 base = base or ms
                 parts = {q: statistics.median(r["parts_ms"][q] for r in rs) for q in PARTS}
                 cells = "".join(f" {parts[q]:5.2f} {100 * parts[q] / ms:2.0f}%" for q in PARTS)
-                print(f"  {b:>5} {mode:12s} {ms:8.2f} {base / ms:8.2f}x {gen:11.2f}{cells}")
+                ratio = f"{ms / fl['ms']:5.2f}x" if fl else f"{'':6}"
+                print(f"  {b:>5} {mode:12s} {ms:8.2f} {base / ms:8.2f}x {gen:11.2f} {ratio}{cells}")
+            if fl:
+                print(f"  {b:>5} {'floor':12s} {fl['ms']:8.2f}  (linear layers {fl['linear']:.2f} + "
+                      f"attention kernel {fl['attention']:.2f}, mean context {fl['context']:.0f})")  # fmt: skip
+
+
+def _floor(runs, name: str, b: str) -> dict[str, float] | None:
+    """The median floor (see `floor`) over every run of `name` that measured one."""
+    fls = [r["batches"][b]["floor_ms"] for (n, _), rs in runs.items() if n == name for r in rs
+           if "floor_ms" in r["batches"][b]]  # fmt: skip
+    if not fls:
+        return None
+    out = {k: statistics.median(f[k] for f in fls) for k in ("linear", "attention", "context")}
+    return {**out, "ms": out["linear"] + out["attention"]}
 
 
 if __name__ == "__main__":
