@@ -62,6 +62,7 @@ def _step(shape: tuple[int, int, int, int], dtype: torch.dtype, pad: int):
     [
         ((4, 2, 16, 16), torch.float32, 1e-5),  # fp32 shapes with compiled-in sizes
         ((8, 2, 32, 4), torch.float32, 1e-5),
+        ((8, 2, 32, 16), torch.float32, 1e-5),  # blocks of 16: runs of eight scored at once
         ((2, 2, 64, 16), torch.float32, 1e-5),
         ((6, 2, 24, 4), torch.float32, 1e-5),  # head size and group taken at run time
         ((6, 2, 32, 4), torch.bfloat16, 2e-2),  # other dtypes: run-time loops
