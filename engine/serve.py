@@ -238,9 +238,11 @@ def build_app(args: argparse.Namespace):
     engine_args = EngineArgs(model=args.model, served_model_name=name, **engine_kwargs)
 
     def load():
-        from engine.llm_engine import LLMEngine
+        from engine.llm_engine import LLMEngine, freeze_heap
 
-        return LLMEngine.from_args(engine_args)
+        engine = LLMEngine.from_args(engine_args)
+        freeze_heap()
+        return engine
 
     api_key = read_api_key(args)
     check_bind(args.host, api_key, args.allow_unauthenticated)

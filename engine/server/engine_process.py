@@ -279,7 +279,7 @@ class ProcessLLMEngine(AsyncLLMEngine):
 
 def engine_main(args: EngineArgs, cmd: Connection, out: Connection) -> None:
     """Child process: load the engine, then apply commands and step until told to stop."""
-    from engine.llm_engine import LLMEngine
+    from engine.llm_engine import LLMEngine, freeze_heap
 
     # Ctrl-C and a launcher's killpg(SIGTERM) reach the whole process group; the server drains
     # first and then stops the engine (and if the server dies, its command pipe ends: we exit).
@@ -291,6 +291,7 @@ def engine_main(args: EngineArgs, cmd: Connection, out: Connection) -> None:
     except Exception as e:
         out.send(("dead", f"loading the model failed: {type(e).__name__}: {e}"))
         return
+    freeze_heap()
     out.send(("ready", {"max_model_len": engine.max_model_len}))
     try:
         _loop(engine, cmd, out)
