@@ -226,6 +226,7 @@ def worker(a: argparse.Namespace) -> dict:
         }
     for b, inputs in floors.items():
         result["batches"][str(b)]["floor_ms"] = floor(eng, inputs, a.cache)
+    gc.unfreeze()
     return result
 
 

@@ -456,6 +456,6 @@ def freeze_heap() -> None:
     collection while serving then walks only what serving allocated, not the whole startup
     heap (measured: a 478 ms pause over 840K objects in one step of a 32-layer CPU model).
     Only for a process that serves until it exits: frozen objects that later become cyclic
-    garbage are never collected."""
+    garbage are not collected until `gc.unfreeze()` (called when serving ends)."""
     gc.collect()
     gc.freeze()

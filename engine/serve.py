@@ -17,6 +17,7 @@ loaded before the port opens, so a missing or mismatched file is an error at onc
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import logging
 import os
@@ -301,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
     app.state.server.on_load_failure = on_load_failure
     server.run()
+    gc.unfreeze()  # the engine's frozen heap (freeze_heap) collectable again at exit
     return 1 if app.state.server.status == "failed" else 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import logging
 import multiprocessing as mp
 import queue
@@ -302,6 +303,7 @@ def engine_main(args: EngineArgs, cmd: Connection, out: Connection) -> None:
         out.send(("dead", f"engine loop failed: {e!r}"))
     finally:
         engine.shutdown()
+        gc.unfreeze()  # collectable again at exit (extension modules report what outlives it)
 
 
 def _loop(engine: Any, cmd: Connection, out: Connection) -> None:
