@@ -8,7 +8,7 @@ attention shape (4 query heads of 16, 2 KV heads, fp32, blocks of 16), with noth
 length and block layout. `sequential`: each sequence's blocks in a row (a fresh cache);
 `shuffled`: blocks drawn at random from the cache (a cache after hours of serving). `hot`: one
 layer's cache called for every layer, so its data stays in cache: the kernel's arithmetic
-alone. Each tree's kernel is built into its own cache directory and timed in its own process
+alone. Then one sequence's prefill of `--prefill` tokens over all layers. Each tree's kernel is built into its own cache directory and timed in its own process
 (one torch thread), trees interleaved per round; median ms over rounds. Figures, not asserts.
 """
 
@@ -66,6 +66,20 @@ def worker(a: argparse.Namespace) -> dict[str, float]:
             )
             layers = [0] * a.layers if layout == "hot" else list(range(a.layers))
             out[f"{ctx_len}/{layout}"] = _time_step(ctx, layers, q, k, v, a.reps)
+    n, per = a.prefill, -(-a.prefill // bs)
+    ctx = StepContext(
+        num_tokens=n,
+        num_decode_tokens=0,
+        slot_mapping=torch.full((n,), -1, dtype=torch.int64),
+        decode_block_tables=torch.zeros(0, per, dtype=torch.int32),
+        decode_context_lens=torch.zeros(0, dtype=torch.int32),
+        prefill_block_tables=torch.randperm(blocks)[:per].view(1, per).int(),
+        prefill_cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32),
+        prefill_context_lens=torch.tensor([n], dtype=torch.int32),
+        kv_caches=caches,
+    )
+    q, k, v = torch.randn(n, heads, dim), *torch.randn(2, n, kv_heads, dim)
+    out["prefill"] = _time_step(ctx, list(range(a.layers)), q, k, v, max(3, a.reps // 4))
     return out
 
 
@@ -94,7 +108,7 @@ def _time_step(ctx, layers: list[int], q, k, v, reps: int) -> float:
 def run_one(tree: Path, cache: str, a: argparse.Namespace) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, __file__, "--worker", "--cache", cache, "--batch", str(a.batch),
-           "--layers", str(a.layers), "--reps", str(a.reps),
+           "--layers", str(a.layers), "--reps", str(a.reps), "--prefill", str(a.prefill),
            "--contexts", *map(str, a.contexts)]  # fmt: skip
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode:
@@ -108,6 +122,7 @@ def main() -> None:
                    help="another source tree (e.g. `git archive` of main) whose kernel is timed too")  # fmt: skip
     p.add_argument("--contexts", nargs="+", type=int, default=[50, 200, 1000])
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--prefill", type=int, default=512, help="tokens of the one prefill timed")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
@@ -139,6 +154,11 @@ def main() -> None:
             if len(names) > 1:
                 line += f"   {ms['baseline'] / ms['this']:.2f}x"
             print(line)
+    ms = {n: statistics.median(r["prefill"] for r in runs[n]) for n in names}
+    line = f"  prefill of one sequence, {a.prefill} tokens, shuffled blocks:" + "".join(
+        f" {ms[n]:.2f}" for n in names
+    )
+    print(line + (f"   {ms['baseline'] / ms['this']:.2f}x" if len(names) > 1 else ""))
 
 
 if __name__ == "__main__":

@@ -278,7 +278,8 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::T
   for (int64_t t = 0; t < n; ++t) {
     const int64_t pos = s.positions[t];
     const int64_t lo = window_lo(pos);
-    if (t + 1 < n)
+    // The next token's blocks, unless they are this one's (prefill tokens of one sequence).
+    if (t + 1 < n && s.rows[t + 1] != s.rows[t])
       prefetch_cache(kcp, vcp, s.rows[t + 1], bs, hkv * D, window_lo(s.positions[t + 1]),
                      s.positions[t + 1]);
     attend_token<T, kD, kG>(qp + t * q.stride(0), q.stride(1), kcp, vcp, s.rows[t], bs, hkv, H, D,
