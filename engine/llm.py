@@ -7,7 +7,7 @@ from collections.abc import Sequence as SequenceABC
 from typing import Any
 
 from engine.config import EngineArgs
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import LLMEngine, heap_frozen
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -96,9 +96,10 @@ class LLM:
             engine.add_request(request_id, prompt, p)
             ids.append(request_id)
         finished: dict[str, RequestOutput] = {}
-        while engine.has_unfinished_requests():
-            for out in engine.step(only_finished=True):
-                finished[out.request_id] = out
+        with heap_frozen():
+            while engine.has_unfinished_requests():
+                for out in engine.step(only_finished=True):
+                    finished[out.request_id] = out
         return [finished[i] for i in ids]
 
     def chat(

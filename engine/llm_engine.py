@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import logging
 import multiprocessing as mp
 import time
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -448,6 +450,21 @@ class LLMEngine:
             requests_finished_total=c.requests_finished_total,
             recent_steps=list(c.recent_steps),
         )
+
+
+@contextlib.contextmanager
+def heap_frozen() -> Iterator[None]:
+    """Objects alive on entry left out of the collector's walks until exit (`gc.freeze`, then
+    `gc.unfreeze`): an offline `generate` pays no full collection over the startup heap and
+    nothing stays frozen after it. A heap already frozen (`freeze_heap`) is left as it is."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def freeze_heap() -> None:

@@ -416,3 +416,27 @@ def test_freeze_heap_leaves_full_collections_only_what_came_after() -> None:
         assert gc.collect() >= 2
     finally:
         gc.unfreeze()
+
+
+def test_generate_steps_with_the_heap_frozen_and_leaves_it_as_it_was(llama_llm: LLM) -> None:
+    import gc
+
+    engine = llama_llm.llm_engine
+    seen: list[int] = []
+    step = engine.step
+
+    def recording(*a, **kw):
+        seen.append(gc.get_freeze_count())
+        return step(*a, **kw)
+
+    engine.step = recording
+    try:
+        llama_llm.generate(PROMPTS[:2], GREEDY)
+        assert seen and min(seen) > 0 and gc.get_freeze_count() == 0
+        gc.freeze()  # a serving process's frozen heap stays frozen
+        frozen = gc.get_freeze_count()
+        llama_llm.generate(PROMPTS[:1], GREEDY)
+        assert gc.get_freeze_count() > frozen // 2  # (frozen objects freed since count off)
+    finally:
+        gc.unfreeze()
+        del engine.step
