@@ -258,28 +258,38 @@ def _plan(spec: Any, rate: float) -> Any:
     return default_planner(spec_for_load(spec, rate))
 
 
-def simulate(policy: Any, rates: np.ndarray, seed: int, on_demand: dict) -> dict[str, float]:
+def simulate(policy: Any, rates: np.ndarray, seed: int, on_demand: dict) -> dict[str, Any]:
     rng = np.random.default_rng(seed + 1)  # the same arrivals and preemptions for each policy
     fleet, scarce = Fleet(on_demand), {}
     seen = rates[0]
     total = within = 0.0
     replicas = []
     hourly_cost: dict[int, float] = {}
+    # requests outside the SLO: in a burst, else within STARTUP_S of a preemption, else other
+    lost = dict.fromkeys(("burst", "preemption", "other"), 0.0)
+    burst = rates > 1.15 * diurnal(len(rates) / 1440)
+    preempted_at = -math.inf
     for m, rate in enumerate(rates):
         now = m * STEP_S
         fleet.reconcile(policy.decide(seen, now, scarce), now, scarce)
+        before = len(fleet.instances)
         fleet.step(now, rng, scarce)
+        preempted_at = now if len(fleet.instances) < before else preempted_at
         arrivals = rng.poisson(rate * STEP_S)
         cap = fleet.capacity(now)
         total += arrivals
-        within += arrivals * min(1.0, cap / max(arrivals / STEP_S, 1e-9))
+        served = arrivals * min(1.0, cap / max(arrivals / STEP_S, 1e-9))
+        within += served
+        why = "burst" if burst[m] else "preemption" if now - preempted_at < STARTUP_S else "other"
+        lost[why] += arrivals - served
         seen = arrivals / STEP_S
         replicas.append(len(fleet.instances))
         hourly_cost[m // 60] = (
             hourly_cost.get(m // 60, 0.0) + sum(i.price for i in fleet.instances) / 60
         )
     return {"cost": fleet.cost, "attainment": within / max(total, 1), "requests": total,
-            "replicas_min": min(replicas), "replicas_max": max(replicas), "hourly": hourly_cost}  # fmt: skip
+            "replicas_min": min(replicas), "replicas_max": max(replicas), "hourly": hourly_cost,
+            "lost": lost}  # fmt: skip
 
 
 def main() -> None:
@@ -324,6 +334,9 @@ def main() -> None:
     for name, r in rows.items():
         print(f"{name:16} {r['cost']:9.2f} {100 * r['attainment']:12.2f}% "
               f"{r['replicas_min']:>4}-{r['replicas_max']:<4} {r.get('note', '')}")  # fmt: skip
+    print("requests outside the SLO: in bursts / within a start-up of a preemption / other")
+    for name, r in rows.items():
+        print(f"  {name:16} " + " / ".join(f"{r['lost'][k]:6.0f}" for k in r["lost"]))
     if os.environ.get("AUTOSCALE_HOURLY"):
         for h in range(24 * args.days):
             print(
