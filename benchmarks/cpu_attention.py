@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ def worker(a: argparse.Namespace) -> dict[str, float]:
                 kv_caches=caches,
             )
             layers = [0] * a.layers if layout == "hot" else list(range(a.layers))
-            out[f"{ctx_len}/{layout}"] = _time_step(ctx, layers, q, k, v, a.reps)
+            out[f"{ctx_len}/{layout}"] = attention_ms(ctx, layers, q, k, v, a.reps)
     n, per = a.prefill, -(-a.prefill // bs)
     ctx = StepContext(
         num_tokens=n,
@@ -79,12 +80,23 @@ def worker(a: argparse.Namespace) -> dict[str, float]:
         kv_caches=caches,
     )
     q, k, v = torch.randn(n, heads, dim), *torch.randn(2, n, kv_heads, dim)
-    out["prefill"] = _time_step(ctx, list(range(a.layers)), q, k, v, max(3, a.reps // 4))
+    out["prefill"] = attention_ms(ctx, list(range(a.layers)), q, k, v, max(3, a.reps // 4))
     return out
 
 
-def _time_step(ctx, layers: list[int], q, k, v, reps: int) -> float:
-    """Median ms of one step's attention calls over `layers`."""
+def median_ms(fn: Callable[[], object], reps: int) -> float:
+    """Median ms of `reps` calls of `fn`, after one untimed call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def attention_ms(ctx, layers: list[int], q, k, v, reps: int, scale: float = 0.25) -> float:
+    """Median ms of one step's `paged_attention` calls over `layers` (in `ctx`)."""
     import torch
 
     from kernels import attention_op
@@ -94,15 +106,9 @@ def _time_step(ctx, layers: list[int], q, k, v, reps: int) -> float:
     def step() -> None:
         with attention_op.step_context(ctx):
             for layer in layers:
-                op(q, k, v, layer, 0.25, None)
+                op(q, k, v, layer, scale, None)
 
-    step()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    return median_ms(step, reps)
 
 
 def run_one(tree: Path, cache: str, a: argparse.Namespace) -> dict[str, float]:

@@ -123,8 +123,9 @@ def floor(eng, inputs, cache: str, reps: int = 20) -> dict[str, float]:
     residuals) are left out, so a step cannot run below the sum. Median ms of `reps` rounds."""
     import torch
     import torch.nn.functional as F
+    from cpu_attention import attention_ms, median_ms  # benchmarks/cpu_attention.py
 
-    from kernels import attention_op, cpu_attention
+    from kernels import cpu_attention
 
     cpu_attention.load(cache)
     runner = eng.runner
@@ -132,35 +133,23 @@ def floor(eng, inputs, cache: str, reps: int = 20) -> dict[str, float]:
     linears = [(m.weight, torch.randn(rows, m.in_features)) for m in model.modules()
                if isinstance(m, torch.nn.Linear) and m is not model.lm_head]  # fmt: skip
     n_logits = inputs.logits_indices.shape[0]
-    head = (model.lm_head.weight, torch.randn(n_logits, model.lm_head.in_features))
+    linears.append((model.lm_head.weight, torch.randn(n_logits, model.lm_head.in_features)))
     attn = model.layers[0].self_attn
     q = torch.randn(rows, attn.num_heads, attn.head_dim)
     k, v = torch.randn(2, rows, attn.num_kv_heads, attn.head_dim)
     ctx = runner.step_context(inputs)
     ctx.slot_mapping = torch.full_like(ctx.slot_mapping, -1)  # the C++ kernel skips slot -1
-    op = torch.ops.skybroker.paged_attention
 
     def linear_pass() -> None:
-        for w, x in [*linears, head]:
+        for w, x in linears:
             F.linear(x, w)
 
-    def attention_pass() -> None:
-        with attention_op.step_context(ctx):
-            for layer in range(len(model.layers)):
-                op(q, k, v, layer, attn.scale, None)
-
-    out = {}
+    layers = list(range(len(model.layers)))
     with torch.inference_mode():
-        for name, fn in (("linear", linear_pass), ("attention", attention_pass)):
-            fn()
-            times = []
-            for _ in range(reps):
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-            out[name] = 1e3 * statistics.median(times)
-    out["context"] = float(inputs.decode_context_lens.float().mean())
-    return out
+        linear = median_ms(linear_pass, reps)
+        attention = attention_ms(ctx, layers, q, k, v, reps, attn.scale)
+    return {"linear": linear, "attention": attention,
+            "context": float(inputs.decode_context_lens.float().mean())}  # fmt: skip
 
 
 def worker(a: argparse.Namespace) -> dict:
