@@ -33,7 +33,6 @@ import asyncio
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -48,6 +47,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.engine_throughput import sharegpt_like  # the engine benchmark's workload
+from skybroker.provision.local import free_port
 
 
 @dataclass
@@ -169,12 +169,6 @@ async def run_load(
     return list(results), time.perf_counter() - start
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def resolve_model(name: str) -> str:
     """`tiny` and `smollm2` name the test suite's models; anything else is a path."""
     root = Path(__file__).resolve().parents[1]
@@ -202,7 +196,7 @@ def start_server(
 ) -> tuple[subprocess.Popen, str]:
     """`python -m engine.serve` with the benchmark's engine arguments, served from `root` (a
     checkout; default this one), once healthy: (process, base URL)."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "engine.serve", "--model", args.model, "--port", str(port),
            "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
            "--kv-cache-gib", str(args.kv_cache_gib), "--log-level", "warning",

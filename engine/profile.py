@@ -44,7 +44,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -63,6 +62,7 @@ import torch
 from engine.config import EngineArgs, ModelConfig
 from engine.llm_engine import LLMEngine
 from engine.metrics import read_step_log
+from engine.model_runner import free_port
 from engine.sampling_params import SamplingParams
 from engine.sequence import SequenceStatus
 
@@ -291,12 +291,6 @@ def measure(engine: LLMEngine, grid: Grid, repeats: int) -> tuple[list[dict], li
 # --- the server's own overhead ---------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _stream(port: int, prompt: list[int], max_tokens: int) -> tuple[float, float, int]:
     """(TTFT, seconds from first to last chunk, tokens) of one streamed completion. Chunks
     can carry several tokens (held-back bytes, a slow reader), so tokens come from `usage`."""
@@ -330,7 +324,7 @@ class ServingProbe:
 
     def __init__(self, args: argparse.Namespace, max_num_seqs: int,
                  step_log: str | None = None) -> None:  # fmt: skip
-        self.port = _free_port()
+        self.port = free_port()
         cmd = [sys.executable, "-m", "engine.serve", "--model", args.model,
                "--port", str(self.port), "--served-model-name", "profile",
                "--max-num-seqs", str(max_num_seqs),

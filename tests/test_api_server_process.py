@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from skybroker import server
+from skybroker.provision.local import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -119,14 +120,6 @@ def test_start_reports_child_failure_with_log_tail(monkeypatch: pytest.MonkeyPat
     assert not server.pid_path().exists()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _skybroker(*args: str) -> Any:
     from typer.testing import CliRunner
 
@@ -146,7 +139,7 @@ def test_cli_autostarts_server_then_start_status_stop(
     import httpx
 
     token = "process-test-token-42"
-    port = _free_port()
+    port = free_port()
     monkeypatch.setenv(server.PORT_ENV, str(port))
     monkeypatch.setenv(server.TOKEN_ENV, token)
     monkeypatch.delenv(server.URL_ENV, raising=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,18 +17,13 @@ from skybroker import server
 from skybroker.api import create_app
 from skybroker.cli import app
 from skybroker.controller import Controller
+from skybroker.provision.local import free_port
 from skybroker.state import Store
 
 runner = CliRunner()
 TINY_CONFIG = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
                "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 256,
                "max_position_embeddings": 256}  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +50,7 @@ def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Controller]
 @pytest.fixture(scope="module")
 def api_url(controller: Controller) -> Iterator[str]:
     """The real app served by uvicorn in a thread on a free port."""
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(
         uvicorn.Config(create_app(controller), host="127.0.0.1", port=port, log_level="warning")
     )
@@ -146,12 +140,12 @@ def test_api_url_from_env(api_url: str, monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_unreachable_broker_is_a_clear_error() -> None:
-    r = _cli("status", "--api-url", f"http://127.0.0.1:{_free_port()}")
+    r = _cli("status", "--api-url", f"http://127.0.0.1:{free_port()}")
     assert r.exit_code == 1 and "cannot reach the broker" in r.output
 
 
 def test_remote_broker_with_token(controller: Controller, monkeypatch) -> None:
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(
         uvicorn.Config(
             create_app(controller, token="tok"), host="127.0.0.1", port=port, log_level="warning"
