@@ -52,6 +52,9 @@ SESSION_MARKER = "SKYBROKER_TEST_SESSION"
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault(SESSION_MARKER, f"{os.getpid()}-{time.time_ns()}")
+    # SkyPilot, wherever a test imports it (not only under the `sky` fixtures), sends no
+    # usage records: the suite runs without a network
+    os.environ.setdefault("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")
 
 
 def marked_processes(marker: str) -> list[tuple[int, str]]:
