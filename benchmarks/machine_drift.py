@@ -28,7 +28,7 @@ from validate_perf import tiny_model  # noqa: E402
 
 from engine.config import EngineArgs  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.profile import Profiler  # noqa: E402
+from engine.profile_grid import Profiler  # noqa: E402
 
 
 def main() -> None:

@@ -104,7 +104,7 @@ def step_ratios(steps: list[dict], model: ProfileModel) -> np.ndarray:
     """Each logged engine step's speed against the profile (`ProfileModel.speed_of`): its
     period over what the profile expects of a served step of its shape and kind; 1 is the
     speed of the profile's serving probe."""
-    from engine.profile import served_rows
+    from engine.profile_serving import served_rows
 
     return model.speed_of(served_rows(steps))
 
@@ -374,7 +374,7 @@ def main() -> None:
         print(f"total {time.perf_counter() - t_start:.0f} s (replayed {a.replay})")
         return
     from engine.metrics import read_step_log
-    from engine.profile import ServingProbe
+    from engine.profile_serving import ServingProbe
 
     step_log = Path(tempfile.mkdtemp(prefix="validate-steps-")) / "steps.jsonl"
     step_log.touch()
@@ -429,7 +429,7 @@ def served_from(prof: EngineProfile, recorded: list[dict],
                 k: int) -> tuple[EngineProfile, list[dict]]:  # fmt: skip
     """The profile with its serving overheads per step and its served steps taken from run k's
     step log (as the profiler's serving probe takes them from its own), and the other runs."""
-    from engine.profile import loop_overhead, served_rows
+    from engine.profile_serving import loop_overhead, served_rows
 
     steps = recorded[k]["steps"]
     step_s, per_seq_s = loop_overhead(steps)

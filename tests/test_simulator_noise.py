@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from test_profile import profile_dict
 
-from engine.profile import (
-    Profiler,
+from engine.profile_grid import Profiler
+from engine.profile_serving import (
     _engine_step,
     another_round,
     loop_overhead,
