@@ -2,7 +2,8 @@
 
 A plan places replicas so that every user region is served from locations within the SLO's
 RTT and no more than `max_spot_share` of the rate runs on spot, `max_region_share` in one
-region, `max_cloud_share` on one cloud. Adding or removing single replicas (the autoscaler's
+region, `max_cloud_share` on one cloud, and no location holds more than 1/`spot.spread` of
+the spot traffic. Adding or removing single replicas (the autoscaler's
 steps) must keep that true, so their capacity is not the sum of the replicas': `Fit.servable`
 is the highest rate (users in the spec's shares) a placement serves under those constraints,
 and `Fit.shortfall` the demand it leaves unserved at a given rate (0: the placement is
@@ -34,6 +35,7 @@ class Fit:
     max_spot_share: float = 1.0
     max_region_share: float = 1.0
     max_cloud_share: float = 1.0
+    spot_spread: int = 1
 
     @classmethod
     def from_spec(cls, spec: Any, catalog: Any = None) -> Fit:
@@ -41,7 +43,8 @@ class Fit:
         c = spec.constraints
         users = dict(spec.workload.user_shares())
         shares = {"max_spot_share": c.spot_share_limit(), "max_region_share": c.max_region_share,
-                  "max_cloud_share": c.max_cloud_share}  # fmt: skip
+                  "max_cloud_share": c.max_cloud_share,
+                  "spot_spread": spec.spot.spread if spec.spot else 1}  # fmt: skip
         if spec.infra == "local":
             return cls(users, {}, **shares)
         from skybroker.plan_problem import allowed_offerings, user_reach
@@ -63,8 +66,10 @@ class Fit:
     def _plain(self, targets: Targets) -> bool:
         """No constraint binds anything: every target reaches every user, no share caps."""
         caps = (self.max_spot_share, self.max_region_share, self.max_cloud_share)
-        return all(s >= 1 for s in caps) and all(
-            self.reaches(t) >= self.users.keys() for t in targets
+        return (
+            all(s >= 1 for s in caps)
+            and self.spot_spread <= 1
+            and all(self.reaches(t) >= self.users.keys() for t in targets)
         )
 
     def servable(self, targets: Targets) -> float:
@@ -111,7 +116,7 @@ class Fit:
     def _shares(self, lp: Lp, live: Targets, flows: dict[str, dict[int, int]],
                 rate_terms: list[tuple[int, float]], rate: float = 0.0) -> None:  # fmt: skip
         """Spot, region and cloud shares of the rate: of the `rate` column (`rate_terms`)
-        when it is a variable, of `rate` when it is fixed."""
+        when it is a variable, of `rate` when it is fixed; and the spot spread."""
         groups: list[tuple[float, set[int]]] = []
         if self.max_spot_share < 1:
             groups.append((self.max_spot_share, {j for j, t in enumerate(live) if t["key"][3]}))
@@ -126,3 +131,8 @@ class Fit:
                 lp.row(-math.inf, 0, cols + [(c, -share * v) for c, v in rate_terms])
             else:
                 lp.row(-math.inf, share * rate, cols)
+        if self.spot_spread > 1:  # each location's spot flow <= 1/N of all spot flow
+            spot = [(c, location(live[j])) for per in flows.values() for j, c in per.items()
+                    if live[j]["key"][3]]  # fmt: skip
+            for loc in sorted({at for _, at in spot}):
+                lp.row(-math.inf, 0, [(c, (at == loc) - 1 / self.spot_spread) for c, at in spot])

@@ -13,7 +13,8 @@ Flow formulation (see docs in README "Planner"):
           sum_b y[o,b] / mu[o,b] <= n[o]               capacity (mu: one replica's max rate
                                                        of class b alone within the SLO)
           spot, per-region and per-cloud shares of the traffic, min replicas, budget
-          (on the objective: instances and egress).
+          (on the objective: instances and egress), spot spread N (per location l:
+          sum_{spot o at l, b} y[o,b] <= sum_{spot o, b} y[o,b] / N).
 
 A re-plan's warm start (`Problem.running`, `launch_cost`) adds the switching cost: every
 replica is priced with its launch, keep[o] <= min(n[o], running[o]) replicas get it back
@@ -83,6 +84,8 @@ class Problem:
     max_region_share: float = 1.0
     max_cloud_share: float = 1.0
     budget: float | None = None  # $/h of the whole plan: instances and egress
+    # spot traffic over at least this many locations: none holds more than 1/N of it
+    spot_spread: int = 1
     # A re-plan's warm start: replicas already running per offering class, and what starting
     # one more replica of each class costs on the objective ($/h; empty: nothing). Keeping a
     # running replica costs its price; a new one its price plus its launch cost.
@@ -260,7 +263,7 @@ def solve(p: Problem, *, time_limit: float = 20.0, gap_rel: float = 1e-4, solver
     if not opts.split or len(comps) <= 1 or tied:
         out.num_components = 1
         return _finish(p, out, [_solve_component(p, *whole[0], total, opts)])
-    if p.max_spot_share < 1 and any(p.offerings[i].spot for i in idx):
+    if (p.max_spot_share < 1 or p.spot_spread > 1) and any(p.offerings[i].spot for i in idx):
         # a spot share ties them (solving them apart, then repairing the spot total, was
         # measured slower than solving them as one)
         out.num_components = 1

@@ -141,6 +141,11 @@ def build_milp(p: Problem, users: list[str], idx: list[int], total: float,
     if p.max_spot_share < 1:
         lp.row(-inf, p.max_spot_share * total,
                [(c, 1.0) for (i, _), c in v.y.items() if p.offerings[i].spot])  # fmt: skip
+    if p.spot_spread > 1:  # each location's spot traffic <= 1/N of all spot traffic
+        spot = [(c, i) for (i, _), c in v.y.items() if p.offerings[i].spot]
+        for loc in sorted({p.offerings[i].location for _, i in spot}):
+            lp.row(-inf, 0, [(c, (p.offerings[i].location == loc) - 1 / p.spot_spread)
+                             for c, i in spot])  # fmt: skip
     if p.max_cloud_share < 1:
         for cloud in sorted({p.offerings[i].cloud for i in idx}):
             lp.row(-inf, p.max_cloud_share * total,

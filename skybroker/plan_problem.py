@@ -202,7 +202,8 @@ def build_problem(spec: DeploymentSpec, catalog: Catalog, classes: list[RequestC
     demand = {u: tuple(w.rate * s * cl.share for cl in classes) for u, s in shares.items()}
     reach = user_reach(spec, catalog, locations)
     problem = Problem(offs, demand, reach, c.min_replicas, c.spot_share_limit(),
-                      c.max_region_share, c.max_cloud_share, c.budget_per_hour)  # fmt: skip
+                      c.max_region_share, c.max_cloud_share, c.budget_per_hour,
+                      spot_spread=spec.spot.spread if spec.spot else 1)  # fmt: skip
     return problem, Meta(meta_rows, meta_perf, dps, perf, locations)
 
 

@@ -49,17 +49,18 @@ def _arrays(p: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
 
 def share_caps(p: Problem) -> np.ndarray:
     """Most req/s (all classes together) one offering can ever be given: the whole demand,
-    capped by the region share at its location, the spot share if on spot and its cloud's
-    share (each is a bound on the sum of the group's traffic, so on every member's)."""
+    capped by the region share at its location, the spot share (over the spot spread) if on
+    spot and its cloud's share (each is a bound on the sum of the group's traffic, so on every
+    member's)."""
     total = p.total_demand
     cap = np.full(len(p.offerings), total, dtype=float)
     if p.max_region_share < 1:
         cap = np.minimum(cap, p.max_region_share * total)
     if p.max_cloud_share < 1:
         cap = np.minimum(cap, p.max_cloud_share * total)
-    if p.max_spot_share < 1:
+    if p.max_spot_share < 1 or p.spot_spread > 1:  # (a location's spot: 1/N of all spot)
         spot = np.array([o.spot for o in p.offerings], dtype=bool)
-        cap = np.where(spot, np.minimum(cap, p.max_spot_share * total), cap)
+        cap = np.where(spot, np.minimum(cap, p.max_spot_share * total / p.spot_spread), cap)
     return cap
 
 
@@ -89,7 +90,8 @@ def prune(
     """Indices of offerings that some optimal placement may use; all others are dropped.
 
     An offering A is dropped when another one B of the same constraint group (market, cloud,
-    region as the active share constraints require) reaches every user A reaches, has no
+    region as the active share constraints require; under a spot spread, a spot offering's
+    location) reaches every user A reaches, has no
     higher egress on any class A can serve, and k copies of B cost no more than one A while
     carrying whatever one A could: k = ceil(min(max_b mu_A/mu_B, sum_b rd_A/mu_B)), rd_A
     being the demand A can reach at all. Replacing each A by k B's keeps a placement feasible
@@ -109,6 +111,8 @@ def prune(
     group = np.hstack([f.group[:, :2], np.zeros((no, 1), int), f.group[:, 2:]])
     if p.max_region_share < 1:
         group[:, 2] = loc
+    elif p.spot_spread > 1:  # spot traffic moved to another location changes both shares
+        group[:, 2] = np.where(group[:, 0] > 0, loc, -1)
     stats.useful = int(useful.sum())
     # aggregation: the first (cheapest, then lowest index) of each interchangeable set
     order = np.lexsort((np.arange(no), price))
@@ -197,7 +201,7 @@ def features(p: Problem, multi_copy: bool = True) -> Features:
     negeg = np.where(rd > 0, -egress, -np.inf)  # egress of classes it never serves is moot
     offs = p.offerings
     group = np.zeros((len(offs), 3), dtype=int)
-    if p.max_spot_share < 1:
+    if p.max_spot_share < 1 or p.spot_spread > 1:
         group[:, 0] = [o.spot for o in offs]
     if p.max_cloud_share < 1:
         clouds: dict[str, int] = {}

@@ -329,7 +329,12 @@ class SpotPolicy(_Strict):
         default="on_demand",
         description="on_demand: on-demand replicas stand in while spot is scarce",
     )
-    spread: int = Field(default=1, ge=1, description="spot replicas over at least N regions")
+    spread: int = Field(
+        default=1,
+        ge=1,
+        description="no region serves more than 1/N of the spot traffic (spot over N regions "
+        "at least; none where fewer have spot)",
+    )
 
 
 class DeploymentSpec(_Strict):

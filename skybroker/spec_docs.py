@@ -27,6 +27,8 @@ SECTIONS = [
     ("SLO", "slo"),
     ("Constraints", "constraints"),
     ("EngineSpec", "engine"),
+    ("Autoscale", "autoscale"),
+    ("SpotPolicy", "spot"),
 ]
 
 

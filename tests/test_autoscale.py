@@ -18,7 +18,7 @@ from skybroker.autoscale import (
 )
 from skybroker.autoscale_fit import Fit
 from skybroker.scaling import Scaling
-from skybroker.spec import SpecError, parse_spec
+from skybroker.spec import SpecError, SpotPolicy, parse_spec
 from skybroker.targets import load_planner
 from skybroker.targets import solve as targets_solve
 
@@ -285,11 +285,28 @@ def test_a_step_down_keeps_every_user_region_and_the_region_share() -> None:
     assert Fit({"us": 1.0}, max_region_share=0.4).servable(ts) == 0.0
 
 
+def test_the_fit_counts_spot_only_as_spread_as_spot_spread_asks() -> None:
+    """spot.spread 2: no region carries more than half the spot traffic, so spot replicas in
+    one region serve nothing and a step up adds spot in a second one."""
+    od, spot = target("us-east-1", 1, cap=3.0, price=0.88), spot_target("us-east-1", 2)
+    assert Fit({"us": 1.0}).servable([od, spot]) == pytest.approx(11.0)
+    fit = Fit({"us": 1.0}, spot_spread=2)
+    assert fit.servable([od, spot]) == pytest.approx(3.0)
+    both = [od, spot, spot_target("us-west-2", 1)]
+    assert fit.servable(both) == pytest.approx(3.0 + 4.0 + 4.0)  # 4 + 4 spot, 4 idle
+    # 12.5 req/s with the headroom free: one more spot replica in us-east would serve nothing
+    d = Autoscaler(policy(max_replicas=20), fit=fit).decide(Load(rate=10.0), both, now=0)
+    assert [t["replicas"] for t in d.targets] == [1, 2, 2]
+    assert fit.shortfall(d.targets, 12.5) == 0
+
+
 def test_the_fit_of_a_spec_knows_its_users_reach() -> None:
     spec = parse_spec(yaml_spec("examples/chat-8b-us-eu.yaml") | {"constraints": {
         "clouds": ["aws"], "spot": "allowed", "min_replicas": 2}})  # fmt: skip
     fit = Fit.from_spec(spec)
     assert fit.users == {"us-east": 0.6, "eu-west": 0.4} and fit.max_spot_share == 0.5
+    assert fit.spot_spread == 1
+    assert Fit.from_spec(spec.model_copy(update={"spot": SpotPolicy(spread=2)})).spot_spread == 2
     assert fit.reach["aws/us-east-1"] == {"us-east"} and fit.reach["aws/eu-west-1"] == {"eu-west"}
 
 

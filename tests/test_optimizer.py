@@ -81,6 +81,9 @@ def _lp_egress(p: Problem, n: tuple[int, ...]) -> float | None:
         terms = [(c, 1.0) for (_, o, _), c in cols.items() if member(p.offerings[o])]
         if share < 1 and terms:
             row(-inf, share * total, terms)
+    spot = [(c, p.offerings[o].location) for (_, o, _), c in cols.items() if p.offerings[o].spot]
+    for loc in {at for _, at in spot} if p.spot_spread > 1 else ():
+        row(-inf, 0, [(c, (at == loc) - 1 / p.spot_spread) for c, at in spot])
     h.run()
     if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
         return None
@@ -277,6 +280,43 @@ def test_relaxation_is_a_lower_bound(seed: int) -> None:
     elif milp.status != "infeasible":
         assert lp.cost <= milp.cost + 1e-6
         assert all(n >= 1 for n in lp.counts.values())
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_spot_spread_equals_brute_force(seed: int) -> None:
+    """With `spot_spread` N no location carries more than 1/N of the spot traffic; the
+    pruned, split and tightened MILP still finds brute force's optimum."""
+    rng = random.Random(5000 + seed)
+    p = dataclasses.replace(_random_problem(rng), spot_spread=rng.choice([2, 3]))
+    expect = brute_force(p)
+    sol = solve(p, gap_rel=1e-9)
+    if expect is None:
+        assert sol.status == "infeasible"
+        return
+    assert sol.status == "optimal", sol
+    assert sol.cost == pytest.approx(expect, rel=1e-6, abs=1e-6)
+    spot: dict[str, float] = {}
+    for (i, _), r in sol.rates.items():
+        if p.offerings[i].spot:
+            spot[p.offerings[i].location] = spot.get(p.offerings[i].location, 0.0) + r
+    for r in spot.values():
+        assert r <= sum(spot.values()) / p.spot_spread + 1e-6
+
+
+def test_spot_spread_puts_spot_in_two_locations_or_none() -> None:
+    """Spot at $1 in two regions and on-demand at $3: spread 2 serves half the spot traffic
+    in each region; with only one spot region, spread 2 leaves spot unused."""
+    offs = [_off("aws/a", 1.0, (2.0,), spot=True), _off("aws/b", 1.0, (2.0,), spot=True),
+            _off("aws/a", 3.0, (2.0,))]  # fmt: skip
+    reach = {"u": frozenset({"aws/a", "aws/b"})}
+    p = Problem(offs, {"u": (3.0,)}, reach, spot_spread=2)
+    s = solve(p, options=Options(gap_rel=1e-9))
+    assert s.status == "optimal" and s.counts == {0: 1, 1: 1}
+    assert s.rates[0, 0] == pytest.approx(1.5) and s.rates[1, 0] == pytest.approx(1.5)
+    one = Problem(offs[::2], {"u": (3.0,)}, reach, spot_spread=2)
+    s = solve(one, options=Options(gap_rel=1e-9))
+    assert s.status == "optimal" and s.counts == {1: 2} and s.cost == pytest.approx(6.0)
+    assert solve(dataclasses.replace(one, spot_spread=1)).cost == pytest.approx(2.0)
 
 
 def _many_locations(rng: random.Random) -> Problem:

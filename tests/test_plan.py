@@ -129,6 +129,22 @@ def test_spot_and_blocklist() -> None:
     assert spot_rate <= 0.5 * 12 + 1e-6
 
 
+def test_spot_spread_caps_each_locations_spot_traffic() -> None:
+    """spot.spread 3: no location serves more than a third of the spot traffic."""
+    spot = "constraints: {spot: prefer}\n"
+    one = make_plan(load_spec(SPEC.replace("engine:", spot + "engine:")), _catalog())
+    spec = load_spec(SPEC.replace("engine:", spot + "spot: {spread: 3}\nengine:"))
+    plan = make_plan(spec, _catalog())
+    at: dict[str, float] = {}
+    for p in plan.placements:
+        if p.spot:
+            loc = f"{p.offering.cloud}/{p.offering.region}"
+            at[loc] = at.get(loc, 0.0) + sum(p.serves.values())
+    assert len(at) >= 3 and max(at.values()) <= sum(at.values()) / 3 + 1e-6
+    assert len({f"{p.offering.cloud}/{p.offering.region}" for p in one.placements}) == 2
+    assert plan.cost_per_hour >= one.cost_per_hour - 1e-9
+
+
 @pytest.mark.parametrize(
     ("edit", "reason"),
     [
