@@ -30,6 +30,7 @@ from skybroker.autoscale import (
     plan_step,
     total_replicas,
 )
+from skybroker.autoscale_fit import Fit
 from skybroker.state import Deployment, Event, ReplicaStatus
 from skybroker.targets import Sizing, load_planner, running_counts
 
@@ -102,8 +103,10 @@ class Scaling:
 
             spec = DeploymentSpec.model_validate(dep.spec)
             switch = SwitchCost()
+            # steps that keep the spread a spec asks for (else they add copies of what runs)
+            fit = Fit.from_spec(spec) if spec.spot is not None and spec.spot.spread > 1 else None
             self._scalers[dep.name] = Autoscaler(
-                Policy.from_spec(spec), self._replan(dep, spec, switch), switch
+                Policy.from_spec(spec), self._replan(dep, spec, switch), switch, fit
             )
         return self._scalers[dep.name]
 

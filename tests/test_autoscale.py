@@ -393,6 +393,17 @@ def test_tick_passes_the_blocklist_and_failover_sizes_for_the_observed_load() ->
     assert recorded == [(pytest.approx(5.0), 1, frozenset({("k",)}))]
 
 
+def test_a_deployment_with_a_spot_spread_steps_within_it() -> None:
+    dep = local_dep([target("us-east-1", 1)], [])
+    s = Scaling(FakeController(dep, rate=1.0), interval_s=0)
+    assert s._scaler(dep).fit is None  # plain steps: copies of what runs
+    spec = dep.spec | {"constraints": {"spot": "allowed"}, "spot": {"spread": 2}}
+    spread = SimpleNamespace(**(vars(dep) | {"spec": spec}))
+    s = Scaling(FakeController(spread, rate=1.0), interval_s=0)
+    fit = s._scaler(spread).fit
+    assert fit is not None and fit.spot_spread == 2
+
+
 def test_a_re_plan_never_raises_the_capacity_counted_for_what_runs() -> None:
     # the re-plan sends the A40s a lighter mix and plans them for 4 req/s each; the two
     # running were planned (and launched) for 3: they count as 3, so 12 req/s needs 5
