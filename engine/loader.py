@@ -155,7 +155,10 @@ def _iter_gguf(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor
             w = _unpermute(w, cfg.num_attention_heads)
         elif permute and ".k_proj." in name:
             w = _unpermute(w, cfg.num_key_value_heads)
-        yield name, torch.from_numpy(np.ascontiguousarray(w))
+        w = np.ascontiguousarray(w)
+        if not w.flags.writeable:  # an F32 tensor is the file's read-only memory map
+            w = w.copy()
+        yield name, torch.from_numpy(w)
 
 
 def load_generation_config(path: str | Path) -> dict[str, Any]:

@@ -362,6 +362,7 @@ def test_chat_applies_template(llama_llm: LLM) -> None:
 
 # -- the real model -----------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.filterwarnings("error:The given NumPy array is not writable:UserWarning")
 def test_smollm2_gguf_matches_transformers_and_knows_paris(smollm2_gguf: Path) -> None:
     import transformers as tf
 
