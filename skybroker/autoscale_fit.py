@@ -3,11 +3,11 @@
 A plan places replicas so that every user region is served from locations within the SLO's
 RTT and no more than `max_spot_share` of the rate runs on spot, `max_region_share` in one
 region, `max_cloud_share` on one cloud, and no location holds more than 1/`spot.spread` of
-the spot traffic. Adding or removing single replicas (the autoscaler's
-steps) must keep that true, so their capacity is not the sum of the replicas': `Fit.servable`
-is the highest rate (users in the spec's shares) a placement serves under those constraints,
-and `Fit.shortfall` the demand it leaves unserved at a given rate (0: the placement is
-feasible for it). Both are small LPs (users x targets flows) solved with HiGHS.
+the spot traffic. Adding or removing single replicas (the autoscaler's steps) must keep
+that true, so their capacity is not the sum of the replicas': `Fit.servable` is the highest
+rate (users in the spec's shares) a placement serves under those constraints, and
+`Fit.shortfall` the demand it leaves unserved at a given rate (0: the placement is feasible
+for it). Both are small LPs (users x targets flows) solved with HiGHS.
 """
 
 from __future__ import annotations

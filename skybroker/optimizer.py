@@ -30,14 +30,15 @@ share, an offering dominated at more other locations than an optimal placement c
 replicas is dropped too (the bound from a heuristic placement's cost). Users that reach
 the same locations share flow variables. The model (`skybroker.optimizer_model.build_milp`)
 adds valid inequalities that tighten the LP relaxation without cutting off integer points:
-capacity from the most work an offering can get (its reach and shares), per-class and per-replica rate linking, replica
-covers per user, per geographic group and for the on-demand share. The problem splits
-into independent geographic components when no constraint couples them. HiGHS solves each
-through highspy (arrays, no modelling layer), warm-started from the optimum of the same MILP
-restricted to the offerings its LP relaxation uses (an integral relaxation is the answer
-outright); its own status, dual bound and gap are read back (the backends: `skybroker.milp`).
-pulp builds the same model for CBC, the fallback when highspy is missing (pulp says "Optimal" even when a time limit stopped the
-solver, and hides CBC's bound: the gap is then unknown).
+capacity from the most work an offering can get (its reach and shares), per-class and
+per-replica rate linking, replica covers per user, per geographic group and for the
+on-demand share. The problem splits into independent geographic components when no
+constraint couples them. HiGHS solves each through highspy (arrays, no modelling layer),
+warm-started from the optimum of the same MILP restricted to the offerings its LP relaxation
+uses (an integral relaxation is the answer outright); its own status, dual bound and gap are
+read back (the backends: `skybroker.milp`). pulp builds the same model for CBC, the fallback
+when highspy is missing (pulp says "Optimal" even when a time limit stopped the solver, and
+hides CBC's bound: the gap is then unknown).
 """
 
 from __future__ import annotations
