@@ -11,7 +11,16 @@ import random
 import highspy
 import pytest
 
-from skybroker.optimizer import OfferingClass, Options, Problem, Reduction, components, prune, solve
+from skybroker.optimizer import (
+    OfferingClass,
+    Options,
+    Problem,
+    Reduction,
+    Solution,
+    components,
+    prune,
+    solve,
+)
 
 
 def _random_problem(rng: random.Random) -> Problem:
@@ -126,16 +135,25 @@ def brute_force(p: Problem) -> float | None:
     return best
 
 
-@pytest.mark.parametrize("seed", range(100))
-def test_equals_brute_force(seed: int) -> None:
-    p = _random_problem(random.Random(seed))
+def _solved_as_brute_force(p: Problem) -> Solution | None:
+    """`solve(p)`, asserted to reach brute force's optimum (or to find none where brute force
+    finds none: then None)."""
     expect = brute_force(p)
     sol = solve(p, gap_rel=1e-9)
     if expect is None:
         assert sol.status == "infeasible"
-        return
+        return None
     assert sol.status == "optimal", sol
     assert sol.cost == pytest.approx(expect, rel=1e-6, abs=1e-6)
+    return sol
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_equals_brute_force(seed: int) -> None:
+    p = _random_problem(random.Random(seed))
+    sol = _solved_as_brute_force(p)
+    if sol is None:
+        return
     # the solution itself is consistent: demand met, capacity respected
     for u, d in p.demand.items():
         for b, rate in enumerate(d):
@@ -288,13 +306,9 @@ def test_spot_spread_equals_brute_force(seed: int) -> None:
     pruned, split and tightened MILP still finds brute force's optimum."""
     rng = random.Random(5000 + seed)
     p = dataclasses.replace(_random_problem(rng), spot_spread=rng.choice([2, 3]))
-    expect = brute_force(p)
-    sol = solve(p, gap_rel=1e-9)
-    if expect is None:
-        assert sol.status == "infeasible"
+    sol = _solved_as_brute_force(p)
+    if sol is None:
         return
-    assert sol.status == "optimal", sol
-    assert sol.cost == pytest.approx(expect, rel=1e-6, abs=1e-6)
     spot: dict[str, float] = {}
     for (i, _), r in sol.rates.items():
         if p.offerings[i].spot:
@@ -383,13 +397,9 @@ def _warm(p: Problem, rng: random.Random) -> Problem:
 def test_a_warm_start_equals_brute_force_with_its_launch_costs(seed: int) -> None:
     rng = random.Random(seed)
     p = _warm(_random_problem(rng), rng)
-    expect = brute_force(p)
-    sol = solve(p, gap_rel=1e-9)
-    if expect is None:
-        assert sol.status == "infeasible"
+    sol = _solved_as_brute_force(p)
+    if sol is None:
         return
-    assert sol.status == "optimal", sol
-    assert sol.cost == pytest.approx(expect, rel=1e-6, abs=1e-6)
     new = sum(p.launch_cost[o] * max(0, n - p.running.get(o, 0)) for o, n in sol.counts.items())
     assert sol.launch_cost == pytest.approx(new)
 
